@@ -1,0 +1,270 @@
+//! AdmissionReview in, AdmissionReview out: decoding, who and what turnout leaves alone, the patch.
+
+use json_patch::Patch;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use serde_json::Value;
+
+use super::decide::{Action, Change, Target, decide};
+
+/// What the review needs to know about the installation.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// Requests from this user (the agent's service account) are admitted unchanged.
+    pub agent_username: Option<String>,
+}
+
+/// A request body that is not an AdmissionReview turnout can answer (HTTP 400).
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("request body is not JSON")]
+    NotJson(#[source] serde_json::Error),
+    #[error(
+        "expected an AdmissionReview of apiVersion admission.k8s.io/v1, got kind {kind:?} of apiVersion {api_version:?}"
+    )]
+    NotAdmissionReview { api_version: String, kind: String },
+    #[error("the AdmissionReview has no request")]
+    NoRequest,
+    #[error("the AdmissionReview request is malformed")]
+    MalformedRequest(#[source] serde_json::Error),
+}
+
+/// Why a review ended as it did; a bounded set, used as a metrics label and a log field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// CREATE stamped with revision 1.
+    Stamped,
+    /// UPDATE with the template unchanged.
+    Kept,
+    /// A release was started (update held).
+    Held,
+    /// A release in flight was superseded by a newer template.
+    Superseded,
+    /// The template went back to the stable one during a release.
+    Reverted,
+    /// The Deployment opted out.
+    OptedOut,
+    /// The request came from the agent itself.
+    Agent,
+    /// Not a Deployment CREATE or UPDATE (DELETE, another kind, a subresource).
+    Ignored,
+    /// The object inside the review could not be read as a Deployment: admitted unchanged.
+    Undecodable,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Stamped => "stamped",
+            Outcome::Kept => "kept",
+            Outcome::Held => "held",
+            Outcome::Superseded => "superseded",
+            Outcome::Reverted => "reverted",
+            Outcome::OptedOut => "opted_out",
+            Outcome::Agent => "agent",
+            Outcome::Ignored => "ignored",
+            Outcome::Undecodable => "undecodable",
+        }
+    }
+}
+
+/// The facts of one review, for the request's span and metrics.
+#[derive(Clone, Debug)]
+pub struct Facts {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub operation: Operation,
+    pub dry_run: bool,
+    pub outcome: Outcome,
+    /// Whether the response carries a patch.
+    pub patched: bool,
+}
+
+/// A decided review.
+#[derive(Debug)]
+pub struct Reviewed {
+    pub response: AdmissionReview<DynamicObject>,
+    pub facts: Facts,
+}
+
+/// Answers one AdmissionReview body.
+///
+/// # Errors
+///
+/// A body that is not an `admission.k8s.io/v1` AdmissionReview with a request. A review whose object
+/// cannot be read as a Deployment is not an error: it is admitted unchanged with a warning.
+pub fn review(body: &[u8], config: &Config) -> Result<Reviewed, ReviewError> {
+    let mut value: Value = serde_json::from_slice(body).map_err(ReviewError::NotJson)?;
+    let field = |v: &Value, k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (api_version, kind) = (field(&value, "apiVersion"), field(&value, "kind"));
+    if api_version != "admission.k8s.io/v1" || kind != "AdmissionReview" {
+        return Err(ReviewError::NotAdmissionReview { api_version, kind });
+    }
+    // The objects are read as Deployments separately, so that one turnout cannot read is still
+    // answered (fail open) rather than rejected with the whole review.
+    let request = value
+        .get_mut("request")
+        .and_then(Value::as_object_mut)
+        .ok_or(ReviewError::NoRequest)?;
+    let object = request.remove("object").filter(|v| !v.is_null());
+    let old_object = request.remove("oldObject").filter(|v| !v.is_null());
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_value(value).map_err(ReviewError::MalformedRequest)?;
+    let request: AdmissionRequest<DynamicObject> =
+        review.try_into().map_err(|_| ReviewError::NoRequest)?;
+
+    let verdict = admit(&request, object, old_object, config);
+    let mut response = AdmissionResponse::from(&request);
+    if !verdict.warnings.is_empty() {
+        response.warnings = Some(verdict.warnings);
+    }
+    let patched = !verdict.patch.0.is_empty();
+    if patched {
+        // Serialising a patch of JSON values cannot fail; if it ever did, admit without a patch.
+        response = match response.clone().with_patch(verdict.patch) {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::error!(%error, "could not encode the patch; admitting unchanged");
+                response
+            }
+        };
+    }
+    let facts = Facts {
+        uid: request.uid.clone(),
+        namespace: request.namespace.clone().unwrap_or_default(),
+        name: request.name.clone(),
+        operation: request.operation.clone(),
+        dry_run: request.dry_run,
+        outcome: verdict.outcome,
+        patched: response.patch.is_some(),
+    };
+    Ok(Reviewed {
+        response: response.into_review(),
+        facts,
+    })
+}
+
+struct Verdict {
+    outcome: Outcome,
+    patch: Patch,
+    warnings: Vec<String>,
+}
+
+impl Verdict {
+    fn unchanged(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            patch: Patch(Vec::new()),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+fn admit(
+    request: &AdmissionRequest<DynamicObject>,
+    object: Option<Value>,
+    old_object: Option<Value>,
+    config: &Config,
+) -> Verdict {
+    if config
+        .agent_username
+        .as_deref()
+        .is_some_and(|u| u == request.user_info.username.as_deref().unwrap_or_default())
+    {
+        return Verdict::unchanged(Outcome::Agent);
+    }
+    let is_deployment = request.kind.group == "apps"
+        && request.kind.version == "v1"
+        && request.kind.kind == "Deployment"
+        && request
+            .sub_resource
+            .as_deref()
+            .unwrap_or_default()
+            .is_empty();
+    let is_write = matches!(request.operation, Operation::Create | Operation::Update);
+    if !is_deployment || !is_write {
+        return Verdict::unchanged(Outcome::Ignored);
+    }
+    let new = match decode(object, "object") {
+        Ok(d) => d,
+        Err(reason) => return undecodable(request, reason),
+    };
+    let old = match (&request.operation, old_object) {
+        (Operation::Update, old) => match decode(old, "oldObject") {
+            Ok(d) => Some(d),
+            Err(reason) => return undecodable(request, reason),
+        },
+        _ => None,
+    };
+    let change = match &old {
+        Some(old) => Change::Update { old },
+        None => Change::Create,
+    };
+    let name = if request.name.is_empty() {
+        new.metadata
+            .name
+            .as_deref()
+            .or(new.metadata.generate_name.as_deref())
+            .unwrap_or_default()
+    } else {
+        request.name.as_str()
+    };
+    let target = Target {
+        namespace: request.namespace.as_deref().unwrap_or_default(),
+        name,
+    };
+    let decision = decide(change, target, &new);
+    let outcome = match decision.action {
+        Action::OptedOut => Outcome::OptedOut,
+        Action::Stamped => Outcome::Stamped,
+        Action::Kept => Outcome::Kept,
+        Action::Held { .. } => Outcome::Held,
+        Action::Superseded { .. } => Outcome::Superseded,
+        Action::Reverted { .. } => Outcome::Reverted,
+    };
+    // The patch is the difference between the typed object as received and as decided, so it touches
+    // only what the decision changed and applies to the request's object as sent.
+    let patch = match (
+        serde_json::to_value(&new),
+        serde_json::to_value(&decision.object),
+    ) {
+        (Ok(before), Ok(after)) => json_patch::diff(&before, &after),
+        (Err(error), _) | (_, Err(error)) => {
+            return undecodable(request, format!("could not encode the Deployment: {error}"));
+        }
+    };
+    Verdict {
+        outcome,
+        patch,
+        warnings: decision.warnings,
+    }
+}
+
+fn decode(value: Option<Value>, field: &str) -> Result<Deployment, String> {
+    let value = value.ok_or_else(|| format!("the request has no {field}"))?;
+    serde_json::from_value(value)
+        .map_err(|e| format!("{field} is not a valid apps/v1 Deployment: {e}"))
+}
+
+fn undecodable(request: &AdmissionRequest<DynamicObject>, reason: String) -> Verdict {
+    tracing::warn!(%reason, "admitting a Deployment turnout cannot read, unchanged");
+    let who = format!(
+        "{}/{}",
+        request.namespace.as_deref().unwrap_or_default(),
+        request.name
+    );
+    Verdict {
+        warnings: vec![format!(
+            "turnout: {who} admitted unchanged, no release started: {reason}"
+        )],
+        ..Verdict::unchanged(Outcome::Undecodable)
+    }
+}

@@ -1,0 +1,72 @@
+//! The names turnout writes into the cluster: labels, annotations and their values (DESIGN §3).
+
+/// Labels turnout reads or writes.
+pub mod labels {
+    /// Namespace opt-in label; its value must be [`super::values::ENABLED`].
+    pub const ROLLOUT: &str = "turnout.dev/rollout";
+    /// Pod-template label carrying the revision number of the template.
+    pub const REVISION: &str = "turnout.dev/revision";
+    /// Pod-template label Istio telemetry and Kiali read; stamped `v<N>` only when the user has none.
+    pub const VERSION: &str = "version";
+}
+
+/// Annotations turnout reads or writes on Deployments and namespaces.
+pub mod annotations {
+    /// Per-Deployment opt-out: `turnout.dev/rollout: disabled`.
+    pub const ROLLOUT: &str = "turnout.dev/rollout";
+    /// The revision counter: the highest revision turnout has issued for this Deployment.
+    pub const REVISION: &str = "turnout.dev/revision";
+    /// Present (`"true"`) when the template's `version` label was stamped by turnout, not written by the
+    /// user; tells a later request whether that label is ours to replace.
+    pub const VERSION_STAMPED: &str = "turnout.dev/version-stamped";
+    /// Release intent: the revision that serves traffic while a release is in flight (`0`: a template
+    /// from before turnout, which carries no stamps).
+    pub const STABLE_REVISION: &str = "turnout.dev/stable-revision";
+    /// Release intent: hash of the stable template with turnout's stamps removed.
+    pub const STABLE_HASH: &str = "turnout.dev/stable-hash";
+    /// Release status, written by the agent only.
+    pub const PHASE: &str = "turnout.dev/phase";
+    /// Release status: the candidate's current traffic weight.
+    pub const WEIGHT: &str = "turnout.dev/weight";
+    /// Release status: number of failed analysis checks.
+    pub const FAILED_CHECKS: &str = "turnout.dev/failed-checks";
+    /// Release status: a human-readable message.
+    pub const MESSAGE: &str = "turnout.dev/message";
+
+    /// Annotations only turnout writes. An update that drops or edits them gets them back from the
+    /// stored object, so a `kubectl replace` or a GitOps sync cannot lose a release's state.
+    pub const OWNED: [&str; 8] = [
+        REVISION,
+        VERSION_STAMPED,
+        STABLE_REVISION,
+        STABLE_HASH,
+        PHASE,
+        WEIGHT,
+        FAILED_CHECKS,
+        MESSAGE,
+    ];
+    /// The annotations that describe a release in flight or its status; a CREATE starts without them.
+    pub const RELEASE: [&str; 6] = [
+        STABLE_REVISION,
+        STABLE_HASH,
+        PHASE,
+        WEIGHT,
+        FAILED_CHECKS,
+        MESSAGE,
+    ];
+}
+
+/// Values of the labels and annotations above.
+pub mod values {
+    /// Namespace opt-in value of [`super::labels::ROLLOUT`].
+    pub const ENABLED: &str = "enabled";
+    /// Per-Deployment opt-out value of [`super::annotations::ROLLOUT`].
+    pub const DISABLED: &str = "disabled";
+    /// Value of [`super::annotations::VERSION_STAMPED`].
+    pub const TRUE: &str = "true";
+}
+
+/// The `version` label value turnout stamps for revision `n`.
+pub fn version_label(revision: u64) -> String {
+    format!("v{revision}")
+}
