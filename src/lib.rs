@@ -1,13 +1,23 @@
 //! turnout: zero-downtime progressive delivery for plain Kubernetes Deployments on Istio.
 //!
 //! ```text
-//!  kubectl set image ──▶ kube-apiserver ──AdmissionReview──▶ webhook (admission::review)
-//!                                                             │ pure decide(): stamp, hold, revert
-//!                                        ◀──JSONPatch─────────┘
-//!  agent (coming) watches held Deployments ──▶ candidate, subsets, weights, analysis, hand-off
+//!  kubectl set image ─▶ kube-apiserver ─AdmissionReview─▶ webhook ─▶ admission::review
+//!                                                            │  pure decide(): stamp, hold, revert
+//!                       kube-apiserver ◀──── JSONPatch ──────┘
+//!  agent (to come): held Deployment ─▶ candidate, subsets, weights, analysis, hand-off
 //! ```
 //!
 //! The webhook only edits the object in the request; every side effect belongs to the agent.
 
+pub mod admin;
 pub mod admission;
+pub mod certs;
+pub mod cli;
+pub mod metrics;
+pub mod mutate;
 pub mod names;
+pub mod report;
+pub mod signals;
+pub mod telemetry;
+pub mod tls;
+pub mod webhook;

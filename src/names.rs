@@ -46,14 +46,7 @@ pub mod annotations {
         MESSAGE,
     ];
     /// The annotations that describe a release in flight or its status; a CREATE starts without them.
-    pub const RELEASE: [&str; 6] = [
-        STABLE_REVISION,
-        STABLE_HASH,
-        PHASE,
-        WEIGHT,
-        FAILED_CHECKS,
-        MESSAGE,
-    ];
+    pub const RELEASE: [&str; 6] = [STABLE_REVISION, STABLE_HASH, PHASE, WEIGHT, FAILED_CHECKS, MESSAGE];
 }
 
 /// Values of the labels and annotations above.

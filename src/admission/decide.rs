@@ -160,11 +160,7 @@ fn update(target: Target<'_>, old: &Deployment, new: &Deployment) -> Decision {
     let mut tpl = stripped_new;
     let version_stamped = stamp(&mut tpl, revision);
     set_template(&mut object, tpl);
-    set_annotation(
-        &mut object,
-        annotations::REVISION,
-        Some(revision.to_string()),
-    );
+    set_annotation(&mut object, annotations::REVISION, Some(revision.to_string()));
     set_version_stamped(&mut object, version_stamped);
     set_paused(&mut object, true);
     let follow = format!(
@@ -207,11 +203,7 @@ fn update(target: Target<'_>, old: &Deployment, new: &Deployment) -> Decision {
         annotations::STABLE_REVISION,
         Some(intent.stable_revision.to_string()),
     );
-    set_annotation(
-        &mut object,
-        annotations::STABLE_HASH,
-        Some(intent.stable_hash),
-    );
+    set_annotation(&mut object, annotations::STABLE_HASH, Some(intent.stable_hash));
     Decision {
         action,
         object,
@@ -313,10 +305,7 @@ mod tests {
     fn create_stamps_revision_one_and_a_version_label() {
         let d = created();
         assert_eq!(ann(&d, annotations::REVISION).as_deref(), Some("1"));
-        assert_eq!(
-            ann(&d, annotations::VERSION_STAMPED).as_deref(),
-            Some("true")
-        );
+        assert_eq!(ann(&d, annotations::VERSION_STAMPED).as_deref(), Some("true"));
         assert_eq!(
             labels_of(&d),
             vec![
@@ -349,19 +338,10 @@ mod tests {
         let dec = decide(Change::Update { old: &old }, T, &new);
         assert_eq!(dec.action, Action::Held { revision: 2 });
         assert!(is_paused(&dec.object));
-        assert_eq!(
-            ann(&dec.object, annotations::REVISION).as_deref(),
-            Some("2")
-        );
-        assert_eq!(
-            ann(&dec.object, annotations::STABLE_REVISION).as_deref(),
-            Some("1")
-        );
+        assert_eq!(ann(&dec.object, annotations::REVISION).as_deref(), Some("2"));
+        assert_eq!(ann(&dec.object, annotations::STABLE_REVISION).as_deref(), Some("1"));
         let stable_hash = template_hash(&strip(template(&old), &Stamps::read(&old)));
-        assert_eq!(
-            ann(&dec.object, annotations::STABLE_HASH),
-            Some(stable_hash)
-        );
+        assert_eq!(ann(&dec.object, annotations::STABLE_HASH), Some(stable_hash));
         assert!(labels_of(&dec.object).contains(&("version".into(), "v2".into())));
         assert_eq!(
             dec.warnings,
@@ -422,9 +402,7 @@ mod tests {
     fn revert_restores_the_stable_template_and_unpauses() {
         let old = created();
         let held = decide(Change::Update { old: &old }, T, &old.clone().with_image(V2)).object;
-        let back = held
-            .clone()
-            .with_image("ghcr.io/stefanprodan/podinfo:6.0.0");
+        let back = held.clone().with_image("ghcr.io/stefanprodan/podinfo:6.0.0");
         let dec = decide(Change::Update { old: &held }, T, &back);
         assert_eq!(
             dec.action,
@@ -436,31 +414,21 @@ mod tests {
         assert_eq!(dec.object.spec.template, old.spec.template);
         assert!(!is_paused(&dec.object));
         // The counter never goes back, so the next release cannot reuse an old name.
-        assert_eq!(
-            ann(&dec.object, annotations::REVISION).as_deref(),
-            Some("2")
-        );
+        assert_eq!(ann(&dec.object, annotations::REVISION).as_deref(), Some("2"));
         let next = decide(
             Change::Update { old: &dec.object },
             T,
             &dec.object.clone().with_image(V3),
         );
         assert_eq!(next.action, Action::Held { revision: 3 });
-        assert_eq!(
-            ann(&next.object, annotations::STABLE_REVISION).as_deref(),
-            Some("1")
-        );
+        assert_eq!(ann(&next.object, annotations::STABLE_REVISION).as_deref(), Some("1"));
     }
 
     #[test]
     fn a_third_version_supersedes_and_keeps_the_stable_intent() {
         let old = created();
         let held = decide(Change::Update { old: &old }, T, &old.clone().with_image(V2)).object;
-        let dec = decide(
-            Change::Update { old: &held },
-            T,
-            &held.clone().with_image(V3),
-        );
+        let dec = decide(Change::Update { old: &held }, T, &held.clone().with_image(V3));
         assert_eq!(
             dec.action,
             Action::Superseded {
@@ -468,10 +436,7 @@ mod tests {
                 superseded: 2
             }
         );
-        assert_eq!(
-            ann(&dec.object, annotations::STABLE_REVISION).as_deref(),
-            Some("1")
-        );
+        assert_eq!(ann(&dec.object, annotations::STABLE_REVISION).as_deref(), Some("1"));
         assert_eq!(
             ann(&dec.object, annotations::STABLE_HASH),
             ann(&held, annotations::STABLE_HASH)
@@ -484,15 +449,9 @@ mod tests {
         let old = mk_deployment();
         let dec = decide(Change::Update { old: &old }, T, &old.clone().with_image(V2));
         assert_eq!(dec.action, Action::Held { revision: 1 });
-        assert_eq!(
-            ann(&dec.object, annotations::STABLE_REVISION).as_deref(),
-            Some("0")
-        );
+        assert_eq!(ann(&dec.object, annotations::STABLE_REVISION).as_deref(), Some("0"));
         // Reverting restores the bare template, byte for byte.
-        let back = dec
-            .object
-            .clone()
-            .with_image("ghcr.io/stefanprodan/podinfo:6.0.0");
+        let back = dec.object.clone().with_image("ghcr.io/stefanprodan/podinfo:6.0.0");
         let rev = decide(Change::Update { old: &dec.object }, T, &back);
         assert_eq!(
             rev.action,
@@ -543,11 +502,7 @@ mod tests {
         let held = decide(Change::Update { old: &old }, T, &old.clone().with_image(V2))
             .object
             .with_annotation(annotations::PHASE, "Failed");
-        let dec = decide(
-            Change::Update { old: &held },
-            T,
-            &held.clone().with_image(V3),
-        );
+        let dec = decide(Change::Update { old: &held }, T, &held.clone().with_image(V3));
         assert_eq!(
             dec.action,
             Action::Superseded {
@@ -555,10 +510,7 @@ mod tests {
                 superseded: 2
             }
         );
-        assert_eq!(
-            ann(&dec.object, annotations::PHASE).as_deref(),
-            Some("Failed")
-        );
+        assert_eq!(ann(&dec.object, annotations::PHASE).as_deref(), Some("Failed"));
         assert!(is_paused(&dec.object));
     }
 

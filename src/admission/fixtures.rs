@@ -26,7 +26,6 @@ pub trait DeploymentExt: Sized {
     fn with_image(self, image: &str) -> Self;
     fn with_template_label(self, key: &str, value: &str) -> Self;
     fn with_annotation(self, key: &str, value: &str) -> Self;
-    fn with_paused(self, paused: bool) -> Self;
 }
 
 impl DeploymentExt for Deployment {
@@ -50,11 +49,6 @@ impl DeploymentExt for Deployment {
             .annotations
             .get_or_insert_with(Default::default)
             .insert(key.to_owned(), value.to_owned());
-        self
-    }
-
-    fn with_paused(mut self, paused: bool) -> Self {
-        self.spec.paused = Some(paused);
         self
     }
 }

@@ -98,12 +98,7 @@ pub struct Reviewed {
 /// cannot be read as a Deployment is not an error: it is admitted unchanged with a warning.
 pub fn review(body: &[u8], config: &Config) -> Result<Reviewed, ReviewError> {
     let mut value: Value = serde_json::from_slice(body).map_err(ReviewError::NotJson)?;
-    let field = |v: &Value, k: &str| {
-        v.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let field = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
     let (api_version, kind) = (field(&value, "apiVersion"), field(&value, "kind"));
     if api_version != "admission.k8s.io/v1" || kind != "AdmissionReview" {
         return Err(ReviewError::NotAdmissionReview { api_version, kind });
@@ -118,8 +113,7 @@ pub fn review(body: &[u8], config: &Config) -> Result<Reviewed, ReviewError> {
     let old_object = request.remove("oldObject").filter(|v| !v.is_null());
     let review: AdmissionReview<DynamicObject> =
         serde_json::from_value(value).map_err(ReviewError::MalformedRequest)?;
-    let request: AdmissionRequest<DynamicObject> =
-        review.try_into().map_err(|_| ReviewError::NoRequest)?;
+    let request: AdmissionRequest<DynamicObject> = review.try_into().map_err(|_| ReviewError::NoRequest)?;
 
     let verdict = admit(&request, object, old_object, config);
     let mut response = AdmissionResponse::from(&request);
@@ -184,11 +178,7 @@ fn admit(
     let is_deployment = request.kind.group == "apps"
         && request.kind.version == "v1"
         && request.kind.kind == "Deployment"
-        && request
-            .sub_resource
-            .as_deref()
-            .unwrap_or_default()
-            .is_empty();
+        && request.sub_resource.as_deref().unwrap_or_default().is_empty();
     let is_write = matches!(request.operation, Operation::Create | Operation::Update);
     if !is_deployment || !is_write {
         return Verdict::unchanged(Outcome::Ignored);
@@ -232,10 +222,7 @@ fn admit(
     };
     // The patch is the difference between the typed object as received and as decided, so it touches
     // only what the decision changed and applies to the request's object as sent.
-    let patch = match (
-        serde_json::to_value(&new),
-        serde_json::to_value(&decision.object),
-    ) {
+    let patch = match (serde_json::to_value(&new), serde_json::to_value(&decision.object)) {
         (Ok(before), Ok(after)) => json_patch::diff(&before, &after),
         (Err(error), _) | (_, Err(error)) => {
             return undecodable(request, format!("could not encode the Deployment: {error}"));
@@ -250,17 +237,12 @@ fn admit(
 
 fn decode(value: Option<Value>, field: &str) -> Result<Deployment, String> {
     let value = value.ok_or_else(|| format!("the request has no {field}"))?;
-    serde_json::from_value(value)
-        .map_err(|e| format!("{field} is not a valid apps/v1 Deployment: {e}"))
+    serde_json::from_value(value).map_err(|e| format!("{field} is not a valid apps/v1 Deployment: {e}"))
 }
 
 fn undecodable(request: &AdmissionRequest<DynamicObject>, reason: String) -> Verdict {
     tracing::warn!(%reason, "admitting a Deployment turnout cannot read, unchanged");
-    let who = format!(
-        "{}/{}",
-        request.namespace.as_deref().unwrap_or_default(),
-        request.name
-    );
+    let who = format!("{}/{}", request.namespace.as_deref().unwrap_or_default(), request.name);
     Verdict {
         warnings: vec![format!(
             "turnout: {who} admitted unchanged, no release started: {reason}"

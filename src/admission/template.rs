@@ -42,9 +42,7 @@ impl Stamps {
             match raw.parse::<u64>() {
                 Ok(n) => Some(n),
                 Err(_) => {
-                    problems.push(format!(
-                        "ignoring {source} {key}={raw:?}: not a whole number"
-                    ));
+                    problems.push(format!("ignoring {source} {key}={raw:?}: not a whole number"));
                     None
                 }
             }
@@ -90,15 +88,11 @@ impl Stamps {
         } else {
             None
         };
-        let counter = [
-            counter,
-            template_revision,
-            release.as_ref().map(|r| r.stable_revision),
-        ]
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or(0);
+        let counter = [counter, template_revision, release.as_ref().map(|r| r.stable_revision)]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(0);
         Self {
             counter,
             template_revision,
@@ -128,9 +122,7 @@ pub fn strip(tpl: &PodTemplateSpec, stamps: &Stamps) -> PodTemplateSpec {
     if let Some(meta) = out.metadata.as_mut() {
         if let Some(l) = meta.labels.as_mut() {
             l.remove(labels::REVISION);
-            if stamps.stamped_version.is_some()
-                && l.get(labels::VERSION) == stamps.stamped_version.as_ref()
-            {
+            if stamps.stamped_version.is_some() && l.get(labels::VERSION) == stamps.stamped_version.as_ref() {
                 l.remove(labels::VERSION);
             }
             if l.is_empty() {
@@ -169,10 +161,7 @@ pub fn template_hash(tpl: &PodTemplateSpec) -> String {
     // Serialising a typed template cannot fail: every map key is a string.
     let bytes = serde_json::to_vec(tpl).unwrap_or_default();
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -200,14 +189,7 @@ mod tests {
             .with_annotation(annotations::VERSION_STAMPED, "true");
         let stamps = Stamps::read(&d);
         let stripped = strip(&d.spec.template, &stamps);
-        assert!(
-            !stripped
-                .metadata
-                .unwrap()
-                .labels
-                .unwrap()
-                .contains_key("version")
-        );
+        assert!(!stripped.metadata.unwrap().labels.unwrap().contains_key("version"));
     }
 
     #[test]
@@ -247,11 +229,7 @@ mod tests {
         let stamps = Stamps::read(&d);
         assert_eq!(stamps.counter, 2);
         assert_eq!(stamps.problems.len(), 1);
-        assert!(
-            stamps.problems[0].contains("seven"),
-            "{:?}",
-            stamps.problems
-        );
+        assert!(stamps.problems[0].contains("seven"), "{:?}", stamps.problems);
     }
 
     #[test]
