@@ -61,12 +61,8 @@ pub fn run(args: &Args, stdin: impl Read, mut stdout: impl Write) -> Result<(), 
         agent_username: args.agent_username.clone(),
     };
     let reviewed = admission::review(&body, &config).map_err(MutateError::Review)?;
-    let json = if args.pretty {
-        serde_json::to_vec_pretty(&reviewed.response)
-    } else {
-        serde_json::to_vec(&reviewed.response)
-    };
-    let json = json.map_err(|e| MutateError::Write(std::io::Error::other(e)))?;
+    let json = reviewed
+        .to_json(args.pretty).map_err(|e| MutateError::Write(std::io::Error::other(e)))?;
     stdout.write_all(&json).map_err(MutateError::Write)?;
     stdout.write_all(b"\n").map_err(MutateError::Write)?;
     stdout.flush().map_err(MutateError::Write)

@@ -90,6 +90,25 @@ pub struct Reviewed {
     pub facts: Facts,
 }
 
+impl Reviewed {
+    /// The response as JSON, with the patch as base64 text, the way Kubernetes encodes bytes (kube's
+    /// type would write an array of numbers, which the apiserver also reads but people and tools
+    /// do not expect).
+    ///
+    /// # Errors
+    ///
+    /// Serialisation failed (never for these types).
+    pub fn to_json(&self, pretty: bool) -> serde_json::Result<Vec<u8>> {
+        use base64::Engine as _;
+        let mut value = serde_json::to_value(&self.response)?;
+        let patch = self.response.response.as_ref().and_then(|r| r.patch.as_ref());
+        if let (Some(bytes), Some(slot)) = (patch, value.pointer_mut("/response/patch")) {
+            *slot = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+        }
+        if pretty { serde_json::to_vec_pretty(&value) } else { serde_json::to_vec(&value) }
+    }
+}
+
 /// Answers one AdmissionReview body.
 ///
 /// # Errors

@@ -87,7 +87,7 @@ impl Handler {
                     span.record("operation", operation_label(&f.operation));
                     span.record("dry_run", f.dry_run);
                     span.record("outcome", f.outcome.as_str());
-                    let encoded = serde_json::to_vec(&reviewed.response);
+                    let encoded = reviewed.to_json(false);
                     self.metrics.duration.observe(start.elapsed().as_secs_f64());
                     self.metrics
                         .requests
