@@ -72,25 +72,48 @@ fn admit_as(review_json: &Value, config: &Config) -> Admitted {
     let mut object = review_json["request"]["object"].clone();
     let patch = response.get("patch").map(|p| {
         assert_eq!(response["patchType"], "JSONPatch");
-        let bytes = base64::engine::general_purpose::STANDARD.decode(p.as_str().expect("base64 text")).unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(p.as_str().expect("base64 text"))
+            .unwrap();
         let patch: Value = serde_json::from_slice(&bytes).unwrap();
-        json_patch::patch(&mut object, &serde_json::from_value::<json_patch::Patch>(patch.clone()).unwrap())
-            .expect("the patch applies to the request object");
+        json_patch::patch(
+            &mut object,
+            &serde_json::from_value::<json_patch::Patch>(patch.clone()).unwrap(),
+        )
+        .expect("the patch applies to the request object");
         patch
     });
-    Admitted { response, outcome: reviewed.facts.outcome, patch, object }
+    Admitted {
+        response,
+        outcome: reviewed.facts.outcome,
+        patch,
+        object,
+    }
 }
 
 fn admit(review_json: &Value) -> Admitted {
-    admit_as(review_json, &Config { agent_username: Some(AGENT.into()) })
+    admit_as(
+        review_json,
+        &Config {
+            agent_username: Some(AGENT.into()),
+        },
+    )
 }
 
 /// Sets `value` at a JSON pointer, creating objects on the way (`~1` is `/` in keys).
 fn set(v: &mut Value, pointer: &str, value: Value) {
     let mut cur = v;
-    let keys: Vec<String> = pointer.split('/').skip(1).map(|k| k.replace("~1", "/").replace("~0", "~")).collect();
+    let keys: Vec<String> = pointer
+        .split('/')
+        .skip(1)
+        .map(|k| k.replace("~1", "/").replace("~0", "~"))
+        .collect();
     for key in &keys[..keys.len() - 1] {
-        cur = cur.as_object_mut().unwrap().entry(key.clone()).or_insert_with(|| json!({}));
+        cur = cur
+            .as_object_mut()
+            .unwrap()
+            .entry(key.clone())
+            .or_insert_with(|| json!({}));
     }
     cur.as_object_mut().unwrap().insert(keys[keys.len() - 1].clone(), value);
 }
@@ -124,7 +147,11 @@ fn create_stamps_revision_one() {
         ],
     );
     assert_eq!(a.object, expected);
-    assert_eq!(a.object, fixture("stored-v1"), "the committed stored fixture is what CREATE produces");
+    assert_eq!(
+        a.object,
+        fixture("stored-v1"),
+        "the committed stored fixture is what CREATE produces"
+    );
 }
 
 #[test]
@@ -137,7 +164,10 @@ fn set_image_holds_the_update_as_release_two() {
             ("/spec/paused", json!(true)),
             (&format!("{ANN}/turnout.dev~1revision"), json!("2")),
             (&format!("{ANN}/turnout.dev~1stable-revision"), json!("1")),
-            (&format!("{ANN}/turnout.dev~1stable-hash"), json!(stable_hash_of(&fixture("stored-v1")))),
+            (
+                &format!("{ANN}/turnout.dev~1stable-hash"),
+                json!(stable_hash_of(&fixture("stored-v1"))),
+            ),
             (&format!("{TPL_LABELS}/turnout.dev~1revision"), json!("2")),
             (&format!("{TPL_LABELS}/version"), json!("v2")),
         ],
@@ -150,10 +180,27 @@ fn set_image_holds_the_update_as_release_two() {
         ]
     );
     // Minimal patch: single keys, with `/` in label keys escaped as `~1`.
-    let paths: Vec<&str> = a.patch.as_ref().unwrap().as_array().unwrap().iter().map(|op| op["path"].as_str().unwrap()).collect();
-    assert!(paths.contains(&"/metadata/annotations/turnout.dev~1stable-hash"), "{paths:?}");
-    assert!(paths.contains(&"/spec/template/metadata/labels/turnout.dev~1revision"), "{paths:?}");
-    assert!(paths.iter().all(|p| !p.contains("containers")), "the user's change is not rewritten: {paths:?}");
+    let paths: Vec<&str> = a
+        .patch
+        .as_ref()
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| op["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        paths.contains(&"/metadata/annotations/turnout.dev~1stable-hash"),
+        "{paths:?}"
+    );
+    assert!(
+        paths.contains(&"/spec/template/metadata/labels/turnout.dev~1revision"),
+        "{paths:?}"
+    );
+    assert!(
+        paths.iter().all(|p| !p.contains("containers")),
+        "the user's change is not rewritten: {paths:?}"
+    );
 }
 
 #[test]
@@ -171,7 +218,10 @@ fn a_template_annotation_like_rollout_restart_is_a_release() {
     let a = admit(&update("stored-v1", "restart"));
     assert_eq!(a.outcome, Outcome::Held);
     assert_eq!(a.object["spec"]["paused"], true);
-    assert_eq!(a.object["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"], "2026-11-21T10:00:00Z");
+    assert_eq!(
+        a.object["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"],
+        "2026-11-21T10:00:00Z"
+    );
     assert_eq!(a.object["spec"]["template"]["metadata"]["labels"]["version"], "v2");
 }
 
@@ -213,9 +263,19 @@ fn setting_the_stable_template_back_during_a_release_reverts_and_unpauses() {
         ],
     );
     assert_eq!(a.object, expected);
-    assert_eq!(a.object["spec"]["template"], fixture("stored-v1")["spec"]["template"], "byte-identical to the stable");
-    assert_eq!(a.object["metadata"]["annotations"], held["metadata"]["annotations"], "intent kept for the agent");
-    assert_eq!(a.warnings(), vec!["turnout: test/podinfo is back to stable v1; release v2 is being rolled back"]);
+    assert_eq!(
+        a.object["spec"]["template"],
+        fixture("stored-v1")["spec"]["template"],
+        "byte-identical to the stable"
+    );
+    assert_eq!(
+        a.object["metadata"]["annotations"], held["metadata"]["annotations"],
+        "intent kept for the agent"
+    );
+    assert_eq!(
+        a.warnings(),
+        vec!["turnout: test/podinfo is back to stable v1; release v2 is being rolled back"]
+    );
 }
 
 #[test]
@@ -233,7 +293,11 @@ fn a_third_version_during_a_release_supersedes_the_second() {
     assert_eq!(a.object, expected);
     assert_eq!(a.object["metadata"]["annotations"]["turnout.dev/stable-revision"], "1");
     assert_eq!(a.object["spec"]["paused"], true);
-    assert!(a.warnings()[0].starts_with("turnout: release v3 of test/podinfo supersedes v2;"), "{:?}", a.warnings());
+    assert!(
+        a.warnings()[0].starts_with("turnout: release v3 of test/podinfo supersedes v2;"),
+        "{:?}",
+        a.warnings()
+    );
 }
 
 #[test]
@@ -241,7 +305,11 @@ fn resuming_during_a_release_keeps_the_hold() {
     let a = admit(&update("held-v2", "resume"));
     assert_eq!(a.outcome, Outcome::Kept);
     assert_eq!(a.object, fixture("held-v2"));
-    assert!(a.warnings()[0].contains("stays paused while release v2 is in progress"), "{:?}", a.warnings());
+    assert!(
+        a.warnings()[0].contains("stays paused while release v2 is in progress"),
+        "{:?}",
+        a.warnings()
+    );
 }
 
 #[test]
@@ -290,14 +358,26 @@ fn an_undecodable_object_is_admitted_unchanged_with_a_warning() {
     assert_eq!(a.object, broken);
     let w = a.warnings();
     assert_eq!(w.len(), 1);
-    assert!(w[0].starts_with("turnout: test/podinfo admitted unchanged, no release started:"), "{w:?}");
-    assert!(w[0].contains("replicas") || w[0].contains("three") || w[0].contains("integer"), "{w:?}");
+    assert!(
+        w[0].starts_with("turnout: test/podinfo admitted unchanged, no release started:"),
+        "{w:?}"
+    );
+    assert!(
+        w[0].contains("replicas") || w[0].contains("three") || w[0].contains("integer"),
+        "{w:?}"
+    );
 }
 
 #[test]
 fn an_opted_out_deployment_is_admitted_unchanged() {
-    let old = with(fixture("stored-v1"), &[(&format!("{ANN}/turnout.dev~1rollout"), json!("disabled"))]);
-    let new = with(fixture("set-image-v2"), &[(&format!("{ANN}/turnout.dev~1rollout"), json!("disabled"))]);
+    let old = with(
+        fixture("stored-v1"),
+        &[(&format!("{ANN}/turnout.dev~1rollout"), json!("disabled"))],
+    );
+    let new = with(
+        fixture("set-image-v2"),
+        &[(&format!("{ANN}/turnout.dev~1rollout"), json!("disabled"))],
+    );
     let a = admit(&mk_review("UPDATE", Some(&old), Some(&new)));
     assert_eq!(a.outcome, Outcome::OptedOut);
     assert!(a.patch.is_none());
@@ -309,9 +389,22 @@ fn bodies_that_are_not_an_admission_review_v1_are_errors() {
     for (body, needle) in [
         (b"not json".to_vec(), "not JSON"),
         (br#"{"hello":"world"}"#.to_vec(), "admission.k8s.io/v1"),
-        (serde_json::to_vec(&with(update("stored-v1", "scale"), &[("/apiVersion", json!("admission.k8s.io/v1beta1"))])).unwrap(), "v1beta1"),
-        (br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(), "no request"),
-        (br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":7}}"#.to_vec(), "malformed"),
+        (
+            serde_json::to_vec(&with(
+                update("stored-v1", "scale"),
+                &[("/apiVersion", json!("admission.k8s.io/v1beta1"))],
+            ))
+            .unwrap(),
+            "v1beta1",
+        ),
+        (
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(),
+            "no request",
+        ),
+        (
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":7}}"#.to_vec(),
+            "malformed",
+        ),
     ] {
         let err = review(&body, &config).unwrap_err();
         let msg = turnout::report::chain(&err);
