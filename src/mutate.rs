@@ -62,7 +62,8 @@ pub fn run(args: &Args, stdin: impl Read, mut stdout: impl Write) -> Result<(), 
     };
     let reviewed = admission::review(&body, &config).map_err(MutateError::Review)?;
     let json = reviewed
-        .to_json(args.pretty).map_err(|e| MutateError::Write(std::io::Error::other(e)))?;
+        .to_json(args.pretty)
+        .map_err(|e| MutateError::Write(std::io::Error::other(e)))?;
     stdout.write_all(&json).map_err(MutateError::Write)?;
     stdout.write_all(b"\n").map_err(MutateError::Write)?;
     stdout.flush().map_err(MutateError::Write)

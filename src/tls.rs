@@ -78,7 +78,7 @@ pub struct CertStore {
     paths: PairPaths,
     provider: Arc<CryptoProvider>,
     current: RwLock<Arc<CertifiedKey>>,
-    /// Digest of the file contents `current` was loaded from.
+    /// Digest of the file contents last read, whether they loaded or not.
     loaded_from: Mutex<Vec<u8>>,
 }
 
@@ -110,9 +110,11 @@ impl CertStore {
         if *loaded_from == digest {
             return Ok(Reload::Unchanged);
         }
-        let (key, digest) = load_pair(&self.paths, &self.provider)?;
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+        // Whatever the outcome, these bytes have been judged: a broken pair is reported once, not at
+        // every poll, and is tried again as soon as either file changes.
         *loaded_from = digest;
+        let (key, _) = load_pair(&self.paths, &self.provider)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
         Ok(Reload::Updated)
     }
 
@@ -278,6 +280,11 @@ mod tests {
         std::fs::write(&paths.key, b"not a key").unwrap();
         assert!(store.reload().is_err());
         assert_eq!(serial(&store), before, "a bad read keeps the last good pair");
+        assert_eq!(
+            store.reload().unwrap(),
+            Reload::Unchanged,
+            "the same broken files are reported once"
+        );
 
         let second = generate(&["localhost".into()]).unwrap();
         write(dir.path(), &second);

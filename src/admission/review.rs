@@ -105,7 +105,11 @@ impl Reviewed {
         if let (Some(bytes), Some(slot)) = (patch, value.pointer_mut("/response/patch")) {
             *slot = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
         }
-        if pretty { serde_json::to_vec_pretty(&value) } else { serde_json::to_vec(&value) }
+        if pretty {
+            serde_json::to_vec_pretty(&value)
+        } else {
+            serde_json::to_vec(&value)
+        }
     }
 }
 

@@ -56,7 +56,11 @@ pub async fn serve<H, F>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
-    http.http2().timer(TokioTimer::new());
+    // h2 has no header-read timeout; pings find and close dead or stalled connections instead.
+    http.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
