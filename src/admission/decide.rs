@@ -132,28 +132,28 @@ fn update(target: Target<'_>, old: &Deployment, new: &Deployment) -> Decision {
         };
     }
 
-    if let Some(intent) = &stamps.release {
-        if template_hash(&stripped_new) == intent.stable_hash {
-            let mut tpl = stripped_new;
-            let version_stamped = stamp(&mut tpl, intent.stable_revision);
-            set_template(&mut object, tpl);
-            set_version_stamped(&mut object, version_stamped);
-            if is_paused(&object) {
-                set_paused(&mut object, false);
-            }
-            warnings.push(format!(
-                "turnout: {}/{} is back to stable v{}; release v{current} is being rolled back",
-                target.namespace, target.name, intent.stable_revision
-            ));
-            return Decision {
-                action: Action::Reverted {
-                    stable: intent.stable_revision,
-                    abandoned: current,
-                },
-                object,
-                warnings,
-            };
+    if let Some(intent) = &stamps.release
+        && template_hash(&stripped_new) == intent.stable_hash
+    {
+        let mut tpl = stripped_new;
+        let version_stamped = stamp(&mut tpl, intent.stable_revision);
+        set_template(&mut object, tpl);
+        set_version_stamped(&mut object, version_stamped);
+        if is_paused(&object) {
+            set_paused(&mut object, false);
         }
+        warnings.push(format!(
+            "turnout: {}/{} is back to stable v{}; release v{current} is being rolled back",
+            target.namespace, target.name, intent.stable_revision
+        ));
+        return Decision {
+            action: Action::Reverted {
+                stable: intent.stable_revision,
+                abandoned: current,
+            },
+            object,
+            warnings,
+        };
     }
 
     let revision = stamps.next_revision();

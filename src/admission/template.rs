@@ -119,15 +119,15 @@ pub fn template_labels(deploy: &Deployment) -> Option<&BTreeMap<String, String>>
 /// `version` label the user wrote is part of their template.
 pub fn strip(tpl: &PodTemplateSpec, stamps: &Stamps) -> PodTemplateSpec {
     let mut out = tpl.clone();
-    if let Some(meta) = out.metadata.as_mut() {
-        if let Some(l) = meta.labels.as_mut() {
-            l.remove(labels::REVISION);
-            if stamps.stamped_version.is_some() && l.get(labels::VERSION) == stamps.stamped_version.as_ref() {
-                l.remove(labels::VERSION);
-            }
-            if l.is_empty() {
-                meta.labels = None;
-            }
+    if let Some(meta) = out.metadata.as_mut()
+        && let Some(l) = meta.labels.as_mut()
+    {
+        l.remove(labels::REVISION);
+        if stamps.stamped_version.is_some() && l.get(labels::VERSION) == stamps.stamped_version.as_ref() {
+            l.remove(labels::VERSION);
+        }
+        if l.is_empty() {
+            meta.labels = None;
         }
     }
     out
