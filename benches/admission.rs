@@ -26,12 +26,12 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::apps::v1::Deployment;
+use kube::core::admission::AdmissionReview;
 use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::MissedTickBehavior;
 use tokio_rustls::TlsConnector;
 use turnout::admission;
 use turnout::metrics::WebhookMetrics;
@@ -70,6 +70,9 @@ struct Args {
     /// formatting one log line per review is included (writing it out is not).
     #[arg(long)]
     logs: bool,
+    /// Print the AdmissionReview body that is sent and exit (e.g. to feed it to `turnout mutate`).
+    #[arg(long)]
+    print_body: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -91,6 +94,10 @@ fn main() -> anyhow::Result<()> {
             .init();
     }
     let body = Bytes::from(review_body());
+    if args.print_body {
+        println!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
 
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.server_threads)
@@ -243,11 +250,15 @@ struct Phase {
     completed: u64,
     /// Length of the measured window, in seconds.
     seconds: f64,
-    /// Latencies in µs: from the send, or from the scheduled time when the request had to wait for
-    /// its connection (open loop), or from the send (closed loop).
+    /// Latencies in µs: open loop, from the scheduled send time to the whole answer (so waiting for a
+    /// busy connection or a late client counts); closed loop, from the send.
     latency_us: Vec<u64>,
-    /// Open loop: latencies in µs from the scheduled time, whatever delayed the send.
-    from_schedule_us: Vec<u64>,
+    /// Open loop: from the actual send to the whole answer, in µs.
+    service_us: Vec<u64>,
+    /// Open loop: how late the request was sent after its scheduled time, in µs.
+    late_us: Vec<u64>,
+    /// Closed loop: CPU time of the server and client threads during the measured window, in ns.
+    cpu_ns: [u64; 2],
 }
 
 impl Phase {
@@ -255,7 +266,10 @@ impl Phase {
         self.completed += other.completed;
         self.seconds += other.seconds;
         self.latency_us.extend_from_slice(&other.latency_us);
-        self.from_schedule_us.extend_from_slice(&other.from_schedule_us);
+        self.service_us.extend_from_slice(&other.service_us);
+        self.late_us.extend_from_slice(&other.late_us);
+        self.cpu_ns[0] += other.cpu_ns[0];
+        self.cpu_ns[1] += other.cpu_ns[1];
     }
 
     fn rate(&self) -> f64 {
@@ -295,61 +309,100 @@ async fn closed_loop(addr: SocketAddr, connector: &TlsConnector, body: &Bytes, a
             })
         })
         .collect();
+    tokio::time::sleep_until(measure_from.into()).await;
+    let cpu_before = cpu_ns();
+    tokio::time::sleep_until(end.into()).await;
+    let cpu_after = cpu_ns();
     let mut total = Phase::default();
     for task in tasks {
         total.merge(&task.await??);
     }
     total.seconds = args.duration.as_secs_f64();
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+        total.cpu_ns = [after[0] - before[0].min(after[0]), after[1] - before[1].min(after[1])];
+    }
     Ok(total)
 }
 
-/// Open loop: reviews are scheduled at a fixed rate, each connection taking every N-th slot. A
-/// request whose connection is still busy when its slot comes waits, and that wait counts: its
-/// latency runs from the scheduled time (no coordinated omission). A request whose connection is
-/// idle is measured from when it is sent, so that the client timer's lateness (tokio's timer has a
-/// 1 ms granularity) does not count; `from_schedule_us` counts it anyway.
+/// CPU time used so far by the threads of this process, in ns, summed by thread name: the servers'
+/// runtime ("server") and the load generator's ("client"). `None` where Linux's
+/// `/proc/self/task/*/schedstat` is not available.
+fn cpu_ns() -> Option<[u64; 2]> {
+    let mut sums = [0u64; 2];
+    for entry in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = entry.ok()?.path();
+        let slot = match std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() {
+            "server" => 0,
+            "client" => 1,
+            _ => continue,
+        };
+        // A thread may have ended since the directory was listed.
+        let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else {
+            continue;
+        };
+        sums[slot] += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(sums)
+}
+
+/// Open loop: reviews are scheduled at a fixed rate and dealt round-robin to the connections, each of
+/// which sends its reviews in order. Latency runs from the scheduled time, so a review that waits for
+/// its connection, or for a client thread, counts that wait (no coordinated omission).
+///
+/// The schedule is kept by a plain thread with `std::thread::sleep` (sub-100 µs precision on Linux)
+/// rather than a tokio interval, whose 1 ms timer granularity would add up to a millisecond of the
+/// client's own lateness to every measurement.
 async fn open_loop(addr: SocketAddr, connector: &TlsConnector, body: &Bytes, args: &Args) -> anyhow::Result<Phase> {
     let conns = open_all(addr, connector, args.connections).await?;
-    let n = u64::from(args.connections);
-    let period = Duration::from_nanos(1_000_000_000 * n / u64::from(args.rate));
+    let slot = Duration::from_secs(1) / args.rate;
     let start = Instant::now() + Duration::from_millis(20);
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
+    let mut queues = Vec::new();
     let tasks: Vec<_> = conns
         .into_iter()
-        .enumerate()
-        .map(|(i, mut conn)| {
+        .map(|mut conn| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+            queues.push(tx);
             let body = body.clone();
-            let first = start + period * u32::try_from(i).unwrap_or(0) / args.connections;
             tokio::spawn(async move {
-                let mut ticker = tokio::time::interval_at(first.into(), period);
-                ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
                 let mut phase = Phase::default();
-                let mut previous_done = start;
-                loop {
-                    let scheduled = ticker.tick().await.into_std();
-                    if scheduled >= end {
-                        break;
-                    }
+                while let Some(scheduled) = rx.recv().await {
                     let sent = Instant::now();
-                    let from = if previous_done > scheduled { scheduled } else { sent };
                     conn.review(&body).await?;
                     let done = Instant::now();
-                    previous_done = done;
                     if scheduled >= measure_from {
                         phase.completed += 1;
-                        phase.latency_us.push(micros(done - from));
-                        phase.from_schedule_us.push(micros(done - scheduled));
+                        phase.latency_us.push(micros(done - scheduled));
+                        phase.service_us.push(micros(done - sent));
+                        phase.late_us.push(micros(sent.saturating_duration_since(scheduled)));
                     }
                 }
                 anyhow::Ok(phase)
             })
         })
         .collect();
+    let pacer = std::thread::Builder::new().name("pacer".to_owned()).spawn(move || {
+        for k in 0u32.. {
+            let scheduled = start + slot * k;
+            if scheduled >= end {
+                break;
+            }
+            let now = Instant::now();
+            if scheduled > now {
+                std::thread::sleep(scheduled - now);
+            }
+            let queue = &queues[k as usize % queues.len()];
+            if queue.send(scheduled).is_err() {
+                break; // the connection failed; its task reports why
+            }
+        }
+    })?;
     let mut total = Phase::default();
     for task in tasks {
         total.merge(&task.await??);
     }
+    pacer.join().map_err(|_| anyhow::anyhow!("the pacer thread panicked"))?;
     total.seconds = args.duration.as_secs_f64();
     Ok(total)
 }
@@ -372,8 +425,10 @@ fn print_row(label: &str, server: &str, row: &mut Row) {
     row.fixed.latency_us.sort_unstable();
     let l = &row.fixed.latency_us;
     println!(
-        "{label:<6} {server:<9} {:>13.0}   {:>8.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
+        "{label:<6} {server:<9} {:>13.0} {:>7.1} {:>7.1}   {:>8.0} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
         row.max.rate(),
+        row.max.cpu_ns[0] as f64 / 1000.0 / row.max.completed.max(1) as f64,
+        row.max.cpu_ns[1] as f64 / 1000.0 / row.max.completed.max(1) as f64,
         row.fixed.rate(),
         pct(l, 50.0),
         pct(l, 90.0),
@@ -457,7 +512,7 @@ async fn run(
     );
     println!();
     println!(
-        "round  server     max reviews/s   @{}/s: done/s   p50 ms   p90 ms   p99 ms   max ms",
+        "                   closed loop: max  CPU µs/review   open loop at {}/s:\nround  server        reviews/s  server  client     done/s   p50 ms   p90 ms   p99 ms   max ms",
         args.rate
     );
 
@@ -504,6 +559,7 @@ async fn run(
         print_row("all", "turnout", &mut all_turnout);
     }
 
+    all_turnout.fixed.latency_us.sort_unstable();
     let ratio = all_turnout.max.rate() / all_baseline.max.rate();
     let p99 = pct(&all_turnout.fixed.latency_us, 99.0);
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
@@ -514,21 +570,20 @@ async fn run(
         args.rate,
         verdict(p99 <= 2.0),
     );
-    let from_schedule = |row: &mut Row| {
-        row.fixed.from_schedule_us.sort_unstable();
-        let s = &row.fixed.from_schedule_us;
+    let detail = |row: &mut Row| {
+        let f = &mut row.fixed;
+        f.service_us.sort_unstable();
+        f.late_us.sort_unstable();
         format!(
-            "p50 {:.3}  p99 {:.3}  max {:.3}",
-            pct(s, 50.0),
-            pct(s, 99.0),
-            pct(s, 100.0)
+            "send to answer p50 {:.3} p99 {:.3}, sent late p50 {:.3} p99 {:.3}",
+            pct(&f.service_us, 50.0),
+            pct(&f.service_us, 99.0),
+            pct(&f.late_us, 50.0),
+            pct(&f.late_us, 99.0)
         )
     };
-    println!(
-        "from the scheduled send time (adds the client timer's lateness): baseline {}   turnout {}",
-        from_schedule(&mut all_baseline),
-        from_schedule(&mut all_turnout),
-    );
+    println!("at {}/s, ms: baseline {}", args.rate, detail(&mut all_baseline));
+    println!("at {}/s, ms: turnout  {}", args.rate, detail(&mut all_turnout));
     for (name, row) in [("baseline", &mut all_baseline), ("turnout", &mut all_turnout)] {
         row.max.latency_us.sort_unstable();
         let l = &row.max.latency_us;
@@ -630,16 +685,49 @@ fn breakdown(body: &[u8]) -> anyhow::Result<()> {
             }),
         ),
         (
-            "  encode the response",
+            "  encode the response (Reviewed::to_json)",
             time(|| {
-                std::hint::black_box(serde_json::to_vec(std::hint::black_box(&reviewed.response)).ok());
+                std::hint::black_box(std::hint::black_box(&reviewed).to_json(false).ok());
+            }),
+        ),
+        (
+            "compare: bytes -> AdmissionReview<Deployment>, no Value",
+            time(|| {
+                std::hint::black_box(
+                    serde_json::from_slice::<AdmissionReview<Deployment>>(std::hint::black_box(body)).ok(),
+                );
+            }),
+        ),
+        (
+            "compare: scan the body, build nothing (IgnoredAny)",
+            time(|| {
+                std::hint::black_box(serde_json::from_slice::<serde::de::IgnoredAny>(std::hint::black_box(body)).ok());
             }),
         ),
     ];
     println!("turnout's admission steps on one thread, no TLS or HTTP (mean µs per review):");
     for (name, us) in steps {
-        println!("  {name:<52} {us:>8.1}");
+        println!("  {name:<58} {us:>8.1}");
     }
+    // The same on every CPU at once: what sharing the cores (and the allocator) costs by itself.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread: Vec<f64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    time(|| {
+                        std::hint::black_box(admission::review(std::hint::black_box(body), &config).ok());
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(f64::NAN)).collect()
+    });
+    println!(
+        "  {:<58} {:>8.1}",
+        format!("admission::review on {threads} threads at once, per thread"),
+        per_thread.iter().sum::<f64>() / per_thread.len() as f64
+    );
     Ok(())
 }
 
@@ -684,37 +772,30 @@ fn review_body() -> Vec<u8> {
 /// The Deployment as stored (or as applied) with the podinfo image `tag`.
 fn deployment(tag: &str, applied_at: &str) -> Value {
     let image = format!("ghcr.io/stefanprodan/podinfo:{tag}");
+    let probe = |path: &str| {
+        json!({
+            "httpGet": { "path": path, "port": 9898, "scheme": "HTTP" },
+            "timeoutSeconds": 5, "periodSeconds": 10, "successThreshold": 1, "failureThreshold": 3
+        })
+    };
     let container = json!({
         "name": "podinfod",
         "image": image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": ["./podinfo", "--port=9898", "--port-metrics=9797", "--grpc-port=9999", "--level=info"],
         "ports": [
             { "name": "http", "containerPort": 9898, "protocol": "TCP" },
-            { "name": "http-metrics", "containerPort": 9797, "protocol": "TCP" },
-            { "name": "grpc", "containerPort": 9999, "protocol": "TCP" }
+            { "name": "metrics", "containerPort": 9797, "protocol": "TCP" }
         ],
-        "env": [
-            { "name": "PODINFO_UI_COLOR", "value": "#34577c" },
-            { "name": "PODINFO_UI_MESSAGE", "value": "served by the shop namespace" }
-        ],
-        "livenessProbe": {
-            "httpGet": { "path": "/healthz", "port": 9898, "scheme": "HTTP" },
-            "initialDelaySeconds": 1, "timeoutSeconds": 5, "periodSeconds": 10,
-            "successThreshold": 1, "failureThreshold": 3
-        },
-        "readinessProbe": {
-            "httpGet": { "path": "/readyz", "port": 9898, "scheme": "HTTP" },
-            "initialDelaySeconds": 1, "timeoutSeconds": 5, "periodSeconds": 10,
-            "successThreshold": 1, "failureThreshold": 3
-        },
+        "env": [{ "name": "PODINFO_UI_COLOR", "value": "#34577c" }],
         "resources": {
             "limits": { "cpu": "1", "memory": "256Mi" },
             "requests": { "cpu": "100m", "memory": "64Mi" }
         },
         "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+        "livenessProbe": probe("/healthz"),
+        "readinessProbe": probe("/readyz"),
         "terminationMessagePath": "/dev/termination-log",
-        "terminationMessagePolicy": "File"
+        "terminationMessagePolicy": "File",
+        "imagePullPolicy": "IfNotPresent"
     });
     // What the user applied: their manifest, without turnout's stamps or the apiserver's defaults.
     let applied = json!({
@@ -722,24 +803,20 @@ fn deployment(tag: &str, applied_at: &str) -> Value {
         "kind": "Deployment",
         "metadata": {
             "annotations": {},
-            "labels": { "app.kubernetes.io/name": "podinfo", "app.kubernetes.io/part-of": "shop" },
+            "labels": { "app": "podinfo", "team": "shop" },
             "name": "podinfo",
             "namespace": "shop"
         },
         "spec": {
             "replicas": 2,
-            "selector": { "matchLabels": { "app.kubernetes.io/name": "podinfo" } },
+            "selector": { "matchLabels": { "app": "podinfo" } },
             "template": {
-                "metadata": {
-                    "annotations": { "prometheus.io/port": "9797", "prometheus.io/scrape": "true" },
-                    "labels": { "app.kubernetes.io/name": "podinfo" }
-                },
+                "metadata": { "labels": { "app": "podinfo" } },
                 "spec": {
                     "containers": [{
                         "name": "podinfod",
                         "image": image,
-                        "ports": [{ "containerPort": 9898, "name": "http" }],
-                        "resources": { "limits": { "cpu": "1", "memory": "256Mi" } }
+                        "ports": [{ "containerPort": 9898, "name": "http" }]
                     }]
                 }
             }
@@ -755,7 +832,7 @@ fn deployment(tag: &str, applied_at: &str) -> Value {
             "resourceVersion": "184467",
             "generation": 4,
             "creationTimestamp": "2026-03-02T09:14:07Z",
-            "labels": { "app.kubernetes.io/name": "podinfo", "app.kubernetes.io/part-of": "shop" },
+            "labels": { "app": "podinfo", "team": "shop" },
             "annotations": {
                 "deployment.kubernetes.io/revision": "3",
                 "kubectl.kubernetes.io/last-applied-configuration": format!("{applied}\n"),
@@ -772,39 +849,25 @@ fn deployment(tag: &str, applied_at: &str) -> Value {
                     "fieldsV1": {
                         "f:metadata": {
                             "f:annotations": { ".": {}, "f:kubectl.kubernetes.io/last-applied-configuration": {} },
-                            "f:labels": { ".": {}, "f:app.kubernetes.io/name": {}, "f:app.kubernetes.io/part-of": {} }
+                            "f:labels": { ".": {}, "f:app": {}, "f:team": {} }
                         },
                         "f:spec": {
                             "f:replicas": {},
-                            "f:selector": {},
                             "f:template": {
-                                "f:metadata": { "f:annotations": { ".": {}, "f:prometheus.io/port": {}, "f:prometheus.io/scrape": {} } },
-                                "f:spec": { "f:containers": { "k:{\"name\":\"podinfod\"}": { ".": {}, "f:image": {}, "f:name": {}, "f:resources": {} } } }
+                                "f:spec": { "f:containers": { "k:{\"name\":\"podinfod\"}": { ".": {}, "f:image": {}, "f:name": {} } } }
                             }
                         }
                     }
-                },
-                {
-                    "manager": "kube-controller-manager",
-                    "operation": "Update",
-                    "apiVersion": "apps/v1",
-                    "time": "2026-03-02T09:14:19Z",
-                    "fieldsType": "FieldsV1",
-                    "fieldsV1": {
-                        "f:metadata": { "f:annotations": { "f:deployment.kubernetes.io/revision": {} } },
-                        "f:status": { "f:availableReplicas": {}, "f:conditions": {}, "f:observedGeneration": {}, "f:readyReplicas": {}, "f:replicas": {}, "f:updatedReplicas": {} }
-                    },
-                    "subresource": "status"
                 }
             ]
         },
         "spec": {
             "replicas": 2,
-            "selector": { "matchLabels": { "app.kubernetes.io/name": "podinfo" } },
+            "selector": { "matchLabels": { "app": "podinfo" } },
             "template": {
                 "metadata": {
-                    "labels": { "app.kubernetes.io/name": "podinfo", "turnout.dev/revision": "1", "version": "v1" },
-                    "annotations": { "prometheus.io/port": "9797", "prometheus.io/scrape": "true" }
+                    "labels": { "app": "podinfo", "turnout.dev/revision": "1", "version": "v1" },
+                    "annotations": { "prometheus.io/scrape": "true" }
                 },
                 "spec": {
                     "containers": [container],
@@ -825,19 +888,7 @@ fn deployment(tag: &str, applied_at: &str) -> Value {
             "replicas": 2,
             "updatedReplicas": 2,
             "readyReplicas": 2,
-            "availableReplicas": 2,
-            "conditions": [
-                {
-                    "type": "Available", "status": "True",
-                    "lastUpdateTime": "2026-03-02T09:14:19Z", "lastTransitionTime": "2026-03-02T09:14:19Z",
-                    "reason": "MinimumReplicasAvailable", "message": "Deployment has minimum availability."
-                },
-                {
-                    "type": "Progressing", "status": "True",
-                    "lastUpdateTime": "2026-03-02T09:14:19Z", "lastTransitionTime": "2026-03-02T09:14:07Z",
-                    "reason": "NewReplicaSetAvailable", "message": "ReplicaSet \"podinfo-7c9f8d6b5\" has successfully progressed."
-                }
-            ]
+            "availableReplicas": 2
         }
     })
 }
