@@ -5,7 +5,7 @@
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use turnout::admission::template::{Stamps, strip, template_hash};
+use turnout::admission::template::{Stamps, strip};
 use turnout::admission::{Config, Outcome, review};
 
 const AGENT: &str = "system:serviceaccount:turnout-system:turnout";
@@ -127,7 +127,7 @@ fn with(mut v: Value, changes: &[(&str, Value)]) -> Value {
 
 fn stable_hash_of(stored: &Value) -> String {
     let d: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(stored.clone()).unwrap();
-    template_hash(&strip(&d.spec.template, &Stamps::read(&d)))
+    strip(&d.spec.template, &Stamps::read(&d)).hash()
 }
 
 const ANN: &str = "/metadata/annotations";

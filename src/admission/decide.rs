@@ -9,9 +9,8 @@
 //! ```
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::PodTemplateSpec;
 
-use super::template::{ReleaseIntent, Stamps, stamp, strip, template_hash};
+use super::template::{ReleaseIntent, Stamps, restamp, strip};
 use crate::names::{annotations, values};
 
 /// The request being decided, as far as the decision needs it.
@@ -84,9 +83,7 @@ fn create(target: Target<'_>, new: &Deployment) -> Decision {
             ann.remove(key);
         }
     }
-    let mut tpl = strip(template(new), &stamps);
-    let version_stamped = stamp(&mut tpl, 1);
-    set_template(&mut object, tpl);
+    let version_stamped = restamp(&mut object.spec.template, &stamps, 1);
     set_annotation(&mut object, annotations::REVISION, Some("1".to_owned()));
     set_version_stamped(&mut object, version_stamped);
     warnings.push(format!(
@@ -103,10 +100,9 @@ fn create(target: Target<'_>, new: &Deployment) -> Decision {
 fn update(target: Target<'_>, old: &Deployment, new: &Deployment) -> Decision {
     let stamps = Stamps::read(old);
     let mut warnings = problems(target, &stamps);
-    let old_tpl = template(old);
-    let stripped_old = strip(old_tpl, &stamps);
+    let stripped_old = strip(&old.spec.template, &stamps);
     // Whether a label of the new template is ours is judged from the stored object.
-    let stripped_new = strip(template(new), &stamps);
+    let stripped_new = strip(&new.spec.template, &stamps);
 
     let mut object = new.clone();
     for key in annotations::OWNED {
@@ -115,7 +111,8 @@ fn update(target: Target<'_>, old: &Deployment, new: &Deployment) -> Decision {
     let current = stamps.template_revision.unwrap_or(0);
 
     if stripped_new == stripped_old {
-        set_template(&mut object, old_tpl.clone());
+        // The pod specs are equal: the stored metadata, stamps included, makes the template the stored one.
+        object.spec.template.metadata.clone_from(&old.spec.template.metadata);
         if stamps.release.is_some() && is_paused(old) {
             if !is_paused(new) {
                 warnings.push(format!(
@@ -133,11 +130,9 @@ fn update(target: Target<'_>, old: &Deployment, new: &Deployment) -> Decision {
     }
 
     if let Some(intent) = &stamps.release
-        && template_hash(&stripped_new) == intent.stable_hash
+        && stripped_new.hash() == intent.stable_hash
     {
-        let mut tpl = stripped_new;
-        let version_stamped = stamp(&mut tpl, intent.stable_revision);
-        set_template(&mut object, tpl);
+        let version_stamped = restamp(&mut object.spec.template, &stamps, intent.stable_revision);
         set_version_stamped(&mut object, version_stamped);
         if is_paused(&object) {
             set_paused(&mut object, false);
@@ -157,9 +152,7 @@ fn update(target: Target<'_>, old: &Deployment, new: &Deployment) -> Decision {
     }
 
     let revision = stamps.next_revision();
-    let mut tpl = stripped_new;
-    let version_stamped = stamp(&mut tpl, revision);
-    set_template(&mut object, tpl);
+    let version_stamped = restamp(&mut object.spec.template, &stamps, revision);
     set_annotation(&mut object, annotations::REVISION, Some(revision.to_string()));
     set_version_stamped(&mut object, version_stamped);
     set_paused(&mut object, true);
@@ -193,7 +186,7 @@ fn update(target: Target<'_>, old: &Deployment, new: &Deployment) -> Decision {
             ));
             let intent = ReleaseIntent {
                 stable_revision: current,
-                stable_hash: template_hash(&stripped_old),
+                stable_hash: stripped_old.hash(),
             };
             (intent, Action::Held { revision })
         }
@@ -221,14 +214,6 @@ fn problems(target: Target<'_>, stamps: &Stamps) -> Vec<String> {
         .iter()
         .map(|p| format!("turnout: {}/{}: {p}", target.namespace, target.name))
         .collect()
-}
-
-fn template(d: &Deployment) -> &PodTemplateSpec {
-    &d.spec.template
-}
-
-fn set_template(d: &mut Deployment, tpl: PodTemplateSpec) {
-    d.spec.template = tpl;
 }
 
 fn is_paused(d: &Deployment) -> bool {
@@ -340,7 +325,7 @@ mod tests {
         assert!(is_paused(&dec.object));
         assert_eq!(ann(&dec.object, annotations::REVISION).as_deref(), Some("2"));
         assert_eq!(ann(&dec.object, annotations::STABLE_REVISION).as_deref(), Some("1"));
-        let stable_hash = template_hash(&strip(template(&old), &Stamps::read(&old)));
+        let stable_hash = strip(&old.spec.template, &Stamps::read(&old)).hash();
         assert_eq!(ann(&dec.object, annotations::STABLE_HASH), Some(stable_hash));
         assert!(labels_of(&dec.object).contains(&("version".into(), "v2".into())));
         assert_eq!(

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::names::{annotations, labels, values, version_label};
 
@@ -12,7 +13,7 @@ use crate::names::{annotations, labels, values, version_label};
 pub struct ReleaseIntent {
     /// Revision serving traffic while the release is in flight; `0` for a template without stamps.
     pub stable_revision: u64,
-    /// [`template_hash`] of the stable template.
+    /// [`Stripped::hash`] of the stable template.
     pub stable_hash: String,
 }
 
@@ -113,15 +114,44 @@ pub fn template_labels(deploy: &Deployment) -> Option<&BTreeMap<String, String>>
     deploy.spec.template.metadata.as_ref()?.labels.as_ref()
 }
 
-/// Removes turnout's stamps from `tpl`, as the user would have written it.
+/// A pod template as the user wrote it: turnout's stamps removed. It borrows the pod spec, which
+/// stamps never touch, so comparing and hashing templates copies only their metadata.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Stripped<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<ObjectMeta>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spec: Option<&'a PodSpec>,
+}
+
+impl Stripped<'_> {
+    /// A stable, short hash: SHA-256 over the canonical JSON, 16 hex digits. The JSON of typed
+    /// objects is canonical: struct fields serialise in declaration order and maps are sorted.
+    pub fn hash(&self) -> String {
+        // Serialising typed objects cannot fail: every map key is a string.
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// `tpl` without turnout's stamps, as the user would have written it.
 ///
 /// The `version` label is removed only when `stamps` says turnout stamped it with the same value; a
 /// `version` label the user wrote is part of their template.
-pub fn strip(tpl: &PodTemplateSpec, stamps: &Stamps) -> PodTemplateSpec {
-    let mut out = tpl.clone();
-    if let Some(meta) = out.metadata.as_mut()
-        && let Some(l) = meta.labels.as_mut()
-    {
+pub fn strip<'a>(tpl: &'a PodTemplateSpec, stamps: &Stamps) -> Stripped<'a> {
+    let mut metadata = tpl.metadata.clone();
+    if let Some(meta) = metadata.as_mut() {
+        remove_stamps(meta, stamps);
+    }
+    Stripped {
+        metadata,
+        spec: tpl.spec.as_ref(),
+    }
+}
+
+fn remove_stamps(meta: &mut ObjectMeta, stamps: &Stamps) {
+    if let Some(l) = meta.labels.as_mut() {
         l.remove(labels::REVISION);
         if stamps.stamped_version.is_some() && l.get(labels::VERSION) == stamps.stamped_version.as_ref() {
             l.remove(labels::VERSION);
@@ -130,12 +160,15 @@ pub fn strip(tpl: &PodTemplateSpec, stamps: &Stamps) -> PodTemplateSpec {
             meta.labels = None;
         }
     }
-    out
 }
 
-/// Adds the stamps of `revision` to a stripped template. Returns whether the `version` label was
-/// stamped. Revision `0` means a template from before turnout, which carries no stamps.
-pub fn stamp(tpl: &mut PodTemplateSpec, revision: u64) -> bool {
+/// Replaces the stamps of `tpl` (judged by `stamps`, those of the stored object) with those of
+/// `revision`. Returns whether the `version` label is turnout's. Revision `0` means a template from
+/// before turnout, which carries no stamps.
+pub fn restamp(tpl: &mut PodTemplateSpec, stamps: &Stamps, revision: u64) -> bool {
+    if let Some(meta) = tpl.metadata.as_mut() {
+        remove_stamps(meta, stamps);
+    }
     if revision == 0 {
         return false;
     }
@@ -153,17 +186,6 @@ pub fn stamp(tpl: &mut PodTemplateSpec, revision: u64) -> bool {
     }
 }
 
-/// A stable, short hash of a (stripped) template: SHA-256 over its canonical JSON, 16 hex digits.
-///
-/// The JSON of a typed template is canonical: struct fields serialise in declaration order and maps
-/// are sorted.
-pub fn template_hash(tpl: &PodTemplateSpec) -> String {
-    // Serialising a typed template cannot fail: every map key is a string.
-    let bytes = serde_json::to_vec(tpl).unwrap_or_default();
-    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,7 +198,7 @@ mod tests {
             .with_template_label(labels::REVISION, "1");
         let stamps = Stamps::read(&d);
         let stripped = strip(&d.spec.template, &stamps);
-        let l = stripped.metadata.unwrap().labels.unwrap();
+        let l = stripped.metadata.clone().unwrap().labels.unwrap();
         assert_eq!(l.get("version").map(String::as_str), Some("v1"));
         assert!(!l.contains_key(labels::REVISION));
     }
@@ -189,14 +211,22 @@ mod tests {
             .with_annotation(annotations::VERSION_STAMPED, "true");
         let stamps = Stamps::read(&d);
         let stripped = strip(&d.spec.template, &stamps);
-        assert!(!stripped.metadata.unwrap().labels.unwrap().contains_key("version"));
+        assert!(
+            !stripped
+                .metadata
+                .clone()
+                .unwrap()
+                .labels
+                .unwrap()
+                .contains_key("version")
+        );
     }
 
     #[test]
     fn stamp_leaves_a_user_version_label_alone() {
         let d = mk_deployment().with_template_label("version", "1.2.0");
         let mut tpl = d.spec.template;
-        assert!(!stamp(&mut tpl, 4));
+        assert!(!restamp(&mut tpl, &Stamps::default(), 4));
         let l = tpl.metadata.unwrap().labels.unwrap();
         assert_eq!(l.get("version").map(String::as_str), Some("1.2.0"));
         assert_eq!(l.get(labels::REVISION).map(String::as_str), Some("4"));
@@ -206,7 +236,7 @@ mod tests {
     fn stamp_of_revision_zero_is_the_bare_template() {
         let mut tpl = mk_deployment().spec.template;
         let before = tpl.clone();
-        assert!(!stamp(&mut tpl, 0));
+        assert!(!restamp(&mut tpl, &Stamps::default(), 0));
         assert_eq!(tpl, before);
     }
 
@@ -215,7 +245,7 @@ mod tests {
         let a = mk_deployment();
         let b = mk_deployment().with_image("ghcr.io/stefanprodan/podinfo:6.1.0");
         let stamped = mk_deployment().with_template_label(labels::REVISION, "9");
-        let h = |d: &Deployment| template_hash(&strip(&d.spec.template, &Stamps::read(d)));
+        let h = |d: &Deployment| strip(&d.spec.template, &Stamps::read(d)).hash();
         assert_ne!(h(&a), h(&b));
         assert_eq!(h(&a), h(&stamped));
         assert_eq!(h(&a).len(), 16);
