@@ -87,8 +87,9 @@ show "kubectl set image back to podinfo:6.0.0 during release v2 (revert)" UPDATE
 show "the agent's own update (admitted unchanged)" UPDATE stored-v1 set-image-v2 system:serviceaccount:turnout-system:turnout
 
 say "a body that is not an AdmissionReview"
-curl -sS --cacert "$work/certs/ca.crt" --data-binary '{"hello":"world"}' -o /dev/stderr -w '  HTTP %{http_code}\n' \
-  "https://127.0.0.1:$port/mutate" 2>&1
+curl -sS --cacert "$work/certs/ca.crt" --data-binary '{"hello":"world"}' -o "$work/answer.txt" -w '  HTTP %{http_code}: ' \
+  "https://127.0.0.1:$port/mutate"
+cat "$work/answer.txt"
 
 say "metrics (http://127.0.0.1:$admin/metrics)"
 curl -sf "http://127.0.0.1:$admin/metrics" | grep '^turnout_admission_requests_total' | sed 's/^/  /'
