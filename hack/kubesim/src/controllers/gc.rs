@@ -1,0 +1,131 @@
+//! Garbage collection by ownerReferences: dependents of a deleted owner are deleted (background), or
+//! released (orphan), and an owner deleted in the foreground goes once its dependents are gone.
+
+use serde_json::{Value, json};
+
+use super::Ctx;
+
+/// Deletes dependents whose owners are all gone, and finishes foreground and orphan deletions.
+pub(super) fn sweep(ctx: &Ctx) {
+    let api = &ctx.api;
+    let registry = api.registry();
+    let mut uids = std::collections::HashSet::new();
+    let mut all: Vec<(std::sync::Arc<crate::resources::ResourceType>, std::sync::Arc<Value>)> = Vec::new();
+    for t in registry.all() {
+        // One version per resource is enough: versions share their objects.
+        if all
+            .iter()
+            .any(|(seen, _)| seen.group == t.group && seen.plural == t.plural)
+        {
+            continue;
+        }
+        let (items, _) = api.store.list(&crate::api::key(t), None);
+        for o in items {
+            if let Some(uid) = o["metadata"]["uid"].as_str() {
+                uids.insert(uid.to_owned());
+            }
+            all.push((t.clone(), o));
+        }
+    }
+    let no_query = Default::default();
+    for (t, o) in &all {
+        let ns = o["metadata"]["namespace"].as_str().unwrap_or_default();
+        let name = o["metadata"]["name"].as_str().unwrap_or_default();
+        if let Some(refs) = o["metadata"]["ownerReferences"].as_array()
+            && !refs.is_empty()
+            && refs.iter().all(|r| r["uid"].as_str().is_none_or(|u| !uids.contains(u)))
+        {
+            let _ = api.delete(
+                t,
+                ns,
+                name,
+                &json!({"propagationPolicy": "Background"}),
+                &no_query,
+                false,
+            );
+            continue;
+        }
+        let finalizers: Vec<&str> = o["metadata"]["finalizers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let Some(uid) = o["metadata"]["uid"].as_str() else {
+            continue;
+        };
+        let dependents: Vec<_> = all
+            .iter()
+            .filter(|(_, d)| {
+                d["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|r| r["uid"] == uid))
+            })
+            .collect();
+        if finalizers.contains(&"foregroundDeletion") {
+            for (dt, d) in &dependents {
+                let dns = d["metadata"]["namespace"].as_str().unwrap_or_default();
+                let dname = d["metadata"]["name"].as_str().unwrap_or_default();
+                let _ = api.delete(
+                    dt,
+                    dns,
+                    dname,
+                    &json!({"propagationPolicy": "Foreground"}),
+                    &no_query,
+                    false,
+                );
+            }
+            if dependents.is_empty() {
+                release(ctx, t, o, "foregroundDeletion");
+            }
+        } else if finalizers.contains(&"orphan") {
+            for (dt, d) in &dependents {
+                let mut next = (**d).clone();
+                let kept: Vec<Value> = next["metadata"]["ownerReferences"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|r| r["uid"] != uid)
+                    .collect();
+                next["metadata"]["ownerReferences"] = json!(kept);
+                let _ = api.store.update(&crate::api::key(dt), next, None);
+            }
+            release(ctx, t, o, "orphan");
+        } else if t.group.is_empty() && t.plural == "namespaces" && o["metadata"].get("deletionTimestamp").is_some() {
+            // The namespace controller: delete everything in it, then the namespace.
+            let mut empty = true;
+            for (dt, d) in all
+                .iter()
+                .filter(|(_, d)| d["metadata"]["namespace"].as_str() == Some(name))
+            {
+                empty = false;
+                let dname = d["metadata"]["name"].as_str().unwrap_or_default();
+                let _ = api.delete(dt, name, dname, &json!({"gracePeriodSeconds": 0}), &no_query, false);
+            }
+            if empty {
+                let _ = api.store.delete(&crate::api::key(t), "", name, None);
+            }
+        }
+    }
+}
+
+fn release(ctx: &Ctx, t: &crate::resources::ResourceType, o: &Value, finalizer: &str) {
+    let mut next = o.clone();
+    let kept: Vec<Value> = next["metadata"]["finalizers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| f != finalizer)
+        .collect();
+    next["metadata"]["finalizers"] = json!(kept);
+    let key = crate::api::key(t);
+    if kept.is_empty() && o["metadata"].get("deletionTimestamp").is_some() {
+        let ns = o["metadata"]["namespace"].as_str().unwrap_or_default();
+        let name = o["metadata"]["name"].as_str().unwrap_or_default();
+        let _ = ctx.api.store.delete(&key, ns, name, None);
+    } else {
+        let _ = ctx.api.store.update(&key, next, None);
+    }
+}

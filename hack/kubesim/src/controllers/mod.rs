@@ -1,0 +1,276 @@
+//! Control-plane stand-ins: the Deployment and ReplicaSet controllers, a kubelet, EndpointSlices and
+//! garbage collection, driven by the store's changes and by timers (readiness delays, grace periods,
+//! progress deadlines).
+//!
+//! One task runs them all: changes mark objects dirty, timers mark them due, and each pass reconciles
+//! what is dirty. Controllers write through the API as a system user, like kube-controller-manager.
+
+mod deployment;
+mod endpoints;
+mod gc;
+mod kubelet;
+mod replicaset;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::api::{Api, ApiError};
+use crate::resources::ResourceType;
+use crate::sim::Config;
+use crate::store::{Event, EventType};
+
+/// An object to reconcile: (kind, namespace, name).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Key {
+    Deployment(String, String),
+    ReplicaSet(String, String),
+    Pod(String, String),
+    /// Every Service of a namespace (their EndpointSlices).
+    Endpoints(String),
+    /// Garbage collection over every object.
+    Sweep,
+}
+
+/// What the controllers share: the API, the options, and the timers they set.
+pub(crate) struct Ctx {
+    pub api: Arc<Api>,
+    pub config: Config,
+    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    next_ip: u32,
+    /// When something happened to an object, precisely (API timestamps have whole seconds):
+    /// (namespace, name, what) → instant.
+    moments: std::collections::HashMap<(String, String, &'static str), Instant>,
+}
+
+impl Ctx {
+    /// Reconcile `key` again at `at`.
+    pub fn after(&mut self, delay: Duration, key: Key) {
+        self.timers.push(Reverse((Instant::now() + delay, key)));
+    }
+
+    /// A fresh pod IP on the loopback network (127.1.0.1 and up), so simulated pods are reachable.
+    pub fn pod_ip(&mut self) -> String {
+        loop {
+            self.next_ip += 1;
+            let n = self.next_ip;
+            let (a, b, c) = (1 + ((n >> 16) & 0x7f), (n >> 8) & 0xff, n & 0xff);
+            if c != 0 && c != 255 {
+                return format!("127.{a}.{b}.{c}");
+            }
+        }
+    }
+
+    /// When `what` first happened to `ns/name` (recorded now if never before).
+    pub fn moment(&mut self, ns: &str, name: &str, what: &'static str) -> Instant {
+        *self
+            .moments
+            .entry((ns.to_owned(), name.to_owned(), what))
+            .or_insert_with(Instant::now)
+    }
+
+    /// Forgets the moments of an object that is gone.
+    pub fn forget(&mut self, ns: &str, name: &str) {
+        self.moments.retain(|(n, m, _), _| !(n == ns && m == name));
+    }
+
+    pub fn resource(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
+        self.api.registry().get(group, version, plural)
+    }
+}
+
+/// Starts every controller.
+pub fn start(api: Arc<Api>, config: &Config) -> Vec<JoinHandle<()>> {
+    let events = api.store.subscribe();
+    let ctx = Ctx {
+        api,
+        config: config.clone(),
+        timers: BinaryHeap::new(),
+        next_ip: 0,
+        moments: Default::default(),
+    };
+    vec![tokio::spawn(run(ctx, events))]
+}
+
+async fn run(mut ctx: Ctx, mut events: broadcast::Receiver<Arc<Event>>) {
+    let mut dirty: BTreeSet<Key> = BTreeSet::new();
+    // Timers cover deadlines and delays; the resync is a safety net.
+    let mut resync = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        let next_timer = ctx.timers.peek().map(|Reverse((at, _))| *at);
+        tokio::select! {
+            received = events.recv() => match received {
+                Ok(e) => {
+                    mark(&mut dirty, &e);
+                    // Take whatever else is already queued, to reconcile it in one pass.
+                    while let Ok(e) = events.try_recv() {
+                        mark(&mut dirty, &e);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => all(&ctx, &mut dirty),
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            () = sleep_until(next_timer) => {}
+            _ = resync.tick() => all(&ctx, &mut dirty),
+        }
+        let now = Instant::now();
+        while ctx.timers.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+            if let Some(Reverse((_, key))) = ctx.timers.pop() {
+                dirty.insert(key);
+            }
+        }
+        for key in std::mem::take(&mut dirty) {
+            let result = match &key {
+                Key::Deployment(ns, name) => deployment::sync(&mut ctx, ns, name).await,
+                Key::ReplicaSet(ns, name) => replicaset::sync(&mut ctx, ns, name).await,
+                Key::Pod(ns, name) => kubelet::sync(&mut ctx, ns, name).await,
+                Key::Endpoints(ns) => endpoints::sync(&mut ctx, ns).await,
+                Key::Sweep => {
+                    gc::sweep(&ctx);
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                // Conflicts and races with users are normal: try again soon.
+                tracing::debug!(?key, code = e.code, message = %e.message, "reconcile failed; retrying");
+                ctx.after(Duration::from_millis(100), key);
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn mark(dirty: &mut BTreeSet<Key>, e: &Event) {
+    let (ns, name) = (e.namespace.clone(), e.name.clone());
+    let owner = |o: &Value, kind: &str| -> Option<String> {
+        o["metadata"]["ownerReferences"]
+            .as_array()?
+            .iter()
+            .find(|r| r["kind"] == kind && r["controller"] == true)
+            .and_then(|r| r["name"].as_str().map(str::to_owned))
+    };
+    match (e.resource.0.as_str(), e.resource.1.as_str()) {
+        ("apps", "deployments") => {
+            dirty.insert(Key::Deployment(ns, name));
+        }
+        ("apps", "replicasets") => {
+            if let Some(d) = owner(&e.object, "Deployment") {
+                dirty.insert(Key::Deployment(ns.clone(), d));
+            }
+            dirty.insert(Key::ReplicaSet(ns, name));
+        }
+        ("", "pods") => {
+            if let Some(rs) = owner(&e.object, "ReplicaSet") {
+                dirty.insert(Key::ReplicaSet(ns.clone(), rs));
+            }
+            dirty.insert(Key::Endpoints(ns.clone()));
+            if e.kind != EventType::Deleted {
+                dirty.insert(Key::Pod(ns, name));
+            }
+        }
+        ("", "services") => {
+            dirty.insert(Key::Endpoints(ns));
+        }
+        _ => {}
+    }
+    if e.kind == EventType::Deleted || e.object["metadata"].get("deletionTimestamp").is_some() {
+        dirty.insert(Key::Sweep);
+    }
+}
+
+/// Marks every Deployment dirty (periodic resync: progress deadlines), and everything after a lag.
+fn all(ctx: &Ctx, dirty: &mut BTreeSet<Key>) {
+    let store = &ctx.api.store;
+    for (group, plural) in [("apps", "deployments"), ("apps", "replicasets")] {
+        let (items, _) = store.list(&(group.into(), plural.into()), None);
+        for o in items {
+            let ns = o["metadata"]["namespace"].as_str().unwrap_or_default().to_owned();
+            let name = o["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            dirty.insert(if plural == "deployments" {
+                Key::Deployment(ns, name)
+            } else {
+                Key::ReplicaSet(ns, name)
+            });
+        }
+    }
+    dirty.insert(Key::Sweep);
+}
+
+/// The system identity controllers act as.
+pub(crate) fn system() -> crate::api::User {
+    crate::api::User {
+        name: "system:kube-controller-manager".into(),
+        groups: vec!["system:masters".into()],
+    }
+}
+
+/// Objects of `group/plural` in `ns` controlled by the owner with `uid`.
+pub(crate) fn owned_by(ctx: &Ctx, group: &str, plural: &str, ns: &str, uid: &str) -> Vec<Arc<Value>> {
+    let (items, _) = ctx.api.store.list(&(group.into(), plural.into()), Some(ns));
+    items
+        .into_iter()
+        .filter(|o| {
+            o["metadata"]["ownerReferences"]
+                .as_array()
+                .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid && r["controller"] == true))
+        })
+        .collect()
+}
+
+/// Writes the status of an object if it changed.
+pub(crate) async fn write_status(ctx: &Ctx, t: &ResourceType, current: &Value, status: Value) -> Result<(), ApiError> {
+    if current["status"] == status {
+        return Ok(());
+    }
+    let mut next = current.clone();
+    next["status"] = status;
+    let ns = current["metadata"]["namespace"].as_str().unwrap_or_default();
+    let name = current["metadata"]["name"].as_str().unwrap_or_default();
+    ctx.api
+        .update(&system(), t, ns, name, Some("status"), next, false)
+        .await
+        .map(|_| ())
+}
+
+/// FNV-1a over the canonical JSON of `v`, encoded like the apiserver's pod-template-hash.
+pub(crate) fn template_hash(v: &Value) -> String {
+    const ALPHANUMS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    let mut h: u32 = 0x811c_9dc5;
+    for b in bytes {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h.to_string()
+        .bytes()
+        .map(|d| ALPHANUMS[usize::from(d) % ALPHANUMS.len()] as char)
+        .collect()
+}
+
+/// Whether a pod counts as ready (its Ready condition is True).
+pub(crate) fn pod_ready(pod: &Value) -> bool {
+    condition(&pod["status"], "Ready").is_some_and(|c| c["status"] == "True")
+}
+
+/// The condition of `type` in a status.
+pub(crate) fn condition<'a>(status: &'a Value, kind: &str) -> Option<&'a Value> {
+    status["conditions"].as_array()?.iter().find(|c| c["type"] == kind)
+}
+
+/// Seconds since an RFC 3339 time.
+pub(crate) fn seconds_since(t: &Value) -> Option<f64> {
+    let t = time::OffsetDateTime::parse(t.as_str()?, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((time::OffsetDateTime::now_utc() - t).as_seconds_f64())
+}

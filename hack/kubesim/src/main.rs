@@ -1,0 +1,132 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// kubesim: a Kubernetes emulator for turnout's tests and demos (an HTTPS API server that kubectl and
+/// kube-rs use, controllers, and a mesh data plane).
+#[derive(Debug, Parser)]
+#[command(name = "kubesim", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start kubesim and run until SIGINT or SIGTERM; writes DIR/kubeconfig and DIR/endpoints.json.
+    Up {
+        /// Directory for the kubeconfig, the endpoints and the CA (created if missing).
+        #[arg(long, env = "KUBESIM_DIR")]
+        dir: PathBuf,
+        /// Port of the API server (0: any free port).
+        #[arg(long, env = "KUBESIM_API_PORT", default_value_t = 0)]
+        api_port: u16,
+        /// How long a pod takes to become Ready.
+        #[arg(long, env = "KUBESIM_POD_READY_DELAY", default_value = "500ms", value_parser = parse_duration)]
+        pod_ready_delay: Duration,
+        /// The longest a simulated proxy takes to apply a routing or endpoint change.
+        #[arg(long, env = "KUBESIM_MAX_PROPAGATION_DELAY", default_value = "500ms", value_parser = parse_duration)]
+        max_propagation_delay: Duration,
+    },
+    /// Print a kubeconfig for another identity of a running kubesim (e.g. a service account).
+    Kubeconfig {
+        /// The directory given to `kubesim up`.
+        #[arg(long, env = "KUBESIM_DIR")]
+        dir: PathBuf,
+        /// The user, e.g. system:serviceaccount:turnout-system:turnout.
+        #[arg(long)]
+        user: String,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms or 2s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Up {
+            dir,
+            api_port,
+            pod_ready_delay,
+            max_propagation_delay,
+        } => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(up(dir, api_port, pod_ready_delay, max_propagation_delay)),
+            Err(e) => Err(anyhow::Error::new(e).context("cannot start the async runtime")),
+        },
+        Command::Kubeconfig { dir, user } => kubeconfig(&dir, &user),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kubesim: error: {}", kubesim::report(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn up(
+    dir: PathBuf,
+    api_port: u16,
+    pod_ready_delay: Duration,
+    max_propagation_delay: Duration,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let ca = kubesim::pki::Ca::generate()?;
+    ca.save(&dir)?;
+    let config = kubesim::sim::Config {
+        api_addr: std::net::SocketAddr::from(([127, 0, 0, 1], api_port)),
+        pod_ready_delay,
+        max_propagation_delay,
+        ..Default::default()
+    };
+    let sim = kubesim::sim::Sim::start_with_ca(config, ca).await?;
+    sim.write_kubeconfig(&dir.join("kubeconfig"), &kubesim::sim::admin().name)?;
+    let endpoints = serde_json::json!({"api": sim.api_url()});
+    std::fs::write(dir.join("endpoints.json"), serde_json::to_vec_pretty(&endpoints)?)
+        .with_context(|| format!("cannot write {}/endpoints.json", dir.display()))?;
+    tracing::info!(api = %sim.api_url(), kubeconfig = %dir.join("kubeconfig").display(), "kubesim is up");
+    println!("kubesim is up: export KUBECONFIG={}", dir.join("kubeconfig").display());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("kubesim stopping");
+    Ok(())
+}
+
+fn kubeconfig(dir: &std::path::Path, user: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let ca = kubesim::pki::Ca::load(dir)?;
+    let endpoints: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("endpoints.json"))
+            .with_context(|| format!("is kubesim up with --dir {}?", dir.display()))?,
+    )?;
+    let server = endpoints["api"].as_str().context("endpoints.json has no api address")?;
+    print!("{}", kubesim::sim::kubeconfig(&ca, server, user)?);
+    Ok(())
+}

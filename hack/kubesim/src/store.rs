@@ -1,0 +1,447 @@
+//! The object store: every object as JSON, one resourceVersion counter for all of them (as etcd's
+//! revision), and a bounded history of changes that watches replay from.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+/// Where a resource's objects live: (group, plural); versions of one resource share their objects.
+pub type ResourceKey = (String, String);
+
+/// The kind of a change, as in a watch event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change of one object.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub rv: u64,
+    pub kind: EventType,
+    pub resource: ResourceKey,
+    pub namespace: String,
+    pub name: String,
+    /// The object after the change (before it, for a deletion, with the deletion's resourceVersion).
+    pub object: Arc<Value>,
+    /// The object before a modification (watches with selectors need both sides).
+    pub previous: Option<Arc<Value>>,
+}
+
+/// The changes a watch replays, and the receiver of those to come.
+pub type WatchStart = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>);
+
+/// Why a store operation failed; the API maps each to its HTTP status.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("already exists")]
+    AlreadyExists,
+    /// The object was changed since the resourceVersion the write was based on.
+    #[error("the object has been modified; please apply your changes to the latest version and try again")]
+    Conflict,
+    /// A watch asked for a resourceVersion older than the history kept.
+    #[error("too old resource version: {requested} ({oldest})")]
+    Gone { requested: u64, oldest: u64 },
+}
+
+type Objects = BTreeMap<(String, String), Arc<Value>>;
+
+struct State {
+    rv: u64,
+    objects: HashMap<ResourceKey, Objects>,
+    history: VecDeque<Arc<Event>>,
+}
+
+/// The store. Cheap to share behind an `Arc`.
+pub struct Store {
+    state: Mutex<State>,
+    events: broadcast::Sender<Arc<Event>>,
+    history_limit: usize,
+    uid_counter: AtomicU64,
+    uid_prefix: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("rv", &self.resource_version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// A store keeping the last `history_limit` changes for watches to resume from.
+    pub fn new(history_limit: usize) -> Self {
+        let (events, _) = broadcast::channel(65_536);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Self {
+            state: Mutex::new(State {
+                rv: 1,
+                objects: HashMap::new(),
+                history: VecDeque::new(),
+            }),
+            events,
+            history_limit,
+            uid_counter: AtomicU64::new(1),
+            uid_prefix: (nanos as u64) & 0xffff_ffff,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The newest resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
+    /// A fresh object uid.
+    pub fn new_uid(&self) -> String {
+        let n = self.uid_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}-0000-4000-8000-{n:012x}", self.uid_prefix)
+    }
+
+    pub fn get(&self, resource: &ResourceKey, namespace: &str, name: &str) -> Option<Arc<Value>> {
+        self.lock()
+            .objects
+            .get(resource)?
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Every object of `resource` (in `namespace` if given) and the resourceVersion of the list.
+    pub fn list(&self, resource: &ResourceKey, namespace: Option<&str>) -> (Vec<Arc<Value>>, u64) {
+        let state = self.lock();
+        let items = match state.objects.get(resource) {
+            None => Vec::new(),
+            Some(objects) => match namespace {
+                Some(ns) => objects
+                    .range((ns.to_owned(), String::new())..)
+                    .take_while(|((n, _), _)| n == ns)
+                    .map(|(_, o)| o.clone())
+                    .collect(),
+                None => objects.values().cloned().collect(),
+            },
+        };
+        (items, state.rv)
+    }
+
+    /// Stores a new object; sets its `metadata.resourceVersion`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::AlreadyExists`].
+    pub fn create(&self, resource: &ResourceKey, mut object: Value) -> Result<Arc<Value>, StoreError> {
+        let (namespace, name) = ids(&object);
+        let mut state = self.lock();
+        let objects = state.objects.entry(resource.clone()).or_default();
+        if objects.contains_key(&(namespace.clone(), name.clone())) {
+            return Err(StoreError::AlreadyExists);
+        }
+        let rv = state.rv + 1;
+        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+        let object = Arc::new(object);
+        state.rv = rv;
+        state
+            .objects
+            .entry(resource.clone())
+            .or_default()
+            .insert((namespace.clone(), name.clone()), object.clone());
+        self.record(
+            &mut state,
+            EventType::Added,
+            resource,
+            namespace,
+            name,
+            object.clone(),
+            None,
+        );
+        Ok(object)
+    }
+
+    /// Replaces an object. With `expected_rv`, fails if the stored object has another resourceVersion.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`], [`StoreError::Conflict`].
+    pub fn update(
+        &self,
+        resource: &ResourceKey,
+        mut object: Value,
+        expected_rv: Option<&str>,
+    ) -> Result<Arc<Value>, StoreError> {
+        let (namespace, name) = ids(&object);
+        let mut state = self.lock();
+        let current = state
+            .objects
+            .get(resource)
+            .and_then(|o| o.get(&(namespace.clone(), name.clone())))
+            .ok_or(StoreError::NotFound)?;
+        if let Some(expected) = expected_rv
+            && current["metadata"]["resourceVersion"].as_str() != Some(expected)
+        {
+            return Err(StoreError::Conflict);
+        }
+        if object_eq_ignoring_rv(current, &object) {
+            // No-op writes do not bump the resourceVersion, as upstream.
+            return Ok(current.clone());
+        }
+        let previous = current.clone();
+        let rv = state.rv + 1;
+        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+        let object = Arc::new(object);
+        state.rv = rv;
+        state
+            .objects
+            .entry(resource.clone())
+            .or_default()
+            .insert((namespace.clone(), name.clone()), object.clone());
+        self.record(
+            &mut state,
+            EventType::Modified,
+            resource,
+            namespace,
+            name,
+            object.clone(),
+            Some(previous),
+        );
+        Ok(object)
+    }
+
+    /// Removes an object. With `expected_rv` or `expected_uid`, fails if the stored object differs.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`], [`StoreError::Conflict`].
+    pub fn delete(
+        &self,
+        resource: &ResourceKey,
+        namespace: &str,
+        name: &str,
+        expected_uid: Option<&str>,
+    ) -> Result<Arc<Value>, StoreError> {
+        let mut state = self.lock();
+        let key = (namespace.to_owned(), name.to_owned());
+        let current = state
+            .objects
+            .get(resource)
+            .and_then(|o| o.get(&key))
+            .ok_or(StoreError::NotFound)?;
+        if let Some(uid) = expected_uid
+            && current["metadata"]["uid"].as_str() != Some(uid)
+        {
+            return Err(StoreError::Conflict);
+        }
+        let rv = state.rv + 1;
+        state.rv = rv;
+        let removed = state
+            .objects
+            .get_mut(resource)
+            .and_then(|o| o.remove(&key))
+            .ok_or(StoreError::NotFound)?;
+        let mut last = (*removed).clone();
+        last["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+        let last = Arc::new(last);
+        self.record(
+            &mut state,
+            EventType::Deleted,
+            resource,
+            key.0,
+            key.1,
+            last.clone(),
+            None,
+        );
+        Ok(last)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        state: &mut State,
+        kind: EventType,
+        resource: &ResourceKey,
+        namespace: String,
+        name: String,
+        object: Arc<Value>,
+        previous: Option<Arc<Value>>,
+    ) {
+        let event = Arc::new(Event {
+            rv: state.rv,
+            kind,
+            resource: resource.clone(),
+            namespace,
+            name,
+            object,
+            previous,
+        });
+        state.history.push_back(event.clone());
+        while state.history.len() > self.history_limit {
+            state.history.pop_front();
+        }
+        // No receiver is fine: nobody watches.
+        let _ = self.events.send(event);
+    }
+
+    /// Starts a watch of every change after `after_rv`: the kept changes since then, and a receiver of
+    /// the changes to come. The two never overlap or leave a gap.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Gone`] when changes after `after_rv` are no longer kept.
+    pub fn watch_from(&self, after_rv: u64) -> Result<WatchStart, StoreError> {
+        let state = self.lock();
+        let receiver = self.events.subscribe();
+        let oldest_kept = state.history.front().map_or(state.rv, |e| e.rv);
+        if after_rv + 1 < oldest_kept && after_rv < state.rv {
+            return Err(StoreError::Gone {
+                requested: after_rv,
+                oldest: oldest_kept,
+            });
+        }
+        let backlog = state.history.iter().filter(|e| e.rv > after_rv).cloned().collect();
+        Ok((backlog, receiver))
+    }
+
+    /// Starts a watch from the current state: every object of `resource` as if just added (with the
+    /// current resourceVersion), and a receiver of the changes to come.
+    pub fn watch_now(&self, resource: &ResourceKey) -> (Vec<Arc<Value>>, broadcast::Receiver<Arc<Event>>) {
+        let state = self.lock();
+        let receiver = self.events.subscribe();
+        let items = state
+            .objects
+            .get(resource)
+            .map(|o| o.values().cloned().collect())
+            .unwrap_or_default();
+        (items, receiver)
+    }
+
+    /// A receiver of every change from now on (controllers use it).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+}
+
+fn ids(object: &Value) -> (String, String) {
+    let meta = &object["metadata"];
+    (
+        meta["namespace"].as_str().unwrap_or_default().to_owned(),
+        meta["name"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+fn object_eq_ignoring_rv(a: &Value, b: &Value) -> bool {
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return a == b;
+    };
+    a.len() == b.len()
+        && a.iter().all(|(k, v)| {
+            if k == "metadata" {
+                let (Some(ma), Some(mb)) = (v.as_object(), b.get(k).and_then(Value::as_object)) else {
+                    return Some(v) == b.get(k);
+                };
+                ma.iter()
+                    .filter(|(mk, _)| *mk != "resourceVersion")
+                    .all(|(mk, mv)| mb.get(mk) == Some(mv))
+                    && mb
+                        .keys()
+                        .filter(|mk| *mk != "resourceVersion")
+                        .all(|mk| ma.contains_key(mk))
+            } else {
+                b.get(k) == Some(v)
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key() -> ResourceKey {
+        ("apps".into(), "deployments".into())
+    }
+
+    fn obj(name: &str, image: &str) -> Value {
+        json!({"metadata": {"name": name, "namespace": "test"}, "spec": {"image": image}})
+    }
+
+    #[test]
+    fn every_write_gets_a_higher_resource_version_and_no_op_writes_none() {
+        let s = Store::new(100);
+        let a = s.create(&key(), obj("a", "1")).unwrap();
+        let rv_a: u64 = a["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+        let same = s.update(&key(), (*a).clone(), None).unwrap();
+        assert_eq!(same["metadata"]["resourceVersion"], a["metadata"]["resourceVersion"]);
+        let mut changed = (*a).clone();
+        changed["spec"]["image"] = json!("2");
+        let b = s.update(&key(), changed, Some(&rv_a.to_string())).unwrap();
+        assert!(
+            b["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                > rv_a
+        );
+    }
+
+    #[test]
+    fn a_write_based_on_a_stale_version_conflicts() {
+        let s = Store::new(100);
+        let a = s.create(&key(), obj("a", "1")).unwrap();
+        let stale = a["metadata"]["resourceVersion"].as_str().unwrap().to_owned();
+        s.update(&key(), obj("a", "2"), None).unwrap();
+        assert_eq!(s.update(&key(), obj("a", "3"), Some(&stale)), Err(StoreError::Conflict));
+        assert_eq!(s.create(&key(), obj("a", "4")), Err(StoreError::AlreadyExists));
+    }
+
+    #[test]
+    fn a_watch_resumes_exactly_after_its_version_and_too_old_is_gone() {
+        let s = Store::new(3);
+        let a = s.create(&key(), obj("a", "1")).unwrap();
+        let after: u64 = a["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+        s.create(&key(), obj("b", "1")).unwrap();
+        s.delete(&key(), "test", "a", None).unwrap();
+        let (backlog, _rx) = s.watch_from(after).unwrap();
+        let kinds: Vec<_> = backlog.iter().map(|e| (e.kind, e.name.clone())).collect();
+        assert_eq!(
+            kinds,
+            vec![(EventType::Added, "b".into()), (EventType::Deleted, "a".into())]
+        );
+        for n in 0..5 {
+            s.create(&key(), obj(&format!("x{n}"), "1")).unwrap();
+        }
+        assert!(matches!(s.watch_from(after), Err(StoreError::Gone { .. })));
+    }
+
+    #[test]
+    fn lists_are_scoped_to_a_namespace() {
+        let s = Store::new(10);
+        s.create(&key(), obj("a", "1")).unwrap();
+        let mut other = obj("b", "1");
+        other["metadata"]["namespace"] = json!("prod");
+        s.create(&key(), other).unwrap();
+        assert_eq!(s.list(&key(), Some("test")).0.len(), 1);
+        assert_eq!(s.list(&key(), None).0.len(), 2);
+    }
+}

@@ -1,0 +1,314 @@
+//! Conformance: the real kubectl against kubesim, command by command, as a user would type them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kubesim::sim::{Config, Sim, admin};
+
+struct Cluster {
+    sim: Sim,
+    dir: tempfile::TempDir,
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = Config {
+            pod_ready_delay: Duration::from_millis(100),
+            ..Config::default()
+        };
+        let sim = Sim::start(config).await.expect("kubesim starts");
+        let dir = tempfile::tempdir().unwrap();
+        sim.write_kubeconfig(&dir.path().join("kubeconfig"), &admin().name)
+            .unwrap();
+        Self { sim, dir }
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    async fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Out {
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = tokio::process::Command::new("kubectl");
+        cmd.args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("kubectl is installed");
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).await.unwrap();
+        }
+        drop(input);
+        let out = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
+            .await
+            .expect("kubectl finished")
+            .unwrap();
+        Out {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
+    }
+
+    async fn kubectl(&self, args: &[&str]) -> Out {
+        self.kubectl_stdin(args, None).await
+    }
+
+    /// Runs kubectl and fails the test with its output if it fails.
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args).await;
+        assert!(out.ok, "kubectl {args:?} failed:\n{}\n{}", out.stdout, out.stderr);
+        out.stdout
+    }
+
+    async fn apply(&self, yaml: &str) -> String {
+        let out = self.kubectl_stdin(&["apply", "-f", "-"], Some(yaml)).await;
+        assert!(out.ok, "apply failed:\n{}\n{}", out.stdout, out.stderr);
+        out.stdout
+    }
+
+    /// Polls `kubectl args` until its output satisfies `pred`, for up to 30 s.
+    async fn eventually(&self, args: &[&str], pred: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.kubectl(args).await;
+            if out.ok && pred(&out.stdout) {
+                return out.stdout;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kubectl {args:?} never satisfied the condition; last: {}{}",
+                out.stdout,
+                out.stderr
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn shared(path: &str) -> String {
+    format!("{}/../../../shared/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn web(name: &str, replicas: u32, image: &str, extra_env: &str) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+spec:
+  replicas: {replicas}
+  progressDeadlineSeconds: 3
+  selector:
+    matchLabels: {{app: {name}}}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+    spec:
+      containers:
+      - name: app
+        image: {image}
+        env: [{extra_env}]
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_get_describe_and_delete_the_podinfo_sample() {
+    let c = Cluster::start().await;
+    let out = c
+        .ok(&["apply", "-f", &shared("fixtures/podinfo/deployment.yaml")])
+        .await;
+    assert!(out.contains("deployment.apps/podinfo created"), "{out}");
+    let out = c
+        .ok(&["apply", "-f", &shared("fixtures/podinfo/deployment.yaml")])
+        .await;
+    assert!(
+        out.contains("deployment.apps/podinfo unchanged") || out.contains("configured"),
+        "{out}"
+    );
+    let json = c.ok(&["get", "deployment", "podinfo", "-o", "json"]).await;
+    let d: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "ghcr.io/stefanprodan/podinfo:6.0.0"
+    );
+    assert_eq!(d["metadata"]["generation"], 1);
+    assert!(
+        c.ok(&["get", "deploy", "podinfo", "-o", "yaml"])
+            .await
+            .contains("kind: Deployment")
+    );
+    let image = c
+        .ok(&[
+            "get",
+            "deploy",
+            "podinfo",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].image}",
+        ])
+        .await;
+    assert_eq!(image, "ghcr.io/stefanprodan/podinfo:6.0.0");
+    let table = c.ok(&["get", "deploy"]).await;
+    assert!(
+        table.starts_with("NAME") && table.contains("READY") && table.contains("podinfo"),
+        "{table}"
+    );
+    let described = c.ok(&["describe", "deployment", "podinfo"]).await;
+    assert!(
+        described.contains("Replicas:") && described.contains("podinfod"),
+        "{described}"
+    );
+    c.eventually(&["get", "pods", "-l", "app=podinfo", "-o", "name"], |o| {
+        o.lines().count() == 1
+    })
+    .await;
+    assert!(c.ok(&["delete", "deployment", "podinfo"]).await.contains("deleted"));
+    // Garbage collection takes the ReplicaSet and its pods.
+    c.eventually(&["get", "rs,pods", "-o", "name"], str::is_empty).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_image_scale_label_annotate_and_every_patch_type() {
+    let c = Cluster::start().await;
+    c.apply(&web("web", 2, "web:1", "")).await;
+    c.ok(&["rollout", "status", "deployment/web", "--timeout=30s"]).await;
+    c.ok(&["set", "image", "deployment/web", "app=web:2"]).await;
+    let status = c.ok(&["rollout", "status", "deployment/web", "--timeout=30s"]).await;
+    assert!(status.contains("successfully rolled out"), "{status}");
+    assert_eq!(c.ok(&["get", "rs", "-o", "name"]).await.lines().count(), 2);
+    c.ok(&["scale", "deployment/web", "--replicas=3"]).await;
+    c.eventually(
+        &["get", "deploy", "web", "-o", "jsonpath={.status.readyReplicas}"],
+        |o| o == "3",
+    )
+    .await;
+    c.ok(&["label", "deployment", "web", "team=payments"]).await;
+    c.ok(&["annotate", "deployment", "web", "note=hello"]).await;
+    c.ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"minReadySeconds":1}}"#,
+    ])
+    .await;
+    c.ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/revisionHistoryLimit","value":4}]"#,
+    ])
+    .await;
+    c.ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"app","env":[{"name":"A","value":"1"}]}]}}}}"#,
+    ])
+    .await;
+    let d: serde_json::Value = serde_json::from_str(&c.ok(&["get", "deploy", "web", "-o", "json"]).await).unwrap();
+    assert_eq!(d["metadata"]["labels"]["team"], "payments");
+    assert_eq!(d["metadata"]["annotations"]["note"], "hello");
+    assert_eq!(d["spec"]["minReadySeconds"], 1);
+    assert_eq!(d["spec"]["revisionHistoryLimit"], 4);
+    assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["image"], "web:2");
+    assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["env"][0]["name"], "A");
+    assert_eq!(d["spec"]["replicas"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_status_fails_when_the_progress_deadline_passes() {
+    let c = Cluster::start().await;
+    c.apply(&web(
+        "stuck",
+        1,
+        "stuck:1",
+        r#"{name: KUBESIM_NOT_READY, value: "true"}"#,
+    ))
+    .await;
+    let out = c
+        .kubectl(&["rollout", "status", "deployment/stuck", "--timeout=40s"])
+        .await;
+    assert!(!out.ok, "rollout status must fail: {}", out.stdout);
+    assert!(out.stderr.contains("exceeded its progress deadline"), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_restart_and_wait_for_jsonpath() {
+    let c = Cluster::start().await;
+    c.apply(&web("web", 1, "web:1", "")).await;
+    c.ok(&[
+        "wait",
+        "--for=jsonpath={.status.readyReplicas}=1",
+        "deployment/web",
+        "--timeout=30s",
+    ])
+    .await;
+    c.ok(&["rollout", "restart", "deployment/web"]).await;
+    c.ok(&["rollout", "status", "deployment/web", "--timeout=30s"]).await;
+    c.eventually(&["get", "rs", "-o", "name"], |o| o.lines().count() == 2)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_deployment_starts_no_new_replicaset_but_still_scales() {
+    let c = Cluster::start().await;
+    c.apply(&web("web", 1, "web:1", "")).await;
+    c.ok(&["rollout", "status", "deployment/web", "--timeout=30s"]).await;
+    c.ok(&["rollout", "pause", "deployment/web"]).await;
+    c.ok(&["set", "image", "deployment/web", "app=web:2"]).await;
+    c.ok(&["scale", "deployment/web", "--replicas=2"]).await;
+    c.eventually(
+        &["get", "deploy", "web", "-o", "jsonpath={.status.readyReplicas}"],
+        |o| o == "2",
+    )
+    .await;
+    assert_eq!(
+        c.ok(&["get", "rs", "-o", "name"]).await.lines().count(),
+        1,
+        "no new ReplicaSet while paused"
+    );
+    let reason = c
+        .ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Progressing")].reason}"#,
+        ])
+        .await;
+    assert_eq!(reason, "DeploymentPaused");
+    c.ok(&["rollout", "resume", "deployment/web"]).await;
+    c.ok(&["rollout", "status", "deployment/web", "--timeout=30s"]).await;
+    assert_eq!(c.ok(&["get", "rs", "-o", "name"]).await.lines().count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generators_that_send_protobuf_get_a_clear_answer() {
+    let c = Cluster::start().await;
+    let out = c.kubectl(&["create", "namespace", "test"]).await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("kubesim reads JSON only"), "{}", out.stderr);
+    c.apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: test\n")
+        .await;
+    assert!(
+        c.ok(&["get", "ns", "test", "-o", "name"])
+            .await
+            .contains("namespace/test")
+    );
+    let _ = &c.sim;
+}
