@@ -8,6 +8,7 @@
 //!  HTTP ──▶ mesh (proxies routing by VirtualService/DestinationRule) ──▶ simulated pods; metrics
 //! ```
 
+pub mod admission;
 pub mod api;
 pub mod controllers;
 pub mod patch;

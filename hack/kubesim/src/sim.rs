@@ -66,6 +66,8 @@ pub fn admin() -> User {
 /// A running instance; stops when dropped.
 pub struct Sim {
     pub api: Arc<Api>,
+    /// The mutating webhooks; [`crate::admission::Webhooks::route_service`] points Services at servers.
+    pub webhooks: Arc<crate::admission::Webhooks>,
     pub api_addr: SocketAddr,
     pub ca: Ca,
     tasks: Vec<JoinHandle<()>>,
@@ -96,7 +98,9 @@ impl Sim {
     /// As [`Sim::start`].
     pub async fn start_with_ca(config: Config, ca: Ca) -> Result<Self, StartError> {
         let store = Arc::new(Store::new(config.history));
-        let api = Arc::new(Api::new(store));
+        let api = Arc::new(Api::new(store.clone()));
+        let webhooks = Arc::new(crate::admission::Webhooks::new(store));
+        api.set_admission(webhooks.clone());
         let listener = TcpListener::bind(config.api_addr)
             .await
             .map_err(|source| StartError::Bind {
@@ -113,6 +117,7 @@ impl Sim {
         tasks.extend(crate::controllers::start(api.clone(), &config));
         let sim = Self {
             api,
+            webhooks,
             api_addr,
             ca,
             tasks,

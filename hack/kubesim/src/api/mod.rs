@@ -144,16 +144,30 @@ impl Api {
             .split('/')
             .filter(|s| !s.is_empty())
             .collect();
-        let result = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
-            Ok(collected) => self.route(&user, &parts, &path, &query, collected.to_bytes()).await,
-            Err(_) => Err(ApiError::new(
-                413,
-                "RequestEntityTooLarge",
-                "the request body is too large",
-            )),
-        };
+        let (result, warnings) = crate::admission::WARNINGS
+            .scope(std::cell::RefCell::new(Vec::new()), async {
+                let result = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+                    Ok(collected) => self.route(&user, &parts, &path, &query, collected.to_bytes()).await,
+                    Err(_) => Err(ApiError::new(
+                        413,
+                        "RequestEntityTooLarge",
+                        "the request body is too large",
+                    )),
+                };
+                (result, crate::admission::WARNINGS.with(|w| w.take()))
+            })
+            .await;
         match result {
-            Ok(response) => response,
+            Ok(mut response) => {
+                // As the apiserver relays webhook warnings: `Warning: 299 - "text"`, which kubectl prints.
+                for w in warnings {
+                    let text = format!("299 - \"{}\"", w.replace('"', "'"));
+                    if let Ok(v) = header::HeaderValue::from_str(&text) {
+                        response.headers_mut().append(header::WARNING, v);
+                    }
+                }
+                response
+            }
             Err(e) => {
                 tracing::debug!(method = %parts.method, path = %parts.uri.path(), code = e.code, message = %e.message, "request failed");
                 json_response(
