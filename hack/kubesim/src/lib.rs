@@ -13,6 +13,7 @@ pub mod api;
 pub mod controllers;
 pub mod patch;
 pub mod pki;
+pub mod rbac;
 pub mod resources;
 pub mod schema;
 pub mod selector;

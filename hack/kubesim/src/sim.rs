@@ -101,6 +101,7 @@ impl Sim {
         let api = Arc::new(Api::new(store.clone()));
         let webhooks = Arc::new(crate::admission::Webhooks::new(store));
         api.set_admission(webhooks.clone());
+        api.set_authorizer(Arc::new(crate::rbac::Rbac::new(api.store.clone())));
         let listener = TcpListener::bind(config.api_addr)
             .await
             .map_err(|source| StartError::Bind {

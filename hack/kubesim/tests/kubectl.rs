@@ -312,3 +312,127 @@ async fn generators_that_send_protobuf_get_a_clear_answer() {
     );
     let _ = &c.sim;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_istio_and_gateway_crds_serve_validated_custom_resources() {
+    let c = Cluster::start().await;
+    for crd in [
+        "crds/istio/virtualservices.yaml",
+        "crds/istio/destinationrules.yaml",
+        "crds/gateway-api/httproutes.yaml",
+    ] {
+        c.ok(&["apply", "-f", &shared(crd)]).await;
+    }
+    let vs = |weight: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: podinfo
+spec:
+  hosts: [podinfo]
+  http:
+  - route:
+    - destination: {{host: podinfo, subset: v1}}
+      weight: {weight}
+    - destination: {{host: podinfo, subset: v2}}
+      weight: 10
+"
+        )
+    };
+    c.apply(&vs("90")).await;
+    let got = c
+        .ok(&[
+            "get",
+            "virtualservice",
+            "podinfo",
+            "-o",
+            "jsonpath={.spec.http[0].route[1].destination.subset}",
+        ])
+        .await;
+    assert_eq!(got, "v2");
+    assert!(
+        c.ok(&["get", "vs"]).await.contains("podinfo"),
+        "short names and printer columns"
+    );
+    let bad = c.kubectl_stdin(&["apply", "-f", "-"], Some(&vs("fifty"))).await;
+    assert!(!bad.ok);
+    assert!(
+        bad.stderr.contains("spec.http[0].route[0].weight") && bad.stderr.contains("must be of type integer"),
+        "{}",
+        bad.stderr
+    );
+    // Strategic merge is for built-in types only, as upstream.
+    let smp = c
+        .kubectl(&[
+            "patch",
+            "vs",
+            "podinfo",
+            "--type=strategic",
+            "-p",
+            r#"{"spec":{"hosts":["x"]}}"#,
+        ])
+        .await;
+    assert!(!smp.ok, "strategic merge of a custom resource is refused");
+    assert!(
+        smp.stderr.contains("unknown format") || smp.stderr.contains("UnsupportedMediaType"),
+        "{}",
+        smp.stderr
+    );
+    c.ok(&[
+        "patch",
+        "vs",
+        "podinfo",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"hosts":["podinfo.test.svc.cluster.local"]}}"#,
+    ])
+    .await;
+    c.ok(&["delete", "crd", "virtualservices.networking.istio.io"]).await;
+    let gone = c.kubectl(&["get", "vs"]).await;
+    assert!(!gone.ok, "the resource is no longer served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_can_do_what_its_rbac_grants_and_nothing_else() {
+    let c = Cluster::start().await;
+    c.apply(
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: reader}
+rules:
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: reader}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: reader}
+subjects:
+- {kind: ServiceAccount, name: bot, namespace: default}
+",
+    )
+    .await;
+    c.apply(&web("web", 1, "web:1", "")).await;
+    let sa = c.dir.path().join("sa-kubeconfig");
+    c.sim
+        .write_kubeconfig(&sa, "system:serviceaccount:default:bot")
+        .unwrap();
+    let as_bot = |args: &[&str]| {
+        let mut cmd = std::process::Command::new("kubectl");
+        cmd.args(args).env("KUBECONFIG", &sa);
+        cmd.output().unwrap()
+    };
+    assert!(as_bot(&["get", "deploy", "web"]).status.success());
+    let denied = as_bot(&["delete", "deploy", "web"]);
+    assert!(!denied.status.success());
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        stderr.contains(
+            "User \"system:serviceaccount:default:bot\" cannot delete resource \"deployments\" in API group \"apps\""
+        ),
+        "{stderr}"
+    );
+    assert!(!as_bot(&["get", "secrets"]).status.success());
+}
