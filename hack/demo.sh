@@ -1,102 +1,89 @@
 #!/usr/bin/env bash
-# turnout's demo, on what exists today: the admission webhook on freshly generated certificates,
-# answering the AdmissionReviews kube-apiserver would send for a typical day of Deployment updates
-# (kubectl-produced objects from tests/fixtures/kubectl). Needs cargo, curl and python3; no cluster.
+# turnout's demo on kubesim (the Kubernetes emulator in hack/kubesim), with what exists today: the
+# admission webhook. It installs turnout as the README says (kubectl apply -k deploy/, then
+# hack/install-certs.sh), opts a namespace in, and makes the updates a team makes every day with the
+# real kubectl, showing what turnout does to each. Needs cargo, kubectl and curl; no cluster.
 #
 # Usage: hack/demo.sh
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-fixtures="$root/tests/fixtures/kubectl"
 work=$(mktemp -d)
-pid=""
+pids=()
 cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '\033[2m$ %s\033[0m\n' "$*" >&2; "$@"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_for() { # wait_for SECONDS CMD...: polls CMD until it succeeds
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@" > /dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || { echo "timed out waiting for: $*" >&2; exit 1; }
+    sleep 0.2
+  done
+}
 
-say "building turnout"
-cargo build --quiet --manifest-path "$root/Cargo.toml" --bin turnout
+say "building turnout and kubesim"
+cargo build --quiet --manifest-path "$root/Cargo.toml" -p turnout -p kubesim --bins
 turnout="$root/target/debug/turnout"
-
-say "turnout certs: a CA and a serving certificate for 127.0.0.1"
-"$turnout" certs --dir "$work/certs" --host localhost --host 127.0.0.1
+kubesim="$root/target/debug/kubesim"
 
 port=$(free_port)
 admin=$(free_port)
-say "turnout webhook on https://127.0.0.1:$port (admin http://127.0.0.1:$admin)"
+say "kubesim up, with the webhook Service turnout-system/turnout-webhook reaching 127.0.0.1:$port"
+"$kubesim" up --dir "$work/cluster" --pod-ready-delay 300ms \
+  --service "turnout-system/turnout-webhook=127.0.0.1:$port" > "$work/kubesim.log" 2>&1 &
+pids+=($!)
+wait_for 30 test -s "$work/cluster/endpoints.json"
+export KUBECONFIG="$work/cluster/kubeconfig"
+run kubectl get namespaces
+
+say "install turnout: the manifests, then the certificates"
+run kubectl apply -k "$root/deploy"
+TURNOUT_BIN="$turnout" run "$root/hack/install-certs.sh" --dir "$work/certs"
+
+say "turnout webhook (here a local process; in a cluster, the turnout Deployment's pods)"
 "$turnout" webhook --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
   --tls-cert "$work/certs/tls.crt" --tls-key "$work/certs/tls.key" \
   --agent-username system:serviceaccount:turnout-system:turnout --drain-delay 0s 2> "$work/webhook.log" &
-pid=$!
-for _ in $(seq 1 100); do
-  curl -sf "http://127.0.0.1:$admin/ready" > /dev/null && break
-  kill -0 "$pid" 2>/dev/null || { cat "$work/webhook.log"; exit 1; }
-  sleep 0.1
-done
-curl -sf "http://127.0.0.1:$admin/ready"
+pids+=($!)
+wait_for 30 curl -sf "http://127.0.0.1:$admin/ready"
 
-# review OPERATION OLD NEW [USER]: what kube-apiserver sends for `kubectl ...` on a Deployment.
-review() {
-  python3 - "$@" <<'PY'
-import json, sys
-op, old, new = sys.argv[1:4]
-user = sys.argv[4] if len(sys.argv) > 4 else "alice"
-load = lambda n: None if n == "none" else json.load(open(n))
-print(json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
-    "uid": "demo", "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
-    "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
-    "name": "podinfo", "namespace": "test", "operation": op, "userInfo": {"username": user},
-    "object": load(new), "oldObject": load(old), "dryRun": False}}))
-PY
-}
+say "opt a namespace in, and deploy the podinfo sample"
+run kubectl create namespace shop --dry-run=client -o yaml | kubectl apply -f -
+run kubectl label namespace shop turnout.dev/rollout=enabled
+run kubectl apply -n shop -f "$root/../shared/fixtures/podinfo/deployment.yaml"
+run kubectl rollout status -n shop deployment/podinfo --timeout=60s
+run kubectl get -n shop deployment podinfo -o jsonpath='revision {.metadata.annotations.turnout\.dev/revision}, template labels {.spec.template.metadata.labels}{"\n"}'
 
-# show TITLE OP OLD NEW [USER]: posts the review over TLS (verifying the CA) and prints the answer.
-show() {
-  local title=$1
-  shift
-  say "$title"
-  local old=none
-  [ "$2" = none ] || old="$fixtures/$2.json"
-  review "$1" "$old" "$fixtures/$3.json" "${4:-alice}" \
-    | curl -sS --fail-with-body --cacert "$work/certs/ca.crt" -H 'Content-Type: application/json' \
-        --data-binary @- "https://127.0.0.1:$port/mutate" \
-    | python3 -c '
-import base64, json, sys
-r = json.load(sys.stdin)["response"]
-for w in r.get("warnings", []):
-    print("  warning:", w)
-ops = json.loads(base64.b64decode(r["patch"])) if r.get("patch") else []
-print("  allowed, unchanged" if not ops else f"  allowed with {len(ops)} patch operations:")
-for op in ops:
-    value = " = " + json.dumps(op["value"]) if "value" in op else ""
-    print("    %-7s %s%s" % (op["op"], op["path"], value))'
-}
+say "kubectl set image: turnout holds the update as release v2 (the agent, coming next, runs it)"
+run kubectl set image -n shop deployment/podinfo podinfod=ghcr.io/stefanprodan/podinfo:6.1.0
+run kubectl get -n shop deployment podinfo -o jsonpath='paused {.spec.paused}, stable v{.metadata.annotations.turnout\.dev/stable-revision}, template v{.spec.template.metadata.labels.turnout\.dev/revision}, image {.spec.template.spec.containers[0].image}{"\n"}'
+run kubectl get -n shop replicasets,pods
+echo "(the old pods keep serving: no new ReplicaSet while the release is held)"
 
-show "kubectl apply -f podinfo.yaml (CREATE)" CREATE none podinfo
-show "kubectl scale / edit replicas (template unchanged)" UPDATE stored-v1 scale
-show "kubectl set image podinfod=podinfo:6.1.0 (starts release v2)" UPDATE stored-v1 set-image-v2
-show "kubectl replace with the manifest, which has no turnout stamps (same template)" UPDATE stored-v1 podinfo
-show "kubectl rollout resume during release v2 (the hold stays)" UPDATE held-v2 resume
-show "kubectl set image podinfod=podinfo:6.2.0 during release v2 (supersedes)" UPDATE held-v2 set-image-v3
-show "kubectl set image back to podinfo:6.0.0 during release v2 (revert)" UPDATE held-v2 revert-v1
-show "the agent's own update (admitted unchanged)" UPDATE stored-v1 set-image-v2 system:serviceaccount:turnout-system:turnout
+say "kubectl rollout resume during the release: the hold stays"
+run kubectl rollout resume -n shop deployment/podinfo
+run kubectl get -n shop deployment podinfo -o jsonpath='paused {.spec.paused}{"\n"}'
 
-say "a body that is not an AdmissionReview"
-curl -sS --cacert "$work/certs/ca.crt" --data-binary '{"hello":"world"}' -o "$work/answer.txt" -w '  HTTP %{http_code}: ' \
-  "https://127.0.0.1:$port/mutate"
-cat "$work/answer.txt"
+say "git revert / set image back: the stable template is restored, nothing restarts"
+run kubectl set image -n shop deployment/podinfo podinfod=ghcr.io/stefanprodan/podinfo:6.0.0
+run kubectl rollout status -n shop deployment/podinfo --timeout=60s
+run kubectl get -n shop replicasets
 
-say "metrics (http://127.0.0.1:$admin/metrics)"
+say "a namespace that did not opt in: an ordinary rolling update"
+run kubectl create namespace plain --dry-run=client -o yaml | kubectl apply -f -
+run kubectl apply -n plain -f "$root/../shared/fixtures/podinfo/deployment.yaml"
+run kubectl set image -n plain deployment/podinfo podinfod=ghcr.io/stefanprodan/podinfo:6.1.0
+run kubectl rollout status -n plain deployment/podinfo --timeout=60s
+
+say "the webhook's metrics (http://127.0.0.1:$admin/metrics)"
 curl -sf "http://127.0.0.1:$admin/metrics" | grep '^turnout_admission_requests_total' | sed 's/^/  /'
 
-say "SIGTERM: not ready, then a graceful stop"
-kill -TERM "$pid"
-wait "$pid"
-pid=""
-grep -E 'shutting down|connections closed|stopped accepting' "$work/webhook.log" | sed 's/^/  /'
-say "done: the agent and kubesim (coming next) turn held updates into live releases"
+say "done: the agent (next) turns held updates like this one into zero-downtime releases"

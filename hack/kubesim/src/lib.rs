@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod api;
 pub mod controllers;
+pub mod mesh;
 pub mod patch;
 pub mod pki;
 pub mod rbac;

@@ -29,6 +29,19 @@ enum Command {
         /// The longest a simulated proxy takes to apply a routing or endpoint change.
         #[arg(long, env = "KUBESIM_MAX_PROPAGATION_DELAY", default_value = "500ms", value_parser = parse_duration)]
         max_propagation_delay: Duration,
+        /// Port of the mesh entry, where HTTP requests with `Host: <service>.<namespace>` go (0: any free port).
+        #[arg(long, env = "KUBESIM_MESH_PORT", default_value_t = 0)]
+        mesh_port: u16,
+        /// Port of the mesh's Istio metrics, `/metrics` (0: any free port).
+        #[arg(long, env = "KUBESIM_METRICS_PORT", default_value_t = 0)]
+        metrics_port: u16,
+        /// How many simulated client proxies route mesh requests (each adopts changes after its own delay).
+        #[arg(long, env = "KUBESIM_PROXIES", default_value_t = 4)]
+        proxies: usize,
+        /// Where a Service that an admission webhook names really listens, as NAMESPACE/NAME=IP:PORT
+        /// (there is no cluster network); repeat for more.
+        #[arg(long = "service", value_name = "NS/NAME=ADDR", value_parser = parse_service)]
+        services: Vec<(String, String, std::net::SocketAddr)>,
     },
     /// Print a kubeconfig for another identity of a running kubesim (e.g. a service account).
     Kubeconfig {
@@ -39,6 +52,17 @@ enum Command {
         #[arg(long)]
         user: String,
     },
+}
+
+fn parse_service(s: &str) -> Result<(String, String, std::net::SocketAddr), String> {
+    let bad = || format!("{s:?} is not NAMESPACE/NAME=IP:PORT");
+    let (svc, addr) = s.split_once('=').ok_or_else(bad)?;
+    let (ns, name) = svc.split_once('/').ok_or_else(bad)?;
+    let addr: std::net::SocketAddr = addr.parse().map_err(|_| bad())?;
+    if !addr.ip().is_loopback() {
+        return Err(format!("{s:?}: only loopback addresses can be reached"));
+    }
+    Ok((ns.to_owned(), name.to_owned(), addr))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -72,8 +96,23 @@ fn main() -> ExitCode {
             api_port,
             pod_ready_delay,
             max_propagation_delay,
+            mesh_port,
+            metrics_port,
+            proxies,
+            services,
         } => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-            Ok(rt) => rt.block_on(up(dir, api_port, pod_ready_delay, max_propagation_delay)),
+            Ok(rt) => {
+                let config = kubesim::sim::Config {
+                    api_addr: std::net::SocketAddr::from(([127, 0, 0, 1], api_port)),
+                    pod_ready_delay,
+                    max_propagation_delay,
+                    mesh_addr: std::net::SocketAddr::from(([127, 0, 0, 1], mesh_port)),
+                    metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+                    proxies,
+                    ..Default::default()
+                };
+                rt.block_on(up(dir, config, services))
+            }
             Err(e) => Err(anyhow::Error::new(e).context("cannot start the async runtime")),
         },
         Command::Kubeconfig { dir, user } => kubeconfig(&dir, &user),
@@ -89,26 +128,22 @@ fn main() -> ExitCode {
 
 async fn up(
     dir: PathBuf,
-    api_port: u16,
-    pod_ready_delay: Duration,
-    max_propagation_delay: Duration,
+    config: kubesim::sim::Config,
+    services: Vec<(String, String, std::net::SocketAddr)>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let ca = kubesim::pki::Ca::generate()?;
     ca.save(&dir)?;
-    let config = kubesim::sim::Config {
-        api_addr: std::net::SocketAddr::from(([127, 0, 0, 1], api_port)),
-        pod_ready_delay,
-        max_propagation_delay,
-        ..Default::default()
-    };
     let sim = kubesim::sim::Sim::start_with_ca(config, ca).await?;
+    for (ns, name, addr) in services {
+        sim.webhooks.route_service(&ns, &name, addr);
+    }
     sim.write_kubeconfig(&dir.join("kubeconfig"), &kubesim::sim::admin().name)?;
-    let endpoints = serde_json::json!({"api": sim.api_url()});
+    let endpoints = serde_json::json!({"api": sim.api_url(), "mesh": sim.mesh_url(), "metrics": sim.metrics_url()});
     std::fs::write(dir.join("endpoints.json"), serde_json::to_vec_pretty(&endpoints)?)
         .with_context(|| format!("cannot write {}/endpoints.json", dir.display()))?;
-    tracing::info!(api = %sim.api_url(), kubeconfig = %dir.join("kubeconfig").display(), "kubesim is up");
+    tracing::info!(api = %sim.api_url(), mesh = %sim.mesh_url(), metrics = %sim.metrics_url(), kubeconfig = %dir.join("kubeconfig").display(), "kubesim is up");
     println!("kubesim is up: export KUBECONFIG={}", dir.join("kubeconfig").display());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

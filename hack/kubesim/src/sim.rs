@@ -25,6 +25,12 @@ pub struct Config {
     pub pod_ready_delay: Duration,
     /// The longest a simulated proxy takes to apply a configuration change.
     pub max_propagation_delay: Duration,
+    /// Where HTTP requests enter the mesh (port 0: any free port).
+    pub mesh_addr: SocketAddr,
+    /// Where the mesh's Istio metrics are served (port 0: any free port).
+    pub metrics_addr: SocketAddr,
+    /// How many simulated client proxies route mesh requests.
+    pub proxies: usize,
 }
 
 impl Default for Config {
@@ -34,6 +40,9 @@ impl Default for Config {
             history: 100_000,
             pod_ready_delay: Duration::from_millis(500),
             max_propagation_delay: Duration::from_millis(500),
+            mesh_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            proxies: 4,
         }
     }
 }
@@ -53,6 +62,8 @@ pub enum StartError {
     },
     #[error("cannot create the default namespaces")]
     Bootstrap(String),
+    #[error("cannot start the mesh")]
+    Mesh(#[from] crate::mesh::MeshError),
 }
 
 /// The admin user: bypasses authorization, as `system:masters` does.
@@ -70,6 +81,12 @@ pub struct Sim {
     pub webhooks: Arc<crate::admission::Webhooks>,
     pub api_addr: SocketAddr,
     pub ca: Ca,
+    /// Where HTTP requests enter the mesh (`Host: <service>.<namespace>`).
+    pub mesh_addr: SocketAddr,
+    /// Where the mesh's Istio metrics are served (`/metrics`).
+    pub metrics_addr: SocketAddr,
+    /// The mesh data plane (pods, proxies, metrics).
+    pub mesh: crate::mesh::Mesh,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -116,11 +133,22 @@ impl Sim {
         let tls = crate::server::tls_config(&ca, &serving)?;
         let mut tasks = vec![tokio::spawn(crate::server::serve(listener, tls, api.clone()))];
         tasks.extend(crate::controllers::start(api.clone(), &config));
+        let mesh_config = crate::mesh::MeshConfig {
+            entry_addr: config.mesh_addr,
+            metrics_addr: config.metrics_addr,
+            proxies: config.proxies,
+            max_propagation_delay: config.max_propagation_delay,
+            seed: None,
+        };
+        let mesh = crate::mesh::Mesh::start(api.store.clone(), &mesh_config).await?;
         let sim = Self {
             api,
             webhooks,
             api_addr,
             ca,
+            mesh_addr: mesh.entry_addr(),
+            metrics_addr: mesh.metrics_addr(),
+            mesh,
             tasks,
         };
         sim.bootstrap().await?;
@@ -146,6 +174,16 @@ impl Sim {
     /// `https://127.0.0.1:PORT`.
     pub fn api_url(&self) -> String {
         format!("https://{}", self.api_addr)
+    }
+
+    /// `http://127.0.0.1:PORT`: the mesh entry (send `Host: <service>.<namespace>`).
+    pub fn mesh_url(&self) -> String {
+        format!("http://{}", self.mesh_addr)
+    }
+
+    /// `http://127.0.0.1:PORT/metrics`: the mesh's Istio metrics.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.metrics_addr)
     }
 
     /// A kubeconfig for `user` (service-account users get their groups).

@@ -44,6 +44,8 @@ pub(crate) struct Ctx {
     pub config: Config,
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
     next_ip: u32,
+    /// Second octet of this instance's pod addresses (1..=100).
+    ip_base: u32,
     /// When something happened to an object, precisely (API timestamps have whole seconds):
     /// (namespace, name, what) → instant.
     moments: std::collections::HashMap<(String, String, &'static str), Instant>,
@@ -55,12 +57,13 @@ impl Ctx {
         self.timers.push(Reverse((Instant::now() + delay, key)));
     }
 
-    /// A fresh pod IP on the loopback network (127.1.0.1 and up), so simulated pods are reachable.
+    /// A fresh pod IP on the loopback network (127.A.0.1 and up, A chosen per instance so instances
+    /// running side by side rarely share addresses), so simulated pods are reachable.
     pub fn pod_ip(&mut self) -> String {
         loop {
             self.next_ip += 1;
             let n = self.next_ip;
-            let (a, b, c) = (1 + ((n >> 16) & 0x7f), (n >> 8) & 0xff, n & 0xff);
+            let (a, b, c) = (self.ip_base + ((n >> 16) & 0x7f), (n >> 8) & 0xff, n & 0xff);
             if c != 0 && c != 255 {
                 return format!("127.{a}.{b}.{c}");
             }
@@ -93,6 +96,11 @@ pub fn start(api: Arc<Api>, config: &Config) -> Vec<JoinHandle<()>> {
         config: config.clone(),
         timers: BinaryHeap::new(),
         next_ip: 0,
+        ip_base: 1
+            + (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+                % 100),
         moments: Default::default(),
     };
     vec![tokio::spawn(run(ctx, events))]

@@ -1,0 +1,594 @@
+//! The mesh data plane: simulated pods that answer HTTP, client proxies that route by the applied
+//! VirtualServices and DestinationRules and adopt changes after their own delay, and Istio metrics.
+//!
+//! ```text
+//!  store changes ──▶ controller ──▶ pod servers (podIP:containerPort, started/stopped with the pods)
+//!                        │
+//!                        └─ snapshot (Services+EndpointSlices, pods, VirtualServices, DestinationRules)
+//!                              │  each proxy adopts it after its own delay in [0, max]
+//!                              ▼
+//!  HTTP (Host: svc.ns) ──▶ entry ──▶ proxy N: route() ──▶ connect podIP:port, forward ──▶ pod
+//!                                        └─ istio_requests_total / _duration (reporter="source")
+//!  GET /metrics ──▶ metrics server (pods report reporter="destination")
+//! ```
+//!
+//! Routing is a pure function ([`route::route`]) over a [`snapshot::Snapshot`]; the rest is IO.
+
+pub mod metrics;
+pub mod pod;
+pub mod proxy;
+pub mod rng;
+pub mod route;
+pub mod snapshot;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::store::{Event, EventType, ResourceKey, Store};
+use metrics::Metrics;
+use pod::{AbortOnDrop, PodServer};
+use proxy::{Proxies, Published, Shared};
+use rng::Rng;
+use snapshot::{Id, Snapshot};
+
+/// Options of the mesh.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// Where requests enter the mesh (port 0: any free port).
+    pub entry_addr: SocketAddr,
+    /// Where `/metrics` is served (port 0: any free port).
+    pub metrics_addr: SocketAddr,
+    /// How many client proxies (at least one).
+    pub proxies: usize,
+    /// The longest a proxy takes to adopt a configuration or endpoint change.
+    pub max_propagation_delay: Duration,
+    /// Seed of the random choices (delays, weights, endpoints, error rates); `None`: from the clock.
+    pub seed: Option<u64>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            entry_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            proxies: 4,
+            max_propagation_delay: Duration::from_millis(500),
+            seed: None,
+        }
+    }
+}
+
+/// Why the mesh could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("cannot listen on {addr} for the mesh entry")]
+    BindEntry {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} for the mesh metrics")]
+    BindMetrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running mesh; stops (listeners, pods, proxies) when dropped.
+#[derive(Debug)]
+pub struct Mesh {
+    entry_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    shared: Arc<Shared>,
+    store: Arc<Store>,
+    processed: watch::Receiver<u64>,
+    _tasks: Vec<AbortOnDrop>,
+}
+
+impl Mesh {
+    /// Starts the mesh over `store`: its pods start answering, and the entry and metrics listen.
+    ///
+    /// # Errors
+    ///
+    /// An address cannot be bound.
+    pub async fn start(store: Arc<Store>, config: &MeshConfig) -> Result<Self, MeshError> {
+        let bind_entry = |source| MeshError::BindEntry {
+            addr: config.entry_addr,
+            source,
+        };
+        let bind_metrics = |source| MeshError::BindMetrics {
+            addr: config.metrics_addr,
+            source,
+        };
+        let entry = TcpListener::bind(config.entry_addr).await.map_err(bind_entry)?;
+        let entry_addr = entry.local_addr().map_err(bind_entry)?;
+        let metrics_listener = TcpListener::bind(config.metrics_addr).await.map_err(bind_metrics)?;
+        let metrics_addr = metrics_listener.local_addr().map_err(bind_metrics)?;
+
+        let mut seeds = config.seed.map_or_else(Rng::from_entropy, Rng::new);
+        let empty: Published = (0, Arc::new(Snapshot::default()));
+        let proxies = Proxies::new(config.proxies, config.max_propagation_delay, empty, seeds.next_u64());
+        let shared = Arc::new(Shared::new(proxies, Arc::new(Metrics::default()), seeds.next_u64()));
+
+        // Subscribe before listing, so no change falls between the two.
+        let events = store.subscribe();
+        let (processed_tx, processed) = watch::channel(0);
+        let mut controller = Controller {
+            store: store.clone(),
+            shared: shared.clone(),
+            objects: HashMap::new(),
+            list_rv: HashMap::new(),
+            workloads: HashMap::new(),
+            servers: BTreeMap::new(),
+            refused: HashSet::new(),
+            current: (0, Arc::new(Snapshot::default())),
+            processed: processed_tx,
+            seeds,
+        };
+        let listed = controller.relist().await;
+        controller.processed.send_replace(listed);
+        // The state at start is what every proxy holds from the start.
+        controller.current = (1, Arc::new(controller.snapshot()));
+        shared.proxies.install(&controller.current);
+
+        let tasks = vec![
+            AbortOnDrop(tokio::spawn(controller.run(events))),
+            AbortOnDrop(tokio::spawn(proxy::serve(entry, shared.clone()))),
+            AbortOnDrop(tokio::spawn(serve_metrics(metrics_listener, shared.clone()))),
+        ];
+        tracing::info!(entry = %entry_addr, metrics = %metrics_addr, proxies = shared.proxies.len(), "mesh is up");
+        Ok(Self {
+            entry_addr,
+            metrics_addr,
+            shared,
+            store,
+            processed,
+            _tasks: tasks,
+        })
+    }
+
+    /// Where requests enter the mesh (`Host: <service>.<namespace>`).
+    pub fn entry_addr(&self) -> SocketAddr {
+        self.entry_addr
+    }
+
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The configuration generation each proxy holds.
+    pub fn generations(&self) -> Vec<u64> {
+        self.shared.proxies.generations()
+    }
+
+    /// The metrics, as `/metrics` serves them.
+    pub fn metrics_text(&self) -> String {
+        render_metrics(&self.shared)
+    }
+
+    /// Waits until the mesh has seen every change made so far: pods started or stopped, the new
+    /// configuration sent to the proxies (which may not hold it yet). Returns at once if the mesh stopped.
+    pub async fn observed(&self) -> bool {
+        let target = self.store.resource_version();
+        let mut processed = self.processed.clone();
+        processed.wait_for(|rv| *rv >= target).await.is_ok()
+    }
+
+    /// Waits until the mesh has seen every change made so far and every proxy has adopted it (at most
+    /// the propagation delay after the last change). Returns at once if the mesh has stopped.
+    pub async fn converged(&self) {
+        if self.observed().await {
+            tokio::time::sleep_until(self.shared.proxies.settled_at()).await;
+        }
+    }
+}
+
+/// The resources the mesh follows.
+const WATCHED: [(&str, &str); 5] = [
+    ("", "services"),
+    ("discovery.k8s.io", "endpointslices"),
+    ("", "pods"),
+    ("networking.istio.io", "virtualservices"),
+    ("networking.istio.io", "destinationrules"),
+];
+const PODS: usize = 2;
+
+fn key(i: usize) -> ResourceKey {
+    (WATCHED[i].0.to_owned(), WATCHED[i].1.to_owned())
+}
+
+fn id_of(object: &Value) -> Id {
+    let meta = &object["metadata"];
+    (
+        meta["namespace"].as_str().unwrap_or_default().to_owned(),
+        meta["name"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+fn uid_of(object: &Value) -> &str {
+    object["metadata"]["uid"].as_str().unwrap_or_default()
+}
+
+/// Follows the store: keeps the objects routing needs, runs the pods, publishes snapshots.
+struct Controller {
+    store: Arc<Store>,
+    shared: Arc<Shared>,
+    objects: HashMap<ResourceKey, BTreeMap<Id, Arc<Value>>>,
+    /// The resourceVersion of each resource's last list: older events are already in it.
+    list_rv: HashMap<ResourceKey, u64>,
+    /// Pod uid → workload.
+    workloads: HashMap<String, String>,
+    servers: BTreeMap<Id, PodServer>,
+    /// Pod uids that cannot be served (reported once).
+    refused: HashSet<String>,
+    current: Published,
+    processed: watch::Sender<u64>,
+    seeds: Rng,
+}
+
+impl Controller {
+    async fn run(mut self, mut events: broadcast::Receiver<Arc<Event>>) {
+        loop {
+            let mut dirty = false;
+            let mut seen = match events.recv().await {
+                Ok(e) => {
+                    dirty |= self.apply(&e).await;
+                    e.rv
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "mesh: lagged behind the store; relisting");
+                    dirty = true;
+                    self.relist().await
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            // Take whatever else is queued, to publish one snapshot for the batch.
+            loop {
+                match events.try_recv() {
+                    Ok(e) => {
+                        dirty |= self.apply(&e).await;
+                        seen = seen.max(e.rv);
+                    }
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                        dirty = true;
+                        seen = seen.max(self.relist().await);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if dirty {
+                self.publish();
+            }
+            self.processed.send_if_modified(|rv| {
+                let newer = seen > *rv;
+                *rv = (*rv).max(seen);
+                newer
+            });
+        }
+    }
+
+    /// Lists every followed resource again and brings the pods in line; returns the newest list version.
+    async fn relist(&mut self) -> u64 {
+        let mut newest = 0;
+        for i in 0..WATCHED.len() {
+            let (items, rv) = self.store.list(&key(i), None);
+            let objects = items.into_iter().map(|o| (id_of(&o), o)).collect();
+            self.objects.insert(key(i), objects);
+            self.list_rv.insert(key(i), rv);
+            newest = newest.max(rv);
+        }
+        let ids: HashSet<Id> = self.servers.keys().chain(self.pods().keys()).cloned().collect();
+        for id in ids {
+            self.sync_pod(&id).await;
+        }
+        let live: HashSet<String> = self.pods().values().map(|p| uid_of(p).to_owned()).collect();
+        self.workloads.retain(|uid, _| live.contains(uid));
+        self.refused.retain(|uid| live.contains(uid));
+        newest
+    }
+
+    fn pods(&self) -> &BTreeMap<Id, Arc<Value>> {
+        static EMPTY: BTreeMap<Id, Arc<Value>> = BTreeMap::new();
+        self.objects.get(&key(PODS)).unwrap_or(&EMPTY)
+    }
+
+    /// Takes one change in; returns whether it can change routing.
+    async fn apply(&mut self, e: &Event) -> bool {
+        let Some(i) = WATCHED
+            .iter()
+            .position(|(g, p)| e.resource.0 == *g && e.resource.1 == *p)
+        else {
+            return false;
+        };
+        if e.rv <= self.list_rv.get(&e.resource).copied().unwrap_or_default() {
+            return false;
+        }
+        let id = (e.namespace.clone(), e.name.clone());
+        let objects = self.objects.entry(key(i)).or_default();
+        let previous = if e.kind == EventType::Deleted {
+            objects.remove(&id)
+        } else {
+            objects.insert(id.clone(), e.object.clone())
+        };
+        if i != PODS {
+            return true;
+        }
+        if e.kind == EventType::Deleted {
+            self.workloads.remove(uid_of(&e.object));
+            self.refused.remove(uid_of(&e.object));
+        }
+        self.sync_pod(&id).await;
+        // Pods change status often; routing reads only their identity, labels and address.
+        let routing = |p: &Value| {
+            (
+                uid_of(p).to_owned(),
+                p["metadata"]["labels"].clone(),
+                p["status"]["podIP"].clone(),
+            )
+        };
+        e.kind == EventType::Deleted || previous.is_none_or(|p| routing(&p) != routing(&e.object))
+    }
+
+    /// Starts the pod's server once it has an IP, replaces it if the pod was recreated, stops it when
+    /// the pod is gone (its process exited: open connections are cut).
+    async fn sync_pod(&mut self, id: &Id) {
+        let Some(pod) = self.pods().get(id).cloned() else {
+            if let Some(server) = self.servers.remove(id) {
+                server.stop().await;
+                tracing::debug!(pod = %id.1, namespace = %id.0, "mesh: pod stopped");
+            }
+            return;
+        };
+        let uid = uid_of(&pod).to_owned();
+        if self.servers.get(id).is_some_and(|s| s.uid == uid) {
+            return;
+        }
+        if let Some(replaced) = self.servers.remove(id) {
+            replaced.stop().await;
+        }
+        if pod["status"]["podIP"].as_str().is_none_or(str::is_empty) || self.refused.contains(&uid) {
+            return;
+        }
+        let workload = self.workload(&pod);
+        match PodServer::start(&pod, &workload, self.shared.metrics.clone(), self.seeds.next_u64()) {
+            Ok(server) => {
+                tracing::debug!(pod = %id.1, namespace = %id.0, listeners = ?server.listeners, "mesh: pod serving");
+                self.servers.insert(id.clone(), server);
+            }
+            Err(error) => {
+                tracing::warn!(pod = %id.1, namespace = %id.0, error = %crate::report(&error), "mesh: pod cannot serve");
+                self.refused.insert(uid);
+            }
+        }
+    }
+
+    fn workload(&mut self, pod: &Value) -> String {
+        let uid = uid_of(pod).to_owned();
+        if let Some(w) = self.workloads.get(&uid) {
+            return w.clone();
+        }
+        let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+        let rs_key: ResourceKey = ("apps".into(), "replicasets".into());
+        let workload = snapshot::workload_of(pod, |name| self.store.get(&rs_key, ns, name));
+        self.workloads.insert(uid, workload.clone());
+        workload
+    }
+
+    /// The routing configuration as the objects are now.
+    fn snapshot(&mut self) -> Snapshot {
+        let pods: Vec<Arc<Value>> = self.pods().values().cloned().collect();
+        let pods: Vec<(Arc<Value>, String, BTreeMap<u16, SocketAddr>)> = pods
+            .into_iter()
+            .map(|p| {
+                let workload = self.workload(&p);
+                let listeners = self
+                    .servers
+                    .get(&id_of(&p))
+                    .map(|s| s.listeners.clone())
+                    .unwrap_or_default();
+                (p, workload, listeners)
+            })
+            .collect();
+        let all = |i: usize| -> Vec<&Value> {
+            self.objects
+                .get(&key(i))
+                .map(|m| m.values().map(|o| o.as_ref()).collect())
+                .unwrap_or_default()
+        };
+        snapshot::build(snapshot::Objects {
+            services: all(0),
+            slices: all(1),
+            pods: pods
+                .iter()
+                .map(|(p, w, l)| (p.as_ref(), w.clone(), l.clone()))
+                .collect(),
+            virtual_services: all(3),
+            destination_rules: all(4),
+        })
+    }
+
+    /// Sends the configuration to the proxies if it changed.
+    fn publish(&mut self) {
+        let next = self.snapshot();
+        if next == *self.current.1 {
+            return;
+        }
+        self.current = (self.current.0 + 1, Arc::new(next));
+        tracing::debug!(generation = self.current.0, "mesh: configuration changed");
+        self.shared.proxies.publish(&self.current, Instant::now());
+    }
+}
+
+/// `/metrics`: Istio's metrics and the proxies' generations.
+fn render_metrics(shared: &Shared) -> String {
+    let mut out = shared.metrics.render();
+    out.push_str("# HELP kubesim_mesh_proxy_generation The configuration generation a simulated proxy holds.\n");
+    out.push_str("# TYPE kubesim_mesh_proxy_generation gauge\n");
+    for (i, g) in shared.proxies.generations().iter().enumerate() {
+        let _ = writeln!(out, "kubesim_mesh_proxy_generation{{proxy=\"{i}\"}} {g}");
+    }
+    out
+}
+
+/// Serves `/metrics` until dropped.
+async fn serve_metrics(listener: TcpListener, shared: Arc<Shared>) {
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(error) => {
+                tracing::warn!(%error, "mesh: metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let shared = shared.clone();
+                async move {
+                    let (status, content_type, body) = if req.uri().path() == "/metrics" {
+                        (
+                            StatusCode::OK,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                            render_metrics(&shared),
+                        )
+                    } else {
+                        (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".to_owned())
+                    };
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    *response.status_mut() = status;
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+    use serde_json::json;
+
+    fn res(group: &str, plural: &str) -> ResourceKey {
+        (group.into(), plural.into())
+    }
+
+    fn slice(ready: bool) -> Value {
+        json!({"metadata": {"name": "web-slice", "namespace": "demo", "labels": {"kubernetes.io/service-name": "web"}},
+            "endpoints": [{"addresses": ["127.77.0.1"], "conditions": {"ready": ready}, "targetRef": {"kind": "Pod", "name": "web-0"}}],
+            "ports": [{"name": "", "port": 18080}]})
+    }
+
+    async fn get(mesh: &Mesh) -> (u16, String, String) {
+        let request = http::Request::get("/hi")
+            .header("host", "web.demo")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = proxy::handle(&mesh.shared, request).await;
+        let flags = response.headers()[proxy::FLAGS_HEADER].to_str().unwrap().to_owned();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned(), flags)
+    }
+
+    #[tokio::test]
+    async fn pods_serve_while_they_exist_and_proxies_follow_endpoint_changes() {
+        let store = Arc::new(Store::new(100));
+        store
+            .create(
+                &res("", "services"),
+                json!({"metadata": {"name": "web", "namespace": "demo"},
+                "spec": {"ports": [{"port": 80, "targetPort": 18080}]}}),
+            )
+            .unwrap();
+        store
+            .create(&res("discovery.k8s.io", "endpointslices"), slice(true))
+            .unwrap();
+        store
+            .create(
+                &res("", "pods"),
+                json!({"metadata": {"name": "web-0", "namespace": "demo", "uid": "u1",
+                "labels": {"app": "web", "version": "v7"}},
+                "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 18080}]}]},
+                "status": {"podIP": "127.77.0.1"}}),
+            )
+            .unwrap();
+        let config = MeshConfig {
+            max_propagation_delay: Duration::from_millis(50),
+            seed: Some(1),
+            ..MeshConfig::default()
+        };
+        let mesh = Mesh::start(store.clone(), &config).await.unwrap();
+
+        // What exists at start is known to every proxy at once.
+        let (status, body, flags) = get(&mesh).await;
+        assert_eq!((status, flags.as_str()), (200, "-"), "{body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({"pod": "web-0", "namespace": "demo", "version": "v7", "path": "/hi"})
+        );
+
+        // An unready endpoint gets no traffic, once the proxies know.
+        let mut unready = (*store
+            .get(&res("discovery.k8s.io", "endpointslices"), "demo", "web-slice")
+            .unwrap())
+        .clone();
+        unready["endpoints"] = slice(false)["endpoints"].clone();
+        store
+            .update(&res("discovery.k8s.io", "endpointslices"), unready, None)
+            .unwrap();
+        mesh.converged().await;
+        assert_eq!(mesh.generations(), vec![2; 4]);
+        let (status, body, flags) = get(&mesh).await;
+        assert_eq!(
+            (status, body.as_str(), flags.as_str()),
+            (503, "no healthy upstream", "UH")
+        );
+
+        // A deleted pod stops listening.
+        let addr = mesh.shared.proxies.view(0, Instant::now()).1.pods[&("demo".to_owned(), "web-0".to_owned())]
+            .listeners[&18080];
+        assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+        store.delete(&res("", "pods"), "demo", "web-0", None).unwrap();
+        assert!(mesh.observed().await);
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "{addr} still accepts"
+        );
+
+        mesh.converged().await;
+        let text = mesh.metrics_text();
+        assert!(
+            text.contains(r#"destination_workload="web-0""#),
+            "a bare pod is its own workload"
+        );
+        assert!(text.contains(r#"kubesim_mesh_proxy_generation{proxy="3"} 3"#), "{text}");
+    }
+}

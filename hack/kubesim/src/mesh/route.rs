@@ -1,0 +1,670 @@
+//! The routing decision of one proxy, as a pure function: a snapshot and a request in, the pod to send it
+//! to (or why there is none, with Envoy's status, body and response flag) out.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::HeaderMap;
+
+use super::rng::Rng;
+use super::snapshot::{
+    DestinationRule, HttpRoute, Id, MatchRequest, Service, ServicePort, Snapshot, VirtualService, WeightedDestination,
+    host_matches, normalize_host, service_of,
+};
+
+/// What routing looks at in a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// The `Host` header (or the URI's authority), with an optional port.
+    pub authority: &'a str,
+    pub method: &'a str,
+    /// Path and query, e.g. `/api/info?x=1`.
+    pub path_and_query: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// Where a request goes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Upstream {
+    /// The destination Service's host, e.g. `podinfo.test.svc.cluster.local`.
+    pub service_host: String,
+    /// (namespace, name) of the destination Service.
+    pub service: Id,
+    pub subset: Option<String>,
+    /// The chosen pod, in the Service's namespace.
+    pub pod: String,
+    pub workload: String,
+    pub version: String,
+    pub app: String,
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// The route's timeout, if any.
+    pub timeout: Option<Duration>,
+    /// The VirtualService that decided, as `namespace/name`.
+    pub virtual_service: Option<String>,
+}
+
+/// Why a request gets no upstream. Each is answered locally by the proxy, as Envoy would.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The host names no Service and no VirtualService (Envoy: no virtual host, `NR`).
+    #[error("no Service or VirtualService for host {host:?}: send `Host: <service>.<namespace>`")]
+    UnknownHost { host: String },
+    /// The host's Service has no such port.
+    #[error("Service {service} has no port {port}")]
+    UnknownPort { service: String, port: u16 },
+    /// A VirtualService covers the host but none of its `http` routes matches (Envoy: 404 `NR`).
+    #[error("no route of VirtualService {virtual_service} matches the request")]
+    NoRoute { virtual_service: String },
+    /// The matched route has no destination (redirects, direct responses and delegation are not simulated).
+    #[error("route of VirtualService {virtual_service} has no destination (not simulated by kubesim)")]
+    NoDestination { virtual_service: String },
+    /// A destination host that is no Service (Envoy: the cluster does not exist, `NC`).
+    #[error("no healthy upstream")]
+    UnknownService { host: String },
+    /// A subset no DestinationRule defines, as far as this proxy knows (Envoy: the cluster does not exist, `NC`).
+    #[error("no healthy upstream")]
+    UnknownSubset { service: Id, subset: String },
+    /// No ready endpoint (in the subset) (Envoy: `UH`).
+    #[error("no healthy upstream")]
+    NoHealthyUpstream { service: Id, subset: Option<String> },
+}
+
+impl Refusal {
+    /// The HTTP status Envoy answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::UnknownHost { .. }
+            | Refusal::UnknownPort { .. }
+            | Refusal::NoRoute { .. }
+            | Refusal::NoDestination { .. } => 404,
+            Refusal::UnknownService { .. } | Refusal::UnknownSubset { .. } | Refusal::NoHealthyUpstream { .. } => 503,
+        }
+    }
+
+    /// Envoy's response flag, as in access logs and the `response_flags` metric label.
+    pub fn flags(&self) -> &'static str {
+        match self {
+            Refusal::UnknownHost { .. }
+            | Refusal::UnknownPort { .. }
+            | Refusal::NoRoute { .. }
+            | Refusal::NoDestination { .. } => "NR",
+            Refusal::UnknownService { .. } | Refusal::UnknownSubset { .. } => "NC",
+            Refusal::NoHealthyUpstream { .. } => "UH",
+        }
+    }
+
+    /// The destination Service, when the refusal is about a known one.
+    pub fn service(&self) -> Option<&Id> {
+        match self {
+            Refusal::UnknownSubset { service, .. } | Refusal::NoHealthyUpstream { service, .. } => Some(service),
+            Refusal::UnknownHost { .. }
+            | Refusal::UnknownPort { .. }
+            | Refusal::NoRoute { .. }
+            | Refusal::NoDestination { .. }
+            | Refusal::UnknownService { .. } => None,
+        }
+    }
+}
+
+/// Splits `host[:port]` (IPv6 literals in brackets keep their colons).
+pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    if let Some((host, port)) = authority.rsplit_once(':')
+        && !host.is_empty()
+        && (!host.contains(':') || host.ends_with(']'))
+        && let Ok(port) = port.parse()
+    {
+        return (host, Some(port));
+    }
+    (authority, None)
+}
+
+/// Decides where `request` goes, as the proxy holding `snapshot` would; `rng` picks weighted destinations
+/// and endpoints.
+///
+/// # Errors
+///
+/// [`Refusal`]: what the proxy answers instead of forwarding.
+pub fn route(snapshot: &Snapshot, request: &Request<'_>, rng: &mut Rng) -> Result<Upstream, Refusal> {
+    let (raw_host, port) = split_authority(request.authority);
+    let host = normalize_host(raw_host, "");
+    let service = service_of(&host).filter(|id| snapshot.services.contains_key(id));
+    let vs = virtual_service_for(snapshot, &host, service.as_ref());
+    let Some(vs) = vs else {
+        let Some(service) = service else {
+            return Err(Refusal::UnknownHost {
+                host: raw_host.to_owned(),
+            });
+        };
+        // No VirtualService: the plain host, every ready endpoint of the Service.
+        let plain = WeightedDestination {
+            host: host.clone(),
+            subset: None,
+            port,
+            weight: None,
+        };
+        return destination(snapshot, &plain, service, None, None, rng);
+    };
+    let vs_name = format!("{}/{}", vs.namespace, vs.name);
+    let Some(http) = vs.http.iter().find(|r| route_matches(r, request, port)) else {
+        return Err(Refusal::NoRoute {
+            virtual_service: vs_name,
+        });
+    };
+    let Some(chosen) = pick_weighted(&http.route, rng) else {
+        return Err(Refusal::NoDestination {
+            virtual_service: vs_name,
+        });
+    };
+    let Some(target) = service_of(&chosen.host).filter(|id| snapshot.services.contains_key(id)) else {
+        return Err(Refusal::UnknownService {
+            host: chosen.host.clone(),
+        });
+    };
+    // The request's port carries over only to its own host; another destination needs `port` or one port.
+    let mut chosen = chosen.clone();
+    if chosen.port.is_none() && chosen.host == host {
+        chosen.port = port;
+    }
+    destination(snapshot, &chosen, target, Some(vs_name), http.timeout, rng)
+}
+
+/// The VirtualService for a host: one applying to sidecars whose hosts cover it, preferring the Service's
+/// namespace, then precedence order.
+fn virtual_service_for<'a>(snapshot: &'a Snapshot, host: &str, service: Option<&Id>) -> Option<&'a VirtualService> {
+    let mut candidates = snapshot
+        .virtual_services
+        .iter()
+        .filter(|vs| vs.applies_to_mesh && vs.hosts.iter().any(|h| host_matches(h, host)));
+    let first = candidates.clone().next();
+    match service {
+        Some((ns, _)) => candidates.find(|vs| &vs.namespace == ns).or(first),
+        None => first,
+    }
+}
+
+/// The DestinationRule for a Service host: the Service's namespace first, then precedence order.
+fn destination_rule_for<'a>(snapshot: &'a Snapshot, host: &str, namespace: &str) -> Option<&'a DestinationRule> {
+    let mut candidates = snapshot
+        .destination_rules
+        .iter()
+        .filter(|dr| host_matches(&dr.host, host));
+    let first = candidates.clone().next();
+    candidates.find(|dr| dr.namespace == namespace).or(first)
+}
+
+fn destination(
+    snapshot: &Snapshot,
+    dest: &WeightedDestination,
+    service_id: Id,
+    virtual_service: Option<String>,
+    timeout: Option<Duration>,
+    rng: &mut Rng,
+) -> Result<Upstream, Refusal> {
+    let Some(service) = snapshot.services.get(&service_id) else {
+        return Err(Refusal::UnknownService {
+            host: dest.host.clone(),
+        });
+    };
+    let subset_labels = match &dest.subset {
+        None => None,
+        Some(subset) => {
+            let labels = destination_rule_for(snapshot, &dest.host, &service_id.0)
+                .and_then(|dr| dr.subsets.get(subset))
+                .ok_or_else(|| Refusal::UnknownSubset {
+                    service: service_id.clone(),
+                    subset: subset.clone(),
+                })?;
+            Some(labels)
+        }
+    };
+    let service_port = service_port(service, dest.port).ok_or_else(|| Refusal::UnknownPort {
+        service: format!("{}/{}", service_id.0, service_id.1),
+        port: dest.port.unwrap_or_default(),
+    })?;
+    let pod_port = service_port.pod_port();
+    let candidates: Vec<_> = service
+        .endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .filter_map(|e| {
+            let pod = snapshot.pods.get(&(service_id.0.clone(), e.pod.clone()));
+            match (subset_labels, pod) {
+                (None, _) => Some((e, pod)),
+                (Some(labels), Some(p)) if labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)) => Some((e, pod)),
+                (Some(_), _) => None,
+            }
+        })
+        .collect();
+    // Random choice (Envoy's default is round robin; over many requests both spread evenly).
+    let index = usize::try_from(rng.below(candidates.len() as u64)).unwrap_or_default();
+    let Some(&(endpoint, pod)) = candidates.get(index) else {
+        return Err(Refusal::NoHealthyUpstream {
+            service: service_id,
+            subset: dest.subset.clone(),
+        });
+    };
+    let addr = pod
+        .and_then(|p| p.listeners.get(&pod_port).copied())
+        .unwrap_or(SocketAddr::new(endpoint.ip, pod_port));
+    Ok(Upstream {
+        service_host: dest.host.clone(),
+        subset: dest.subset.clone(),
+        pod: endpoint.pod.clone(),
+        workload: pod.map_or_else(|| "unknown".to_owned(), |p| p.workload.clone()),
+        version: pod.map_or("unknown", |p| p.version()).to_owned(),
+        app: pod.map_or("unknown", |p| p.app()).to_owned(),
+        addr,
+        timeout,
+        virtual_service,
+        service: service_id,
+    })
+}
+
+/// The Service port a destination names, or the only / `http` / port-80 / first one.
+fn service_port(service: &Service, port: Option<u16>) -> Option<&ServicePort> {
+    match port {
+        Some(p) => service.ports.iter().find(|sp| sp.port == p),
+        None => service
+            .ports
+            .iter()
+            .find(|sp| service.ports.len() == 1 || sp.name == "http" || sp.port == 80)
+            .or_else(|| service.ports.first()),
+    }
+}
+
+/// Picks a destination by weight. Absent weights everywhere: an equal split (a single destination gets
+/// everything); otherwise proportional to the weights (Envoy normalises by their sum), zero never picked.
+pub fn pick_weighted<'a>(route: &'a [WeightedDestination], rng: &mut Rng) -> Option<&'a WeightedDestination> {
+    pick_weighted_at(route, |total| rng.below(total))
+}
+
+/// [`pick_weighted`] with the random draw in `0..total` given by `draw`.
+pub fn pick_weighted_at(route: &[WeightedDestination], draw: impl FnOnce(u64) -> u64) -> Option<&WeightedDestination> {
+    if route.iter().all(|d| d.weight.unwrap_or(0) == 0) {
+        let n = u64::try_from(route.len()).ok()?;
+        return route.get(usize::try_from(draw(n)).ok()?);
+    }
+    let total: u64 = route.iter().map(|d| u64::from(d.weight.unwrap_or(0))).sum();
+    let mut at = draw(total);
+    for d in route {
+        let w = u64::from(d.weight.unwrap_or(0));
+        if at < w {
+            return Some(d);
+        }
+        at -= w;
+    }
+    None
+}
+
+fn route_matches(route: &HttpRoute, request: &Request<'_>, port: Option<u16>) -> bool {
+    route.matches.is_empty() || route.matches.iter().any(|m| request_matches(m, request, port))
+}
+
+/// Whether every condition of one `match` entry holds.
+pub fn request_matches(m: &MatchRequest, request: &Request<'_>, port: Option<u16>) -> bool {
+    if m.unsatisfiable.is_some() {
+        return false;
+    }
+    let (path, query) = request
+        .path_and_query
+        .split_once('?')
+        .unwrap_or((request.path_and_query, ""));
+    let header = |name: &str| request.headers.get(name).and_then(|v| v.to_str().ok());
+    let uri_ok = m.uri.as_ref().is_none_or(|u| {
+        if m.ignore_uri_case {
+            u.matches_ignoring_case(path)
+        } else {
+            u.matches(path)
+        }
+    });
+    let query_value = |name: &str| {
+        query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then_some(v)
+        })
+    };
+    uri_ok
+        && m.method.as_ref().is_none_or(|s| s.matches(request.method))
+        && m.authority.as_ref().is_none_or(|s| s.matches(request.authority))
+        && m.scheme.as_ref().is_none_or(|s| s.matches("http"))
+        && m.port.is_none_or(|p| Some(p) == port.or(Some(80)))
+        && m.headers
+            .iter()
+            .all(|(name, s)| header(name).is_some_and(|v| s.matches(v)))
+        && m.without_headers
+            .iter()
+            .all(|(name, s)| !header(name).is_some_and(|v| s.matches(v)))
+        && m.query_params
+            .iter()
+            .all(|(name, s)| query_value(name).is_some_and(|v| s.matches(v)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::snapshot::{Objects, build};
+    use serde_json::{Value, json};
+    use std::collections::BTreeMap;
+
+    fn service() -> Value {
+        json!({"metadata": {"name": "podinfo", "namespace": "test"},
+            "spec": {"selector": {"app": "podinfo"}, "ports": [{"name": "http", "port": 80, "targetPort": 9898}]}})
+    }
+
+    fn slice(endpoints: &[(&str, &str, bool)]) -> Value {
+        json!({"metadata": {"name": "podinfo-slice", "namespace": "test", "labels": {"kubernetes.io/service-name": "podinfo"}},
+            "endpoints": endpoints.iter().map(|(pod, ip, ready)| json!({"addresses": [ip],
+                "conditions": {"ready": ready}, "targetRef": {"kind": "Pod", "name": pod}})).collect::<Vec<_>>(),
+            "ports": [{"name": "http", "port": 9898}]})
+    }
+
+    fn pod(name: &str, version: &str) -> Value {
+        json!({"metadata": {"name": name, "namespace": "test", "labels": {"app": "podinfo", "version": version}}})
+    }
+
+    fn dr(subsets: &[(&str, &str)]) -> Value {
+        json!({"metadata": {"name": "podinfo", "namespace": "test"}, "spec": {"host": "podinfo",
+            "subsets": subsets.iter().map(|(n, v)| json!({"name": n, "labels": {"version": v}})).collect::<Vec<_>>()}})
+    }
+
+    fn vs(http: Value) -> Value {
+        json!({"metadata": {"name": "podinfo", "namespace": "test", "creationTimestamp": "2024-01-01T00:00:00Z"},
+            "spec": {"hosts": ["podinfo"], "http": http}})
+    }
+
+    fn weights(v1: u32, v2: u32) -> Value {
+        json!([{"route": [
+            {"destination": {"host": "podinfo", "subset": "v1"}, "weight": v1},
+            {"destination": {"host": "podinfo.test.svc.cluster.local", "subset": "v2"}, "weight": v2}]}])
+    }
+
+    /// Two v1 pods and one v2 pod, all ready, plus an unready v2 pod.
+    fn cluster(vss: &[Value], drs: &[Value]) -> Snapshot {
+        let (svc, sl) = (
+            service(),
+            slice(&[
+                ("a-1", "127.1.0.1", true),
+                ("a-2", "127.1.0.2", true),
+                ("b-1", "127.1.0.3", true),
+                ("b-2", "127.1.0.4", false),
+            ]),
+        );
+        let pods = [pod("a-1", "v1"), pod("a-2", "v1"), pod("b-1", "v2"), pod("b-2", "v2")];
+        build(Objects {
+            services: vec![&svc],
+            slices: vec![&sl],
+            pods: pods
+                .iter()
+                .map(|p| {
+                    let workload = if p["metadata"]["labels"]["version"] == "v1" {
+                        "podinfo"
+                    } else {
+                        "podinfo-v2"
+                    };
+                    (p, workload.to_owned(), BTreeMap::new())
+                })
+                .collect(),
+            virtual_services: vss.iter().collect(),
+            destination_rules: drs.iter().collect(),
+        })
+    }
+
+    fn send(
+        s: &Snapshot,
+        host: &str,
+        path: &str,
+        headers: &[(&'static str, &str)],
+        rng: &mut Rng,
+    ) -> Result<Upstream, Refusal> {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, v.parse().unwrap());
+        }
+        route(
+            s,
+            &Request {
+                authority: host,
+                method: "GET",
+                path_and_query: path,
+                headers: &map,
+            },
+            rng,
+        )
+    }
+
+    /// How many of `n` requests reach each pod.
+    fn spread(s: &Snapshot, host: &str, n: usize) -> BTreeMap<String, usize> {
+        let mut rng = Rng::new(3);
+        let mut counts = BTreeMap::new();
+        for _ in 0..n {
+            let up = send(s, host, "/", &[], &mut rng).unwrap();
+            *counts.entry(up.pod).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn without_a_virtual_service_the_plain_host_reaches_every_ready_endpoint() {
+        let s = cluster(&[], &[]);
+        for host in [
+            "podinfo.test",
+            "podinfo.test:80",
+            "podinfo.test.svc",
+            "podinfo.test.svc.cluster.local",
+        ] {
+            let counts = spread(&s, host, 300);
+            assert_eq!(counts.keys().collect::<Vec<_>>(), ["a-1", "a-2", "b-1"], "{host}");
+            assert!(counts.values().all(|&n| n > 60), "{counts:?}");
+        }
+        let up = send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap();
+        assert_eq!(up.addr.port(), 9898, "the slice's port for the Service port");
+        assert_eq!(up.service, ("test".to_owned(), "podinfo".to_owned()));
+        assert_eq!(up.virtual_service, None);
+    }
+
+    #[test]
+    fn an_unknown_host_or_port_is_not_found() {
+        let s = cluster(&[], &[]);
+        let err = send(&s, "nothing.test", "/", &[], &mut Rng::new(1)).unwrap_err();
+        assert_eq!((err.status(), err.flags()), (404, "NR"));
+        assert!(err.to_string().contains("nothing.test"));
+        assert_eq!(
+            send(&s, "podinfo", "/", &[], &mut Rng::new(1)).unwrap_err().status(),
+            404
+        );
+        let err = send(&s, "podinfo.test:8080", "/", &[], &mut Rng::new(1)).unwrap_err();
+        assert!(matches!(err, Refusal::UnknownPort { port: 8080, .. }), "{err:?}");
+    }
+
+    #[test]
+    fn weights_split_traffic_between_subsets() {
+        let d = dr(&[("v1", "v1"), ("v2", "v2")]);
+        let all_v1 = cluster(&[vs(weights(100, 0))], std::slice::from_ref(&d));
+        assert_eq!(
+            spread(&all_v1, "podinfo.test", 200).keys().collect::<Vec<_>>(),
+            ["a-1", "a-2"]
+        );
+        let all_v2 = cluster(&[vs(weights(0, 100))], std::slice::from_ref(&d));
+        assert_eq!(spread(&all_v2, "podinfo.test", 200).keys().collect::<Vec<_>>(), ["b-1"]);
+        let split = cluster(&[vs(weights(75, 25))], std::slice::from_ref(&d));
+        let counts = spread(&split, "podinfo.test", 4000);
+        let v2 = counts.get("b-1").copied().unwrap_or_default();
+        assert!((850..1150).contains(&v2), "{counts:?}");
+        let up = send(&split, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap();
+        assert_eq!(up.virtual_service.as_deref(), Some("test/podinfo"));
+    }
+
+    #[test]
+    fn weighted_choice_is_proportional_and_absent_weights_split_equally() {
+        let d = |w: Option<u32>| WeightedDestination {
+            host: "h".into(),
+            subset: Some(format!("{w:?}")),
+            port: None,
+            weight: w,
+        };
+        let route = [d(Some(10)), d(Some(0)), d(Some(30))];
+        assert_eq!(
+            pick_weighted_at(&route, |t| {
+                assert_eq!(t, 40);
+                9
+            })
+            .unwrap()
+            .weight,
+            Some(10)
+        );
+        assert_eq!(pick_weighted_at(&route, |_| 10).unwrap().weight, Some(30));
+        assert_eq!(pick_weighted_at(&route, |_| 39).unwrap().weight, Some(30));
+        let equal = [d(None), d(None)];
+        assert_eq!(
+            pick_weighted_at(&equal, |t| {
+                assert_eq!(t, 2);
+                1
+            })
+            .map(|x| x as *const _),
+            Some(&equal[1] as *const _)
+        );
+        assert!(pick_weighted_at(&[], |_| 0).is_none());
+    }
+
+    #[test]
+    fn a_subset_no_destination_rule_defines_gets_no_healthy_upstream() {
+        let s = cluster(&[vs(weights(0, 100))], &[dr(&[("v1", "v1")])]);
+        let err = send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap_err();
+        assert_eq!(
+            (err.status(), err.flags(), err.to_string().as_str()),
+            (503, "NC", "no healthy upstream")
+        );
+        let none = cluster(&[vs(weights(0, 100))], &[]);
+        assert!(matches!(
+            send(&none, "podinfo.test", "/", &[], &mut Rng::new(1)),
+            Err(Refusal::UnknownSubset { .. })
+        ));
+    }
+
+    #[test]
+    fn subsets_select_ready_endpoints_by_pod_labels() {
+        let s = cluster(&[vs(weights(0, 100))], &[dr(&[("v1", "v1"), ("v2", "v2")])]);
+        // b-2 is a v2 pod too, but not ready.
+        assert_eq!(spread(&s, "podinfo.test", 100).keys().collect::<Vec<_>>(), ["b-1"]);
+        let only_unready = cluster(&[vs(weights(0, 100))], &[dr(&[("v1", "v1"), ("v2", "v3")])]);
+        let err = send(&only_unready, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap_err();
+        assert_eq!((err.status(), err.flags()), (503, "UH"));
+        let up = send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap();
+        assert_eq!(
+            (up.workload.as_str(), up.version.as_str(), up.subset.as_deref()),
+            ("podinfo-v2", "v2", Some("v2"))
+        );
+    }
+
+    #[test]
+    fn the_first_matching_route_decides() {
+        let http = json!([
+            {"match": [{"headers": {"x-canary": {"exact": "yes"}}}],
+             "route": [{"destination": {"host": "podinfo", "subset": "v2"}}]},
+            {"match": [{"uri": {"prefix": "/api"}, "method": {"exact": "GET"}}, {"uri": {"regex": "/v2/.*"}}],
+             "route": [{"destination": {"host": "podinfo", "subset": "v2"}}]},
+            {"match": [{"uri": {"exact": "/only-v1"}}],
+             "route": [{"destination": {"host": "podinfo", "subset": "v1"}}]},
+        ]);
+        let s = cluster(&[vs(http)], &[dr(&[("v1", "v1"), ("v2", "v2")])]);
+        let mut rng = Rng::new(9);
+        let subset = |path: &str, headers: &[(&'static str, &str)], rng: &mut Rng| {
+            send(&s, "podinfo.test", path, headers, rng).map(|u| u.subset.unwrap_or_default())
+        };
+        assert_eq!(subset("/", &[("x-canary", "yes")], &mut rng).unwrap(), "v2");
+        assert_eq!(subset("/api/info?x=1", &[], &mut rng).unwrap(), "v2");
+        assert_eq!(subset("/v2/anything", &[], &mut rng).unwrap(), "v2");
+        assert_eq!(subset("/only-v1", &[("x-canary", "no")], &mut rng).unwrap(), "v1");
+        let err = send(&s, "podinfo.test", "/other", &[], &mut rng).unwrap_err();
+        assert_eq!((err.status(), err.flags()), (404, "NR"));
+    }
+
+    #[test]
+    fn match_conditions_follow_istio() {
+        let m = |v: Value| {
+            crate::mesh::snapshot::virtual_service(&vs(json!([{"match": [v], "route": []}]))).http[0].matches[0].clone()
+        };
+        let headers = HeaderMap::new();
+        let req = |path: &'static str, method: &'static str| Request {
+            authority: "podinfo.test",
+            method,
+            path_and_query: path,
+            headers: &headers,
+        };
+        assert!(request_matches(
+            &m(json!({"uri": {"prefix": "/API"}, "ignoreUriCase": true})),
+            &req("/api/x", "GET"),
+            None
+        ));
+        assert!(!request_matches(
+            &m(json!({"uri": {"exact": "/api"}})),
+            &req("/api/x", "GET"),
+            None
+        ));
+        assert!(request_matches(
+            &m(json!({"uri": {"exact": "/api"}})),
+            &req("/api?q=1", "GET"),
+            None
+        ));
+        assert!(!request_matches(
+            &m(json!({"method": {"exact": "POST"}})),
+            &req("/", "GET"),
+            None
+        ));
+        assert!(request_matches(
+            &m(json!({"queryParams": {"q": {"exact": "1"}}})),
+            &req("/a?p=2&q=1", "GET"),
+            None
+        ));
+        assert!(request_matches(
+            &m(json!({"withoutHeaders": {"x-canary": {}}})),
+            &req("/", "GET"),
+            None
+        ));
+        assert!(!request_matches(
+            &m(json!({"headers": {"X-Canary": {}}})),
+            &req("/", "GET"),
+            None
+        ));
+        assert!(
+            !request_matches(&m(json!({"uri": {"regex": "/a"}})), &req("/ab", "GET"), None),
+            "regexes match whole paths"
+        );
+    }
+
+    #[test]
+    fn a_virtual_service_for_gateways_only_does_not_apply_to_sidecars() {
+        let mut gw = vs(weights(0, 100));
+        gw["spec"]["gateways"] = json!(["istio-system/ingress"]);
+        let s = cluster(&[gw], &[dr(&[("v1", "v1"), ("v2", "v2")])]);
+        assert_eq!(spread(&s, "podinfo.test", 300).len(), 3, "the plain host");
+    }
+
+    #[test]
+    fn a_virtual_service_host_that_is_no_service_routes_to_its_destinations() {
+        let mut external = vs(json!([{"route": [{"destination": {"host": "podinfo.test.svc.cluster.local"}}]}]));
+        external["spec"]["hosts"] = json!(["podinfo.example.com"]);
+        let s = cluster(&[external], &[]);
+        let up = send(&s, "podinfo.example.com", "/", &[], &mut Rng::new(1)).unwrap();
+        assert_eq!(up.service.1, "podinfo");
+        let mut missing = vs(json!([{"route": [{"destination": {"host": "nothing"}}]}]));
+        missing["metadata"]["name"] = json!("other");
+        let s = cluster(&[missing], &[]);
+        let err = send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap_err();
+        assert_eq!((err.status(), err.flags()), (503, "NC"));
+    }
+
+    #[test]
+    fn listeners_that_moved_are_used() {
+        let mut s = cluster(&[], &[]);
+        let moved: SocketAddr = "127.1.0.1:40000".parse().unwrap();
+        for p in s.pods.values_mut() {
+            p.listeners.insert(9898, moved);
+        }
+        assert_eq!(
+            send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap().addr,
+            moved
+        );
+    }
+}
