@@ -36,7 +36,10 @@ mod tests {
             "spec": {"host": "podinfo", "subsets": [{"name": "v1", "labels": {"pod-template-hash": "5d4f8b9c7"}}]}
         });
         let typed: DestinationRule = serde_json::from_value(dr.clone()).unwrap();
-        assert_eq!(typed.spec.subsets.as_ref().unwrap()[0].labels.as_ref().unwrap()["pod-template-hash"], "5d4f8b9c7");
+        assert_eq!(
+            typed.spec.subsets.as_ref().unwrap()[0].labels.as_ref().unwrap()["pod-template-hash"],
+            "5d4f8b9c7"
+        );
         assert_eq!(serde_json::to_value(&typed).unwrap(), dr);
     }
 }
