@@ -13,6 +13,7 @@ pub mod admin;
 pub mod admission;
 pub mod certs;
 pub mod cli;
+pub mod config;
 pub mod istio;
 pub mod metrics;
 pub mod mutate;

@@ -1,0 +1,271 @@
+//! Release configuration (DESIGN §7): defaults from the agent's flags, overridden by namespace
+//! annotations, overridden by Deployment annotations. An invalid value is reported and the value of
+//! the level below is used: a typo never wedges a release.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Annotation keys of the release configuration.
+pub mod keys {
+    pub const STEPS: &str = "turnout.dev/steps";
+    pub const INTERVAL: &str = "turnout.dev/interval";
+    pub const THRESHOLD: &str = "turnout.dev/threshold";
+    pub const PROGRESS_DEADLINE: &str = "turnout.dev/progress-deadline";
+    pub const PROPAGATION_DELAY: &str = "turnout.dev/propagation-delay";
+    pub const DRAIN: &str = "turnout.dev/drain";
+    pub const SUCCESS_RATE_MIN: &str = "turnout.dev/success-rate-min";
+    pub const LATENCY_P99_MAX: &str = "turnout.dev/latency-p99-max";
+    pub const PROMETHEUS: &str = "turnout.dev/prometheus";
+
+    /// Every key, for documentation and for tests that keep the docs in step with the code.
+    pub const ALL: [&str; 9] = [
+        STEPS,
+        INTERVAL,
+        THRESHOLD,
+        PROGRESS_DEADLINE,
+        PROPAGATION_DELAY,
+        DRAIN,
+        SUCCESS_RATE_MIN,
+        LATENCY_P99_MAX,
+        PROMETHEUS,
+    ];
+}
+
+/// How one release runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReleaseConfig {
+    /// Candidate weights in percent, strictly increasing, ending at 100.
+    pub steps: Vec<u8>,
+    /// Time between a step's propagation and its analysis.
+    pub interval: Duration,
+    /// Failed checks that roll the release back.
+    pub threshold: u32,
+    /// Longest a release may go without progress before it is rolled back.
+    pub progress_deadline: Duration,
+    /// How long a routing change takes to reach every proxy when Istio does not report it.
+    pub propagation_delay: Duration,
+    /// How long a route must carry no weight before pods it could select may be terminated.
+    pub drain: Duration,
+    /// Lowest acceptable request success rate of the candidate, in percent.
+    pub success_rate_min: f64,
+    /// Highest acceptable P99 latency of the candidate.
+    pub latency_p99_max: Duration,
+    /// Prometheus base URL; `None`: metric checks are skipped (readiness checks still run).
+    pub prometheus: Option<String>,
+}
+
+impl Default for ReleaseConfig {
+    fn default() -> Self {
+        Self {
+            steps: vec![10, 25, 50, 100],
+            interval: Duration::from_secs(30),
+            threshold: 3,
+            progress_deadline: Duration::from_secs(600),
+            propagation_delay: Duration::from_secs(5),
+            drain: Duration::from_secs(10),
+            success_rate_min: 99.0,
+            latency_p99_max: Duration::from_millis(500),
+            prometheus: None,
+        }
+    }
+}
+
+/// An annotation whose value was not used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// `namespace` or `deployment`: where the annotation is.
+    pub on: &'static str,
+    pub key: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ignoring {} annotation {}={:?}: {}; using the default",
+            self.on, self.key, self.value, self.reason
+        )
+    }
+}
+
+/// The configuration for a Deployment: `defaults` (the agent's flags), then the namespace's
+/// annotations, then the Deployment's, with every value that could not be used.
+pub fn resolve(
+    defaults: &ReleaseConfig,
+    namespace: &BTreeMap<String, String>,
+    deployment: &BTreeMap<String, String>,
+) -> (ReleaseConfig, Vec<Problem>) {
+    let mut config = defaults.clone();
+    let mut problems = Vec::new();
+    for (on, annotations) in [("namespace", namespace), ("deployment", deployment)] {
+        for key in keys::ALL {
+            let Some(value) = annotations.get(key) else { continue };
+            if let Err(reason) = apply(&mut config, key, value) {
+                problems.push(Problem {
+                    on,
+                    key,
+                    value: value.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    (config, problems)
+}
+
+/// Sets one configuration value from its annotation.
+///
+/// # Errors
+///
+/// Why the value cannot be used.
+fn apply(config: &mut ReleaseConfig, key: &str, value: &str) -> Result<(), String> {
+    let value = value.trim();
+    match key {
+        keys::STEPS => config.steps = parse_steps(value)?,
+        keys::INTERVAL => config.interval = positive_duration(value)?,
+        keys::THRESHOLD => {
+            config.threshold = value
+                .parse::<u32>()
+                .ok()
+                .filter(|t| *t >= 1)
+                .ok_or("not a whole number of at least 1")?;
+        }
+        keys::PROGRESS_DEADLINE => config.progress_deadline = positive_duration(value)?,
+        keys::PROPAGATION_DELAY => config.propagation_delay = duration(value)?,
+        keys::DRAIN => config.drain = duration(value)?,
+        keys::SUCCESS_RATE_MIN => {
+            config.success_rate_min = value
+                .trim_end_matches('%')
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=100.0).contains(r))
+                .ok_or("not a percentage from 0 to 100")?;
+        }
+        keys::LATENCY_P99_MAX => config.latency_p99_max = positive_duration(value)?,
+        keys::PROMETHEUS => {
+            if !(value.starts_with("http://") || value.starts_with("https://")) || value.len() <= "https://".len() {
+                return Err("not an http:// or https:// URL".into());
+            }
+            config.prometheus = Some(value.trim_end_matches('/').to_owned());
+        }
+        _ => return Err("unknown key".into()),
+    }
+    Ok(())
+}
+
+/// `10,25,50,100`: whole percentages from 1 to 100, strictly increasing, the last 100.
+///
+/// # Errors
+///
+/// Why the list cannot be used.
+pub fn parse_steps(value: &str) -> Result<Vec<u8>, String> {
+    let steps = value
+        .split(',')
+        .map(|s| s.trim().parse::<u8>().ok().filter(|w| (1..=100).contains(w)))
+        .collect::<Option<Vec<u8>>>()
+        .ok_or("steps must be whole percentages from 1 to 100, separated by commas")?;
+    if !steps.windows(2).all(|w| w[0] < w[1]) {
+        return Err("steps must increase".into());
+    }
+    if steps.last() != Some(&100) {
+        return Err("the last step must be 100".into());
+    }
+    Ok(steps)
+}
+
+fn duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|e| format!("not a duration like 30s or 2m ({e})"))
+}
+
+fn positive_duration(value: &str) -> Result<Duration, String> {
+    let d = duration(value)?;
+    if d.is_zero() {
+        Err("must be longer than zero".into())
+    } else {
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn the_deployment_overrides_the_namespace_which_overrides_the_flags() {
+        let ns = ann(&[(keys::STEPS, "20,100"), (keys::INTERVAL, "1m"), (keys::THRESHOLD, "5")]);
+        let d = ann(&[(keys::STEPS, "5,50,100"), (keys::PROMETHEUS, "http://prometheus:9090/")]);
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &d);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(config.steps, vec![5, 50, 100]);
+        assert_eq!(config.interval, Duration::from_secs(60));
+        assert_eq!(config.threshold, 5);
+        assert_eq!(config.prometheus.as_deref(), Some("http://prometheus:9090"));
+        assert_eq!(config.drain, ReleaseConfig::default().drain);
+    }
+
+    #[test]
+    fn an_invalid_value_is_reported_and_the_level_below_is_used() {
+        let ns = ann(&[(keys::STEPS, "20,100")]);
+        let d = ann(&[
+            (keys::STEPS, "50,25,100"),
+            (keys::THRESHOLD, "0"),
+            (keys::INTERVAL, "soon"),
+            (keys::SUCCESS_RATE_MIN, "101"),
+            (keys::PROMETHEUS, "prometheus:9090"),
+        ]);
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &d);
+        assert_eq!(config.steps, vec![20, 100], "the namespace's value stands");
+        assert_eq!(config.threshold, 3);
+        assert_eq!(config.interval, Duration::from_secs(30));
+        assert_eq!(config.success_rate_min, 99.0);
+        assert_eq!(config.prometheus, None);
+        let keys: Vec<&str> = problems.iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            vec![
+                keys::STEPS,
+                keys::INTERVAL,
+                keys::THRESHOLD,
+                keys::SUCCESS_RATE_MIN,
+                keys::PROMETHEUS
+            ]
+        );
+        assert_eq!(
+            problems[0].to_string(),
+            "ignoring deployment annotation turnout.dev/steps=\"50,25,100\": steps must increase; using the default"
+        );
+    }
+
+    #[test]
+    fn steps_are_checked() {
+        assert_eq!(parse_steps("10, 25,50 ,100"), Ok(vec![10, 25, 50, 100]));
+        assert_eq!(parse_steps("100"), Ok(vec![100]));
+        assert!(parse_steps("10,50").unwrap_err().contains("last step must be 100"));
+        assert!(parse_steps("0,100").is_err());
+        assert!(parse_steps("10,10,100").is_err());
+        assert!(parse_steps("ten,100").is_err());
+        assert!(parse_steps("").is_err());
+    }
+
+    #[test]
+    fn durations_and_percentages_take_the_usual_forms() {
+        let d = ann(&[
+            (keys::LATENCY_P99_MAX, "250ms"),
+            (keys::SUCCESS_RATE_MIN, "99.5%"),
+            (keys::DRAIN, "0s"),
+            (keys::PROGRESS_DEADLINE, "0s"),
+        ]);
+        let (config, problems) = resolve(&ReleaseConfig::default(), &BTreeMap::new(), &d);
+        assert_eq!(config.latency_p99_max, Duration::from_millis(250));
+        assert_eq!(config.success_rate_min, 99.5);
+        assert_eq!(config.drain, Duration::ZERO, "no drain is allowed");
+        assert_eq!(problems.len(), 1, "a zero progress deadline is not: {problems:?}");
+        assert_eq!(problems[0].key, keys::PROGRESS_DEADLINE);
+    }
+}
