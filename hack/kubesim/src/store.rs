@@ -151,32 +151,14 @@ impl Store {
     /// # Errors
     ///
     /// [`StoreError::AlreadyExists`].
-    pub fn create(&self, resource: &ResourceKey, mut object: Value) -> Result<Arc<Value>, StoreError> {
+    pub fn create(&self, resource: &ResourceKey, object: Value) -> Result<Arc<Value>, StoreError> {
         let (namespace, name) = ids(&object);
         let mut state = self.lock();
         let objects = state.objects.entry(resource.clone()).or_default();
         if objects.contains_key(&(namespace.clone(), name.clone())) {
             return Err(StoreError::AlreadyExists);
         }
-        let rv = state.rv + 1;
-        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-        let object = Arc::new(object);
-        state.rv = rv;
-        state
-            .objects
-            .entry(resource.clone())
-            .or_default()
-            .insert((namespace.clone(), name.clone()), object.clone());
-        self.record(
-            &mut state,
-            EventType::Added,
-            resource,
-            namespace,
-            name,
-            object.clone(),
-            None,
-        );
-        Ok(object)
+        Ok(self.put(&mut state, resource, object, EventType::Added, None))
     }
 
     /// Replaces an object. With `expected_rv`, fails if the stored object has another resourceVersion.
@@ -187,7 +169,7 @@ impl Store {
     pub fn update(
         &self,
         resource: &ResourceKey,
-        mut object: Value,
+        object: Value,
         expected_rv: Option<&str>,
     ) -> Result<Arc<Value>, StoreError> {
         let (namespace, name) = ids(&object);
@@ -207,25 +189,29 @@ impl Store {
             return Ok(current.clone());
         }
         let previous = current.clone();
-        let rv = state.rv + 1;
-        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+        Ok(self.put(&mut state, resource, object, EventType::Modified, Some(previous)))
+    }
+
+    /// Stores `object` under the next resourceVersion and records the change.
+    fn put(
+        &self,
+        state: &mut State,
+        resource: &ResourceKey,
+        mut object: Value,
+        kind: EventType,
+        previous: Option<Arc<Value>>,
+    ) -> Arc<Value> {
+        let (namespace, name) = ids(&object);
+        state.rv += 1;
+        object["metadata"]["resourceVersion"] = Value::String(state.rv.to_string());
         let object = Arc::new(object);
-        state.rv = rv;
         state
             .objects
             .entry(resource.clone())
             .or_default()
             .insert((namespace.clone(), name.clone()), object.clone());
-        self.record(
-            &mut state,
-            EventType::Modified,
-            resource,
-            namespace,
-            name,
-            object.clone(),
-            Some(previous),
-        );
-        Ok(object)
+        self.record(state, kind, resource, namespace, name, object.clone(), previous);
+        object
     }
 
     /// Removes an object. With `expected_rv` or `expected_uid`, fails if the stored object differs.

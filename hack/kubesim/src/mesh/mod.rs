@@ -449,38 +449,53 @@ fn render_metrics(shared: &Shared) -> String {
 
 /// Serves `/metrics` until dropped.
 async fn serve_metrics(listener: TcpListener, shared: Arc<Shared>) {
+    serve_http1(listener, "metrics", move |req| {
+        let shared = shared.clone();
+        async move {
+            let (status, content_type, body) = if req.uri().path() == "/metrics" {
+                (
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    render_metrics(&shared),
+                )
+            } else {
+                (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".to_owned())
+            };
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            response
+        }
+    })
+    .await;
+}
+
+/// Accepts HTTP/1.1 connections on `listener` and answers them with `handler` until dropped;
+/// dropping also drops (closes) every open connection. `what` names the server in logs.
+pub(crate) async fn serve_http1<H, F>(listener: TcpListener, what: &'static str, handler: H)
+where
+    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
             Err(error) => {
-                tracing::warn!(%error, "mesh: metrics accept failed");
+                tracing::debug!(%error, server = what, "mesh: accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
         };
-        let shared = shared.clone();
+        let _ = tcp.set_nodelay(true);
+        let handler = handler.clone();
         connections.spawn(async move {
-            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let shared = shared.clone();
-                async move {
-                    let (status, content_type, body) = if req.uri().path() == "/metrics" {
-                        (
-                            StatusCode::OK,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                            render_metrics(&shared),
-                        )
-                    } else {
-                        (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".to_owned())
-                    };
-                    let mut response = Response::new(Full::new(Bytes::from(body)));
-                    *response.status_mut() = status;
-                    response
-                        .headers_mut()
-                        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-                    Ok::<_, Infallible>(response)
-                }
+            let service = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)

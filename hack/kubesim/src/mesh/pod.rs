@@ -5,19 +5,16 @@
 //! Dropping a [`PodServer`] closes its listeners and cuts its open connections, like a process exit.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use super::metrics::{Labels, Metrics, Reporter};
 use super::rng::Rng;
@@ -224,31 +221,13 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, PodServerError> {
 
 type State = (Arc<Identity>, Arc<Behaviour>, Arc<Mutex<Rng>>, Arc<Metrics>);
 
-/// Accepts connections until dropped; dropping also drops (closes) every open connection.
+/// Serves the pod until dropped; dropping also closes every open connection.
 async fn serve(listener: TcpListener, state: State) {
-    let mut connections = JoinSet::new();
-    loop {
-        while connections.try_join_next().is_some() {}
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(error) => {
-                tracing::debug!(%error, "mesh: pod accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+    super::serve_http1(listener, "pod", move |req| {
         let state = state.clone();
-        connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(answer(&state, &req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+        async move { answer(&state, &req).await }
+    })
+    .await;
 }
 
 async fn answer<B>(state: &State, req: &Request<B>) -> Response<Full<Bytes>> {

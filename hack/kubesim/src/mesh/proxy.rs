@@ -3,7 +3,6 @@
 //! them to the chosen pod as Envoy would (no retries), with Istio `source` metrics.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -12,10 +11,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::metrics::{Labels, Metrics, Reporter};
@@ -217,29 +214,11 @@ impl ForwardError {
 
 /// Serves the mesh entry on `listener` until dropped (open connections are dropped with it).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let mut connections = JoinSet::new();
-    loop {
-        while connections.try_join_next().is_some() {}
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(error) => {
-                tracing::warn!(%error, "mesh: accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+    super::serve_http1(listener, "mesh entry", move |req| {
         let shared = shared.clone();
-        connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(&shared, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+        async move { handle(&shared, req).await }
+    })
+    .await;
 }
 
 /// One request through one proxy.
