@@ -436,3 +436,56 @@ subjects:
     );
     assert!(!as_bot(&["get", "secrets"]).status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_progress_deadline_written_by_a_client_on_a_paused_deployment_is_kept_and_fails_rollout_status() {
+    let c = Cluster::start().await;
+    c.apply(&web("web", 1, "web:1", "")).await;
+    c.ok(&["rollout", "status", "deployment/web", "--timeout=30s"]).await;
+    c.ok(&["rollout", "pause", "deployment/web"]).await;
+    c.eventually(
+        &[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Progressing")].reason}"#,
+        ],
+        |o| o == "DeploymentPaused",
+    )
+    .await;
+    // What turnout's agent writes when it rolls a release back.
+    let status = r#"{"status":{"conditions":[{"type":"Progressing","status":"False","reason":"ProgressDeadlineExceeded","message":"turnout: rolled back: 3 failed checks"}]}}"#;
+    c.ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        status,
+    ])
+    .await;
+    // A later controller pass (a scale triggers one) must not overwrite it with DeploymentPaused.
+    c.ok(&["scale", "deployment/web", "--replicas=2"]).await;
+    c.eventually(
+        &["get", "deploy", "web", "-o", "jsonpath={.status.readyReplicas}"],
+        |o| o == "2",
+    )
+    .await;
+    let reason = c
+        .ok(&[
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Progressing")].reason}"#,
+        ])
+        .await;
+    assert_eq!(reason, "ProgressDeadlineExceeded");
+    let out = c
+        .kubectl(&["rollout", "status", "deployment/web", "--timeout=10s"])
+        .await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("exceeded its progress deadline"), "{}", out.stderr);
+}
