@@ -3,14 +3,17 @@
 
 use serde_json::{Value, json};
 
+use std::sync::Arc;
+
 use super::Ctx;
+use crate::resources::ResourceType;
 
 /// Deletes dependents whose owners are all gone, and finishes foreground and orphan deletions.
 pub(super) fn sweep(ctx: &Ctx) {
     let api = &ctx.api;
     let registry = api.registry();
     let mut uids = std::collections::HashSet::new();
-    let mut all: Vec<(std::sync::Arc<crate::resources::ResourceType>, std::sync::Arc<Value>)> = Vec::new();
+    let mut all: Vec<(Arc<ResourceType>, Arc<Value>)> = Vec::new();
     for t in registry.all() {
         // One version per resource is enough: versions share their objects.
         if all
@@ -25,6 +28,15 @@ pub(super) fn sweep(ctx: &Ctx) {
                 uids.insert(uid.to_owned());
             }
             all.push((t.clone(), o));
+        }
+    }
+    // Owner uid -> its dependents, so a sweep stays linear in the number of objects.
+    let mut dependents_of: std::collections::HashMap<&str, Vec<usize>> = std::collections::HashMap::new();
+    for (i, (_, o)) in all.iter().enumerate() {
+        for r in o["metadata"]["ownerReferences"].as_array().into_iter().flatten() {
+            if let Some(owner) = r["uid"].as_str() {
+                dependents_of.entry(owner).or_default().push(i);
+            }
         }
     }
     let no_query = Default::default();
@@ -54,14 +66,10 @@ pub(super) fn sweep(ctx: &Ctx) {
         let Some(uid) = o["metadata"]["uid"].as_str() else {
             continue;
         };
-        let dependents: Vec<_> = all
-            .iter()
-            .filter(|(_, d)| {
-                d["metadata"]["ownerReferences"]
-                    .as_array()
-                    .is_some_and(|r| r.iter().any(|r| r["uid"] == uid))
-            })
-            .collect();
+        let dependents: Vec<&(Arc<ResourceType>, Arc<Value>)> = dependents_of
+            .get(uid)
+            .map(|ds| ds.iter().map(|&i| &all[i]).collect())
+            .unwrap_or_default();
         if finalizers.contains(&"foregroundDeletion") {
             for (dt, d) in &dependents {
                 let dns = d["metadata"]["namespace"].as_str().unwrap_or_default();
