@@ -35,7 +35,11 @@ pub(super) fn sweep(ctx: &Ctx) {
     for (i, (_, o)) in all.iter().enumerate() {
         for r in o["metadata"]["ownerReferences"].as_array().into_iter().flatten() {
             if let Some(owner) = r["uid"].as_str() {
-                dependents_of.entry(owner).or_default().push(i);
+                // Two references to the same owner make one dependent, not two.
+                let dependents = dependents_of.entry(owner).or_default();
+                if dependents.last() != Some(&i) {
+                    dependents.push(i);
+                }
             }
         }
     }
