@@ -18,6 +18,7 @@ pub mod istio;
 pub mod metrics;
 pub mod mutate;
 pub mod names;
+pub mod release;
 pub mod report;
 pub mod signals;
 pub mod telemetry;

@@ -32,10 +32,12 @@ pub mod annotations {
     pub const FAILED_CHECKS: &str = "turnout.dev/failed-checks";
     /// Release status: a human-readable message.
     pub const MESSAGE: &str = "turnout.dev/message";
+    /// Release status: the revision the phase, weight and failed checks are about.
+    pub const RELEASE: &str = "turnout.dev/release";
 
     /// Annotations only turnout writes. An update that drops or edits them gets them back from the
     /// stored object, so a `kubectl replace` or a GitOps sync cannot lose a release's state.
-    pub const OWNED: [&str; 8] = [
+    pub const OWNED: [&str; 9] = [
         REVISION,
         VERSION_STAMPED,
         STABLE_REVISION,
@@ -44,9 +46,18 @@ pub mod annotations {
         WEIGHT,
         FAILED_CHECKS,
         MESSAGE,
+        RELEASE,
     ];
     /// The annotations that describe a release in flight or its status; a CREATE starts without them.
-    pub const RELEASE: [&str; 6] = [STABLE_REVISION, STABLE_HASH, PHASE, WEIGHT, FAILED_CHECKS, MESSAGE];
+    pub const RELEASE_STATE: [&str; 7] = [
+        STABLE_REVISION,
+        STABLE_HASH,
+        PHASE,
+        WEIGHT,
+        FAILED_CHECKS,
+        MESSAGE,
+        RELEASE,
+    ];
 }
 
 /// Values of the labels and annotations above.
@@ -62,4 +73,40 @@ pub mod values {
 /// The `version` label value turnout stamps for revision `n`.
 pub fn version_label(revision: u64) -> String {
     format!("v{revision}")
+}
+
+/// Labels and names of the objects the agent creates.
+pub mod agent {
+    /// Pod label that tells a candidate's pods from the user Deployment's.
+    pub const TRACK: &str = "turnout.dev/track";
+    /// Value of [`TRACK`] on candidate pods.
+    pub const CANDIDATE: &str = "candidate";
+    /// Label on the candidate Deployment naming the user Deployment it belongs to.
+    pub const RELEASE_OF: &str = "turnout.dev/release-of";
+    /// Label on VirtualServices and DestinationRules turnout manages.
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    /// Value of [`MANAGED_BY`].
+    pub const TURNOUT: &str = "turnout";
+    /// Annotation on a managed VirtualService or DestinationRule: when turnout last changed its spec
+    /// (RFC 3339), from which propagation and drain windows are counted, also after a restart.
+    pub const CHANGED_AT: &str = "turnout.dev/changed-at";
+    /// The label every ReplicaSet's pods carry, which Istio subsets select on.
+    pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+}
+
+/// Name of the candidate Deployment of release `revision` of Deployment `name`.
+pub fn candidate_name(name: &str, revision: u64) -> String {
+    format!("{name}-v{revision}")
+}
+
+/// Subset names (DESIGN §3): the stable ReplicaSet, the candidate, the user Deployment's new ReplicaSet.
+pub mod subsets {
+    /// `v<M>`: a ReplicaSet of the user's Deployment at revision `m`.
+    pub fn revision(m: u64) -> String {
+        format!("v{m}")
+    }
+    /// `v<N>-canary`: the candidate of release `n`.
+    pub fn canary(n: u64) -> String {
+        format!("v{n}-canary")
+    }
 }

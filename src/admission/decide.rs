@@ -79,7 +79,7 @@ fn create(target: Target<'_>, new: &Deployment) -> Decision {
     let mut warnings = problems(target, &stamps);
     let mut object = new.clone();
     if let Some(ann) = object.metadata.annotations.as_mut() {
-        for key in annotations::RELEASE {
+        for key in annotations::RELEASE_STATE {
             ann.remove(key);
         }
     }

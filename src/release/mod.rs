@@ -1,0 +1,293 @@
+//! The release state machine (DESIGN §2, §5): a pure function from what is observed in the cluster,
+//! plus the time, to the one next action.
+//!
+//! ```text
+//!  Pending ─▶ Progressing ─▶ Promoting ─▶ HandingOff ─▶ Finalising ─▶ Succeeded
+//!     │            │              │
+//!     └────────────┴──────────────┴──▶ Failed (rolled back, D stays paused on the failed template)
+//!  revert of the template to the stable one, at any point ─▶ RolledBack
+//!  new template during a release ─▶ the old candidate is unwound, the new release starts at Pending
+//! ```
+//!
+//! Nothing is remembered between calls: everything the machine needs is in the cluster (the
+//! Deployment's annotations, the candidate, the VirtualService and DestinationRule with their
+//! `changed-at` annotation). An agent that restarts at any point carries on from there, and one action
+//! per call means a crash between two writes loses nothing.
+
+mod plan;
+#[cfg(test)]
+mod sim;
+
+pub use plan::plan;
+
+use crate::config::ReleaseConfig;
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = u64;
+
+/// The phase of a release, as written to `turnout.dev/phase`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Held; stable subset and candidate being prepared.
+    Pending,
+    /// Traffic moving to the candidate step by step, with analysis.
+    Progressing,
+    /// 100 % on the candidate; waiting for the drain window before unpausing the Deployment.
+    Promoting,
+    /// The Deployment is unpaused and replaces its pods while they carry no traffic.
+    HandingOff,
+    /// Traffic moves to the Deployment's new ReplicaSet; the candidate and old subsets are removed.
+    Finalising,
+    /// The release completed.
+    Succeeded,
+    /// Rolled back on failed analysis or a deadline; the Deployment stays paused on the failed template.
+    Failed,
+    /// The template was set back to the stable one and the release was unwound.
+    RolledBack,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 8] = [
+        Phase::Pending,
+        Phase::Progressing,
+        Phase::Promoting,
+        Phase::HandingOff,
+        Phase::Finalising,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::RolledBack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Progressing => "Progressing",
+            Phase::Promoting => "Promoting",
+            Phase::HandingOff => "HandingOff",
+            Phase::Finalising => "Finalising",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::RolledBack => "RolledBack",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Phase> {
+        Phase::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// Whether the release has ended (no further action unless the template changes).
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::RolledBack)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything the machine looks at.
+#[derive(Clone, Debug)]
+pub struct Observed<'a> {
+    pub now: Millis,
+    pub config: &'a ReleaseConfig,
+    pub deployment: DeploymentView,
+    /// The user Deployment's ReplicaSet of the stable revision (while a release is recorded).
+    pub stable_rs: Option<ReplicaSetView>,
+    /// The user Deployment's ReplicaSet of the template's revision (after hand-off).
+    pub new_rs: Option<ReplicaSetView>,
+    /// Candidate Deployments of this Deployment (normally at most one).
+    pub candidates: Vec<CandidateView>,
+    /// Routing for each Service that selects the Deployment's pods.
+    pub hosts: Vec<HostView>,
+    /// Why routing cannot be managed (Istio CRDs missing), if so.
+    pub routing_unavailable: Option<String>,
+    /// The result of the analysis the previous call asked for ([`Action::Analyse`]).
+    pub verdict: Option<Verdict>,
+}
+
+/// The user's Deployment.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeploymentView {
+    pub namespace: String,
+    pub name: String,
+    pub replicas: i32,
+    pub paused: bool,
+    /// Revision of the pod template (its `turnout.dev/revision` label; 0 when unstamped).
+    pub template_revision: u64,
+    /// The release intent written by the webhook: the stable revision.
+    pub stable_revision: Option<u64>,
+    /// The release status annotations.
+    pub status: StatusView,
+    /// The native controller has rolled out the current template: every replica updated and available.
+    pub rollout_complete: bool,
+}
+
+/// The release status annotations as stored.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StatusView {
+    pub phase: Option<Phase>,
+    pub release: Option<u64>,
+    pub weight: u8,
+    pub failed_checks: u32,
+}
+
+/// A ReplicaSet of the user Deployment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaSetView {
+    pub hash: String,
+    pub ready: i32,
+}
+
+/// A candidate Deployment `D-v<N>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CandidateView {
+    pub name: String,
+    pub revision: u64,
+    /// `pod-template-hash` of its ReplicaSet, once there is one.
+    pub hash: Option<String>,
+    /// Every replica ready and available.
+    pub available: bool,
+    /// Pods of the candidate that still exist (terminating ones included).
+    pub pods: u32,
+    /// Container restarts across its pods.
+    pub restarts: u32,
+    pub created_at: Millis,
+    /// Deletion requested.
+    pub deleting: bool,
+}
+
+/// Routing for one Service.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostView {
+    /// The Service's name; the VirtualService and DestinationRule are named after it.
+    pub service: String,
+    pub virtual_service: Managed<VirtualServiceView>,
+    pub destination_rule: Managed<DestinationRuleView>,
+}
+
+/// An Istio object for a host, as far as turnout may touch it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Managed<T> {
+    /// None exists: turnout creates one when it needs it.
+    Absent,
+    /// turnout manages it.
+    Ours(T),
+    /// Someone else's, named: left untouched, and the release cannot route.
+    Foreign(String),
+}
+
+/// A managed VirtualService.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtualServiceView {
+    pub route: Route,
+    pub changed_at: Millis,
+}
+
+/// A managed DestinationRule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DestinationRuleView {
+    pub subsets: Vec<Subset>,
+    pub changed_at: Millis,
+}
+
+/// Where a VirtualService sends the host's traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// To the host, every ready pod of the Service (the state at rest).
+    Host,
+    /// To subsets with weights summing to 100.
+    Split(Vec<Weighted>),
+}
+
+impl Route {
+    /// Weight the route gives to `subset`.
+    pub fn weight_of(&self, subset: &str) -> u8 {
+        match self {
+            Route::Host => 0,
+            Route::Split(parts) => parts.iter().filter(|p| p.subset == subset).map(|p| p.weight).sum(),
+        }
+    }
+
+    /// Subsets the route names.
+    pub fn subsets(&self) -> impl Iterator<Item = &str> {
+        let parts: &[Weighted] = match self {
+            Route::Host => &[],
+            Route::Split(parts) => parts,
+        };
+        parts.iter().map(|p| p.subset.as_str())
+    }
+}
+
+/// One destination of a split route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Weighted {
+    pub subset: String,
+    pub weight: u8,
+}
+
+/// A DestinationRule subset: a name and the `pod-template-hash` it selects.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Subset {
+    pub name: String,
+    pub hash: String,
+}
+
+/// The outcome of one analysis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub passed: bool,
+    /// What was checked, or what failed (`success rate 53.4% < 99%`).
+    pub message: String,
+}
+
+/// The next thing to do, with an Event to record when it is done.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub action: Action,
+    pub event: Option<Event>,
+}
+
+/// One write, one analysis, or a wait.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Create or replace the DestinationRule of `hosts[host]` with these subsets.
+    PutDestinationRule { host: usize, subsets: Vec<Subset> },
+    /// Create or replace the VirtualService of `hosts[host]` with this route.
+    PutVirtualService { host: usize, route: Route },
+    /// Create the candidate Deployment of the template's revision.
+    CreateCandidate { revision: u64 },
+    /// Delete a candidate Deployment (its pods go with it).
+    DeleteCandidate { name: String },
+    /// Write the release status (and possibly unpause, clear the intent, mark the rollout failed).
+    Status(StatusPatch),
+    /// Run the analysis checks of the candidate and call [`plan`] again with the verdict.
+    Analyse { revision: u64 },
+    /// Nothing to do until `until` (if given) or until something changes.
+    Wait { until: Option<Millis>, reason: String },
+}
+
+/// A write to the user Deployment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusPatch {
+    pub phase: Phase,
+    pub release: u64,
+    pub weight: u8,
+    pub failed_checks: u32,
+    pub message: String,
+    /// Set `spec.paused: false` (hand-off).
+    pub unpause: bool,
+    /// Remove the release intent (the release ended and needs nothing more).
+    pub clear_intent: bool,
+    /// Write `Progressing=False, reason ProgressDeadlineExceeded` with the message to the status.
+    pub fail_rollout: bool,
+}
+
+/// A Kubernetes Event on the user Deployment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}

@@ -1,0 +1,796 @@
+//! [`plan`]: the next action of a release, from what is observed.
+//!
+//! Each phase is a list of conditions to establish in order; the first one that does not hold yet
+//! gives the action. The same few helpers keep the invariants for every phase:
+//!
+//! - [`ensure_route`] adds subsets to the DestinationRule and waits for them to propagate before a
+//!   VirtualService names them (I1), changes one route at a time, and only writes weights summing to
+//!   100 (I4);
+//! - [`remove_strays`] takes traffic off a candidate, waits the propagation delay and the drain window,
+//!   and only then deletes it (I3, I6);
+//! - [`to_rest`] removes subsets only once no route names them and that change has propagated (I2),
+//!   and routes to the host only when no candidate pod is left for it to select (I3).
+
+use super::{
+    Action, CandidateView, Event, HostView, Managed, Millis, Observed, Phase, Plan, Route, StatusPatch, Subset,
+    Weighted,
+};
+use crate::names::{candidate_name, subsets};
+
+/// The next action for the Deployment described by `o`.
+pub fn plan(o: &Observed<'_>) -> Plan {
+    let d = &o.deployment;
+    let Some(stable) = d.stable_revision else {
+        return at_rest(o);
+    };
+    let t = d.template_revision;
+    if t == stable {
+        return reverted(o, stable);
+    }
+    let status = &d.status;
+    if status.release != Some(t) {
+        return start(o, t);
+    }
+    match status.phase {
+        None | Some(Phase::Pending) => pending(o, t),
+        Some(Phase::Progressing) => progressing(o, t),
+        Some(Phase::Promoting) => promoting(o, t),
+        Some(Phase::HandingOff) => handing_off(o, t),
+        Some(Phase::Finalising) => finalising(o, t),
+        Some(Phase::Succeeded) => succeeded(o, t),
+        Some(Phase::Failed | Phase::RolledBack) => failed(o, t),
+    }
+}
+
+fn at_rest(o: &Observed<'_>) -> Plan {
+    remove_strays(o, None)
+        .or_else(|| to_rest(o))
+        .unwrap_or_else(|| wait(None, "at rest: no release in flight"))
+}
+
+/// The template is the stable one again: unwind without analysis, then record the rollback.
+fn reverted(o: &Observed<'_>, stable: u64) -> Plan {
+    if let Some(plan) = remove_strays(o, None).or_else(|| to_rest(o)) {
+        return plan;
+    }
+    let d = &o.deployment;
+    let abandoned = d.status.release.filter(|r| *r != stable);
+    let message = match abandoned {
+        Some(r) => format!("release v{r} rolled back: the template was set back to v{stable}"),
+        None => format!("back on v{stable}"),
+    };
+    Plan {
+        action: Action::Status(StatusPatch {
+            phase: Phase::RolledBack,
+            release: abandoned.unwrap_or(stable),
+            weight: 0,
+            failed_checks: d.status.failed_checks,
+            message: message.clone(),
+            unpause: false,
+            clear_intent: true,
+            fail_rollout: false,
+        }),
+        event: Some(info("RolledBack", format!("{}: {message}", d.name))),
+    }
+}
+
+/// A new template: record the release (superseding the previous one, if any).
+fn start(o: &Observed<'_>, t: u64) -> Plan {
+    let d = &o.deployment;
+    let superseded = d
+        .status
+        .release
+        .filter(|r| *r != t && d.status.phase.is_some_and(|p| !p.is_final()));
+    let message = match superseded {
+        Some(r) => format!("release v{t} supersedes v{r}"),
+        None => format!("release v{t} started"),
+    };
+    Plan {
+        action: Action::Status(StatusPatch {
+            phase: Phase::Pending,
+            release: t,
+            weight: 0,
+            failed_checks: 0,
+            message: message.clone(),
+            unpause: false,
+            clear_intent: false,
+            fail_rollout: false,
+        }),
+        event: Some(info(
+            if superseded.is_some() { "Superseded" } else { "Started" },
+            format!("{}/{}: {message}", d.namespace, d.name),
+        )),
+    }
+}
+
+fn pending(o: &Observed<'_>, t: u64) -> Plan {
+    if let Some(plan) = remove_strays(o, Some(t)) {
+        return plan;
+    }
+    if let Some(why) = unroutable(o) {
+        return fail(o, t, o.deployment.status.failed_checks, why);
+    }
+    let d = &o.deployment;
+    let Some(stable) = stable_subset(o) else {
+        // Nothing serves traffic that could be lost (no Service, or no stable pods): release natively.
+        let why = if o.hosts.is_empty() {
+            format!("no Service selects the pods of {}", d.name)
+        } else {
+            format!("{} has no ready pods of v{} to protect", d.name, stable_revision(o))
+        };
+        return status(
+            o,
+            t,
+            Phase::HandingOff,
+            100,
+            format!("{why}: rolling out v{t} natively"),
+            true,
+            Some(info(
+                "HandingOff",
+                format!("{}/{}: {why}; rolling out v{t} natively", d.namespace, d.name),
+            )),
+        );
+    };
+    if let Some(canary) = canary_subset(o, t) {
+        let weight = current_weight(o, &canary.name);
+        if weight > 0 {
+            // The first step is routed; the status follows.
+            return status(
+                o,
+                t,
+                Phase::Progressing,
+                weight,
+                format!("canary weight {weight}"),
+                false,
+                None,
+            );
+        }
+    }
+    if let Some(plan) = ensure_route(o, &[(stable.clone(), 100)]) {
+        return plan;
+    }
+    if let Some(until) = routes_settle(o, 0) {
+        return wait(Some(until), "waiting for the route to the stable subset to propagate");
+    }
+    let Some(candidate) = candidate_of(o, t) else {
+        return Plan {
+            action: Action::CreateCandidate { revision: t },
+            event: Some(info(
+                "Candidate",
+                format!(
+                    "{}/{}: creating candidate {}",
+                    d.namespace,
+                    d.name,
+                    candidate_name(&d.name, t)
+                ),
+            )),
+        };
+    };
+    let hash = match (&candidate.hash, candidate.available) {
+        (Some(hash), true) => hash.clone(),
+        _ => {
+            let deadline = candidate.created_at + ms(o.config.progress_deadline);
+            if o.now >= deadline {
+                return fail(
+                    o,
+                    t,
+                    o.deployment.status.failed_checks,
+                    format!(
+                        "candidate {} not available within {}",
+                        candidate.name,
+                        humantime::format_duration(o.config.progress_deadline)
+                    ),
+                );
+            }
+            return wait(
+                Some(deadline),
+                &format!("waiting for candidate {} to be available", candidate.name),
+            );
+        }
+    };
+    let canary = Subset {
+        name: subsets::canary(t),
+        hash,
+    };
+    let first = o.config.steps.first().copied().unwrap_or(100);
+    advance(o, &stable, &canary, first).unwrap_or_else(|| wait(None, "routing the first step"))
+}
+
+fn progressing(o: &Observed<'_>, t: u64) -> Plan {
+    if let Some(plan) = remove_strays(o, Some(t)) {
+        return plan;
+    }
+    if let Some(why) = unroutable(o) {
+        return fail(o, t, o.deployment.status.failed_checks, why);
+    }
+    let d = &o.deployment;
+    let (Some(stable), Some(canary)) = (stable_subset(o), canary_subset(o, t)) else {
+        return fail(
+            o,
+            t,
+            o.deployment.status.failed_checks,
+            format!("candidate {} disappeared", candidate_name(&d.name, t)),
+        );
+    };
+    let weight = current_weight(o, &canary.name);
+    if weight == 0 {
+        // The status was written but the route was not (or was undone): take the first step again.
+        let first = o.config.steps.first().copied().unwrap_or(100);
+        return advance(o, &stable, &canary, first).unwrap_or_else(|| wait(None, "routing the first step"));
+    }
+    if d.status.weight != weight {
+        return status(
+            o,
+            t,
+            Phase::Progressing,
+            weight,
+            format!("canary weight {weight}"),
+            false,
+            None,
+        );
+    }
+    if let Some(until) = routes_settle(o, 0) {
+        return wait(Some(until), &format!("waiting for canary weight {weight} to propagate"));
+    }
+    let due = last_route_change(o)
+        + ms(o.config.propagation_delay)
+        + ms(o.config.interval) * u64::from(d.status.failed_checks + 1);
+    if o.now < due {
+        return wait(Some(due), &format!("analysing canary weight {weight}"));
+    }
+    let Some(verdict) = &o.verdict else {
+        return Plan {
+            action: Action::Analyse { revision: t },
+            event: None,
+        };
+    };
+    if verdict.passed {
+        if weight >= 100 {
+            return status(
+                o,
+                t,
+                Phase::Promoting,
+                100,
+                format!(
+                    "all traffic on the candidate; handing off to {} after the drain window",
+                    d.name
+                ),
+                false,
+                Some(info(
+                    "Promoting",
+                    format!("{}/{}: {}", d.namespace, d.name, verdict.message),
+                )),
+            );
+        }
+        let next = o.config.steps.iter().copied().find(|s| *s > weight).unwrap_or(100);
+        return advance(o, &stable, &canary, next).unwrap_or_else(|| wait(None, "advancing"));
+    }
+    let failed = d.status.failed_checks + 1;
+    if failed >= o.config.threshold {
+        return fail(o, t, failed, format!("{failed} failed checks: {}", verdict.message));
+    }
+    let message = format!("Halt advancement: {}", verdict.message);
+    Plan {
+        action: Action::Status(StatusPatch {
+            phase: Phase::Progressing,
+            release: t,
+            weight,
+            failed_checks: failed,
+            message: message.clone(),
+            unpause: false,
+            clear_intent: false,
+            fail_rollout: false,
+        }),
+        event: Some(warning("Halt", format!("{}/{}: {message}", d.namespace, d.name))),
+    }
+}
+
+fn promoting(o: &Observed<'_>, t: u64) -> Plan {
+    if let Some(plan) = remove_strays(o, Some(t)) {
+        return plan;
+    }
+    if let Some(why) = unroutable(o) {
+        return fail(o, t, o.deployment.status.failed_checks, why);
+    }
+    let d = &o.deployment;
+    let Some(canary) = canary_subset(o, t) else {
+        return fail(
+            o,
+            t,
+            o.deployment.status.failed_checks,
+            format!("candidate {} disappeared", candidate_name(&d.name, t)),
+        );
+    };
+    if let Some(plan) = ensure_route(o, &[(canary, 100)]) {
+        return plan;
+    }
+    if let Some(until) = routes_settle(o, ms(o.config.drain)) {
+        return wait(Some(until), "draining the stable pods before hand-off");
+    }
+    status(
+        o,
+        t,
+        Phase::HandingOff,
+        100,
+        format!("{} is rolling out v{t} while the candidate carries the traffic", d.name),
+        true,
+        Some(info(
+            "HandingOff",
+            format!("{}/{}: handing off to {}", d.namespace, d.name, d.name),
+        )),
+    )
+}
+
+fn handing_off(o: &Observed<'_>, t: u64) -> Plan {
+    if let Some(plan) = remove_strays(o, Some(t)) {
+        return plan;
+    }
+    let d = &o.deployment;
+    if d.paused {
+        return status(
+            o,
+            t,
+            Phase::HandingOff,
+            100,
+            format!("{} is rolling out v{t} while the candidate carries the traffic", d.name),
+            true,
+            None,
+        );
+    }
+    if !d.rollout_complete || o.new_rs.is_none() {
+        return wait(None, &format!("waiting for {} to roll out v{t}", d.name));
+    }
+    status(
+        o,
+        t,
+        Phase::Finalising,
+        100,
+        format!("moving traffic to {}'s own pods of v{t}", d.name),
+        false,
+        None,
+    )
+}
+
+fn finalising(o: &Observed<'_>, t: u64) -> Plan {
+    if let Some(new_rs) = &o.new_rs
+        && !o.hosts.is_empty()
+    {
+        let own = Subset {
+            name: subsets::revision(t),
+            hash: new_rs.hash.clone(),
+        };
+        // Until the candidate is gone the route must stay on the Deployment's pods.
+        if let Some(plan) = ensure_route_unless_at_rest(o, &[(own, 100)]) {
+            return plan;
+        }
+    }
+    if let Some(plan) = remove_strays(o, None).or_else(|| to_rest(o)) {
+        return plan;
+    }
+    succeeded(o, t)
+}
+
+/// `Succeeded` recorded but the intent still there (or a crash between the two): finish the record.
+fn succeeded(o: &Observed<'_>, t: u64) -> Plan {
+    if let Some(plan) = remove_strays(o, None).or_else(|| to_rest(o)) {
+        return plan;
+    }
+    let d = &o.deployment;
+    Plan {
+        action: Action::Status(StatusPatch {
+            phase: Phase::Succeeded,
+            release: t,
+            weight: 100,
+            failed_checks: d.status.failed_checks,
+            message: format!("v{t} promoted"),
+            unpause: false,
+            clear_intent: true,
+            fail_rollout: false,
+        }),
+        event: Some(info(
+            "Promoted",
+            format!("{}/{}: Promotion completed", d.namespace, d.name),
+        )),
+    }
+}
+
+fn failed(o: &Observed<'_>, t: u64) -> Plan {
+    remove_strays(o, None).or_else(|| to_rest(o)).unwrap_or_else(|| {
+        wait(
+            None,
+            &format!(
+                "release v{t} failed; {} stays paused on it: set the template back or change it to release again",
+                o.deployment.name
+            ),
+        )
+    })
+}
+
+/// Rolls release `t` back: the status is written first (so `kubectl rollout status` fails at once),
+/// the unwinding follows in phase `Failed`.
+fn fail(o: &Observed<'_>, t: u64, failed_checks: u32, why: String) -> Plan {
+    let d = &o.deployment;
+    Plan {
+        action: Action::Status(StatusPatch {
+            phase: Phase::Failed,
+            release: t,
+            weight: 0,
+            failed_checks,
+            message: format!("release v{t} rolled back: {why}"),
+            unpause: false,
+            clear_intent: false,
+            fail_rollout: true,
+        }),
+        event: Some(warning(
+            "RollingBack",
+            format!("{}/{}: Rolling back: {why}", d.namespace, d.name),
+        )),
+    }
+}
+
+/// Candidates other than `keep`: traffic off, drained, deleted, gone.
+fn remove_strays(o: &Observed<'_>, keep: Option<u64>) -> Option<Plan> {
+    let strays: Vec<&CandidateView> = o.candidates.iter().filter(|c| Some(c.revision) != keep).collect();
+    if strays.is_empty() {
+        return None;
+    }
+    let exposed = |route: &Route| {
+        *route == Route::Host || strays.iter().any(|c| route.weight_of(&subsets::canary(c.revision)) > 0)
+    };
+    let any_exposed = o.hosts.iter().any(|h| match &h.virtual_service {
+        Managed::Absent => true,
+        Managed::Ours(vs) => exposed(&vs.route),
+        Managed::Foreign(_) => false,
+    });
+    if any_exposed {
+        let Some(stable) = stable_subset(o).filter(|_| stable_ready(o)) else {
+            return Some(wait(
+                None,
+                "waiting for the stable ReplicaSet to be ready before taking traffic off the candidate",
+            ));
+        };
+        if let Some(plan) = ensure_route(o, &[(stable, 100)]) {
+            return Some(plan);
+        }
+    }
+    if let Some(until) = routes_settle(o, ms(o.config.drain)) {
+        return Some(wait(Some(until), "draining the candidate before deleting it"));
+    }
+    let d = &o.deployment;
+    if let Some(c) = strays.iter().find(|c| !c.deleting) {
+        return Some(Plan {
+            action: Action::DeleteCandidate { name: c.name.clone() },
+            event: Some(info(
+                "Candidate",
+                format!("{}/{}: deleting candidate {}", d.namespace, d.name, c.name),
+            )),
+        });
+    }
+    Some(wait(None, "waiting for the candidate's pods to terminate"))
+}
+
+/// Back to rest once no candidate is left: unused subsets removed, route to the host, no subsets.
+fn to_rest(o: &Observed<'_>) -> Option<Plan> {
+    if !o.candidates.is_empty() {
+        return None;
+    }
+    let prop = ms(o.config.propagation_delay);
+    for (host, h) in o.hosts.iter().enumerate() {
+        let (Managed::Ours(vs), dr) = (&h.virtual_service, &h.destination_rule) else {
+            continue;
+        };
+        if vs.route == Route::Host {
+            continue;
+        }
+        let Managed::Ours(dr) = dr else {
+            // No rule of ours defines the subsets: the route cannot be serving; back to the host.
+            if vs.changed_at + prop > o.now {
+                return Some(wait(Some(vs.changed_at + prop), "waiting for the route to propagate"));
+            }
+            return Some(Plan {
+                action: Action::PutVirtualService {
+                    host,
+                    route: Route::Host,
+                },
+                event: None,
+            });
+        };
+        let used: Vec<Subset> = dr
+            .subsets
+            .iter()
+            .filter(|s| vs.route.weight_of(&s.name) > 0)
+            .cloned()
+            .collect();
+        // Write the rule once after the last candidate is gone (pruning what no route uses): the
+        // route to the host waits for that write to propagate, as the candidate's endpoints do.
+        if used != dr.subsets || dr.changed_at < vs.changed_at {
+            if vs.changed_at + prop > o.now {
+                return Some(wait(Some(vs.changed_at + prop), "waiting for the route to propagate"));
+            }
+            return Some(Plan {
+                action: Action::PutDestinationRule { host, subsets: used },
+                event: None,
+            });
+        }
+        if dr.changed_at + prop > o.now {
+            return Some(wait(Some(dr.changed_at + prop), "waiting for the subsets to propagate"));
+        }
+        return Some(Plan {
+            action: Action::PutVirtualService {
+                host,
+                route: Route::Host,
+            },
+            event: Some(info(
+                "Routing",
+                format!(
+                    "{}/{}: {} routes to every pod again",
+                    o.deployment.namespace, o.deployment.name, h.service
+                ),
+            )),
+        });
+    }
+    for (host, h) in o.hosts.iter().enumerate() {
+        let Managed::Ours(dr) = &h.destination_rule else {
+            continue;
+        };
+        if dr.subsets.is_empty() {
+            continue;
+        }
+        let vs_at = match &h.virtual_service {
+            Managed::Ours(vs) => vs.changed_at,
+            _ => 0,
+        };
+        if vs_at + prop > o.now {
+            return Some(wait(
+                Some(vs_at + prop),
+                "waiting for the route to the host to propagate",
+            ));
+        }
+        return Some(Plan {
+            action: Action::PutDestinationRule {
+                host,
+                subsets: Vec::new(),
+            },
+            event: None,
+        });
+    }
+    None
+}
+
+/// Moves the canary to `weight` (the rest on `stable`), with an Event.
+fn advance(o: &Observed<'_>, stable: &Subset, canary: &Subset, weight: u8) -> Option<Plan> {
+    let weight = weight.min(100);
+    let mut want = vec![(canary.clone(), weight)];
+    if weight < 100 {
+        want.insert(0, (stable.clone(), 100 - weight));
+    }
+    let mut plan = ensure_route(o, &want)?;
+    if matches!(plan.action, Action::PutVirtualService { .. }) {
+        let d = &o.deployment;
+        plan.event = Some(info(
+            "Advance",
+            format!("Advance {}/{} canary weight {weight}", d.namespace, d.name),
+        ));
+    }
+    Some(plan)
+}
+
+/// In `Finalising`: route to the Deployment's own pods, unless the release already reached rest.
+fn ensure_route_unless_at_rest(o: &Observed<'_>, want: &[(Subset, u8)]) -> Option<Plan> {
+    let at_rest = o.candidates.is_empty()
+        && o.hosts.iter().all(|h| match &h.virtual_service {
+            Managed::Ours(vs) => vs.route == Route::Host || vs.route.weight_of(&want[0].0.name) == 100,
+            _ => true,
+        });
+    if at_rest {
+        return None;
+    }
+    ensure_route(o, want)
+}
+
+/// Makes every managed host route `want` (I1: subsets first, propagated; one change at a time).
+fn ensure_route(o: &Observed<'_>, want: &[(Subset, u8)]) -> Option<Plan> {
+    debug_assert_eq!(want.iter().map(|(_, w)| u32::from(*w)).sum::<u32>(), 100);
+    let route = Route::Split(
+        want.iter()
+            .filter(|(_, w)| *w > 0)
+            .map(|(s, w)| Weighted {
+                subset: s.name.clone(),
+                weight: *w,
+            })
+            .collect(),
+    );
+    let prop = ms(o.config.propagation_delay);
+    for (host, h) in o.hosts.iter().enumerate() {
+        let (current, routed_at) = match &h.virtual_service {
+            Managed::Absent => (&Route::Host, 0),
+            Managed::Ours(vs) => (&vs.route, vs.changed_at),
+            Managed::Foreign(_) => continue,
+        };
+        if *current == route {
+            continue;
+        }
+        if routed_at + prop > o.now {
+            return Some(wait(
+                Some(routed_at + prop),
+                "waiting for the previous route change to propagate",
+            ));
+        }
+        let (defined, defined_at) = match &h.destination_rule {
+            Managed::Ours(dr) => (dr.subsets.as_slice(), dr.changed_at),
+            Managed::Absent => (&[][..], 0),
+            Managed::Foreign(_) => continue,
+        };
+        let missing: Vec<Subset> = want
+            .iter()
+            .filter(|(s, w)| *w > 0 && !defined.iter().any(|d| d.name == s.name))
+            .map(|(s, _)| s.clone())
+            .collect();
+        if !missing.is_empty() {
+            let mut subsets = defined.to_vec();
+            subsets.extend(missing);
+            return Some(Plan {
+                action: Action::PutDestinationRule { host, subsets },
+                event: None,
+            });
+        }
+        if defined_at + prop > o.now {
+            return Some(wait(Some(defined_at + prop), "waiting for the new subset to propagate"));
+        }
+        return Some(Plan {
+            action: Action::PutVirtualService {
+                host,
+                route: route.clone(),
+            },
+            event: None,
+        });
+    }
+    None
+}
+
+/// Why this release cannot route: a VirtualService or DestinationRule that is not turnout's, or no
+/// Istio at all.
+fn unroutable(o: &Observed<'_>) -> Option<String> {
+    if let Some(why) = &o.routing_unavailable
+        && !o.hosts.is_empty()
+    {
+        return Some(why.clone());
+    }
+    o.hosts.iter().find_map(|h: &HostView| {
+        let foreign = |kind: &str, name: &String| {
+            Some(format!(
+                "{kind} {name} for Service {} is not managed by turnout; it was left untouched (label it \
+                 app.kubernetes.io/managed-by=turnout or delete it to let turnout manage the host)",
+                h.service
+            ))
+        };
+        match (&h.virtual_service, &h.destination_rule) {
+            (Managed::Foreign(name), _) => foreign("VirtualService", name),
+            (_, Managed::Foreign(name)) => foreign("DestinationRule", name),
+            _ => None,
+        }
+    })
+}
+
+fn stable_revision(o: &Observed<'_>) -> u64 {
+    o.deployment.stable_revision.unwrap_or(o.deployment.template_revision)
+}
+
+/// The subset of the stable ReplicaSet, when it has pods.
+fn stable_subset(o: &Observed<'_>) -> Option<Subset> {
+    let rs = o.stable_rs.as_ref().filter(|rs| rs.ready > 0)?;
+    if o.hosts.is_empty() {
+        return None;
+    }
+    Some(Subset {
+        name: subsets::revision(stable_revision(o)),
+        hash: rs.hash.clone(),
+    })
+}
+
+/// The stable ReplicaSet can take all the traffic back.
+fn stable_ready(o: &Observed<'_>) -> bool {
+    o.stable_rs
+        .as_ref()
+        .is_some_and(|rs| rs.ready >= o.deployment.replicas.max(1))
+}
+
+fn candidate_of<'o>(o: &'o Observed<'_>, t: u64) -> Option<&'o CandidateView> {
+    o.candidates.iter().find(|c| c.revision == t && !c.deleting)
+}
+
+fn canary_subset(o: &Observed<'_>, t: u64) -> Option<Subset> {
+    let c = candidate_of(o, t)?;
+    Some(Subset {
+        name: subsets::canary(t),
+        hash: c.hash.clone()?,
+    })
+}
+
+/// The canary's weight on the first managed host (all hosts move together).
+fn current_weight(o: &Observed<'_>, canary: &str) -> u8 {
+    o.hosts
+        .iter()
+        .find_map(|h| match &h.virtual_service {
+            Managed::Ours(vs) => Some(vs.route.weight_of(canary)),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+fn last_route_change(o: &Observed<'_>) -> Millis {
+    o.hosts
+        .iter()
+        .filter_map(|h| match &h.virtual_service {
+            Managed::Ours(vs) => Some(vs.changed_at),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// When the last route change will have propagated and `extra` more passed, if that is still ahead.
+fn routes_settle(o: &Observed<'_>, extra: Millis) -> Option<Millis> {
+    let until = last_route_change(o) + ms(o.config.propagation_delay) + extra;
+    (o.now < until).then_some(until)
+}
+
+fn status(
+    o: &Observed<'_>,
+    t: u64,
+    phase: Phase,
+    weight: u8,
+    message: String,
+    unpause: bool,
+    event: Option<Event>,
+) -> Plan {
+    Plan {
+        action: Action::Status(StatusPatch {
+            phase,
+            release: t,
+            weight,
+            failed_checks: if phase == o.deployment.status.phase.unwrap_or(Phase::Pending)
+                && weight == o.deployment.status.weight
+            {
+                o.deployment.status.failed_checks
+            } else {
+                0
+            },
+            message,
+            unpause,
+            clear_intent: false,
+            fail_rollout: false,
+        }),
+        event,
+    }
+}
+
+fn wait(until: Option<Millis>, reason: &str) -> Plan {
+    Plan {
+        action: Action::Wait {
+            until,
+            reason: reason.to_owned(),
+        },
+        event: None,
+    }
+}
+
+fn info(reason: &'static str, message: String) -> Event {
+    Event {
+        warning: false,
+        reason,
+        message,
+    }
+}
+
+fn warning(reason: &'static str, message: String) -> Event {
+    Event {
+        warning: true,
+        reason,
+        message,
+    }
+}
+
+fn ms(d: std::time::Duration) -> Millis {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,712 @@
+//! A model cluster for the release machine: the webhook, the Deployment controller, candidates that
+//! become available after a while, and mesh proxies that each apply routing writes after their own
+//! delay (up to the propagation delay). Property tests generate scenarios (delays, verdicts, supersedes,
+//! reverts, an agent that crashes before a write) and check the invariants of DESIGN §5 at every tick.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::config::ReleaseConfig;
+
+const TICK: Millis = 100;
+const SERVICE: &str = "podinfo";
+const REPLICAS: i32 = 3;
+
+/// A deterministic random source (the scenario's seed decides every delay).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// A whole number of ticks in `0..=max_ms`.
+    fn delay(&mut self, max_ms: Millis) -> Millis {
+        let ticks = max_ms / TICK;
+        (self.next() % (ticks + 1)) * TICK
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() % 10_000) as f64 / 10_000.0 < p
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum UserAction {
+    /// A new image: a good one passes analysis (mostly), a bad one fails every check.
+    SetImage { bad: bool },
+    /// The template set back to the stable one.
+    Revert,
+}
+
+#[derive(Clone, Debug)]
+struct Scenario {
+    seed: u64,
+    propagation_ms: Millis,
+    drain_ms: Millis,
+    interval_ms: Millis,
+    threshold: u32,
+    steps: Vec<u8>,
+    proxies: usize,
+    crash_rate: f64,
+    /// Probability that a check of a good release fails anyway.
+    flake_rate: f64,
+    /// Longest time a candidate takes to be available; `None`: candidates never become available.
+    candidate_ready_ms: Option<Millis>,
+    events: Vec<(Millis, UserAction)>,
+}
+
+/// A routing write as one proxy sees it: from `at` on.
+#[derive(Clone, Debug)]
+struct Seen<T> {
+    at: Millis,
+    value: T,
+}
+
+struct Proxy {
+    routes: Vec<Seen<Route>>,
+    rules: Vec<Seen<Vec<Subset>>>,
+}
+
+impl Proxy {
+    fn view<T: Clone>(history: &[Seen<T>], at: Millis, empty: T) -> T {
+        history
+            .iter()
+            .rev()
+            .find(|s| s.at <= at)
+            .map_or(empty, |s| s.value.clone())
+    }
+    fn route(&self, at: Millis) -> Route {
+        Self::view(&self.routes, at, Route::Host)
+    }
+    fn rules(&self, at: Millis) -> Vec<Subset> {
+        Self::view(&self.rules, at, Vec::new())
+    }
+    /// Whether this proxy sends traffic to pods with `hash` at `at`.
+    fn selects(&self, at: Millis, hash: &str) -> bool {
+        match self.route(at) {
+            Route::Host => true,
+            Route::Split(parts) => {
+                let rules = self.rules(at);
+                parts
+                    .iter()
+                    .filter(|p| p.weight > 0)
+                    .any(|p| rules.iter().any(|s| s.name == p.subset && s.hash == hash))
+            }
+        }
+    }
+}
+
+struct Candidate {
+    view: CandidateView,
+    available_at: Option<Millis>,
+    gone_at: Option<Millis>,
+}
+
+/// The user Deployment's ReplicaSets, by revision.
+#[derive(Default)]
+struct ReplicaSets {
+    ready: BTreeMap<u64, i32>,
+    /// Revision the native controller is rolling out, and when it will be complete.
+    rolling: Option<(u64, Millis)>,
+}
+
+struct World {
+    sc: Scenario,
+    config: ReleaseConfig,
+    rng: Rng,
+    now: Millis,
+    deployment: DeploymentView,
+    counter: u64,
+    rs: ReplicaSets,
+    candidates: Vec<Candidate>,
+    vs: Option<VirtualServiceView>,
+    dr: Option<DestinationRuleView>,
+    proxies: Vec<Proxy>,
+    bad: BTreeMap<u64, bool>,
+    checks: u32,
+    actions: u32,
+    failures: Vec<String>,
+}
+
+fn rs_hash(revision: u64) -> String {
+    format!("rs{revision}")
+}
+
+fn candidate_hash(revision: u64) -> String {
+    format!("canary{revision}")
+}
+
+impl World {
+    fn new(sc: Scenario) -> Self {
+        let config = ReleaseConfig {
+            steps: sc.steps.clone(),
+            interval: Duration::from_millis(sc.interval_ms),
+            threshold: sc.threshold,
+            progress_deadline: Duration::from_secs(60),
+            propagation_delay: Duration::from_millis(sc.propagation_ms),
+            drain: Duration::from_millis(sc.drain_ms),
+            ..ReleaseConfig::default()
+        };
+        let mut rs = ReplicaSets::default();
+        rs.ready.insert(1, REPLICAS);
+        Self {
+            rng: Rng(sc.seed | 1),
+            proxies: (0..sc.proxies)
+                .map(|_| Proxy {
+                    routes: Vec::new(),
+                    rules: Vec::new(),
+                })
+                .collect(),
+            sc,
+            config,
+            now: 0,
+            deployment: DeploymentView {
+                namespace: "shop".into(),
+                name: SERVICE.into(),
+                replicas: REPLICAS,
+                paused: false,
+                template_revision: 1,
+                stable_revision: None,
+                status: StatusView::default(),
+                rollout_complete: true,
+            },
+            counter: 1,
+            rs,
+            candidates: Vec::new(),
+            vs: None,
+            dr: None,
+            bad: BTreeMap::new(),
+            checks: 0,
+            actions: 0,
+            failures: Vec::new(),
+        }
+    }
+
+    fn fail(&mut self, what: String) {
+        if self.failures.len() < 5 {
+            self.failures.push(format!("t={}ms: {what}", self.now));
+        }
+    }
+
+    fn observe(&self, verdict: Option<Verdict>) -> Observed<'_> {
+        let d = &self.deployment;
+        let rs_view = |revision: u64| {
+            self.rs.ready.get(&revision).map(|ready| ReplicaSetView {
+                hash: rs_hash(revision),
+                ready: *ready,
+            })
+        };
+        Observed {
+            now: self.now,
+            config: &self.config,
+            deployment: d.clone(),
+            stable_rs: rs_view(d.stable_revision.unwrap_or(d.template_revision)),
+            new_rs: rs_view(d.template_revision),
+            candidates: self.candidates.iter().map(|c| c.view.clone()).collect(),
+            hosts: vec![HostView {
+                service: SERVICE.into(),
+                virtual_service: self.vs.clone().map_or(Managed::Absent, Managed::Ours),
+                destination_rule: self.dr.clone().map_or(Managed::Absent, Managed::Ours),
+            }],
+            routing_unavailable: None,
+            verdict,
+        }
+    }
+
+    /// The user's change, through the webhook's decision.
+    fn user(&mut self, action: UserAction) {
+        let d = &mut self.deployment;
+        let current = d.template_revision;
+        match action {
+            UserAction::SetImage { bad } => {
+                let in_flight = d.stable_revision.filter(|s| *s != current);
+                self.counter += 1;
+                let revision = self.counter;
+                self.bad.insert(revision, bad);
+                d.stable_revision = Some(in_flight.unwrap_or(current));
+                d.template_revision = revision;
+                d.paused = true;
+            }
+            UserAction::Revert => {
+                let Some(stable) = d.stable_revision.filter(|s| *s != current) else {
+                    return;
+                };
+                d.template_revision = stable;
+                d.paused = false;
+            }
+        }
+        self.deployment_controller();
+    }
+
+    /// Pods of ReplicaSet `hash` stop serving now: no proxy may have routed to them within the drain
+    /// window (I3).
+    fn terminate(&mut self, hash: &str, what: &str) {
+        let from = self.now.saturating_sub(self.sc.drain_ms);
+        let mut at = from;
+        while at <= self.now {
+            if let Some(p) = self.proxies.iter().position(|p| p.selects(at, hash)) {
+                let route = self.proxies[p].route(at);
+                self.fail(format!(
+                    "I3: {what} terminated while proxy {p} routed to it at t={at}ms ({route:?})"
+                ));
+                return;
+            }
+            at += TICK;
+        }
+    }
+
+    /// The native Deployment controller: a paused Deployment changes nothing; otherwise the current
+    /// ReplicaSet's pods are replaced (the old ones stop serving at once: the worst case).
+    fn deployment_controller(&mut self) {
+        let d = &self.deployment;
+        let target = d.template_revision;
+        if d.paused {
+            self.deployment.rollout_complete = false;
+            return;
+        }
+        let serving: Vec<u64> = self
+            .rs
+            .ready
+            .iter()
+            .filter(|(rev, ready)| **rev != target && **ready > 0)
+            .map(|(rev, _)| *rev)
+            .collect();
+        if !serving.is_empty() || self.rs.ready.get(&target).copied().unwrap_or(0) < REPLICAS {
+            if self.rs.rolling.map(|(rev, _)| rev) != Some(target) {
+                for rev in serving {
+                    self.terminate(&rs_hash(rev), &format!("ReplicaSet v{rev}"));
+                    self.rs.ready.insert(rev, 0);
+                }
+                let done = self.now + TICK + self.rng.delay(3_000);
+                self.rs.rolling = Some((target, done));
+                self.rs.ready.entry(target).or_insert(0);
+            }
+            if let Some((rev, done)) = self.rs.rolling
+                && self.now >= done
+            {
+                self.rs.ready.insert(rev, REPLICAS);
+                self.rs.rolling = None;
+            }
+        }
+        self.deployment.rollout_complete =
+            self.rs.rolling.is_none() && self.rs.ready.get(&target).copied() == Some(REPLICAS);
+    }
+
+    fn candidates_progress(&mut self) {
+        let now = self.now;
+        for c in &mut self.candidates {
+            if c.view.hash.is_none() {
+                c.view.hash = Some(candidate_hash(c.view.revision));
+            }
+            if c.available_at.is_some_and(|at| now >= at) && !c.view.deleting {
+                c.view.available = true;
+            }
+        }
+        self.candidates.retain(|c| c.gone_at.is_none_or(|at| now < at));
+    }
+
+    /// Every proxy sees a write after its own delay, in order.
+    fn propagate<T: Clone>(rng: &mut Rng, max: Millis, now: Millis, histories: Vec<&mut Vec<Seen<T>>>, value: &T) {
+        for history in histories {
+            let after = history.last().map_or(0, |s| s.at);
+            let at = (now + rng.delay(max)).max(after);
+            history.push(Seen {
+                at,
+                value: value.clone(),
+            });
+        }
+    }
+
+    fn apply(&mut self, action: Action) {
+        self.actions += 1;
+        match action {
+            Action::PutDestinationRule { host, subsets } => {
+                assert_eq!(host, 0);
+                if let Some(vs) = &self.vs
+                    && let Route::Split(parts) = &vs.route
+                    && let Some(p) = parts.iter().find(|p| !subsets.iter().any(|s| s.name == p.subset))
+                {
+                    self.fail(format!("I2: subset {} removed while the route names it", p.subset));
+                }
+                let changed = self.dr.as_ref().and_then(|dr| {
+                    dr.subsets
+                        .iter()
+                        .find(|old| subsets.iter().any(|s| s.name == old.name && s.hash != old.hash))
+                        .map(|old| old.name.clone())
+                });
+                if let Some(name) = changed {
+                    self.fail(format!("subset {name} changed its selector"));
+                }
+                let histories = self.proxies.iter_mut().map(|p| &mut p.rules).collect();
+                Self::propagate(&mut self.rng, self.sc.propagation_ms, self.now, histories, &subsets);
+                self.dr = Some(DestinationRuleView {
+                    subsets,
+                    changed_at: self.now,
+                });
+            }
+            Action::PutVirtualService { host, route } => {
+                assert_eq!(host, 0);
+                if let Route::Split(parts) = &route {
+                    let sum: u32 = parts.iter().map(|p| u32::from(p.weight)).sum();
+                    if sum != 100 {
+                        self.fail(format!("I4: weights sum to {sum}: {route:?}"));
+                    }
+                }
+                let histories = self.proxies.iter_mut().map(|p| &mut p.routes).collect();
+                Self::propagate(&mut self.rng, self.sc.propagation_ms, self.now, histories, &route);
+                self.vs = Some(VirtualServiceView {
+                    route,
+                    changed_at: self.now,
+                });
+            }
+            Action::CreateCandidate { revision } => {
+                if revision != self.deployment.template_revision {
+                    self.fail(format!(
+                        "candidate v{revision} created for template v{}",
+                        self.deployment.template_revision
+                    ));
+                }
+                let name = crate::names::candidate_name(SERVICE, revision);
+                if self.candidates.iter().any(|c| c.view.name == name) {
+                    self.fail(format!("candidate {name} created twice"));
+                    return;
+                }
+                let available_at = self
+                    .sc
+                    .candidate_ready_ms
+                    .map(|max| self.now + TICK + self.rng.delay(max));
+                self.candidates.push(Candidate {
+                    view: CandidateView {
+                        name,
+                        revision,
+                        hash: None,
+                        available: false,
+                        pods: REPLICAS as u32,
+                        restarts: 0,
+                        created_at: self.now,
+                        deleting: false,
+                    },
+                    available_at,
+                    gone_at: None,
+                });
+            }
+            Action::DeleteCandidate { name } => {
+                let Some(i) = self.candidates.iter().position(|c| c.view.name == name) else {
+                    self.fail(format!("deleted {name}, which does not exist"));
+                    return;
+                };
+                let revision = self.candidates[i].view.revision;
+                self.terminate(&candidate_hash(revision), &format!("candidate {name}"));
+                let gone = self.now + TICK + self.rng.delay(2_000);
+                let c = &mut self.candidates[i];
+                c.view.deleting = true;
+                c.view.available = false;
+                c.gone_at = Some(gone);
+            }
+            Action::Status(patch) => {
+                if patch.unpause && patch.phase != Phase::HandingOff {
+                    // I5: the stable ReplicaSet only shrinks at hand-off.
+                    self.fail(format!("unpaused in phase {}", patch.phase));
+                }
+                let d = &mut self.deployment;
+                if patch.unpause {
+                    d.paused = false;
+                }
+                if patch.clear_intent {
+                    d.stable_revision = None;
+                }
+                d.status = StatusView {
+                    phase: Some(patch.phase),
+                    release: Some(patch.release),
+                    weight: patch.weight,
+                    failed_checks: patch.failed_checks,
+                };
+                self.deployment_controller();
+            }
+            Action::Analyse { .. } | Action::Wait { .. } => unreachable!("not a write"),
+        }
+    }
+
+    fn verdict(&mut self, revision: u64) -> Verdict {
+        self.checks += 1;
+        let bad = self.bad.get(&revision).copied().unwrap_or(false);
+        let passed = !bad && !self.rng.chance(self.sc.flake_rate);
+        Verdict {
+            passed,
+            message: if passed {
+                "checks passed".into()
+            } else {
+                "success rate 50% < 99%".into()
+            },
+        }
+    }
+
+    /// The agent: plans until it waits; a crash may drop any write (the next pass starts from scratch).
+    fn agent(&mut self) {
+        for _ in 0..20 {
+            let plan = plan(&self.observe(None));
+            let action = match plan.action {
+                Action::Wait { .. } => return,
+                Action::Analyse { revision } => {
+                    let verdict = self.verdict(revision);
+                    let plan = plan_with(self, verdict);
+                    match plan.action {
+                        Action::Wait { .. } => return,
+                        Action::Analyse { .. } => {
+                            self.fail("asked for analysis twice".into());
+                            return;
+                        }
+                        action => action,
+                    }
+                }
+                action => action,
+            };
+            if self.rng.chance(self.sc.crash_rate) {
+                return;
+            }
+            self.apply(action);
+        }
+        self.fail("no wait after 20 actions in one pass".into());
+    }
+
+    /// I1 and I2 as every proxy sees them: a route only names subsets its rules define.
+    fn check_proxies(&mut self) {
+        let now = self.now;
+        let mut broken = None;
+        for (i, p) in self.proxies.iter().enumerate() {
+            if let Route::Split(parts) = p.route(now) {
+                let rules = p.rules(now);
+                if let Some(part) = parts.iter().find(|part| !rules.iter().any(|s| s.name == part.subset)) {
+                    broken = Some(format!(
+                        "I1/I2: proxy {i} routes to subset {} it does not know",
+                        part.subset
+                    ));
+                }
+            }
+        }
+        if let Some(b) = broken {
+            self.fail(b);
+        }
+    }
+
+    fn run(mut self) -> Result<World, String> {
+        let mut events = self.sc.events.clone();
+        events.sort_by_key(|(at, _)| *at);
+        let end = events.last().map_or(0, |(at, _)| *at) + 600_000;
+        let mut next = 0;
+        while self.now <= end {
+            // Known limits, deferred until the phase passes: a new template during hand-off (the stable
+            // ReplicaSet is already being replaced, so the old candidate cannot be unwound onto it) and
+            // a revert once traffic is on the Deployment's new pods (the revert replaces them natively).
+            while next < events.len() && events[next].0 <= self.now {
+                let phase = self.deployment.status.phase;
+                let in_flight = self.deployment.stable_revision.is_some();
+                let deferred = in_flight
+                    && match events[next].1 {
+                        UserAction::SetImage { .. } => matches!(phase, Some(Phase::HandingOff | Phase::Finalising)),
+                        UserAction::Revert => matches!(phase, Some(Phase::Finalising)),
+                    };
+                if deferred {
+                    break;
+                }
+                self.user(events[next].1);
+                next += 1;
+            }
+            self.deployment_controller();
+            self.candidates_progress();
+            self.agent();
+            self.check_proxies();
+            if !self.failures.is_empty() {
+                return Err(self.failures.join("\n"));
+            }
+            if next == events.len() && self.quiet() {
+                break;
+            }
+            self.now += TICK;
+        }
+        Ok(self)
+    }
+
+    /// The last release ended and everything is at rest.
+    fn quiet(&self) -> bool {
+        self.deployment
+            .stable_revision
+            .is_none_or(|_| self.deployment.status.phase == Some(Phase::Failed))
+            && self.deployment.status.phase.is_some_and(Phase::is_final)
+            && self.candidates.is_empty()
+            && self.vs.as_ref().is_none_or(|vs| vs.route == Route::Host)
+            && self.dr.as_ref().is_none_or(|dr| dr.subsets.is_empty())
+            && self
+                .proxies
+                .iter()
+                .all(|p| p.route(self.now) == Route::Host && p.rules(self.now).is_empty())
+            && self.rs.rolling.is_none()
+            && matches!(plan(&self.observe(None)).action, Action::Wait { .. })
+    }
+}
+
+fn plan_with(w: &World, verdict: Verdict) -> Plan {
+    plan(&w.observe(Some(verdict)))
+}
+
+/// Checks the end state of a scenario (I6 and liveness).
+fn check_end(w: &World) -> Result<(), String> {
+    if !w.quiet() {
+        return Err(format!(
+            "never came to rest: phase {:?}, candidates {:?}, route {:?}, rules {:?}, rolling {:?}, next plan {:?}",
+            w.deployment.status.phase,
+            w.candidates.iter().map(|c| &c.view).collect::<Vec<_>>(),
+            w.vs,
+            w.dr,
+            w.rs.rolling,
+            plan(&w.observe(None)).action
+        ));
+    }
+    let d = &w.deployment;
+    let serving: Vec<u64> = w.rs.ready.iter().filter(|(_, r)| **r > 0).map(|(v, _)| *v).collect();
+    let expected = match d.status.phase {
+        Some(Phase::Succeeded | Phase::RolledBack) => d.template_revision,
+        // I6: a rolled-back release ends on the stable ReplicaSet, the Deployment paused.
+        Some(Phase::Failed) => {
+            if !d.paused {
+                return Err("failed release left the Deployment unpaused".into());
+            }
+            d.stable_revision.unwrap_or(0)
+        }
+        other => return Err(format!("ended in phase {other:?}")),
+    };
+    if serving != [expected] {
+        return Err(format!("serving ReplicaSets {serving:?}, expected only v{expected}"));
+    }
+    Ok(())
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    let steps = prop::collection::btree_set(1u8..100, 0..4).prop_map(|s| {
+        let mut v: Vec<u8> = s.into_iter().collect();
+        v.push(100);
+        v
+    });
+    let action = prop_oneof![
+        3 => any::<bool>().prop_map(|bad| UserAction::SetImage { bad }),
+        1 => Just(UserAction::Revert),
+    ];
+    let events = (any::<bool>(), prop::collection::vec((0u64..400, action), 0..4)).prop_map(|(bad, mut rest)| {
+        rest.iter_mut().for_each(|(at, _)| *at *= TICK);
+        rest.push((0, UserAction::SetImage { bad }));
+        rest
+    });
+    (
+        any::<u64>(),
+        (0u64..=20, 0u64..=30, 1u64..=20),
+        (1u32..=3, steps, 1usize..=4),
+        (
+            prop_oneof![3 => Just(0.0), 1 => 0.0f64..0.4],
+            prop_oneof![3 => Just(0.0), 1 => 0.0f64..0.3],
+        ),
+        prop_oneof![10 => (0u64..=50).prop_map(|t| Some(t * TICK)), 1 => Just(None)],
+        events,
+    )
+        .prop_map(
+            |(seed, (prop, drain, interval), (threshold, steps, proxies), (crash_rate, flake_rate), ready, events)| {
+                Scenario {
+                    seed,
+                    propagation_ms: prop * TICK,
+                    drain_ms: drain * TICK,
+                    interval_ms: interval * TICK,
+                    threshold,
+                    steps,
+                    proxies,
+                    crash_rate,
+                    flake_rate,
+                    candidate_ready_ms: ready,
+                    events,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// I1–I6 hold at every tick of every generated scenario, and every scenario comes to rest.
+    #[test]
+    fn invariants_hold(sc in scenario()) {
+        let world = World::new(sc).run().map_err(TestCaseError::fail)?;
+        check_end(&world).map_err(TestCaseError::fail)?;
+    }
+}
+
+fn single(bad: bool) -> Scenario {
+    Scenario {
+        seed: 7,
+        propagation_ms: 1_000,
+        drain_ms: 2_000,
+        interval_ms: 1_000,
+        threshold: 2,
+        steps: vec![10, 50, 100],
+        proxies: 3,
+        crash_rate: 0.0,
+        flake_rate: 0.0,
+        candidate_ready_ms: Some(1_000),
+        events: vec![(0, UserAction::SetImage { bad })],
+    }
+}
+
+#[test]
+fn a_healthy_release_is_promoted_through_every_step() {
+    let w = World::new(single(false)).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    assert_eq!(w.deployment.template_revision, 2);
+    assert_eq!(w.checks, 3, "one analysis per step");
+    assert!(!w.deployment.paused);
+}
+
+#[test]
+fn a_bad_release_is_rolled_back_after_threshold_failed_checks() {
+    let w = World::new(single(true)).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+    assert_eq!(w.deployment.status.failed_checks, 2);
+    assert_eq!(w.checks, 2);
+    assert!(w.deployment.paused, "D stays paused on the failed template");
+}
+
+#[test]
+fn a_revert_is_rolled_back_without_analysis() {
+    let mut sc = single(false);
+    sc.interval_ms = 60_000;
+    sc.events.push((3_000, UserAction::Revert));
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::RolledBack));
+    assert_eq!(w.checks, 0);
+}
+
+#[test]
+fn a_new_template_supersedes_the_release_in_flight() {
+    let mut sc = single(false);
+    sc.interval_ms = 5_000;
+    sc.events.push((6_000, UserAction::SetImage { bad: false }));
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    assert_eq!(w.deployment.template_revision, 3);
+    assert_eq!(w.deployment.status.release, Some(3));
+}
+
+#[test]
+fn a_candidate_that_never_becomes_available_fails_at_the_deadline() {
+    let mut sc = single(false);
+    sc.candidate_ready_ms = None;
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+    assert!(w.now >= 60_000);
+}
