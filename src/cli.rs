@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::telemetry::LogFormat;
-use crate::{certs, mutate, telemetry, webhook};
+use crate::{agent, certs, mutate, telemetry, webhook};
 
 /// turnout turns ordinary Deployment updates into zero-downtime progressive releases on Istio.
 ///
@@ -24,6 +24,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the mutating admission webhook (HTTPS), which holds Deployment updates as releases.
     Webhook(webhook::Args),
+    /// Run the routing agent, which turns held Deployment updates into canary releases on Istio.
+    Agent(agent::AgentCommand),
+    /// Run the webhook and the agent in one process (the simplest install).
+    Run(agent::RunCommand),
     /// Answer one AdmissionReview from standard input (or --file) on standard output, offline.
     Mutate(mutate::Args),
     /// Generate a CA and a serving certificate for the webhook into a directory.
@@ -39,6 +43,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(cli.log_format);
     match cli.command {
         Command::Webhook(args) => runtime()?.block_on(webhook::run(args)),
+        Command::Agent(args) => runtime()?.block_on(agent::run(args)),
+        Command::Run(args) => runtime()?.block_on(agent::run_both(args)),
         Command::Mutate(args) => Ok(mutate::run(&args, std::io::stdin().lock(), std::io::stdout().lock())?),
         Command::Certs(args) => {
             for path in certs::run(&args)? {

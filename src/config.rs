@@ -16,9 +16,10 @@ pub mod keys {
     pub const SUCCESS_RATE_MIN: &str = "turnout.dev/success-rate-min";
     pub const LATENCY_P99_MAX: &str = "turnout.dev/latency-p99-max";
     pub const PROMETHEUS: &str = "turnout.dev/prometheus";
+    pub const NO_DATA: &str = "turnout.dev/no-data";
 
     /// Every key, for documentation and for tests that keep the docs in step with the code.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         STEPS,
         INTERVAL,
         THRESHOLD,
@@ -28,7 +29,17 @@ pub mod keys {
         SUCCESS_RATE_MIN,
         LATENCY_P99_MAX,
         PROMETHEUS,
+        NO_DATA,
     ];
+}
+
+/// What a metric query that returns no data counts as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NoData {
+    /// A failed check (the default: silence is not health).
+    Fail,
+    /// A passed check (for services whose canary may see no traffic).
+    Pass,
 }
 
 /// How one release runs.
@@ -52,6 +63,8 @@ pub struct ReleaseConfig {
     pub latency_p99_max: Duration,
     /// Prometheus base URL; `None`: metric checks are skipped (readiness checks still run).
     pub prometheus: Option<String>,
+    /// What a metric query without data counts as.
+    pub no_data: NoData,
 }
 
 impl Default for ReleaseConfig {
@@ -66,6 +79,7 @@ impl Default for ReleaseConfig {
             success_rate_min: 99.0,
             latency_p99_max: Duration::from_millis(500),
             prometheus: None,
+            no_data: NoData::Fail,
         }
     }
 }
@@ -150,6 +164,13 @@ fn apply(config: &mut ReleaseConfig, key: &str, value: &str) -> Result<(), Strin
             }
             config.prometheus = Some(value.trim_end_matches('/').to_owned());
         }
+        keys::NO_DATA => {
+            config.no_data = match value {
+                "fail" => NoData::Fail,
+                "pass" => NoData::Pass,
+                _ => return Err("not fail or pass".into()),
+            };
+        }
         _ => return Err("unknown key".into()),
     }
     Ok(())
@@ -207,6 +228,26 @@ mod tests {
         assert_eq!(config.threshold, 5);
         assert_eq!(config.prometheus.as_deref(), Some("http://prometheus:9090"));
         assert_eq!(config.drain, ReleaseConfig::default().drain);
+    }
+
+    #[test]
+    fn the_no_data_policy_is_fail_unless_set_to_pass() {
+        assert_eq!(ReleaseConfig::default().no_data, NoData::Fail);
+        let (config, problems) = resolve(
+            &ReleaseConfig::default(),
+            &ann(&[(keys::NO_DATA, "pass")]),
+            &BTreeMap::new(),
+        );
+        assert_eq!((config.no_data, problems.len()), (NoData::Pass, 0));
+        let (config, problems) = resolve(
+            &ReleaseConfig::default(),
+            &BTreeMap::new(),
+            &ann(&[(keys::NO_DATA, "ok")]),
+        );
+        assert_eq!(
+            (config.no_data, problems[0].reason.as_str()),
+            (NoData::Fail, "not fail or pass")
+        );
     }
 
     #[test]

@@ -4,13 +4,14 @@
 //!  kubectl set image ─▶ kube-apiserver ─AdmissionReview─▶ webhook ─▶ admission::review
 //!                                                            │  pure decide(): stamp, hold, revert
 //!                       kube-apiserver ◀──── JSONPatch ──────┘
-//!  agent (to come): held Deployment ─▶ candidate, subsets, weights, analysis, hand-off
+//!  agent: held Deployment ─▶ release::plan (pure) ─▶ candidate, subsets, weights, analysis, hand-off
 //! ```
 //!
 //! The webhook only edits the object in the request; every side effect belongs to the agent.
 
 pub mod admin;
 pub mod admission;
+pub mod agent;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -204,8 +204,13 @@ fn update(target: Target<'_>, old: &Deployment, new: &Deployment) -> Decision {
     }
 }
 
+/// Opted out, or a candidate turnout created (whichever identity created it).
 fn opted_out(d: &Deployment) -> bool {
     annotation(d, annotations::ROLLOUT).is_some_and(|v| v == values::DISABLED)
+        || d.metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(crate::names::agent::RELEASE_OF))
 }
 
 fn problems(target: Target<'_>, stamps: &Stamps) -> Vec<String> {
@@ -459,6 +464,19 @@ mod tests {
             serde_json::to_value(&dec.object).unwrap(),
             serde_json::to_value(&new).unwrap()
         );
+    }
+
+    #[test]
+    fn candidates_are_admitted_as_they_are() {
+        let mut candidate = created().with_image(V2);
+        candidate
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert(crate::names::agent::RELEASE_OF.into(), "podinfo".into());
+        let dec = decide(Change::Create, T, &candidate);
+        assert_eq!(dec.action, Action::OptedOut);
+        assert_eq!(dec.object, candidate);
     }
 
     #[test]

@@ -81,12 +81,24 @@ impl Server {
     /// The certificate pair does not load (the error names the flag and file) or a port cannot be
     /// bound.
     pub async fn start(args: &Args, stop: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<Self> {
+        Self::start_with_registry(args, stop, Registry::default()).await
+    }
+
+    /// As [`Server::start`], serving `registry` (e.g. the agent's metrics) on the admin port too.
+    ///
+    /// # Errors
+    ///
+    /// As [`Server::start`].
+    pub async fn start_with_registry(
+        args: &Args,
+        stop: impl Future<Output = ()> + Send + 'static,
+        mut registry: Registry,
+    ) -> anyhow::Result<Self> {
         let store = CertStore::load(PairPaths {
             cert: args.tls_cert.clone(),
             key: args.tls_key.clone(),
         })?;
         let tls = store.server_config()?;
-        let mut registry = Registry::default();
         let metrics = Arc::new(WebhookMetrics::register(&mut registry));
         let health = Arc::new(Health::default());
 

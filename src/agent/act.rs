@@ -1,0 +1,277 @@
+//! Carrying out one [`Action`] against the cluster. Every write names the resource version it was
+//! planned from, so a concurrent change makes it fail with 409 and the next pass plans again from a
+//! fresh read.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use super::observe::Snapshot;
+use crate::istio::destination_rule::{DestinationRule, DestinationRuleSpec, DestinationRuleSubsets};
+use crate::istio::virtual_service::{
+    VirtualService, VirtualServiceHttp, VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination, VirtualServiceSpec,
+};
+use crate::names::{agent, annotations, candidate_name, labels};
+use crate::release::{Action, Event, Millis, Route, StatusPatch, Subset};
+
+/// The field manager of every write.
+pub const MANAGER: &str = "turnout";
+
+/// Applies `action`, planned from `snap`, for Deployment `d`.
+pub async fn apply(client: &Client, d: &Deployment, snap: &Snapshot, action: &Action, now: Millis) -> kube::Result<()> {
+    let ns = d.namespace().unwrap_or_default();
+    match action {
+        Action::PutDestinationRule { host, subsets } => {
+            let (service, stored) = (&snap.hosts[*host].service, &snap.stored[*host].1);
+            let api: Api<DestinationRule> = Api::namespaced(client.clone(), &ns);
+            let mut dr = DestinationRule::new(service, destination_rule_spec(service, &ns, subsets));
+            dr.metadata = managed_meta(d, service, stored.as_ref().map(|o| &o.metadata), now);
+            write(&api, service, dr, stored.is_some()).await
+        }
+        Action::PutVirtualService { host, route } => {
+            let (service, stored) = (&snap.hosts[*host].service, &snap.stored[*host].0);
+            let api: Api<VirtualService> = Api::namespaced(client.clone(), &ns);
+            let mut vs = VirtualService::new(service, virtual_service_spec(service, &ns, route));
+            vs.metadata = managed_meta(d, service, stored.as_ref().map(|o| &o.metadata), now);
+            write(&api, service, vs, stored.is_some()).await
+        }
+        Action::CreateCandidate { revision } => {
+            let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+            api.create(&PostParams::default(), &candidate(d, *revision)).await?;
+            Ok(())
+        }
+        Action::DeleteCandidate { name } => {
+            let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+            let params = DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Background),
+                ..DeleteParams::default()
+            };
+            match api.delete(name, &params).await {
+                Ok(_) => Ok(()),
+                // Already gone: its pods are on their way out.
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        Action::Status(patch) => status(client, d, patch).await,
+        Action::Analyse { .. } | Action::Wait { .. } => Ok(()),
+    }
+}
+
+async fn write<K>(api: &Api<K>, name: &str, obj: K, exists: bool) -> kube::Result<()>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if exists {
+        api.replace(name, &PostParams::default(), &obj).await?;
+    } else {
+        api.create(&PostParams::default(), &obj).await?;
+    }
+    Ok(())
+}
+
+/// Metadata of a managed VirtualService or DestinationRule: named after the Service, labelled as
+/// turnout's, owned by the Deployment, stamped with the time of the change.
+fn managed_meta(d: &Deployment, service: &str, stored: Option<&ObjectMeta>, now: Millis) -> ObjectMeta {
+    let mut meta = stored.cloned().unwrap_or_default();
+    meta.name = Some(service.to_owned());
+    meta.namespace = d.namespace();
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(agent::MANAGED_BY.into(), agent::TURNOUT.into());
+    meta.annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(agent::CHANGED_AT.into(), rfc3339(now));
+    let owner = owner(d, false);
+    let owners = meta.owner_references.get_or_insert_with(Vec::new);
+    if !owners.iter().any(|o| o.uid == owner.uid) {
+        owners.push(owner);
+    }
+    meta.managed_fields = None;
+    meta
+}
+
+fn owner(d: &Deployment, controller: bool) -> OwnerReference {
+    OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        name: d.name_any(),
+        uid: d.uid().unwrap_or_default(),
+        controller: Some(controller),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// `<service>.<namespace>.svc.cluster.local`.
+pub fn fqdn(service: &str, ns: &str) -> String {
+    format!("{service}.{ns}.svc.cluster.local")
+}
+
+fn destination_rule_spec(service: &str, ns: &str, subsets: &[Subset]) -> DestinationRuleSpec {
+    DestinationRuleSpec {
+        host: fqdn(service, ns),
+        subsets: (!subsets.is_empty()).then(|| {
+            subsets
+                .iter()
+                .map(|s| DestinationRuleSubsets {
+                    name: s.name.clone(),
+                    labels: Some(BTreeMap::from([(agent::POD_TEMPLATE_HASH.into(), s.hash.clone())])),
+                    ..DestinationRuleSubsets::default()
+                })
+                .collect()
+        }),
+        ..DestinationRuleSpec::default()
+    }
+}
+
+fn virtual_service_spec(service: &str, ns: &str, route: &Route) -> VirtualServiceSpec {
+    let host = fqdn(service, ns);
+    let destinations = match route {
+        Route::Host => vec![VirtualServiceHttpRoute {
+            destination: VirtualServiceHttpRouteDestination {
+                host: host.clone(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }],
+        Route::Split(parts) => parts
+            .iter()
+            .map(|p| VirtualServiceHttpRoute {
+                destination: VirtualServiceHttpRouteDestination {
+                    host: host.clone(),
+                    subset: Some(p.subset.clone()),
+                    ..Default::default()
+                },
+                weight: Some(i32::from(p.weight)),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    VirtualServiceSpec {
+        hosts: Some(vec![host]),
+        http: Some(vec![VirtualServiceHttp {
+            name: Some("turnout".into()),
+            route: Some(destinations),
+            ..Default::default()
+        }]),
+        ..VirtualServiceSpec::default()
+    }
+}
+
+/// The candidate `D-v<N>`: D's template and strategy, its own selector, D as owner.
+pub fn candidate(d: &Deployment, revision: u64) -> Deployment {
+    let name = d.name_any();
+    let mut spec = d.spec.clone();
+    spec.paused = None;
+    let extra = [
+        (agent::TRACK.to_owned(), agent::CANDIDATE.to_owned()),
+        (agent::RELEASE_OF.to_owned(), name.clone()),
+    ];
+    let template_meta = spec.template.metadata.get_or_insert_with(ObjectMeta::default);
+    let template_labels = template_meta.labels.get_or_insert_with(BTreeMap::new);
+    template_labels.extend(extra.clone());
+    let selector = spec.selector.match_labels.get_or_insert_with(BTreeMap::new);
+    selector.extend(extra.clone());
+    let mut meta_labels = BTreeMap::from(extra);
+    meta_labels.insert(labels::REVISION.into(), revision.to_string());
+    Deployment {
+        metadata: ObjectMeta {
+            name: Some(candidate_name(&name, revision)),
+            namespace: d.namespace(),
+            labels: Some(meta_labels),
+            owner_references: Some(vec![owner(d, true)]),
+            ..ObjectMeta::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+async fn status(client: &Client, d: &Deployment, p: &StatusPatch) -> kube::Result<()> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), &d.namespace().unwrap_or_default());
+    let mut ann = serde_json::Map::new();
+    ann.insert(annotations::PHASE.into(), json!(p.phase.as_str()));
+    ann.insert(annotations::RELEASE.into(), json!(p.release.to_string()));
+    ann.insert(annotations::WEIGHT.into(), json!(p.weight.to_string()));
+    ann.insert(annotations::FAILED_CHECKS.into(), json!(p.failed_checks.to_string()));
+    ann.insert(annotations::MESSAGE.into(), json!(p.message));
+    if p.clear_intent {
+        ann.insert(annotations::STABLE_REVISION.into(), serde_json::Value::Null);
+        ann.insert(annotations::STABLE_HASH.into(), serde_json::Value::Null);
+    }
+    let mut body = json!({
+        "metadata": { "resourceVersion": d.resource_version(), "annotations": ann },
+    });
+    if p.unpause {
+        body["spec"] = json!({ "paused": false });
+    }
+    api.patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(&body))
+        .await?;
+    if p.fail_rollout {
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let condition = json!({
+            "type": "Progressing",
+            "status": "False",
+            "reason": "ProgressDeadlineExceeded",
+            "message": format!("turnout: {}", p.message),
+            "lastUpdateTime": now,
+            "lastTransitionTime": now,
+        });
+        let body = json!({ "status": { "conditions": [condition] } });
+        api.patch_status(&d.name_any(), &PatchParams::default(), &Patch::Strategic(&body))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Records `event` on `d` (core/v1, which `kubectl describe` shows).
+pub async fn record(client: &Client, d: &Deployment, event: &Event) -> kube::Result<()> {
+    let ns = d.namespace().unwrap_or_default();
+    let api: Api<CoreEvent> = Api::namespaced(client.clone(), &ns);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let e = CoreEvent {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}.", d.name_any())),
+            namespace: Some(ns.clone()),
+            ..ObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("apps/v1".into()),
+            kind: Some("Deployment".into()),
+            name: Some(d.name_any()),
+            namespace: Some(ns),
+            uid: d.uid(),
+            resource_version: d.resource_version(),
+            ..ObjectReference::default()
+        },
+        reason: Some(event.reason.to_owned()),
+        message: Some(event.message.clone()),
+        type_: Some(if event.warning { "Warning" } else { "Normal" }.to_owned()),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        count: Some(1),
+        reporting_component: Some(MANAGER.into()),
+        reporting_instance: Some(MANAGER.into()),
+        action: Some(event.reason.to_owned()),
+        source: Some(k8s_openapi::api::core::v1::EventSource {
+            component: Some(MANAGER.into()),
+            host: None,
+        }),
+        ..CoreEvent::default()
+    };
+    api.create(&PostParams::default(), &e).await?;
+    Ok(())
+}
+
+/// `now` as RFC 3339 with milliseconds.
+pub fn rfc3339(now: Millis) -> String {
+    k8s_openapi::jiff::Timestamp::from_millisecond(i64::try_from(now).unwrap_or(i64::MAX))
+        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+        .to_string()
+}

@@ -1,0 +1,306 @@
+//! Analysis of a candidate (DESIGN §6): readiness and restarts, then the built-in Istio checks through
+//! Prometheus instant queries (request success rate, P99 latency of `destination_workload` = the
+//! candidate). A query without data is an explicit outcome ([`NoData`]); an unreachable Prometheus is a
+//! failed check with the reason, never a hang.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{NoData, ReleaseConfig};
+use crate::release::{CandidateView, Verdict};
+
+/// Outcome of one check, for the `turnout_analysis_checks_total{check,result}` metric.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Check {
+    /// `readiness`, `success-rate` or `latency-p99`.
+    pub name: &'static str,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// Runs the checks against one Prometheus per release configuration.
+#[derive(Clone)]
+pub struct Analyser {
+    http: Client<HttpConnector, Empty<Bytes>>,
+    timeout: Duration,
+}
+
+impl Default for Analyser {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Self {
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Analyser {
+    /// Every check of `candidate` in namespace `ns`.
+    pub async fn analyse(&self, config: &ReleaseConfig, ns: &str, candidate: &CandidateView) -> Vec<Check> {
+        let mut checks = vec![readiness(candidate)];
+        let Some(prometheus) = &config.prometheus else {
+            return checks;
+        };
+        let window = format!("{}s", config.interval.as_secs().max(5));
+        let selector = format!(
+            r#"reporter="destination",destination_workload_namespace="{ns}",destination_workload="{}""#,
+            candidate.name
+        );
+        let success = format!(
+            r#"100 * sum(rate(istio_requests_total{{{selector},response_code!~"5.."}}[{window}])) / sum(rate(istio_requests_total{{{selector}}}[{window}]))"#
+        );
+        let p99 = format!(
+            r#"histogram_quantile(0.99, sum by (le) (rate(istio_request_duration_milliseconds_bucket{{{selector}}}[{window}])))"#
+        );
+        let min = config.success_rate_min;
+        checks.push(
+            self.metric(prometheus, "success-rate", &success, config.no_data, |v| {
+                if v >= min {
+                    Ok(format!("success rate {v:.1}%"))
+                } else {
+                    Err(format!("success rate {v:.1}% < {min}%"))
+                }
+            })
+            .await,
+        );
+        let max = config.latency_p99_max.as_secs_f64() * 1000.0;
+        checks.push(
+            self.metric(prometheus, "latency-p99", &p99, config.no_data, |v| {
+                if v <= max {
+                    Ok(format!("P99 latency {v:.0}ms"))
+                } else {
+                    Err(format!("P99 latency {v:.0}ms > {max:.0}ms"))
+                }
+            })
+            .await,
+        );
+        checks
+    }
+
+    async fn metric(
+        &self,
+        prometheus: &str,
+        name: &'static str,
+        query: &str,
+        no_data: NoData,
+        judge: impl Fn(f64) -> Result<String, String>,
+    ) -> Check {
+        let (passed, detail) = match self.query(prometheus, query).await {
+            Ok(Some(v)) => match judge(v) {
+                Ok(d) => (true, d),
+                Err(d) => (false, d),
+            },
+            Ok(None) => (
+                no_data == NoData::Pass,
+                format!("{name}: no data from Prometheus (no-data policy: {no_data:?})").to_lowercase(),
+            ),
+            Err(e) => (false, format!("{name}: {e}")),
+        };
+        Check { name, passed, detail }
+    }
+
+    /// One instant query; `None` when the result is empty or not a number.
+    ///
+    /// # Errors
+    ///
+    /// Prometheus unreachable, slow, or answering something other than a vector.
+    pub async fn query(&self, prometheus: &str, query: &str) -> Result<Option<f64>, String> {
+        let url = format!("{prometheus}/api/v1/query?query={}", encode(query));
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("bad Prometheus URL {prometheus}: {e}"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(format!("Prometheus at {prometheus}: only http:// is supported"));
+        }
+        let request = async {
+            let response = self
+                .http
+                .get(uri)
+                .await
+                .map_err(|e| format!("Prometheus at {prometheus} unreachable: {e}"))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("Prometheus at {prometheus}: {e}"))?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(format!(
+                    "Prometheus at {prometheus} answered {status}: {}",
+                    String::from_utf8_lossy(&body).chars().take(200).collect::<String>()
+                ));
+            }
+            parse(&body).map_err(|e| format!("Prometheus at {prometheus}: {e}"))
+        };
+        tokio::time::timeout(self.timeout, request)
+            .await
+            .map_err(|_| format!("Prometheus at {prometheus} did not answer within {:?}", self.timeout))?
+    }
+}
+
+fn readiness(c: &CandidateView) -> Check {
+    let (passed, detail) = if !c.available {
+        (false, format!("candidate {} is not available", c.name))
+    } else if c.restarts > 0 {
+        (false, format!("candidate {} restarted {} times", c.name, c.restarts))
+    } else {
+        (true, format!("candidate {} ready", c.name))
+    };
+    Check {
+        name: "readiness",
+        passed,
+        detail,
+    }
+}
+
+/// The verdict of a set of checks: passed if all passed; the message lists the failures, or what passed.
+pub fn verdict(checks: &[Check]) -> Verdict {
+    let failed: Vec<&str> = checks.iter().filter(|c| !c.passed).map(|c| c.detail.as_str()).collect();
+    if failed.is_empty() {
+        Verdict {
+            passed: true,
+            message: checks.iter().map(|c| c.detail.as_str()).collect::<Vec<_>>().join(", "),
+        }
+    } else {
+        Verdict {
+            passed: false,
+            message: failed.join(", "),
+        }
+    }
+}
+
+/// The value of an instant-query answer (`{"status":"success","data":{"resultType":"vector",...}}`).
+fn parse(body: &[u8]) -> Result<Option<f64>, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    if v["status"] != "success" {
+        return Err(format!(
+            "query failed: {}",
+            v["error"].as_str().unwrap_or("unknown error")
+        ));
+    }
+    let data = &v["data"];
+    let value = match data["resultType"].as_str() {
+        Some("vector") => data["result"]
+            .as_array()
+            .and_then(|r| r.first())
+            .map(|s| &s["value"][1]),
+        Some("scalar") => Some(&data["result"][1]),
+        other => return Err(format!("unexpected result type {other:?}")),
+    };
+    Ok(value
+        .and_then(|v| v.as_str())
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|f| f.is_finite()))
+}
+
+/// Percent-encodes a query parameter.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_with_no_data_and_nan_as_none() {
+        let vector =
+            br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1.0,"99.5"]}]}}"#;
+        assert_eq!(parse(vector), Ok(Some(99.5)));
+        let empty = br#"{"status":"success","data":{"resultType":"vector","result":[]}}"#;
+        assert_eq!(parse(empty), Ok(None));
+        let nan =
+            br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1.0,"NaN"]}]}}"#;
+        assert_eq!(parse(nan), Ok(None));
+        let error = br#"{"status":"error","errorType":"bad_data","error":"parse error at char 3"}"#;
+        assert_eq!(parse(error), Err("query failed: parse error at char 3".into()));
+        assert!(parse(b"<html>").unwrap_err().starts_with("not JSON"));
+    }
+
+    #[test]
+    fn queries_are_percent_encoded() {
+        assert_eq!(encode(r#"a{b="c"} / 2"#), "a%7Bb%3D%22c%22%7D%20%2F%202");
+    }
+
+    fn candidate(available: bool, restarts: u32) -> CandidateView {
+        CandidateView {
+            name: "podinfo-v2".into(),
+            revision: 2,
+            hash: Some("abc".into()),
+            available,
+            pods: 2,
+            restarts,
+            created_at: 0,
+            deleting: false,
+        }
+    }
+
+    #[test]
+    fn readiness_fails_on_unavailable_or_restarting_candidates() {
+        assert!(readiness(&candidate(true, 0)).passed);
+        assert_eq!(
+            readiness(&candidate(false, 0)).detail,
+            "candidate podinfo-v2 is not available"
+        );
+        assert_eq!(
+            readiness(&candidate(true, 2)).detail,
+            "candidate podinfo-v2 restarted 2 times"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_prometheus_is_a_failed_check_with_the_reason() {
+        let config = ReleaseConfig {
+            prometheus: Some("http://127.0.0.1:9".into()),
+            ..ReleaseConfig::default()
+        };
+        let checks = Analyser::default().analyse(&config, "shop", &candidate(true, 0)).await;
+        assert_eq!(checks.len(), 3);
+        assert!(checks[0].passed);
+        for c in &checks[1..] {
+            assert!(!c.passed);
+            assert!(c.detail.contains("unreachable"), "{}", c.detail);
+        }
+        let v = verdict(&checks);
+        assert!(!v.passed);
+        assert!(
+            v.message
+                .starts_with("success-rate: Prometheus at http://127.0.0.1:9 unreachable"),
+            "{}",
+            v.message
+        );
+    }
+
+    #[test]
+    fn a_verdict_passes_only_when_every_check_passes() {
+        let ok = Check {
+            name: "readiness",
+            passed: true,
+            detail: "ready".into(),
+        };
+        let bad = Check {
+            name: "success-rate",
+            passed: false,
+            detail: "success rate 50.0% < 99%".into(),
+        };
+        assert_eq!(verdict(&[ok.clone()]).message, "ready");
+        let v = verdict(&[ok, bad]);
+        assert_eq!((v.passed, v.message.as_str()), (false, "success rate 50.0% < 99%"));
+    }
+}

@@ -1,0 +1,487 @@
+//! `turnout agent`: the routing agent, a kube-runtime controller that runs releases.
+//!
+//! ```text
+//!  watch Deployments (+ candidates, ReplicaSets, candidate pods) ─▶ reconcile(D)
+//!    observe::snapshot ─▶ release::plan (pure) ─▶ one action: act::apply / analysis / wait
+//!                                               └▶ Event on D, metrics, requeue
+//! ```
+//!
+//! Each pass re-reads the cluster and takes at most one step, so a conflict, a crash or a restart
+//! costs nothing but a pass.
+
+pub mod act;
+pub mod analysis;
+pub mod observe;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::config::{self, NoData, ReleaseConfig};
+use crate::names::{agent as agent_names, annotations, labels, values};
+use crate::release::{self, Action, Millis, Observed, Phase};
+
+/// Release defaults, overridden per namespace and per Deployment by annotations (DESIGN §7).
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// Canary weights in percent, increasing, ending at 100 (annotation `turnout.dev/steps`).
+    #[arg(long, env = "TURNOUT_STEPS", default_value = "10,25,50,100", value_parser = config::parse_steps)]
+    pub steps: Vec<u8>,
+    /// Time between a step's propagation and its analysis (`turnout.dev/interval`).
+    #[arg(long, env = "TURNOUT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Failed checks at one step that roll the release back (`turnout.dev/threshold`).
+    #[arg(long, env = "TURNOUT_THRESHOLD", default_value_t = 3)]
+    pub threshold: u32,
+    /// Longest a candidate may take to become available (`turnout.dev/progress-deadline`).
+    #[arg(long, env = "TURNOUT_PROGRESS_DEADLINE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub progress_deadline: Duration,
+    /// Time for a routing change to reach every proxy (`turnout.dev/propagation-delay`).
+    #[arg(long, env = "TURNOUT_PROPAGATION_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub propagation_delay: Duration,
+    /// Time a route must carry no traffic before pods it selects are terminated (`turnout.dev/drain`).
+    #[arg(long, env = "TURNOUT_DRAIN", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain: Duration,
+    /// Lowest request success rate of the candidate, in percent (`turnout.dev/success-rate-min`).
+    #[arg(long, env = "TURNOUT_SUCCESS_RATE_MIN", default_value_t = 99.0)]
+    pub success_rate_min: f64,
+    /// Highest P99 latency of the candidate (`turnout.dev/latency-p99-max`).
+    #[arg(long, env = "TURNOUT_LATENCY_P99_MAX", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub latency_p99_max: Duration,
+    /// Prometheus base URL for the metric checks; without it only readiness is checked
+    /// (`turnout.dev/prometheus`).
+    #[arg(long, env = "TURNOUT_PROMETHEUS", value_name = "URL")]
+    pub prometheus: Option<String>,
+    /// What a metric query without data counts as (`turnout.dev/no-data`).
+    #[arg(long, env = "TURNOUT_NO_DATA", value_enum, default_value_t = NoData::Fail)]
+    pub no_data: NoData,
+}
+
+impl Args {
+    /// The release defaults these flags give.
+    pub fn defaults(&self) -> ReleaseConfig {
+        ReleaseConfig {
+            steps: self.steps.clone(),
+            interval: self.interval,
+            threshold: self.threshold.max(1),
+            progress_deadline: self.progress_deadline,
+            propagation_delay: self.propagation_delay,
+            drain: self.drain,
+            success_rate_min: self.success_rate_min,
+            latency_p99_max: self.latency_p99_max,
+            prometheus: self.prometheus.as_ref().map(|p| p.trim_end_matches('/').to_owned()),
+            no_data: self.no_data,
+        }
+    }
+}
+
+/// `turnout agent` alone: release flags and its own admin port.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentCommand {
+    #[command(flatten)]
+    pub release: Args,
+    /// Address of the plain-HTTP admin port (`/live`, `/ready`, `/metrics`).
+    #[arg(long, env = "TURNOUT_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
+    pub admin_listen: SocketAddr,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReleaseLabels {
+    namespace: String,
+    deployment: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    check: &'static str,
+    result: &'static str,
+}
+
+/// The agent's metrics (DESIGN §8).
+#[derive(Debug)]
+pub struct AgentMetrics {
+    phase: Family<ReleaseLabels, Gauge>,
+    weight: Family<ReleaseLabels, Gauge>,
+    releases: Family<ResultLabels, Counter>,
+    checks: Family<CheckLabels, Counter>,
+    duration: Histogram,
+    reconcile: Histogram,
+    istio: Gauge,
+}
+
+impl AgentMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            phase: Family::default(),
+            weight: Family::default(),
+            releases: Family::default(),
+            checks: Family::default(),
+            duration: Histogram::new(exponential_buckets(10.0, 2.0, 12)),
+            reconcile: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            istio: Gauge::default(),
+        };
+        registry.register(
+            "turnout_release_phase",
+            "Phase of each Deployment's latest release: 0 Pending, 1 Progressing, 2 Promoting, 3 HandingOff, \
+             4 Finalising, 5 Succeeded, 6 Failed, 7 RolledBack",
+            m.phase.clone(),
+        );
+        registry.register(
+            "turnout_release_weight",
+            "Traffic weight of each release's candidate, in percent",
+            m.weight.clone(),
+        );
+        registry.register("turnout_releases", "Releases ended, by result", m.releases.clone());
+        registry.register(
+            "turnout_analysis_checks",
+            "Analysis checks run, by check and result",
+            m.checks.clone(),
+        );
+        registry.register(
+            "turnout_release_duration_seconds",
+            "Time from a release's start to its end, as seen by one agent",
+            m.duration.clone(),
+        );
+        registry.register(
+            "turnout_reconcile_duration_seconds",
+            "Time of one reconcile pass",
+            m.reconcile.clone(),
+        );
+        registry.register(
+            "turnout_istio_crds_present",
+            "1 when the VirtualService and DestinationRule CRDs are installed",
+            m.istio.clone(),
+        );
+        m
+    }
+}
+
+struct Context {
+    client: Client,
+    defaults: ReleaseConfig,
+    analyser: analysis::Analyser,
+    metrics: Arc<AgentMetrics>,
+    istio: AtomicBool,
+    started: Mutex<HashMap<(String, String, u64), Instant>>,
+}
+
+/// Errors of one pass; the pass is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&d, &ctx).await;
+    ctx.metrics.reconcile.observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(d: &Deployment, ctx: &Context) -> Result<Requeue, Error> {
+    if d.labels().contains_key(agent_names::RELEASE_OF)
+        || d.annotations().get(annotations::ROLLOUT).map(String::as_str) == Some(values::DISABLED)
+    {
+        return Ok(Requeue::await_change());
+    }
+    let ns_name = d.namespace().unwrap_or_default();
+    let Some(ns) = Api::<Namespace>::all(ctx.client.clone()).get_opt(&ns_name).await? else {
+        return Ok(Requeue::await_change());
+    };
+    if ns.labels().get(labels::ROLLOUT).map(String::as_str) != Some(values::ENABLED) {
+        return Ok(Requeue::await_change());
+    }
+    let (config, problems) = config::resolve(&ctx.defaults, ns.annotations(), d.annotations());
+    let istio = ctx.istio.load(Ordering::Relaxed);
+    let snap = observe::snapshot(&ctx.client, d, istio).await?;
+    let now = now_millis();
+    let mut verdict = None;
+    loop {
+        let observed = Observed {
+            now,
+            config: &config,
+            deployment: snap.deployment.clone(),
+            stable_rs: snap.stable_rs.clone(),
+            new_rs: snap.new_rs.clone(),
+            candidates: snap.candidates.clone(),
+            hosts: snap.hosts.clone(),
+            routing_unavailable: (!istio).then(|| {
+                "the Istio CRDs (VirtualService, DestinationRule) are not installed; traffic cannot be shifted".into()
+            }),
+            verdict: verdict.take(),
+        };
+        let plan = release::plan(&observed);
+        let name = d.name_any();
+        match &plan.action {
+            Action::Analyse { revision } => {
+                let Some(candidate) = snap.candidates.iter().find(|c| c.revision == *revision) else {
+                    return Ok(Requeue::requeue(Duration::from_secs(1)));
+                };
+                let checks = ctx.analyser.analyse(&config, &ns_name, candidate).await;
+                for c in &checks {
+                    let result = if c.passed { "pass" } else { "fail" };
+                    ctx.metrics
+                        .checks
+                        .get_or_create(&CheckLabels { check: c.name, result })
+                        .inc();
+                }
+                let v = analysis::verdict(&checks);
+                tracing::info!(namespace = %ns_name, deployment = %name, passed = v.passed, checks = %v.message, "analysis");
+                verdict = Some(v);
+            }
+            Action::Wait { until, reason } => {
+                tracing::debug!(namespace = %ns_name, deployment = %name, %reason, "waiting");
+                return Ok(match until {
+                    Some(at) => Requeue::requeue(Duration::from_millis(at.saturating_sub(now_millis()).max(50))),
+                    None => Requeue::requeue(Duration::from_secs(30)),
+                });
+            }
+            action => {
+                tracing::info!(namespace = %ns_name, deployment = %name, ?action, "release step");
+                act::apply(&ctx.client, d, &snap, action, now).await?;
+                if let Action::Status(p) = action {
+                    observe_status(ctx, &ns_name, &name, p);
+                    if p.phase == Phase::Pending {
+                        for problem in &problems {
+                            tracing::warn!(namespace = %ns_name, deployment = %name, %problem, "configuration");
+                            let event = release::Event {
+                                warning: true,
+                                reason: "InvalidConfiguration",
+                                message: problem.to_string(),
+                            };
+                            record(ctx, d, &event).await;
+                        }
+                    }
+                }
+                if let Some(event) = &plan.event {
+                    record(ctx, d, event).await;
+                }
+                return Ok(Requeue::requeue(Duration::from_millis(20)));
+            }
+        }
+    }
+}
+
+async fn record(ctx: &Context, d: &Deployment, event: &release::Event) {
+    if let Err(e) = act::record(&ctx.client, d, event).await {
+        tracing::warn!(error = %e, reason = event.reason, "could not record an Event");
+    }
+}
+
+fn observe_status(ctx: &Context, ns: &str, name: &str, p: &release::StatusPatch) {
+    let labels = ReleaseLabels {
+        namespace: ns.to_owned(),
+        deployment: name.to_owned(),
+    };
+    let code = Phase::ALL.iter().position(|x| *x == p.phase).unwrap_or(0);
+    ctx.metrics
+        .phase
+        .get_or_create(&labels)
+        .set(i64::try_from(code).unwrap_or(0));
+    ctx.metrics.weight.get_or_create(&labels).set(i64::from(p.weight));
+    let key = (ns.to_owned(), name.to_owned(), p.release);
+    let mut started = ctx.started.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if p.phase == Phase::Pending {
+        started.insert(key, Instant::now());
+    } else if p.phase.is_final() {
+        let result = match p.phase {
+            Phase::Succeeded => "succeeded",
+            Phase::Failed => "failed",
+            _ => "rolled_back",
+        };
+        ctx.metrics.releases.get_or_create(&ResultLabels { result }).inc();
+        if let Some(at) = started.remove(&key) {
+            ctx.metrics.duration.observe(at.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn error_policy(d: Arc<Deployment>, error: &Error, _ctx: Arc<Context>) -> Requeue {
+    let Error::Kube(e) = error;
+    if let kube::Error::Api(s) = e
+        && s.code == 409
+    {
+        tracing::debug!(deployment = %d.name_any(), "conflict; planning again from a fresh read");
+        return Requeue::requeue(Duration::from_millis(50));
+    }
+    tracing::warn!(namespace = ?d.namespace(), deployment = %d.name_any(), error = %e, "reconcile failed; retrying");
+    Requeue::requeue(Duration::from_secs(2))
+}
+
+/// Checks for the Istio CRDs now and every 30 s; says so loudly when they are missing.
+async fn watch_istio(ctx: Arc<Context>) {
+    let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
+    let mut last = None;
+    loop {
+        let present = match (
+            crds.get_opt("virtualservices.networking.istio.io").await,
+            crds.get_opt("destinationrules.networking.istio.io").await,
+        ) {
+            (Ok(vs), Ok(dr)) => Some(vs.is_some() && dr.is_some()),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot check for the Istio CRDs");
+                None
+            }
+        };
+        if let Some(present) = present {
+            ctx.istio.store(present, Ordering::Relaxed);
+            ctx.metrics.istio.set(i64::from(present));
+            if !present && last != Some(false) {
+                tracing::error!(
+                    "the Istio CRDs virtualservices.networking.istio.io and destinationrules.networking.istio.io \
+                     are not installed: releases cannot shift traffic and will fail until Istio is installed"
+                );
+            } else if present && last == Some(false) {
+                tracing::info!("the Istio CRDs are installed now");
+            }
+            last = Some(present);
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+}
+
+/// Runs the agent until `stop` completes.
+///
+/// # Errors
+///
+/// No Kubernetes client configuration.
+pub async fn run_agent<S>(
+    args: &Args,
+    registry: &mut Registry,
+    stop: S,
+) -> anyhow::Result<impl Future<Output = ()> + use<S>>
+where
+    S: Future<Output = ()> + Send + Sync + 'static,
+{
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes client configuration (KUBECONFIG or in-cluster)")?;
+    let metrics = Arc::new(AgentMetrics::register(registry));
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        defaults: args.defaults(),
+        analyser: analysis::Analyser::default(),
+        metrics,
+        istio: AtomicBool::new(true),
+        started: Mutex::new(HashMap::new()),
+    });
+    let istio_task = tokio::spawn(watch_istio(ctx.clone()));
+    let deployments: Api<Deployment> = Api::all(client.clone());
+    let candidates = watcher::Config::default().labels(agent_names::RELEASE_OF);
+    let controller = Controller::new(deployments.clone(), watcher::Config::default())
+        .owns(deployments, candidates.clone())
+        .watches(
+            Api::<ReplicaSet>::all(client.clone()),
+            watcher::Config::default(),
+            |rs| owner_of(&rs),
+        )
+        .watches(Api::<Pod>::all(client), candidates, |pod| owner_of(&pod))
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller");
+            }
+        });
+    tracing::info!(defaults = ?args.defaults(), "agent running");
+    Ok(async move {
+        controller.await;
+        istio_task.abort();
+    })
+}
+
+/// The user Deployment an object belongs to: a candidate's pods and ReplicaSets name it in a label,
+/// the Deployment's own ReplicaSets through their owner.
+fn owner_of<K: kube::Resource>(obj: &K) -> Option<ObjectRef<Deployment>> {
+    let meta = obj.meta();
+    let ns = meta.namespace.as_deref()?;
+    if let Some(owner) = meta.labels.as_ref().and_then(|l| l.get(agent_names::RELEASE_OF)) {
+        return Some(ObjectRef::new(owner).within(ns));
+    }
+    meta.owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.kind == "Deployment")
+        .map(|o| ObjectRef::new(&o.name).within(ns))
+}
+
+/// `turnout agent`: the agent with its own admin port.
+///
+/// # Errors
+///
+/// The admin port cannot be bound, or no Kubernetes client configuration.
+pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let agent = run_agent(&cmd.release, &mut registry, crate::signals::terminated()).await?;
+    let health = Arc::new(crate::admin::Health::default());
+    health.set_tls_loaded();
+    let listener = crate::admin::bind("--admin-listen", cmd.admin_listen).await?;
+    tracing::info!(admin = %listener.local_addr()?, "admin serving");
+    let admin = tokio::spawn(crate::admin::serve(
+        listener,
+        Arc::new(crate::admin::AdminState { health, registry }),
+    ));
+    agent.await;
+    admin.abort();
+    Ok(())
+}
+
+/// `turnout run`: the webhook and the agent in one process, one admin port.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunCommand {
+    #[command(flatten)]
+    pub webhook: crate::webhook::Args,
+    #[command(flatten)]
+    pub release: Args,
+}
+
+/// Runs `turnout run`.
+///
+/// # Errors
+///
+/// As the webhook and the agent.
+pub async fn run_both(cmd: RunCommand) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let agent = run_agent(&cmd.release, &mut registry, stopped(stop_rx.clone())).await?;
+    let server = crate::webhook::Server::start_with_registry(&cmd.webhook, stopped(stop_rx), registry).await?;
+    tokio::spawn(async move {
+        crate::signals::terminated().await;
+        let _ = stop_tx.send(true);
+    });
+    agent.await;
+    server.wait().await
+}

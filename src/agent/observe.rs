@@ -1,0 +1,322 @@
+//! Reading a release's state from the cluster into [`Observed`]: the user Deployment, its ReplicaSets,
+//! the candidates and their pods, the Services that select its pods, and their Istio objects.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+
+use crate::istio::destination_rule::DestinationRule;
+use crate::istio::virtual_service::VirtualService;
+use crate::names::{agent, annotations, labels};
+use crate::release::{
+    CandidateView, DeploymentView, DestinationRuleView, HostView, Managed, Millis, Phase, ReplicaSetView, Route,
+    StatusView, Subset, VirtualServiceView, Weighted,
+};
+
+/// What the agent read, with what it needs to write back (resource versions, owners).
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub deployment: DeploymentView,
+    pub stable_rs: Option<ReplicaSetView>,
+    pub new_rs: Option<ReplicaSetView>,
+    pub candidates: Vec<CandidateView>,
+    pub hosts: Vec<HostView>,
+    /// The stored VirtualService and DestinationRule of each host, for replace.
+    pub stored: Vec<(Option<VirtualService>, Option<DestinationRule>)>,
+}
+
+/// Errors reading the cluster; the reconcile is retried.
+pub type Error = kube::Error;
+
+/// Reads everything about `d`.
+pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Snapshot, Error> {
+    let ns = d.namespace().unwrap_or_default();
+    let name = d.name_any();
+    let deployment = deployment_view(d);
+
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
+    let rs_list = replica_sets.list(&ListParams::default()).await?.items;
+    let uid = d.uid().unwrap_or_default();
+    let own: Vec<&ReplicaSet> = rs_list.iter().filter(|rs| owned_by(rs, &uid)).collect();
+    let stable_revision = deployment.stable_revision.unwrap_or(deployment.template_revision);
+    let stable_rs = pick(&own, stable_revision);
+    let new_rs = pick(&own, deployment.template_revision);
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let selector = format!("{}={name}", agent::RELEASE_OF);
+    let candidate_list = deployments.list(&ListParams::default().labels(&selector)).await?.items;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod_list = pods.list(&ListParams::default().labels(&selector)).await?.items;
+    let candidates = candidates(&name, &candidate_list, &rs_list, &pod_list);
+
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let template_labels = d
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    let mut hosts = Vec::new();
+    let mut stored = Vec::new();
+    for svc in services.list(&ListParams::default()).await?.items {
+        let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
+            continue;
+        };
+        if selector.is_empty() || !selector.iter().all(|(k, v)| template_labels.get(k) == Some(v)) {
+            continue;
+        }
+        let service = svc.name_any();
+        let (vs, dr) = if istio {
+            let vs_api: Api<VirtualService> = Api::namespaced(client.clone(), &ns);
+            let dr_api: Api<DestinationRule> = Api::namespaced(client.clone(), &ns);
+            (vs_api.get_opt(&service).await?, dr_api.get_opt(&service).await?)
+        } else {
+            (None, None)
+        };
+        hosts.push(HostView {
+            service: service.clone(),
+            virtual_service: managed(vs.as_ref(), |vs| virtual_service_view(vs)),
+            destination_rule: managed(dr.as_ref(), |dr| destination_rule_view(dr)),
+        });
+        stored.push((vs, dr));
+    }
+    Ok(Snapshot {
+        deployment,
+        stable_rs,
+        new_rs,
+        candidates,
+        hosts,
+        stored,
+    })
+}
+
+/// The user Deployment as the release machine sees it.
+pub fn deployment_view(d: &Deployment) -> DeploymentView {
+    let ann = d.annotations();
+    let number = |key: &str| ann.get(key).and_then(|v| v.parse::<u64>().ok());
+    let spec = &d.spec;
+    let template_revision = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.as_ref())
+        .and_then(|l| l.get(labels::REVISION))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let replicas = spec.replicas.unwrap_or(1);
+    let status = d.status.as_ref();
+    let generation = d.metadata.generation.unwrap_or(0);
+    let rollout_complete = status.is_some_and(|s| {
+        s.observed_generation.unwrap_or(0) >= generation
+            && s.updated_replicas.unwrap_or(0) == replicas
+            && s.replicas.unwrap_or(0) == replicas
+            && s.available_replicas.unwrap_or(0) == replicas
+    });
+    DeploymentView {
+        namespace: d.namespace().unwrap_or_default(),
+        name: d.name_any(),
+        replicas,
+        paused: spec.paused.unwrap_or(false),
+        template_revision,
+        stable_revision: number(annotations::STABLE_REVISION),
+        status: StatusView {
+            phase: ann.get(annotations::PHASE).and_then(|p| Phase::parse(p)),
+            release: number(annotations::RELEASE),
+            weight: ann.get(annotations::WEIGHT).and_then(|w| w.parse().ok()).unwrap_or(0),
+            failed_checks: ann
+                .get(annotations::FAILED_CHECKS)
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(0),
+        },
+        rollout_complete,
+    }
+}
+
+fn owned_by(rs: &ReplicaSet, uid: &str) -> bool {
+    rs.owner_references().iter().any(|o| o.uid == uid)
+}
+
+fn template_revision(rs: &ReplicaSet) -> u64 {
+    rs.spec
+        .template
+        .as_ref()
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.labels.as_ref())
+        .and_then(|l| l.get(labels::REVISION))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn hash_of(rs: &ReplicaSet) -> Option<String> {
+    rs.labels().get(agent::POD_TEMPLATE_HASH).cloned()
+}
+
+/// The ReplicaSet of `revision` with the most ready pods.
+fn pick(own: &[&ReplicaSet], revision: u64) -> Option<ReplicaSetView> {
+    own.iter()
+        .filter(|rs| template_revision(rs) == revision && rs.metadata.deletion_timestamp.is_none())
+        .filter_map(|rs| {
+            Some(ReplicaSetView {
+                hash: hash_of(rs)?,
+                ready: rs.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0),
+            })
+        })
+        .max_by_key(|rs| rs.ready)
+}
+
+fn candidates(name: &str, deployments: &[Deployment], rs_list: &[ReplicaSet], pods: &[Pod]) -> Vec<CandidateView> {
+    let revision_of = |l: &BTreeMap<String, String>| l.get(labels::REVISION).and_then(|v| v.parse::<u64>().ok());
+    let mut out: Vec<CandidateView> = Vec::new();
+    for c in deployments {
+        let Some(revision) = revision_of(c.labels()) else {
+            continue;
+        };
+        let uid = c.uid().unwrap_or_default();
+        let replicas = c.spec.replicas.unwrap_or(1);
+        let status = c.status.as_ref();
+        let available = status.is_some_and(|s| {
+            s.observed_generation.unwrap_or(0) >= c.metadata.generation.unwrap_or(0)
+                && s.updated_replicas.unwrap_or(0) >= replicas
+                && s.available_replicas.unwrap_or(0) >= replicas
+        });
+        let hash = rs_list
+            .iter()
+            .filter(|rs| owned_by(rs, &uid))
+            .max_by_key(|rs| rs.metadata.creation_timestamp.clone())
+            .and_then(hash_of);
+        out.push(CandidateView {
+            name: c.name_any(),
+            revision,
+            hash,
+            available,
+            pods: 0,
+            restarts: 0,
+            created_at: c.metadata.creation_timestamp.as_ref().map_or(0, |t| millis(&t.0)),
+            deleting: c.metadata.deletion_timestamp.is_some(),
+        });
+    }
+    // Pods count against their candidate, also once the candidate Deployment itself is gone.
+    for pod in pods {
+        let Some(revision) = revision_of(pod.labels()) else {
+            continue;
+        };
+        let restarts: i32 = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .map(|cs| cs.iter().map(|c| c.restart_count).sum())
+            .unwrap_or(0);
+        let entry = match out.iter_mut().position(|c| c.revision == revision) {
+            Some(i) => &mut out[i],
+            None => {
+                out.push(CandidateView {
+                    name: crate::names::candidate_name(name, revision),
+                    revision,
+                    hash: pod.labels().get(agent::POD_TEMPLATE_HASH).cloned(),
+                    available: false,
+                    pods: 0,
+                    restarts: 0,
+                    created_at: 0,
+                    deleting: true,
+                });
+                out.last_mut().expect("just pushed")
+            }
+        };
+        entry.pods += 1;
+        entry.restarts += u32::try_from(restarts).unwrap_or(0);
+    }
+    out
+}
+
+fn managed<T: kube::Resource, V>(obj: Option<&T>, view: impl Fn(&T) -> V) -> Managed<V> {
+    match obj {
+        None => Managed::Absent,
+        Some(o)
+            if o.meta()
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(agent::MANAGED_BY))
+                .map(String::as_str)
+                == Some(agent::TURNOUT) =>
+        {
+            Managed::Ours(view(o))
+        }
+        Some(o) => Managed::Foreign(format!(
+            "{}/{}",
+            o.meta().namespace.clone().unwrap_or_default(),
+            o.meta().name.clone().unwrap_or_default()
+        )),
+    }
+}
+
+fn changed_at(meta: &kube::api::ObjectMeta) -> Millis {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(agent::CHANGED_AT))
+        .and_then(|v| v.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map_or(0, |t| millis(&t))
+}
+
+/// A managed VirtualService: its first HTTP route.
+fn virtual_service_view(vs: &VirtualService) -> VirtualServiceView {
+    let route = vs
+        .spec
+        .http
+        .as_ref()
+        .and_then(|h| h.first())
+        .and_then(|r| r.route.as_ref())
+        .map_or(Route::Host, |dests| {
+            if dests.iter().all(|d| d.destination.subset.is_none()) {
+                Route::Host
+            } else {
+                Route::Split(
+                    dests
+                        .iter()
+                        .map(|d| Weighted {
+                            subset: d.destination.subset.clone().unwrap_or_default(),
+                            weight: u8::try_from(d.weight.unwrap_or(0).clamp(0, 100)).unwrap_or(0),
+                        })
+                        .collect(),
+                )
+            }
+        });
+    VirtualServiceView {
+        route,
+        changed_at: changed_at(&vs.metadata),
+    }
+}
+
+fn destination_rule_view(dr: &DestinationRule) -> DestinationRuleView {
+    let subsets = dr
+        .spec
+        .subsets
+        .as_ref()
+        .map(|subsets| {
+            subsets
+                .iter()
+                .map(|s| Subset {
+                    name: s.name.clone(),
+                    hash: s
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(agent::POD_TEMPLATE_HASH))
+                        .cloned()
+                        .unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    DestinationRuleView {
+        subsets,
+        changed_at: changed_at(&dr.metadata),
+    }
+}
+
+/// A Kubernetes timestamp in milliseconds since the epoch.
+pub fn millis(t: &k8s_openapi::jiff::Timestamp) -> Millis {
+    u64::try_from(t.as_millisecond()).unwrap_or(0)
+}
