@@ -299,7 +299,7 @@ mod tests {
             passed: false,
             detail: "success rate 50.0% < 99%".into(),
         };
-        assert_eq!(verdict(&[ok.clone()]).message, "ready");
+        assert_eq!(verdict(std::slice::from_ref(&ok)).message, "ready");
         let v = verdict(&[ok, bad]);
         assert_eq!((v.passed, v.message.as_str()), (false, "success rate 50.0% < 99%"));
     }

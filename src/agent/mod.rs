@@ -41,10 +41,12 @@ use crate::release::{self, Action, Millis, Observed, Phase};
 
 /// Release defaults, overridden per namespace and per Deployment by annotations (DESIGN §7).
 #[derive(Clone, Debug, clap::Args)]
+#[group(id = "release-defaults")]
+#[command(next_help_heading = "Release defaults (overridden by turnout.dev/* annotations)")]
 pub struct Args {
     /// Canary weights in percent, increasing, ending at 100 (annotation `turnout.dev/steps`).
-    #[arg(long, env = "TURNOUT_STEPS", default_value = "10,25,50,100", value_parser = config::parse_steps)]
-    pub steps: Vec<u8>,
+    #[arg(long, env = "TURNOUT_STEPS", default_value = "10,25,50,100", value_parser = parse_steps)]
+    pub steps: Steps,
     /// Time between a step's propagation and its analysis (`turnout.dev/interval`).
     #[arg(long, env = "TURNOUT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub interval: Duration,
@@ -75,11 +77,19 @@ pub struct Args {
     pub no_data: NoData,
 }
 
+/// Canary weights, parsed as one comma-separated value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Steps(pub Vec<u8>);
+
+fn parse_steps(value: &str) -> Result<Steps, String> {
+    config::parse_steps(value).map(Steps)
+}
+
 impl Args {
     /// The release defaults these flags give.
     pub fn defaults(&self) -> ReleaseConfig {
         ReleaseConfig {
-            steps: self.steps.clone(),
+            steps: self.steps.0.clone(),
             interval: self.interval,
             threshold: self.threshold.max(1),
             progress_deadline: self.progress_deadline,
@@ -383,9 +393,10 @@ pub async fn run_agent<S>(
 where
     S: Future<Output = ()> + Send + Sync + 'static,
 {
-    let client = Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .context("no Kubernetes client configuration (KUBECONFIG or in-cluster)")?;
+        .map_err(|e| anyhow::anyhow!("no Kubernetes client configuration: set KUBECONFIG or run in a cluster ({e})"))?;
+    let client = Client::try_from(config).context("cannot build the Kubernetes client")?;
     let metrics = Arc::new(AgentMetrics::register(registry));
     let ctx = Arc::new(Context {
         client: client.clone(),

@@ -79,8 +79,8 @@ pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Sn
         };
         hosts.push(HostView {
             service: service.clone(),
-            virtual_service: managed(vs.as_ref(), |vs| virtual_service_view(vs)),
-            destination_rule: managed(dr.as_ref(), |dr| destination_rule_view(dr)),
+            virtual_service: managed(vs.as_ref(), virtual_service_view),
+            destination_rule: managed(dr.as_ref(), destination_rule_view),
         });
         stored.push((vs, dr));
     }

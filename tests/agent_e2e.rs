@@ -1,0 +1,554 @@
+//! Releases end to end (issue scenarios a–f): kubesim with its mesh under constant HTTP load, a real
+//! Prometheus scraping the mesh's Istio metrics, `turnout run` as a separate process with deploy/'s
+//! RBAC, and the real kubectl making the changes a user makes.
+//!
+//! The scenarios run side by side, one namespace each, on one cluster.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Cluster, eventually};
+use http_body_util::{BodyExt as _, Empty};
+use kubesim::sim::Config;
+use serde_json::Value;
+
+const V1: &str = "podinfod=ghcr.io/stefanprodan/podinfo:6.0.0";
+const V2: &str = "podinfod=ghcr.io/stefanprodan/podinfo:6.1.0";
+const V3: &str = "podinfod=ghcr.io/stefanprodan/podinfo:6.2.0";
+/// Requests per second of each namespace's load.
+const RATE: u64 = 40;
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A child process killed when dropped.
+struct Process {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(cmd: &mut tokio::process::Command, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Self { child, log }
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+struct Env {
+    cluster: Cluster,
+    turnout: Process,
+    _prometheus: Process,
+}
+
+impl std::ops::Deref for Env {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- turnout's log, last lines ---\n{}", self.turnout.tail(80));
+        }
+        let _ = self.turnout.child.start_kill();
+    }
+}
+
+async fn http_get(url: &str) -> Option<(u16, String)> {
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let response = tokio::time::timeout(Duration::from_secs(2), client.get(url.parse().ok()?))
+        .await
+        .ok()?
+        .ok()?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into()))
+}
+
+impl Env {
+    async fn start() -> Self {
+        let cluster = Cluster::start(Config {
+            pod_ready_delay: Duration::from_millis(200),
+            max_propagation_delay: Duration::from_millis(500),
+            ..Config::default()
+        })
+        .await;
+        let dir = cluster.dir.path().to_owned();
+
+        // Prometheus scraping the mesh every second.
+        let prometheus_addr = free_port();
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: kubesim-mesh\n    \
+                 static_configs:\n      - targets: ['{}']\n",
+                cluster.sim.metrics_addr
+            ),
+        )
+        .unwrap();
+        let binary = std::env::var("PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+        let prometheus = Process::spawn(
+            tokio::process::Command::new(&binary)
+                .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+                .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+                .arg(format!("--web.listen-address={prometheus_addr}"))
+                .arg("--log.level=warn"),
+            dir.join("prometheus.log"),
+        );
+        let prometheus_url = format!("http://{prometheus_addr}");
+        eventually(Duration::from_secs(30), "Prometheus to be ready", || {
+            let url = format!("{prometheus_url}/-/ready");
+            async move { http_get(&url).await.filter(|(s, _)| *s == 200) }
+        })
+        .await;
+
+        // turnout run, as the agent's ServiceAccount.
+        let bundle = turnout::certs::generate(&["turnout-webhook.turnout-system.svc".into()]).unwrap();
+        turnout::certs::write(&dir.join("certs"), &bundle, false).unwrap();
+        let listen = free_port();
+        let admin = free_port();
+        let turnout = Process::spawn(
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+                .args([
+                    "run",
+                    "--listen",
+                    &listen.to_string(),
+                    "--admin-listen",
+                    &admin.to_string(),
+                ])
+                .arg("--tls-cert")
+                .arg(dir.join("certs/tls.crt"))
+                .arg("--tls-key")
+                .arg(dir.join("certs/tls.key"))
+                .args(["--agent-username", common::AGENT_USER, "--drain-delay", "0s"])
+                .args(["--steps", "20,50,100", "--interval", "2s", "--threshold", "2"])
+                .args([
+                    "--propagation-delay",
+                    "1s",
+                    "--drain",
+                    "1s",
+                    "--progress-deadline",
+                    "60s",
+                ])
+                .args(["--latency-p99-max", "200ms", "--prometheus", &prometheus_url])
+                .env("KUBECONFIG", cluster.agent_kubeconfig())
+                .env("RUST_LOG", "info"),
+            dir.join("turnout.log"),
+        );
+        let ready = format!("http://{admin}/ready");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while http_get(&ready).await.is_none_or(|(s, _)| s != 200) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "turnout is not ready after 30 s; its log:\n{}",
+                turnout.tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cluster.install(bundle.ca_pem.as_bytes(), listen).await;
+        cluster.istio_crds().await;
+        Self {
+            cluster,
+            turnout,
+            _prometheus: prometheus,
+        }
+    }
+
+    fn mesh(&self) -> SocketAddr {
+        self.sim.mesh_addr
+    }
+
+    async fn annotation(&self, ns: &str, key: &str) -> Option<String> {
+        let d = self.get(ns, "deployment/podinfo").await;
+        d["metadata"]["annotations"][key].as_str().map(str::to_owned)
+    }
+
+    async fn wait_phase(&self, ns: &str, phase: &str, timeout: Duration) {
+        eventually(timeout, &format!("{ns}/podinfo to reach phase {phase}"), || async {
+            (self.annotation(ns, "turnout.dev/phase").await.as_deref() == Some(phase)).then_some(())
+        })
+        .await;
+    }
+
+    async fn events(&self, ns: &str) -> Vec<String> {
+        let list = self.get(ns, "events").await;
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["source"]["component"] == "turnout")
+            .map(|e| {
+                format!(
+                    "{} {}: {}",
+                    e["type"].as_str().unwrap_or(""),
+                    e["reason"].as_str().unwrap_or(""),
+                    e["message"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    }
+
+    /// The pods serving in `ns`: (name, revision label, candidate?) of those not being deleted.
+    async fn pods(&self, ns: &str) -> Vec<(String, String, bool)> {
+        let list = self.get(ns, "pods").await;
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .map(|p| {
+                let labels = &p["metadata"]["labels"];
+                (
+                    p["metadata"]["name"].as_str().unwrap().to_owned(),
+                    labels["turnout.dev/revision"].as_str().unwrap_or("").to_owned(),
+                    labels["turnout.dev/track"] == "candidate",
+                )
+            })
+            .collect()
+    }
+
+    /// A namespace with podinfo (2 replicas) behind a Service, rolled out, under load.
+    async fn prepare(&self, ns: &str, opted_in: bool, annotations: &[&str]) -> Load {
+        self.namespace(ns, opted_in).await;
+        self.podinfo(ns).await;
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: podinfo\n  namespace: {ns}\nspec:\n  selector:\n    app: podinfo\n  \
+             ports:\n    - name: http\n      port: 9898\n      targetPort: 9898\n"
+        ))
+        .await;
+        self.ok(&["scale", "-n", ns, "deployment/podinfo", "--replicas=2"])
+            .await;
+        if !annotations.is_empty() {
+            let mut args = vec!["annotate", "-n", ns, "deployment/podinfo", "--overwrite"];
+            args.extend_from_slice(annotations);
+            self.ok(&args).await;
+        }
+        self.ok(&["rollout", "status", "-n", ns, "deployment/podinfo", "--timeout=60s"])
+            .await;
+        let load = Load::start(self.mesh(), ns);
+        eventually(
+            Duration::from_secs(20),
+            &format!("{ns}: answers through the mesh"),
+            || async { (load.stats().ok > 20).then_some(()) },
+        )
+        .await;
+        load
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Stats {
+    ok: u64,
+    failed: u64,
+    versions: BTreeMap<String, u64>,
+    samples: Vec<String>,
+}
+
+/// Constant load through the mesh: `RATE` requests per second, each on its own, counted.
+struct Load {
+    stop: Arc<AtomicBool>,
+    stats: Arc<Mutex<Stats>>,
+}
+
+impl Load {
+    fn start(mesh: SocketAddr, ns: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Mutex::new(Stats::default()));
+        let host = format!("podinfo.{ns}");
+        let (stop2, stats2) = (stop.clone(), stats.clone());
+        tokio::spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Empty<Bytes>>();
+            let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE));
+            while !stop2.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let request = http::Request::get(format!("http://{mesh}/"))
+                    .header("host", &host)
+                    .body(Empty::new())
+                    .unwrap();
+                let (client, stats) = (client.clone(), stats2.clone());
+                tokio::spawn(async move {
+                    let answer = tokio::time::timeout(Duration::from_secs(5), async {
+                        let response = client.request(request).await.map_err(|e| e.to_string())?;
+                        let status = response.status();
+                        let flags = response
+                            .headers()
+                            .get("x-kubesim-response-flags")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        let body = response
+                            .into_body()
+                            .collect()
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .to_bytes();
+                        Ok::<_, String>((status, flags, body))
+                    })
+                    .await;
+                    let mut s = stats.lock().unwrap();
+                    match answer {
+                        Ok(Ok((status, _, body))) if status.is_success() => {
+                            s.ok += 1;
+                            let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                            *s.versions
+                                .entry(v["version"].as_str().unwrap_or("?").to_owned())
+                                .or_default() += 1;
+                        }
+                        other => {
+                            s.failed += 1;
+                            if s.samples.len() < 5 {
+                                s.samples.push(match other {
+                                    Ok(Ok((status, flags, _))) => format!("{status} {flags}"),
+                                    Ok(Err(e)) => e,
+                                    Err(_) => "timeout".into(),
+                                });
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self { stop, stats }
+    }
+
+    fn stats(&self) -> Stats {
+        self.stats.lock().unwrap().clone()
+    }
+
+    /// Stops the load after letting requests in flight finish.
+    async fn finish(self) -> Stats {
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        self.stats()
+    }
+}
+
+async fn rollout_status(env: &Env, ns: &str) -> common::Out {
+    env.kubectl(
+        &["rollout", "status", "-n", ns, "deployment/podinfo", "--timeout=180s"],
+        None,
+    )
+    .await
+}
+
+/// At rest: only D's pods of `revision`, no candidate, the VirtualService on the host, no subsets.
+async fn assert_at_rest(env: &Env, ns: &str, revision: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let Err(why) = at_rest(env, ns, revision).await else {
+            return;
+        };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ns}: not at rest after 30 s: {why}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn at_rest(env: &Env, ns: &str, revision: &str) -> Result<(), String> {
+    let pods = env.pods(ns).await;
+    if !pods.iter().all(|(_, r, candidate)| r == revision && !candidate) {
+        return Err(format!("pods {pods:?}, expected only v{revision} of podinfo"));
+    }
+    let deployments = env.get(ns, "deployments").await;
+    let names: Vec<&str> = deployments["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    if names != ["podinfo"] {
+        return Err(format!("Deployments {names:?}: the candidate is still there"));
+    }
+    let vs = env.get(ns, "virtualservice/podinfo").await;
+    let route = &vs["spec"]["http"][0]["route"];
+    if route.as_array().map(Vec::len) != Some(1) || !route[0]["destination"]["subset"].is_null() {
+        return Err(format!("the VirtualService does not route to the host: {route}"));
+    }
+    let dr = env.get(ns, "destinationrule/podinfo").await;
+    if !dr["spec"]["subsets"].is_null() {
+        return Err(format!("subsets left: {}", dr["spec"]["subsets"]));
+    }
+    Ok(())
+}
+
+async fn healthy_release(env: &Env) -> Stats {
+    let ns = "a";
+    let load = env.prepare(ns, true, &[]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    let status = rollout_status(env, ns).await;
+    assert!(
+        status.ok,
+        "a: rollout status fails: {}\n{}",
+        status.stdout, status.stderr
+    );
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
+    assert_at_rest(env, ns, "2").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "a: zero failed requests: {stats:?}");
+    assert!(
+        stats.versions.get("v2").is_some_and(|n| *n > 0),
+        "a: v2 served: {stats:?}"
+    );
+    let events = env.events(ns).await.join("\n");
+    for expected in [
+        "Advance a/podinfo canary weight 20",
+        "canary weight 50",
+        "Promotion completed",
+    ] {
+        assert!(events.contains(expected), "a: event {expected:?} in:\n{events}");
+    }
+    let d = env.get(ns, "deployment/podinfo").await;
+    assert!(
+        d["metadata"]["annotations"]["turnout.dev/stable-revision"].is_null(),
+        "intent cleared"
+    );
+    stats
+}
+
+async fn rolled_back(env: &Env, ns: &str, change: &str, reason: &str) -> Stats {
+    let load = env.prepare(ns, true, &[]).await;
+    let stable: Vec<String> = env.pods(ns).await.into_iter().map(|(name, ..)| name).collect();
+    env.ok(&["set", "env", "-n", ns, "deployment/podinfo", change]).await;
+    let status = rollout_status(env, ns).await;
+    assert!(!status.ok, "{ns}: rollout status must fail");
+    assert!(
+        status.stderr.contains("exceeded its progress deadline"),
+        "{ns}: {}",
+        status.stderr
+    );
+    env.wait_phase(ns, "Failed", Duration::from_secs(10)).await;
+    let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
+    assert!(message.contains(reason), "{ns}: message {message:?} names {reason:?}");
+    let d = env.get(ns, "deployment/podinfo").await;
+    let conditions = d["status"]["conditions"].as_array().unwrap();
+    let progressing = conditions.iter().find(|c| c["type"] == "Progressing").unwrap();
+    assert_eq!(progressing["reason"], "ProgressDeadlineExceeded");
+    assert!(
+        progressing["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("turnout: release v2 rolled back")
+    );
+    assert_eq!(d["spec"]["paused"], true, "{ns}: stays paused on the failed template");
+    assert_at_rest(env, ns, "1").await;
+    let now: Vec<String> = env.pods(ns).await.into_iter().map(|(name, ..)| name).collect();
+    assert_eq!(now, stable, "{ns}: the stable pods were never touched");
+    let stats = load.finish().await;
+    let events = env.events(ns).await.join("\n");
+    assert!(events.contains("Rolling back"), "{ns}: {events}");
+    assert!(
+        !events.contains("canary weight 50"),
+        "{ns}: never went past the first step: {events}"
+    );
+    // The canary carried 20 % of the requests for at most two intervals; only those could fail.
+    let total = stats.ok + stats.failed;
+    assert!(
+        stats.failed * 10 < total,
+        "{ns}: failed requests bounded by the canary's share: {stats:?}"
+    );
+    stats
+}
+
+async fn reverted(env: &Env) -> Stats {
+    let ns = "d";
+    // Analysis an hour away: a rollback that happens at all happened without one.
+    let load = env.prepare(ns, true, &["turnout.dev/interval=1h"]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
+    let out = env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V1]).await;
+    assert!(out.stderr.contains("is back to stable v1"), "d: {}", out.stderr);
+    env.wait_phase(ns, "RolledBack", Duration::from_secs(30)).await;
+    assert_at_rest(env, ns, "1").await;
+    let status = rollout_status(env, ns).await;
+    assert!(status.ok, "d: {}", status.stderr);
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "d: {stats:?}");
+    stats
+}
+
+async fn superseded(env: &Env) -> Stats {
+    let ns = "e";
+    let load = env.prepare(ns, true, &[]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V3]).await;
+    let status = rollout_status(env, ns).await;
+    assert!(status.ok, "e: {}", status.stderr);
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
+    assert_eq!(env.annotation(ns, "turnout.dev/release").await.as_deref(), Some("3"));
+    assert_at_rest(env, ns, "3").await;
+    let events = env.events(ns).await.join("\n");
+    assert!(events.contains("release v3 supersedes v2"), "e: {events}");
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "e: {stats:?}");
+    stats
+}
+
+async fn native(env: &Env) -> Stats {
+    let ns = "f";
+    let load = env.prepare(ns, false, &[]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    let status = rollout_status(env, ns).await;
+    assert!(status.ok, "f: {}", status.stderr);
+    // Let the proxies catch up before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_end_to_end() {
+    let env = Env::start().await;
+    let (a, b, c, d, e, f) = tokio::join!(
+        healthy_release(&env),
+        rolled_back(&env, "b", "KUBESIM_ERROR_RATE=0.5", "success rate"),
+        rolled_back(&env, "c", "KUBESIM_LATENCY_MS=400", "P99 latency"),
+        reverted(&env),
+        superseded(&env),
+        native(&env),
+    );
+    let line = |name: &str, s: &Stats| {
+        eprintln!(
+            "{name}: {} requests, {} failed ({:.2} %), by version {:?}, sample failures {:?}",
+            s.ok + s.failed,
+            s.failed,
+            100.0 * s.failed as f64 / (s.ok + s.failed).max(1) as f64,
+            s.versions,
+            s.samples
+        );
+    };
+    line("a (turnout, healthy)", &a);
+    line("b (turnout, erroring)", &b);
+    line("c (turnout, slow)", &c);
+    line("d (turnout, reverted)", &d);
+    line("e (turnout, superseded)", &e);
+    line("f (native rolling update)", &f);
+}
