@@ -60,7 +60,9 @@ impl Process {
 struct Env {
     cluster: Cluster,
     turnout: Process,
-    _prometheus: Process,
+    _prometheus: Option<Process>,
+    /// turnout's admin port.
+    admin: SocketAddr,
 }
 
 impl std::ops::Deref for Env {
@@ -91,8 +93,41 @@ async fn http_get(url: &str) -> Option<(u16, String)> {
     Some((status, String::from_utf8_lossy(&body).into()))
 }
 
+/// A real Prometheus scraping the mesh's metrics every second.
+async fn prometheus(cluster: &Cluster) -> (Process, String) {
+    let dir = cluster.dir.path().to_owned();
+    let prometheus_addr = free_port();
+    std::fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: kubesim-mesh\n    \
+                 static_configs:\n      - targets: ['{}']\n",
+                cluster.sim.metrics_addr
+            ),
+        )
+        .unwrap();
+    let binary = std::env::var("PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+    let prometheus = Process::spawn(
+        tokio::process::Command::new(&binary)
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!("--web.listen-address={prometheus_addr}"))
+            .arg("--log.level=warn"),
+        dir.join("prometheus.log"),
+    );
+    let prometheus_url = format!("http://{prometheus_addr}");
+    eventually(Duration::from_secs(30), "Prometheus to be ready", || {
+        let url = format!("{prometheus_url}/-/ready");
+        async move { http_get(&url).await.filter(|(s, _)| *s == 200) }
+    })
+    .await;
+
+    (prometheus, prometheus_url)
+}
+
 impl Env {
-    async fn start() -> Self {
+    /// A cluster with turnout installed; `istio`: the Istio CRDs and a Prometheus scraping the mesh.
+    async fn start(istio: bool) -> Self {
         let cluster = Cluster::start(Config {
             pod_ready_delay: Duration::from_millis(200),
             max_propagation_delay: Duration::from_millis(500),
@@ -102,31 +137,12 @@ impl Env {
         let dir = cluster.dir.path().to_owned();
 
         // Prometheus scraping the mesh every second.
-        let prometheus_addr = free_port();
-        std::fs::write(
-            dir.join("prometheus.yml"),
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: kubesim-mesh\n    \
-                 static_configs:\n      - targets: ['{}']\n",
-                cluster.sim.metrics_addr
-            ),
-        )
-        .unwrap();
-        let binary = std::env::var("PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
-        let prometheus = Process::spawn(
-            tokio::process::Command::new(&binary)
-                .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-                .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
-                .arg(format!("--web.listen-address={prometheus_addr}"))
-                .arg("--log.level=warn"),
-            dir.join("prometheus.log"),
-        );
-        let prometheus_url = format!("http://{prometheus_addr}");
-        eventually(Duration::from_secs(30), "Prometheus to be ready", || {
-            let url = format!("{prometheus_url}/-/ready");
-            async move { http_get(&url).await.filter(|(s, _)| *s == 200) }
-        })
-        .await;
+        let (prometheus, prometheus_url) = if istio {
+            let (p, url) = prometheus(&cluster).await;
+            (Some(p), url)
+        } else {
+            (None, "http://127.0.0.1:9".to_owned())
+        };
 
         // turnout run, as the agent's ServiceAccount.
         let bundle = turnout::certs::generate(&["turnout-webhook.turnout-system.svc".into()]).unwrap();
@@ -172,11 +188,14 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         cluster.install(bundle.ca_pem.as_bytes(), listen).await;
-        cluster.istio_crds().await;
+        if istio {
+            cluster.istio_crds().await;
+        }
         Self {
             cluster,
             turnout,
             _prometheus: prometheus,
+            admin,
         }
     }
 
@@ -513,6 +532,42 @@ async fn superseded(env: &Env) -> Stats {
     stats
 }
 
+/// A VirtualService turnout does not manage: left untouched, the release fails saying why.
+async fn foreign(env: &Env) {
+    let ns = "g";
+    let load = env.prepare(ns, true, &[]).await;
+    env.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: podinfo\n  namespace: {ns}\nspec:\n  \
+         hosts: [podinfo.{ns}.svc.cluster.local]\n  http:\n    - route:\n        - destination:\n            host: podinfo.{ns}.svc.cluster.local\n"
+    ))
+    .await;
+    let before = env.get(ns, "virtualservice/podinfo").await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    let status = rollout_status(env, ns).await;
+    assert!(!status.ok, "g: rollout status must fail");
+    let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "VirtualService {ns}/podinfo for Service podinfo is not managed by turnout"
+        )),
+        "g: {message}"
+    );
+    let after = env.get(ns, "virtualservice/podinfo").await;
+    assert_eq!(
+        after["metadata"], before["metadata"],
+        "g: the VirtualService is untouched"
+    );
+    assert_eq!(after["spec"], before["spec"]);
+    assert!(
+        env.pods(ns).await.iter().all(|(_, r, c)| r == "1" && !c),
+        "g: no candidate"
+    );
+    let events = env.events(ns).await.join("\n");
+    assert!(events.contains("not managed by turnout"), "g: {events}");
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "g: {stats:?}");
+}
+
 async fn native(env: &Env) -> Stats {
     let ns = "f";
     let load = env.prepare(ns, false, &[]).await;
@@ -526,14 +581,15 @@ async fn native(env: &Env) -> Stats {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_end_to_end() {
-    let env = Env::start().await;
-    let (a, b, c, d, e, f) = tokio::join!(
+    let env = Env::start(true).await;
+    let (a, b, c, d, e, f, ()) = tokio::join!(
         healthy_release(&env),
         rolled_back(&env, "b", "KUBESIM_ERROR_RATE=0.5", "success rate"),
         rolled_back(&env, "c", "KUBESIM_LATENCY_MS=400", "P99 latency"),
         reverted(&env),
         superseded(&env),
         native(&env),
+        foreign(&env),
     );
     let line = |name: &str, s: &Stats| {
         eprintln!(
@@ -551,4 +607,32 @@ async fn releases_end_to_end() {
     line("d (turnout, reverted)", &d);
     line("e (turnout, superseded)", &e);
     line("f (native rolling update)", &f);
+}
+
+/// Without the Istio CRDs the agent keeps running, says so (log, metric), and fails each release with
+/// the reason instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_istio_releases_fail_with_the_reason() {
+    let env = Env::start(false).await;
+    let metrics = format!("http://{}/metrics", env.admin);
+    eventually(Duration::from_secs(10), "turnout_istio_crds_present 0", || async {
+        http_get(&metrics)
+            .await
+            .filter(|(_, body)| body.contains("turnout_istio_crds_present 0"))
+    })
+    .await;
+    let ns = "no-istio";
+    env.namespace(ns, true).await;
+    env.podinfo(ns).await;
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: podinfo\n  namespace: {ns}\nspec:\n  selector:\n    app: podinfo\n  \
+         ports:\n    - port: 9898\n"
+    ))
+    .await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    let status = rollout_status(&env, ns).await;
+    assert!(!status.ok, "rollout status must fail");
+    let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
+    assert!(message.contains("the Istio CRDs"), "{message}");
+    assert!(env.turnout.tail(200).contains("are not installed"), "logged");
 }
