@@ -275,3 +275,156 @@ pub fn rfc3339(now: Millis) -> String {
         .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
         .to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::observe::{self, Snapshot};
+    use crate::release::{Managed, Weighted};
+
+    fn podinfo() -> Deployment {
+        serde_json::from_value(json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": { "name": "podinfo", "namespace": "shop", "uid": "u-1", "resourceVersion": "7",
+                          "annotations": { "turnout.dev/revision": "2", "turnout.dev/stable-revision": "1" } },
+            "spec": {
+                "replicas": 3,
+                "paused": true,
+                "selector": { "matchLabels": { "app": "podinfo" } },
+                "template": {
+                    "metadata": { "labels": { "app": "podinfo", "turnout.dev/revision": "2", "version": "v2" } },
+                    "spec": { "containers": [{ "name": "podinfod", "image": "podinfo:6.1.0" }] }
+                }
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_candidate_is_the_template_with_its_own_selector_owned_by_the_deployment() {
+        let c = candidate(&podinfo(), 2);
+        assert_eq!(c.metadata.name.as_deref(), Some("podinfo-v2"));
+        assert_eq!(c.metadata.namespace.as_deref(), Some("shop"));
+        let owner = &c.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.uid.as_str(), owner.controller), ("u-1", Some(true)));
+        assert_eq!(c.labels().get(agent::RELEASE_OF).map(String::as_str), Some("podinfo"));
+        assert_eq!(c.labels().get(labels::REVISION).map(String::as_str), Some("2"));
+        assert_eq!(c.spec.paused, None, "the candidate rolls out at once");
+        assert_eq!(c.spec.replicas, Some(3));
+        let selector = c.spec.selector.match_labels.as_ref().unwrap();
+        let pod_labels = c.spec.template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        assert_eq!(selector.get(agent::TRACK).map(String::as_str), Some(agent::CANDIDATE));
+        assert!(
+            selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+            "the selector selects its pods"
+        );
+        assert_eq!(
+            pod_labels.get("version").map(String::as_str),
+            Some("v2"),
+            "telemetry sees v2"
+        );
+        assert_eq!(pod_labels.get(labels::REVISION).map(String::as_str), Some("2"));
+        assert_eq!(
+            c.spec.template.spec.as_ref().unwrap().containers[0].image.as_deref(),
+            Some("podinfo:6.1.0")
+        );
+    }
+
+    fn snapshot(vs: Option<VirtualService>, dr: Option<DestinationRule>) -> Snapshot {
+        Snapshot {
+            deployment: observe::deployment_view(&podinfo()),
+            stable_rs: None,
+            new_rs: None,
+            candidates: Vec::new(),
+            hosts: Vec::new(),
+            stored: vec![(vs, dr)],
+        }
+    }
+
+    #[test]
+    fn routes_and_subsets_read_back_as_written() {
+        let d = podinfo();
+        let split = Route::Split(vec![
+            Weighted {
+                subset: "v1".into(),
+                weight: 75,
+            },
+            Weighted {
+                subset: "v2-canary".into(),
+                weight: 25,
+            },
+        ]);
+        for route in [Route::Host, split] {
+            let mut vs = VirtualService::new("podinfo", virtual_service_spec("podinfo", "shop", &route));
+            vs.metadata = managed_meta(&d, "podinfo", None, 1_700_000_000_123);
+            assert_eq!(
+                vs.spec.hosts.as_deref(),
+                Some(&["podinfo.shop.svc.cluster.local".to_owned()][..])
+            );
+            let snap = snapshot(Some(vs), None);
+            let view = observe::host_view("podinfo".into(), snap.stored[0].0.as_ref(), None);
+            let Managed::Ours(v) = view.virtual_service else {
+                panic!("ours: {view:?}")
+            };
+            assert_eq!(v.route, route);
+            assert_eq!(v.changed_at, 1_700_000_000_123);
+        }
+        let subsets = vec![
+            Subset {
+                name: "v1".into(),
+                hash: "abc".into(),
+            },
+            Subset {
+                name: "v2-canary".into(),
+                hash: "def".into(),
+            },
+        ];
+        for s in [Vec::new(), subsets] {
+            let mut dr = DestinationRule::new("podinfo", destination_rule_spec("podinfo", "shop", &s));
+            dr.metadata = managed_meta(&d, "podinfo", None, 5);
+            let view = observe::host_view("podinfo".into(), None, Some(&dr));
+            let Managed::Ours(v) = view.destination_rule else {
+                panic!("ours: {view:?}")
+            };
+            assert_eq!((v.subsets, v.changed_at), (s, 5));
+        }
+    }
+
+    #[test]
+    fn a_rewrite_keeps_the_stored_metadata_and_owners_once() {
+        let d = podinfo();
+        let stored = ObjectMeta {
+            name: Some("podinfo".into()),
+            resource_version: Some("42".into()),
+            labels: Some(BTreeMap::from([("team".into(), "shop".into())])),
+            ..ObjectMeta::default()
+        };
+        let once = managed_meta(&d, "podinfo", Some(&stored), 1);
+        let twice = managed_meta(&d, "podinfo", Some(&once), 2);
+        assert_eq!(twice.resource_version.as_deref(), Some("42"), "replace is conditional");
+        assert_eq!(twice.owner_references.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            twice.labels.as_ref().unwrap().get("team").map(String::as_str),
+            Some("shop")
+        );
+        assert_eq!(
+            twice
+                .labels
+                .as_ref()
+                .unwrap()
+                .get(agent::MANAGED_BY)
+                .map(String::as_str),
+            Some(agent::TURNOUT)
+        );
+        assert_eq!(
+            twice
+                .annotations
+                .as_ref()
+                .unwrap()
+                .get(agent::CHANGED_AT)
+                .map(String::as_str),
+            Some("1970-01-01T00:00:00.002Z")
+        );
+    }
+}

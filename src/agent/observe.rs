@@ -77,11 +77,7 @@ pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Sn
         } else {
             (None, None)
         };
-        hosts.push(HostView {
-            service: service.clone(),
-            virtual_service: managed(vs.as_ref(), virtual_service_view),
-            destination_rule: managed(dr.as_ref(), destination_rule_view),
-        });
+        hosts.push(host_view(service, vs.as_ref(), dr.as_ref()));
         stored.push((vs, dr));
     }
     Ok(Snapshot {
@@ -92,6 +88,15 @@ pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Sn
         hosts,
         stored,
     })
+}
+
+/// Routing of one Service as the release machine sees it.
+pub fn host_view(service: String, vs: Option<&VirtualService>, dr: Option<&DestinationRule>) -> HostView {
+    HostView {
+        service,
+        virtual_service: managed(vs, virtual_service_view),
+        destination_rule: managed(dr, destination_rule_view),
+    }
 }
 
 /// The user Deployment as the release machine sees it.
@@ -319,4 +324,116 @@ fn destination_rule_view(dr: &DestinationRule) -> DestinationRuleView {
 /// A Kubernetes timestamp in milliseconds since the epoch.
 pub fn millis(t: &k8s_openapi::jiff::Timestamp) -> Millis {
     u64::try_from(t.as_millisecond()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn deployment(annotations: serde_json::Value, status: serde_json::Value) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": { "name": "podinfo", "namespace": "shop", "generation": 4, "annotations": annotations },
+            "spec": {
+                "replicas": 2,
+                "paused": true,
+                "selector": { "matchLabels": { "app": "podinfo" } },
+                "template": { "metadata": { "labels": { "app": "podinfo", "turnout.dev/revision": "3" } } }
+            },
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_deployment_view_reads_stamps_status_and_rollout() {
+        let d = deployment(
+            json!({ "turnout.dev/stable-revision": "1", "turnout.dev/phase": "Progressing", "turnout.dev/release": "3",
+                    "turnout.dev/weight": "25", "turnout.dev/failed-checks": "1" }),
+            json!({ "observedGeneration": 4, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2 }),
+        );
+        let v = deployment_view(&d);
+        assert_eq!(
+            (v.template_revision, v.stable_revision, v.replicas, v.paused),
+            (3, Some(1), 2, true)
+        );
+        assert_eq!(
+            v.status,
+            StatusView {
+                phase: Some(Phase::Progressing),
+                release: Some(3),
+                weight: 25,
+                failed_checks: 1
+            }
+        );
+        assert!(v.rollout_complete);
+        let stale = deployment(
+            json!({}),
+            json!({ "observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2 }),
+        );
+        assert!(
+            !deployment_view(&stale).rollout_complete,
+            "an unobserved generation is not complete"
+        );
+        let garbage = deployment(
+            json!({ "turnout.dev/phase": "Dancing", "turnout.dev/weight": "lots" }),
+            json!({}),
+        );
+        let v = deployment_view(&garbage);
+        assert_eq!((v.status.phase, v.status.weight, v.stable_revision), (None, 0, None));
+    }
+
+    fn pod(revision: &str, restarts: i32) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": { "name": format!("podinfo-v{revision}-x"), "labels": {
+                "turnout.dev/revision": revision, "turnout.dev/release-of": "podinfo", "pod-template-hash": "h" } },
+            "status": { "containerStatuses": [{ "name": "c", "restartCount": restarts, "ready": true, "image": "i",
+                        "imageID": "", "started": true }] }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn candidates_count_their_pods_even_once_the_deployment_is_gone() {
+        let candidate: Deployment = serde_json::from_value(json!({
+            "metadata": { "name": "podinfo-v3", "uid": "c3", "generation": 1,
+                          "labels": { "turnout.dev/revision": "3", "turnout.dev/release-of": "podinfo" } },
+            "spec": { "replicas": 2, "selector": {}, "template": {} },
+            "status": { "observedGeneration": 1, "updatedReplicas": 2, "availableReplicas": 2 }
+        }))
+        .unwrap();
+        let rs: ReplicaSet = serde_json::from_value(json!({
+            "metadata": { "name": "podinfo-v3-abc", "labels": { "pod-template-hash": "abc" },
+                          "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "Deployment", "name": "podinfo-v3", "uid": "c3" }] },
+            "spec": { "selector": {} }
+        }))
+        .unwrap();
+        let found = candidates("podinfo", &[candidate], &[rs], &[pod("3", 1), pod("3", 0), pod("2", 0)]);
+        assert_eq!(found.len(), 2);
+        let v3 = &found[0];
+        assert_eq!(
+            (v3.name.as_str(), v3.hash.as_deref(), v3.available),
+            ("podinfo-v3", Some("abc"), true)
+        );
+        assert_eq!((v3.pods, v3.restarts, v3.deleting), (2, 1, false));
+        let v2 = &found[1];
+        assert_eq!(
+            (v2.name.as_str(), v2.pods, v2.deleting),
+            ("podinfo-v2", 1, true),
+            "an orphan's pods still count"
+        );
+    }
+
+    #[test]
+    fn istio_objects_without_turnout_s_label_are_foreign() {
+        let vs: VirtualService = serde_json::from_value(json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": { "name": "podinfo", "namespace": "shop" }, "spec": {}
+        }))
+        .unwrap();
+        let view = host_view("podinfo".into(), Some(&vs), None);
+        assert_eq!(view.virtual_service, Managed::Foreign("shop/podinfo".into()));
+        assert_eq!(view.destination_rule, Managed::Absent);
+    }
 }
