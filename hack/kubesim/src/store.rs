@@ -1,10 +1,12 @@
 //! The object store: every object as JSON, one resourceVersion counter for all of them (as etcd's
-//! revision), and a bounded history of changes that watches replay from.
+//! revision), a bounded history of changes that watches replay from, and an index of dependents by
+//! the uid of their owners (`metadata.ownerReferences`), which controllers and garbage collection read.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::broadcast;
 
@@ -30,7 +32,7 @@ impl EventType {
 }
 
 /// One change of one object.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Event {
     pub rv: u64,
     pub kind: EventType,
@@ -41,6 +43,69 @@ pub struct Event {
     pub object: Arc<Value>,
     /// The object before a modification (watches with selectors need both sides).
     pub previous: Option<Arc<Value>>,
+    /// `object` as JSON with its `apiVersion` and `kind`, encoded once for every watch that serves it
+    /// at that apiVersion (see [`Event::encoded`]).
+    encoded: OnceLock<(String, Bytes)>,
+}
+
+impl Event {
+    /// `object` encoded as JSON with `apiVersion` and `kind` set. The encoding at the first apiVersion
+    /// asked for is kept and shared by every later caller (watches of one resource at one version);
+    /// another apiVersion is encoded afresh.
+    pub fn encoded(&self, api_version: &str, kind: &str) -> Bytes {
+        if let Some((v, bytes)) = self.encoded.get() {
+            if v == api_version {
+                return bytes.clone();
+            }
+            return encode_served(&self.object, api_version, kind);
+        }
+        let (v, bytes) = self
+            .encoded
+            .get_or_init(|| (api_version.to_owned(), encode_served(&self.object, api_version, kind)));
+        if v == api_version {
+            bytes.clone()
+        } else {
+            encode_served(&self.object, api_version, kind)
+        }
+    }
+}
+
+/// An object as served at a version: its `apiVersion` and `kind` first, then its other fields, written
+/// without copying the object.
+pub struct Served<'a> {
+    pub object: &'a Value,
+    pub api_version: &'a str,
+    pub kind: &'a str,
+}
+
+impl serde::Serialize for Served<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let Some(fields) = self.object.as_object() else {
+            return self.object.serialize(serializer);
+        };
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("apiVersion", self.api_version)?;
+        map.serialize_entry("kind", self.kind)?;
+        for (k, v) in fields {
+            if k != "apiVersion" && k != "kind" {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// [`Served`] as JSON bytes.
+pub fn encode_served(object: &Value, api_version: &str, kind: &str) -> Bytes {
+    Bytes::from(
+        serde_json::to_vec(&Served {
+            object,
+            api_version,
+            kind,
+        })
+        .unwrap_or_default(),
+    )
 }
 
 /// The changes a watch replays, and the receiver of those to come.
@@ -63,10 +128,61 @@ pub enum StoreError {
 
 type Objects = BTreeMap<(String, String), Arc<Value>>;
 
+/// A dependent in the owner index: its resource, namespace and name.
+type Dependent = (ResourceKey, String, String);
+
 struct State {
     rv: u64,
     objects: HashMap<ResourceKey, Objects>,
     history: VecDeque<Arc<Event>>,
+    /// Owner uid → the objects whose `ownerReferences` name it (once each, however many references).
+    dependents: HashMap<String, BTreeSet<Dependent>>,
+}
+
+impl State {
+    /// Keeps the owner index in line with a change of one object from `before` to `after`.
+    fn index(
+        &mut self,
+        resource: &ResourceKey,
+        namespace: &str,
+        name: &str,
+        before: Option<&Value>,
+        after: Option<&Value>,
+    ) {
+        let old = before.map(owner_uids).unwrap_or_default();
+        let new = after.map(owner_uids).unwrap_or_default();
+        if old == new {
+            return;
+        }
+        let dependent = || (resource.clone(), namespace.to_owned(), name.to_owned());
+        for uid in old.iter().filter(|u| !new.contains(u)) {
+            if let Some(set) = self.dependents.get_mut(*uid) {
+                set.remove(&dependent());
+                if set.is_empty() {
+                    self.dependents.remove(*uid);
+                }
+            }
+        }
+        for uid in new.iter().filter(|u| !old.contains(u)) {
+            self.dependents
+                .entry((*uid).to_owned())
+                .or_default()
+                .insert(dependent());
+        }
+    }
+}
+
+/// The distinct owner uids an object's `ownerReferences` name.
+fn owner_uids(object: &Value) -> Vec<&str> {
+    let mut uids: Vec<&str> = object["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["uid"].as_str())
+        .collect();
+    uids.sort_unstable();
+    uids.dedup();
+    uids
 }
 
 /// The store. Cheap to share behind an `Arc`.
@@ -98,6 +214,7 @@ impl Store {
                 rv: 1,
                 objects: HashMap::new(),
                 history: VecDeque::new(),
+                dependents: HashMap::new(),
             }),
             events,
             history_limit,
@@ -144,6 +261,33 @@ impl Store {
             },
         };
         (items, state.rv)
+    }
+
+    /// Every object with an `ownerReferences` entry naming `owner_uid`, with its resource, in the order
+    /// of (resource, namespace, name). Proportional to what the owner owns, not to the store.
+    pub fn dependents(&self, owner_uid: &str) -> Vec<(ResourceKey, Arc<Value>)> {
+        let state = self.lock();
+        let Some(set) = state.dependents.get(owner_uid) else {
+            return Vec::new();
+        };
+        set.iter()
+            .filter_map(|(resource, ns, name)| {
+                let o = state.objects.get(resource)?.get(&(ns.clone(), name.clone()))?;
+                Some((resource.clone(), o.clone()))
+            })
+            .collect()
+    }
+
+    /// The objects of `resource` with an `ownerReferences` entry naming `owner_uid`.
+    pub fn dependents_in(&self, resource: &ResourceKey, owner_uid: &str) -> Vec<Arc<Value>> {
+        let state = self.lock();
+        let (Some(set), Some(objects)) = (state.dependents.get(owner_uid), state.objects.get(resource)) else {
+            return Vec::new();
+        };
+        set.range((resource.clone(), String::new(), String::new())..)
+            .take_while(|(r, _, _)| r == resource)
+            .filter_map(|(_, ns, name)| objects.get(&(ns.clone(), name.clone())).cloned())
+            .collect()
     }
 
     /// Stores a new object; sets its `metadata.resourceVersion`.
@@ -210,6 +354,7 @@ impl Store {
             .entry(resource.clone())
             .or_default()
             .insert((namespace.clone(), name.clone()), object.clone());
+        state.index(resource, &namespace, &name, previous.as_deref(), Some(&object));
         self.record(state, kind, resource, namespace, name, object.clone(), previous);
         object
     }
@@ -245,6 +390,7 @@ impl Store {
             .get_mut(resource)
             .and_then(|o| o.remove(&key))
             .ok_or(StoreError::NotFound)?;
+        state.index(resource, namespace, name, Some(&removed), None);
         let mut last = (*removed).clone();
         last["metadata"]["resourceVersion"] = Value::String(rv.to_string());
         let last = Arc::new(last);
@@ -279,6 +425,7 @@ impl Store {
             name,
             object,
             previous,
+            encoded: OnceLock::new(),
         });
         state.history.push_back(event.clone());
         while state.history.len() > self.history_limit {
@@ -429,5 +576,105 @@ mod tests {
         s.create(&key(), other).unwrap();
         assert_eq!(s.list(&key(), Some("test")).0.len(), 1);
         assert_eq!(s.list(&key(), None).0.len(), 2);
+    }
+
+    fn owned(name: &str, owners: &[&str]) -> Value {
+        let refs: Vec<Value> = owners
+            .iter()
+            .map(|uid| json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": uid, "controller": true}))
+            .collect();
+        json!({"metadata": {"name": name, "namespace": "test", "ownerReferences": refs}})
+    }
+
+    fn pods() -> ResourceKey {
+        (String::new(), "pods".into())
+    }
+
+    fn names(objects: &[Arc<Value>]) -> Vec<String> {
+        objects
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_owner_index_follows_creates_updates_and_deletes() {
+        let s = Store::new(100);
+        s.create(&pods(), owned("a", &["u1"])).unwrap();
+        s.create(&pods(), owned("b", &["u1", "u2"])).unwrap();
+        s.create(&pods(), owned("c", &[])).unwrap();
+        s.create(&key(), owned("d", &["u1"])).unwrap();
+        assert_eq!(names(&s.dependents_in(&pods(), "u1")), ["a", "b"]);
+        assert_eq!(names(&s.dependents_in(&key(), "u1")), ["d"]);
+        assert_eq!(names(&s.dependents_in(&pods(), "u2")), ["b"]);
+        let all: Vec<_> = s
+            .dependents("u1")
+            .into_iter()
+            .map(|(r, o)| (r, o["metadata"]["name"].clone()))
+            .collect();
+        assert_eq!(
+            all,
+            vec![(pods(), json!("a")), (pods(), json!("b")), (key(), json!("d"))]
+        );
+
+        // An update that changes the owners moves the object; one that keeps them changes nothing,
+        // and the index serves the newest version of the object.
+        s.update(&pods(), owned("a", &["u2"]), None).unwrap();
+        let mut b = owned("b", &["u1", "u2"]);
+        b["spec"] = json!({"image": "2"});
+        s.update(&pods(), b, None).unwrap();
+        assert_eq!(names(&s.dependents_in(&pods(), "u1")), ["b"]);
+        assert_eq!(names(&s.dependents_in(&pods(), "u2")), ["a", "b"]);
+        assert_eq!(s.dependents_in(&pods(), "u1")[0]["spec"]["image"], "2");
+
+        // Released from every owner, then owned again.
+        s.update(&pods(), owned("c", &["u3"]), None).unwrap();
+        s.update(&pods(), owned("c", &[]), None).unwrap();
+        assert!(s.dependents("u3").is_empty());
+
+        s.delete(&pods(), "test", "b", None).unwrap();
+        assert!(s.dependents_in(&pods(), "u1").is_empty());
+        assert_eq!(names(&s.dependents_in(&pods(), "u2")), ["a"]);
+        s.delete(&pods(), "test", "a", None).unwrap();
+        assert!(s.dependents("u2").is_empty());
+        assert!(
+            s.lock().dependents.keys().all(|uid| uid == "u1"),
+            "no empty entries are left"
+        );
+        assert!(s.dependents("unknown").is_empty());
+    }
+
+    #[test]
+    fn a_dependent_that_names_its_owner_twice_is_indexed_once() {
+        let s = Store::new(100);
+        s.create(&pods(), owned("a", &["u1", "u1"])).unwrap();
+        assert_eq!(names(&s.dependents_in(&pods(), "u1")), ["a"]);
+        s.update(&pods(), owned("a", &["u1"]), None).unwrap();
+        assert_eq!(names(&s.dependents_in(&pods(), "u1")), ["a"]);
+        s.delete(&pods(), "test", "a", None).unwrap();
+        assert!(s.dependents("u1").is_empty());
+    }
+
+    #[test]
+    fn an_event_is_encoded_once_per_version_with_its_api_version_and_kind() {
+        let s = Store::new(100);
+        let mut rx = s.subscribe();
+        let mut o = obj("a", "1");
+        o["apiVersion"] = json!("apps/v1beta1");
+        o["kind"] = json!("Old");
+        s.create(&key(), o).unwrap();
+        let e = rx.try_recv().unwrap();
+        let first = e.encoded("apps/v1", "Deployment");
+        let again = e.encoded("apps/v1", "Deployment");
+        assert_eq!(first.as_ptr(), again.as_ptr(), "shared, not encoded again");
+        let v: Value = serde_json::from_slice(&first).unwrap();
+        assert_eq!(v["apiVersion"], "apps/v1");
+        assert_eq!(v["kind"], "Deployment");
+        assert_eq!(v["spec"], json!({"image": "1"}));
+        assert_eq!(v["metadata"]["name"], "a");
+        let text = std::str::from_utf8(&first).unwrap();
+        assert_eq!(text.matches("apiVersion").count(), 1, "{text}");
+        let other: Value = serde_json::from_slice(&e.encoded("apps/v2", "Deployment")).unwrap();
+        assert_eq!(other["apiVersion"], "apps/v2");
     }
 }

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::resources::{Registry, ResourceType};
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{ResourceKey, Store};
+use crate::store::{ResourceKey, Served, Store};
 pub use status::ApiError;
 
 /// The body type of every answer.
@@ -367,20 +367,33 @@ impl Api {
                 let labels = label_selector(query)?;
                 let fields = field_selector(query)?;
                 let (items, rv) = self.store.list(&key(&t), target.namespace.as_deref());
-                let items: Vec<Value> = items
+                let items = items
                     .into_iter()
-                    .filter(|o| labels.matches(&o["metadata"]["labels"]) && fields.matches(o))
-                    .map(|o| served(&t, &o))
-                    .collect();
+                    .filter(|o| labels.matches(&o["metadata"]["labels"]) && fields.matches(o));
                 if wants_table(parts) {
+                    let items: Vec<Value> = items.map(|o| served(&t, &o)).collect();
                     return Ok(ok(&table::table(&t, &items, rv, query)));
                 }
-                Ok(ok(&json!({
-                    "kind": format!("{}List", t.kind),
-                    "apiVersion": t.api_version(),
-                    "metadata": {"resourceVersion": rv.to_string()},
-                    "items": items,
-                })))
+                // Written straight from the stored objects, without copying them.
+                let items: Vec<Arc<Value>> = items.collect();
+                let api_version = t.api_version();
+                let list = List {
+                    kind: format!("{}List", t.kind),
+                    api_version: &api_version,
+                    metadata: json!({"resourceVersion": rv.to_string()}),
+                    items: items
+                        .iter()
+                        .map(|o| Served {
+                            object: o,
+                            api_version: &api_version,
+                            kind: &t.kind,
+                        })
+                        .collect(),
+                };
+                Ok(bytes_response(
+                    StatusCode::OK,
+                    serde_json::to_vec(&list).unwrap_or_default(),
+                ))
             }
             "get" => {
                 let name = target.name.as_deref().unwrap_or_default();
@@ -643,9 +656,34 @@ impl Api {
         ns: &str,
         name: &str,
         subresource: Option<&str>,
-        mut object: Value,
+        object: Value,
         dry_run: bool,
     ) -> Result<Value, ApiError> {
+        let stored = self
+            .update_shared(user, t, ns, name, subresource, object, dry_run)
+            .await?;
+        Ok(match subresource {
+            Some("scale") => scale_of(&stored),
+            _ => Arc::unwrap_or_clone(stored),
+        })
+    }
+
+    /// [`Api::update`], answering the stored object itself (not a Scale) without copying it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Api::update`].
+    #[allow(clippy::too_many_arguments)]
+    pub async fn update_shared(
+        &self,
+        user: &User,
+        t: &ResourceType,
+        ns: &str,
+        name: &str,
+        subresource: Option<&str>,
+        mut object: Value,
+        dry_run: bool,
+    ) -> Result<Arc<Value>, ApiError> {
         let old = self
             .store
             .get(&key(t), ns, name)
@@ -683,7 +721,7 @@ impl Api {
             .await?;
         let object = bump_generation(&old, object);
         if dry_run {
-            return Ok(object);
+            return Ok(Arc::new(object));
         }
         let stored = self
             .store
@@ -691,10 +729,7 @@ impl Api {
             .map_err(|e| ApiError::from_store(e, t, name))?;
         self.after_write(t, &stored);
         self.finish_if_finalized(t, &stored);
-        Ok(match subresource {
-            Some("scale") => scale_of(&stored),
-            _ => (*stored).clone(),
-        })
+        Ok(stored)
     }
 
     /// Applies a patch of `content_type` to an object, then writes it as an update.
@@ -899,20 +934,12 @@ impl Api {
         let Some(uid) = owner["metadata"]["uid"].as_str() else {
             return;
         };
-        for t in self.registry().all() {
-            let (items, _) = self.store.list(&key(t), None);
-            for o in items {
-                let Some(refs) = o["metadata"]["ownerReferences"].as_array() else {
-                    continue;
-                };
-                if !refs.iter().any(|r| r["uid"] == uid) {
-                    continue;
-                }
-                let mut next = (*o).clone();
-                let kept: Vec<Value> = refs.iter().filter(|r| r["uid"] != uid).cloned().collect();
-                next["metadata"]["ownerReferences"] = json!(kept);
-                let _ = self.store.update(&key(t), next, None);
-            }
+        for (resource, o) in self.store.dependents(uid) {
+            let refs = o["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();
+            let mut next = (*o).clone();
+            let kept: Vec<Value> = refs.into_iter().filter(|r| r["uid"] != uid).collect();
+            next["metadata"]["ownerReferences"] = json!(kept);
+            let _ = self.store.update(&resource, next, None);
         }
     }
 }
@@ -1024,17 +1051,20 @@ fn merge_system_fields(t: &ResourceType, old: &Value, mut object: Value, subreso
 
 /// `metadata.generation` grows when anything but metadata and status changes.
 fn bump_generation(old: &Value, mut object: Value) -> Value {
-    let strip = |v: &Value| {
-        let mut v = v.clone();
-        if let Some(o) = v.as_object_mut() {
-            o.remove("metadata");
-            o.remove("status");
-            o.remove("apiVersion");
-            o.remove("kind");
+    const OUTSIDE: [&str; 4] = ["metadata", "status", "apiVersion", "kind"];
+    let changed = match (old.as_object(), object.as_object()) {
+        (Some(a), Some(b)) => {
+            let spec = |m: &'_ serde_json::Map<String, Value>| {
+                m.iter().filter(|(k, _)| !OUTSIDE.contains(&k.as_str())).count()
+            };
+            spec(a) != spec(b)
+                || a.iter()
+                    .filter(|(k, _)| !OUTSIDE.contains(&k.as_str()))
+                    .any(|(k, v)| b.get(k) != Some(v))
         }
-        v
+        _ => old != &object,
     };
-    if strip(old) != strip(&object) {
+    if changed {
         let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
         object["metadata"]["generation"] = json!(g);
     }
@@ -1151,9 +1181,24 @@ fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed()
 }
 
+/// A list as served.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct List<'a> {
+    kind: String,
+    api_version: &'a str,
+    metadata: Value,
+    items: Vec<Served<'a>>,
+}
+
 /// A JSON answer.
 pub fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
-    let mut r = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
+    bytes_response(status, serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// A JSON answer already encoded.
+fn bytes_response(status: StatusCode, json: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(full(json));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -1192,5 +1237,11 @@ mod tests {
         assert_eq!(bump_generation(&old, relabeled)["metadata"]["generation"], 3);
         let scaled = json!({"metadata": {"generation": 3}, "spec": {"replicas": 2}});
         assert_eq!(bump_generation(&old, scaled)["metadata"]["generation"], 4);
+        let emptied = json!({"metadata": {"generation": 3}, "status": {}});
+        assert_eq!(bump_generation(&old, emptied)["metadata"]["generation"], 4);
+        let grown = json!({"apiVersion": "v1", "metadata": {"generation": 3}, "spec": {"replicas": 1}, "data": {}});
+        assert_eq!(bump_generation(&old, grown)["metadata"]["generation"], 4);
+        let same = json!({"apiVersion": "v1", "kind": "X", "metadata": {"generation": 3}, "spec": {"replicas": 1}});
+        assert_eq!(bump_generation(&old, same)["metadata"]["generation"], 3);
     }
 }

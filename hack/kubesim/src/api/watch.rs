@@ -18,17 +18,41 @@ use tokio::sync::{broadcast, mpsc};
 use super::{Body, key};
 use crate::resources::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{Event, EventType, Store, StoreError};
+use crate::store::{Event, EventType, ResourceKey, Store, StoreError, encode_served};
 
 /// A response body fed by a channel.
 struct ChannelBody(mpsc::Receiver<Bytes>);
+
+/// At most this many bytes of queued lines are sent as one frame.
+const FRAME: usize = 64 * 1024;
 
 impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
 
+    /// The next line, with every line queued behind it (up to [`FRAME`] bytes): a burst of events goes
+    /// out in a few TLS records and writes instead of one per event.
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+        let Some(first) = std::task::ready!(self.0.poll_recv(cx)) else {
+            return Poll::Ready(None);
+        };
+        if first.len() >= FRAME {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        let mut frame: Option<Vec<u8>> = None;
+        while frame.as_ref().map_or(first.len(), Vec::len) < FRAME {
+            let Ok(next) = self.0.try_recv() else {
+                break;
+            };
+            frame
+                .get_or_insert_with(|| {
+                    let mut buf = Vec::with_capacity(FRAME.min(4 * (first.len() + next.len())));
+                    buf.extend_from_slice(&first);
+                    buf
+                })
+                .extend_from_slice(&next);
+        }
+        Poll::Ready(Some(Ok(Frame::data(frame.map_or(first, Bytes::from)))))
     }
 }
 
@@ -36,6 +60,9 @@ struct Filter {
     /// Events carry one-row Tables (`kubectl get -w`) instead of objects.
     table: Option<HashMap<String, String>>,
     resource: Arc<ResourceType>,
+    /// The store key and apiVersion of `resource`, computed once.
+    key: ResourceKey,
+    api_version: String,
     namespace: Option<String>,
     labels: LabelSelector,
     fields: FieldSelector,
@@ -46,9 +73,10 @@ impl Filter {
         self.labels.matches(&o["metadata"]["labels"]) && self.fields.matches(o)
     }
 
-    /// The event this watch reports for `e`, if any.
-    fn translate(&self, e: &Event) -> Option<(&'static str, Value)> {
-        if e.resource != key(&self.resource) || self.namespace.as_ref().is_some_and(|ns| *ns != e.namespace) {
+    /// The line this watch sends for `e`, if any. Objects are encoded once per event and shared by
+    /// every watch of the resource at the same version; only Tables are rendered per watch.
+    fn translate(&self, e: &Event) -> Option<Bytes> {
+        if e.resource != self.key || self.namespace.as_ref().is_some_and(|ns| *ns != e.namespace) {
             return None;
         }
         let now = self.sees(&e.object);
@@ -61,12 +89,23 @@ impl Filter {
             (EventType::Deleted, _, true) => "DELETED",
             _ => return None,
         };
-        Some((kind, self.served(&e.object)))
+        Some(match &self.table {
+            Some(_) => line(kind, &self.served(&e.object)),
+            None => line_encoded(kind, &e.encoded(&self.api_version, &self.resource.kind)),
+        })
+    }
+
+    /// The line of an object that is not an event (the initial state of a watch).
+    fn object_line(&self, kind: &str, o: &Value) -> Bytes {
+        match &self.table {
+            Some(_) => line(kind, &self.served(o)),
+            None => line_encoded(kind, &encode_served(o, &self.api_version, &self.resource.kind)),
+        }
     }
 
     fn served(&self, o: &Value) -> Value {
         let mut o = o.clone();
-        o["apiVersion"] = json!(self.resource.api_version());
+        o["apiVersion"] = json!(self.api_version);
         o["kind"] = json!(self.resource.kind);
         match &self.table {
             Some(query) => {
@@ -84,6 +123,19 @@ impl Filter {
 fn line(kind: &str, object: &Value) -> Bytes {
     let mut bytes = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+/// A watch event line around an object already encoded as JSON.
+fn line_encoded(kind: &str, object: &[u8]) -> Bytes {
+    const OPEN: &[u8] = b"{\"type\":\"";
+    const MIDDLE: &[u8] = b"\",\"object\":";
+    let mut bytes = Vec::with_capacity(OPEN.len() + kind.len() + MIDDLE.len() + object.len() + 2);
+    bytes.extend_from_slice(OPEN);
+    bytes.extend_from_slice(kind.as_bytes());
+    bytes.extend_from_slice(MIDDLE);
+    bytes.extend_from_slice(object);
+    bytes.extend_from_slice(b"}\n");
     Bytes::from(bytes)
 }
 
@@ -108,6 +160,8 @@ pub fn serve(
     let (tx, rx) = mpsc::channel::<Bytes>(1024);
     let filter = Filter {
         table: table.then(|| query.clone()),
+        key: key(&resource),
+        api_version: resource.api_version(),
         resource,
         namespace,
         labels,
@@ -129,8 +183,8 @@ pub fn serve(
             Some(rv) => match store.watch_from(rv) {
                 Ok((backlog, receiver)) => {
                     for e in backlog {
-                        if let Some((kind, o)) = filter.translate(&e)
-                            && tx.send(line(kind, &o)).await.is_err()
+                        if let Some(line) = filter.translate(&e)
+                            && tx.send(line).await.is_err()
                         {
                             return;
                         }
@@ -144,13 +198,13 @@ pub fn serve(
                 Err(_) => return,
             },
             None => {
-                let (items, receiver) = store.watch_now(&key(&filter.resource));
+                let (items, receiver) = store.watch_now(&filter.key);
                 for o in items {
                     let in_ns = filter
                         .namespace
                         .as_ref()
                         .is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns));
-                    if in_ns && filter.sees(&o) && tx.send(line("ADDED", &filter.served(&o))).await.is_err() {
+                    if in_ns && filter.sees(&o) && tx.send(filter.object_line("ADDED", &o)).await.is_err() {
                         return;
                     }
                 }
@@ -174,8 +228,8 @@ pub fn serve(
                 received = receiver.recv() => match received {
                     Ok(e) => {
                         last_rv = e.rv;
-                        if let Some((kind, o)) = filter.translate(&e)
-                            && tx.send(line(kind, &o)).await.is_err()
+                        if let Some(line) = filter.translate(&e)
+                            && tx.send(line).await.is_err()
                         {
                             return;
                         }

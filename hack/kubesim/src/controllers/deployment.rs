@@ -141,11 +141,10 @@ pub(super) async fn sync(ctx: &mut Ctx, ns: &str, name: &str) -> Result<(), ApiE
                 let mut rs = (*all[i]).clone();
                 rs["metadata"]["annotations"][REVISION] = json!((others_max + 1).to_string());
                 let rs_name = rs["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-                let updated = ctx
+                all[i] = ctx
                     .api
-                    .update(&system(), &rs_type, ns, &rs_name, None, rs, false)
+                    .update_shared(&system(), &rs_type, ns, &rs_name, None, rs, false)
                     .await?;
-                all[i] = Arc::new(updated);
                 changed = true;
             }
             i
@@ -200,7 +199,10 @@ pub(super) async fn sync(ctx: &mut Ctx, ns: &str, name: &str) -> Result<(), ApiE
     if d["metadata"]["annotations"][REVISION].as_str() != Some(new_revision.as_str()) {
         let mut next = (*d).clone();
         next["metadata"]["annotations"][REVISION] = json!(new_revision);
-        let d_now = ctx.api.update(&system(), &d_type, ns, name, None, next, false).await?;
+        let d_now = ctx
+            .api
+            .update_shared(&system(), &d_type, ns, name, None, next, false)
+            .await?;
         return status(ctx, &d_type, &d_now, &all, Some(new_index), replicas, false, true).await;
     }
 
@@ -278,7 +280,7 @@ async fn scale(ctx: &Ctx, rs_type: &crate::resources::ResourceType, rs: &Value, 
     let ns = rs["metadata"]["namespace"].as_str().unwrap_or_default();
     let name = rs["metadata"]["name"].as_str().unwrap_or_default();
     ctx.api
-        .update(&system(), rs_type, ns, name, None, next, false)
+        .update_shared(&system(), rs_type, ns, name, None, next, false)
         .await
         .map(|_| ())
 }

@@ -28,6 +28,9 @@ pub(super) async fn sync(ctx: &mut Ctx, ns: &str) -> Result<(), ApiError> {
     };
     let store = &ctx.api.store;
     let (services, _) = store.list(&("".into(), "services".into()), Some(ns));
+    if services.is_empty() {
+        return Ok(());
+    }
     let (pods, _) = store.list(&("".into(), "pods".into()), Some(ns));
     for svc in services {
         let Some(selector) = svc["spec"]["selector"].as_object().filter(|s| !s.is_empty()) else {

@@ -1,46 +1,38 @@
 //! Garbage collection by ownerReferences: dependents of a deleted owner are deleted (background), or
 //! released (orphan), and an owner deleted in the foreground goes once its dependents are gone.
 
-use serde_json::{Value, json};
-
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use serde_json::{Value, json};
 
 use super::Ctx;
 use crate::resources::ResourceType;
+use crate::store::ResourceKey;
 
 /// Deletes dependents whose owners are all gone, and finishes foreground and orphan deletions.
+///
+/// An owner's dependents come from the store's owner index, so a sweep stays linear in the number of
+/// objects.
 pub(super) fn sweep(ctx: &Ctx) {
     let api = &ctx.api;
     let registry = api.registry();
     let mut uids = std::collections::HashSet::new();
+    let mut types: HashMap<ResourceKey, Arc<ResourceType>> = HashMap::new();
     let mut all: Vec<(Arc<ResourceType>, Arc<Value>)> = Vec::new();
     for t in registry.all() {
         // One version per resource is enough: versions share their objects.
-        if all
-            .iter()
-            .any(|(seen, _)| seen.group == t.group && seen.plural == t.plural)
-        {
+        let key = crate::api::key(t);
+        if types.contains_key(&key) {
             continue;
         }
-        let (items, _) = api.store.list(&crate::api::key(t), None);
+        let (items, _) = api.store.list(&key, None);
+        types.insert(key, t.clone());
         for o in items {
             if let Some(uid) = o["metadata"]["uid"].as_str() {
                 uids.insert(uid.to_owned());
             }
             all.push((t.clone(), o));
-        }
-    }
-    // Owner uid -> its dependents, so a sweep stays linear in the number of objects.
-    let mut dependents_of: std::collections::HashMap<&str, Vec<usize>> = std::collections::HashMap::new();
-    for (i, (_, o)) in all.iter().enumerate() {
-        for r in o["metadata"]["ownerReferences"].as_array().into_iter().flatten() {
-            if let Some(owner) = r["uid"].as_str() {
-                // Two references to the same owner make one dependent, not two.
-                let dependents = dependents_of.entry(owner).or_default();
-                if dependents.last() != Some(&i) {
-                    dependents.push(i);
-                }
-            }
         }
     }
     let no_query = Default::default();
@@ -70,11 +62,15 @@ pub(super) fn sweep(ctx: &Ctx) {
         let Some(uid) = o["metadata"]["uid"].as_str() else {
             continue;
         };
-        let dependents: Vec<&(Arc<ResourceType>, Arc<Value>)> = dependents_of
-            .get(uid)
-            .map(|ds| ds.iter().map(|&i| &all[i]).collect())
-            .unwrap_or_default();
+        let dependents = || -> Vec<(Arc<ResourceType>, Arc<Value>)> {
+            api.store
+                .dependents(uid)
+                .into_iter()
+                .filter_map(|(key, d)| Some((types.get(&key)?.clone(), d)))
+                .collect()
+        };
         if finalizers.contains(&"foregroundDeletion") {
+            let dependents = dependents();
             for (dt, d) in &dependents {
                 let dns = d["metadata"]["namespace"].as_str().unwrap_or_default();
                 let dname = d["metadata"]["name"].as_str().unwrap_or_default();
@@ -91,7 +87,7 @@ pub(super) fn sweep(ctx: &Ctx) {
                 release(ctx, t, o, "foregroundDeletion");
             }
         } else if finalizers.contains(&"orphan") {
-            for (dt, d) in &dependents {
+            for (dt, d) in &dependents() {
                 let mut next = (**d).clone();
                 let kept: Vec<Value> = next["metadata"]["ownerReferences"]
                     .as_array()

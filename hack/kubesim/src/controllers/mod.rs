@@ -2,8 +2,9 @@
 //! garbage collection, driven by the store's changes and by timers (readiness delays, grace periods,
 //! progress deadlines).
 //!
-//! One task runs them all: changes mark objects dirty, timers mark them due, and each pass reconciles
-//! what is dirty. Controllers write through the API as a system user, like kube-controller-manager.
+//! One task runs them all: changes and timers queue keys (each key once while it waits), and the task
+//! reconciles the queue one key at a time, yielding every couple of milliseconds, so a long queue never
+//! holds up the API or the watches. Controllers write through the API as a system user, like kube-controller-manager.
 
 mod deployment;
 mod endpoints;
@@ -12,11 +13,11 @@ mod kubelet;
 mod replicaset;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -47,8 +48,8 @@ pub(crate) struct Ctx {
     /// Second octet of this instance's pod addresses (1..=100).
     ip_base: u32,
     /// When something happened to an object, precisely (API timestamps have whole seconds):
-    /// (namespace, name, what) → instant.
-    moments: std::collections::HashMap<(String, String, &'static str), Instant>,
+    /// (namespace, name) → what → instant.
+    moments: HashMap<(String, String), Vec<(&'static str, Instant)>>,
 }
 
 impl Ctx {
@@ -72,15 +73,20 @@ impl Ctx {
 
     /// When `what` first happened to `ns/name` (recorded now if never before).
     pub fn moment(&mut self, ns: &str, name: &str, what: &'static str) -> Instant {
-        *self
-            .moments
-            .entry((ns.to_owned(), name.to_owned(), what))
-            .or_insert_with(Instant::now)
+        let moments = self.moments.entry((ns.to_owned(), name.to_owned())).or_default();
+        match moments.iter().find(|(w, _)| *w == what) {
+            Some((_, at)) => *at,
+            None => {
+                let at = Instant::now();
+                moments.push((what, at));
+                at
+            }
+        }
     }
 
     /// Forgets the moments of an object that is gone.
     pub fn forget(&mut self, ns: &str, name: &str) {
-        self.moments.retain(|(n, m, _), _| !(n == ns && m == name));
+        self.moments.remove(&(ns.to_owned(), name.to_owned()));
     }
 
     pub fn resource(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
@@ -106,61 +112,109 @@ pub fn start(api: Arc<Api>, config: &Config) -> Vec<JoinHandle<()>> {
     vec![tokio::spawn(run(ctx, events))]
 }
 
+/// How often every Deployment and ReplicaSet is reconciled again, and garbage collected, whatever
+/// changed: a safety net (timers cover deadlines and delays, changes cover the rest). The next resync is
+/// due a full interval after the previous one was queued, so a slow queue never makes them pile up.
+const RESYNC: Duration = Duration::from_secs(10);
+
+/// How long the controllers run before they let the API and the watches have the thread.
+const SLICE: Duration = Duration::from_millis(2);
+
+/// Keys waiting to be reconciled, in the order they were first marked, each once: a key marked again
+/// while it waits keeps its place (the reconcile will see the newest state anyway).
+#[derive(Default)]
+pub(crate) struct Queue {
+    order: VecDeque<Key>,
+    queued: HashSet<Key>,
+}
+
+impl Queue {
+    pub fn insert(&mut self, key: Key) {
+        if !self.queued.contains(&key) {
+            self.queued.insert(key.clone());
+            self.order.push_back(key);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Key> {
+        let key = self.order.pop_front()?;
+        self.queued.remove(&key);
+        Some(key)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
 async fn run(mut ctx: Ctx, mut events: broadcast::Receiver<Arc<Event>>) {
-    let mut dirty: BTreeSet<Key> = BTreeSet::new();
-    // Timers cover deadlines and delays; the resync is a safety net.
-    let mut resync = tokio::time::interval(Duration::from_secs(10));
+    let mut queue = Queue::default();
+    let mut next_resync = Instant::now() + RESYNC;
+    let mut slice_started = Instant::now();
     loop {
-        let next_timer = ctx.timers.peek().map(|Reverse((at, _))| *at);
-        tokio::select! {
-            received = events.recv() => match received {
-                Ok(e) => {
-                    mark(&mut dirty, &e);
-                    // Take whatever else is already queued, to reconcile it in one pass.
-                    while let Ok(e) = events.try_recv() {
-                        mark(&mut dirty, &e);
+        if queue.is_empty() {
+            // Idle: wait for a change, a timer or the resync.
+            let next_timer = ctx.timers.peek().map(|Reverse((at, _))| *at);
+            let wake = next_timer.map_or(next_resync, |t| t.min(next_resync));
+            tokio::select! {
+                received = events.recv() => match received {
+                    Ok(e) => {
+                        slice_started = Instant::now();
+                        mark(&mut queue, &e);
                     }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => all(&ctx, &mut dirty),
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            () = sleep_until(next_timer) => {}
-            _ = resync.tick() => all(&ctx, &mut dirty),
+                    Err(broadcast::error::RecvError::Lagged(_)) => all(&ctx, &mut queue),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                () = tokio::time::sleep_until(wake) => slice_started = Instant::now(),
+            }
+        }
+        // Take every change already there, so a key changed many times is reconciled once.
+        loop {
+            match events.try_recv() {
+                Ok(e) => mark(&mut queue, &e),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => all(&ctx, &mut queue),
+                Err(broadcast::error::TryRecvError::Closed) => return,
+                Err(broadcast::error::TryRecvError::Empty) => break,
+            }
         }
         let now = Instant::now();
         while ctx.timers.peek().is_some_and(|Reverse((at, _))| *at <= now) {
             if let Some(Reverse((_, key))) = ctx.timers.pop() {
-                dirty.insert(key);
+                queue.insert(key);
             }
         }
-        for key in std::mem::take(&mut dirty) {
-            let result = match &key {
-                Key::Deployment(ns, name) => deployment::sync(&mut ctx, ns, name).await,
-                Key::ReplicaSet(ns, name) => replicaset::sync(&mut ctx, ns, name).await,
-                Key::Pod(ns, name) => kubelet::sync(&mut ctx, ns, name).await,
-                Key::Endpoints(ns) => endpoints::sync(&mut ctx, ns).await,
-                Key::Sweep => {
-                    gc::sweep(&ctx);
-                    Ok(())
-                }
-            };
-            if let Err(e) = result {
-                // Conflicts and races with users are normal: try again soon.
-                tracing::debug!(?key, code = e.code, message = %e.message, "reconcile failed; retrying");
-                ctx.after(Duration::from_millis(100), key);
+        if now >= next_resync {
+            all(&ctx, &mut queue);
+            next_resync = now + RESYNC;
+        }
+        let Some(key) = queue.pop() else {
+            continue;
+        };
+        let result = match &key {
+            Key::Deployment(ns, name) => deployment::sync(&mut ctx, ns, name).await,
+            Key::ReplicaSet(ns, name) => replicaset::sync(&mut ctx, ns, name).await,
+            Key::Pod(ns, name) => kubelet::sync(&mut ctx, ns, name).await,
+            Key::Endpoints(ns) => endpoints::sync(&mut ctx, ns).await,
+            Key::Sweep => {
+                gc::sweep(&ctx);
+                Ok(())
             }
+        };
+        if let Err(e) = result {
+            // Conflicts and races with users are normal: try again soon.
+            tracing::debug!(?key, code = e.code, message = %e.message, "reconcile failed; retrying");
+            ctx.after(Duration::from_millis(100), key);
+        }
+        // The API's requests and the watches run in between, however long the queue: the task yields
+        // once it has run for a slice, not after every key (each yield waits for every other ready task).
+        if slice_started.elapsed() >= SLICE {
+            tokio::task::yield_now().await;
+            slice_started = Instant::now();
         }
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-fn mark(dirty: &mut BTreeSet<Key>, e: &Event) {
+fn mark(queue: &mut Queue, e: &Event) {
     let (ns, name) = (e.namespace.clone(), e.name.clone());
     let owner = |o: &Value, kind: &str| -> Option<String> {
         o["metadata"]["ownerReferences"]
@@ -171,49 +225,49 @@ fn mark(dirty: &mut BTreeSet<Key>, e: &Event) {
     };
     match (e.resource.0.as_str(), e.resource.1.as_str()) {
         ("apps", "deployments") => {
-            dirty.insert(Key::Deployment(ns, name));
+            queue.insert(Key::Deployment(ns, name));
         }
         ("apps", "replicasets") => {
             if let Some(d) = owner(&e.object, "Deployment") {
-                dirty.insert(Key::Deployment(ns.clone(), d));
+                queue.insert(Key::Deployment(ns.clone(), d));
             }
-            dirty.insert(Key::ReplicaSet(ns, name));
+            queue.insert(Key::ReplicaSet(ns, name));
         }
         ("", "pods") => {
             if let Some(rs) = owner(&e.object, "ReplicaSet") {
-                dirty.insert(Key::ReplicaSet(ns.clone(), rs));
+                queue.insert(Key::ReplicaSet(ns.clone(), rs));
             }
-            dirty.insert(Key::Endpoints(ns.clone()));
+            queue.insert(Key::Endpoints(ns.clone()));
             if e.kind != EventType::Deleted {
-                dirty.insert(Key::Pod(ns, name));
+                queue.insert(Key::Pod(ns, name));
             }
         }
         ("", "services") => {
-            dirty.insert(Key::Endpoints(ns));
+            queue.insert(Key::Endpoints(ns));
         }
         _ => {}
     }
     if e.kind == EventType::Deleted || e.object["metadata"].get("deletionTimestamp").is_some() {
-        dirty.insert(Key::Sweep);
+        queue.insert(Key::Sweep);
     }
 }
 
-/// Marks every Deployment dirty (periodic resync: progress deadlines), and everything after a lag.
-fn all(ctx: &Ctx, dirty: &mut BTreeSet<Key>) {
+/// Queues every Deployment and ReplicaSet and a garbage collection (the resync, and after a lag).
+fn all(ctx: &Ctx, queue: &mut Queue) {
     let store = &ctx.api.store;
     for (group, plural) in [("apps", "deployments"), ("apps", "replicasets")] {
         let (items, _) = store.list(&(group.into(), plural.into()), None);
         for o in items {
             let ns = o["metadata"]["namespace"].as_str().unwrap_or_default().to_owned();
             let name = o["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-            dirty.insert(if plural == "deployments" {
+            queue.insert(if plural == "deployments" {
                 Key::Deployment(ns, name)
             } else {
                 Key::ReplicaSet(ns, name)
             });
         }
     }
-    dirty.insert(Key::Sweep);
+    queue.insert(Key::Sweep);
 }
 
 /// The system identity controllers act as.
@@ -224,15 +278,17 @@ pub(crate) fn system() -> crate::api::User {
     }
 }
 
-/// Objects of `group/plural` in `ns` controlled by the owner with `uid`.
+/// Objects of `group/plural` in `ns` controlled by the owner with `uid` (from the store's owner index).
 pub(crate) fn owned_by(ctx: &Ctx, group: &str, plural: &str, ns: &str, uid: &str) -> Vec<Arc<Value>> {
-    let (items, _) = ctx.api.store.list(&(group.into(), plural.into()), Some(ns));
-    items
+    ctx.api
+        .store
+        .dependents_in(&(group.into(), plural.into()), uid)
         .into_iter()
         .filter(|o| {
-            o["metadata"]["ownerReferences"]
-                .as_array()
-                .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid && r["controller"] == true))
+            o["metadata"]["namespace"].as_str().unwrap_or_default() == ns
+                && o["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid && r["controller"] == true))
         })
         .collect()
 }
@@ -242,12 +298,13 @@ pub(crate) async fn write_status(ctx: &Ctx, t: &ResourceType, current: &Value, s
     if current["status"] == status {
         return Ok(());
     }
-    let mut next = current.clone();
-    next["status"] = status;
-    let ns = current["metadata"]["namespace"].as_str().unwrap_or_default();
-    let name = current["metadata"]["name"].as_str().unwrap_or_default();
+    // Through `/status` only the status and the resourceVersion (the write's precondition) are read.
+    let meta = &current["metadata"];
+    let next = json!({"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status});
+    let ns = meta["namespace"].as_str().unwrap_or_default();
+    let name = meta["name"].as_str().unwrap_or_default();
     ctx.api
-        .update(&system(), t, ns, name, Some("status"), next, false)
+        .update_shared(&system(), t, ns, name, Some("status"), next, false)
         .await
         .map(|_| ())
 }
