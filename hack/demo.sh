@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# turnout's demo on kubesim (the Kubernetes emulator in hack/kubesim), with what exists today: the
-# admission webhook. It installs turnout as the README says (kubectl apply -k deploy/, then
-# hack/install-certs.sh), opts a namespace in, and makes the updates a team makes every day with the
-# real kubectl, showing what turnout does to each. Needs cargo, kubectl and curl; no cluster.
+# turnout's demo on kubesim (the Kubernetes emulator in hack/kubesim): no cluster needed.
 #
-# Usage: hack/demo.sh
+# Starts kubesim (API server, controllers and an Istio-like mesh whose proxies apply changes late),
+# installs turnout as the README says (kubectl apply -k deploy/, then hack/install-certs.sh), runs
+# `turnout run` (webhook + agent) as its ServiceAccount, a real Prometheus when one is installed, and
+# constant HTTP load through the mesh. Then, with the real kubectl:
+#   1. a healthy release (kubectl set image): canary steps, analysis, hand-off, promotion;
+#   2. a bad release (5 in 10 requests fail): rolled back automatically, `kubectl rollout status` fails;
+#   3. the same update in a namespace that did not opt in: a native rolling update, for comparison.
+# It prints the release's progress every second and ends with the failed-request counts.
+#
+# Usage: hack/demo.sh          (needs cargo, kubectl, curl and python3; Prometheus is optional)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
+  for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done
+  wait 2> /dev/null || true
+  if [ -n "${KEEP:-}" ]; then echo "logs kept in $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -24,8 +30,73 @@ wait_for() { # wait_for SECONDS CMD...: polls CMD until it succeeds
   local deadline=$((SECONDS + $1))
   shift
   until "$@" > /dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || { echo "timed out waiting for: $*" >&2; exit 1; }
+    [ "$SECONDS" -lt "$deadline" ] || {
+      echo "timed out waiting for: $*" >&2
+      tail -n 30 "$work"/*.log >&2 || true
+      exit 1
+    }
     sleep 0.2
+  done
+}
+# Load NAME ($1) over its last second, e.g. "v1 16, v2 4, failed 0".
+load_now() {
+  python3 - "$work/load-$1.jsonl" << 'EOF'
+import json, sys
+try:
+    lines = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+except OSError:
+    lines = []
+if not lines:
+    print("no answers yet"); sys.exit()
+last = max(l["t"] for l in lines)
+ok, failed = {}, 0
+for l in lines:
+    if l["t"] == last:
+        failed += l["failed"]
+        for v, n in l["ok"].items():
+            ok[v] = ok.get(v, 0) + n
+print(", ".join(f"{v} {n}" for v, n in sorted(ok.items())) + f", failed {failed}")
+EOF
+}
+# Totals of load NAME ($1): "N requests, F failed (P %), by version {...}".
+load_total() {
+  python3 - "$work/load-$1.jsonl" << 'EOF'
+import json, sys
+ok, failed = {}, 0
+for l in open(sys.argv[1]):
+    if l.strip():
+        l = json.loads(l)
+        failed += l["failed"]
+        for v, n in l["ok"].items():
+            ok[v] = ok.get(v, 0) + n
+total = sum(ok.values()) + failed
+print(f"{total} requests, {failed} failed ({100 * failed / max(total, 1):.2f} %), answered by {ok}")
+EOF
+}
+load=""      # the running load's name
+load_pid=""
+start_load() { # start_load NAME NS: 40 requests/s to podinfo.NS, counted in load-NAME.jsonl
+  load=$1
+  python3 "$root/hack/load.py" --mesh "$mesh" --host "podinfo.$2" --rate 40 --out "$work/load-$1.jsonl" &
+  load_pid=$!
+  pids+=("$load_pid")
+  wait_for 20 test -s "$work/load-$1.jsonl"
+}
+stop_load() { # ends the load and waits for its last answers
+  kill "$load_pid" 2> /dev/null || true
+  wait "$load_pid" 2> /dev/null || true
+}
+# Follows the release of shop/podinfo until its phase is one of $@, printing a line per second.
+follow() {
+  local started=$SECONDS phase=""
+  while :; do
+    local ann
+    ann=$(kubectl get -n shop deployment podinfo -o jsonpath='{.metadata.annotations.turnout\.dev/phase}|{.metadata.annotations.turnout\.dev/weight}|{.metadata.annotations.turnout\.dev/message}')
+    IFS='|' read -r phase weight message <<< "$ann"
+    printf '  %3ss  %-11s canary %3s%%  requests/s: %-26s %s\n' "$((SECONDS - started))" "${phase:-Held}" "${weight:-0}" "$(load_now "$load")" "$message"
+    for want in "$@"; do [ "$phase" = "$want" ] && return 0; done
+    [ $((SECONDS - started)) -lt 240 ] || { echo "the release did not end within 240 s" >&2; exit 1; }
+    sleep 1
   done
 }
 
@@ -36,54 +107,115 @@ kubesim="$root/target/debug/kubesim"
 
 port=$(free_port)
 admin=$(free_port)
-say "kubesim up, with the webhook Service turnout-system/turnout-webhook reaching 127.0.0.1:$port"
-"$kubesim" up --dir "$work/cluster" --pod-ready-delay 300ms \
+say "kubesim up: proxies apply each change up to 500ms late, as Envoys do"
+"$kubesim" up --dir "$work/cluster" --pod-ready-delay 300ms --max-propagation-delay 500ms \
   --service "turnout-system/turnout-webhook=127.0.0.1:$port" > "$work/kubesim.log" 2>&1 &
 pids+=($!)
 wait_for 30 test -s "$work/cluster/endpoints.json"
 export KUBECONFIG="$work/cluster/kubeconfig"
-run kubectl get namespaces
+endpoints() { python3 -c "import json,sys; print(json.load(open('$work/cluster/endpoints.json'))['$1'])"; }
+mesh=$(endpoints mesh | sed 's#^http://##')
+metrics=$(endpoints metrics | sed -e 's#^http://##' -e 's#/metrics$##')
+run kubectl apply -f "$root/../shared/crds/istio/" > /dev/null
+echo "Istio CRDs applied"
+
+prometheus_flag=()
+if command -v prometheus > /dev/null; then
+  prom=$(free_port)
+  cat > "$work/prometheus.yml" << EOF
+global: { scrape_interval: 1s, evaluation_interval: 1s }
+scrape_configs:
+  - job_name: kubesim-mesh
+    metrics_path: /metrics
+    static_configs: [{ targets: ['$metrics'] }]
+EOF
+  say "Prometheus on 127.0.0.1:$prom, scraping the mesh's Istio metrics every second"
+  prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
+    --web.listen-address="127.0.0.1:$prom" --log.level=warn > "$work/prometheus.log" 2>&1 &
+  pids+=($!)
+  wait_for 30 curl -sf "http://127.0.0.1:$prom/-/ready"
+  prometheus_flag=(--prometheus "http://127.0.0.1:$prom")
+else
+  say "Prometheus is not installed: analysis checks candidate readiness only (apt-get install prometheus)"
+fi
 
 say "install turnout: the manifests, then the certificates"
 run kubectl apply -k "$root/deploy"
 TURNOUT_BIN="$turnout" run "$root/hack/install-certs.sh" --dir "$work/certs"
 
-say "turnout webhook (here a local process; in a cluster, the turnout Deployment's pods)"
-"$turnout" webhook --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+say "turnout run: webhook + agent, as the ServiceAccount turnout-system/turnout (deploy/'s RBAC)"
+"$kubesim" kubeconfig --dir "$work/cluster" --user system:serviceaccount:turnout-system:turnout > "$work/agent.kubeconfig"
+KUBECONFIG="$work/agent.kubeconfig" "$turnout" run --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
   --tls-cert "$work/certs/tls.crt" --tls-key "$work/certs/tls.key" \
-  --agent-username system:serviceaccount:turnout-system:turnout --drain-delay 0s 2> "$work/webhook.log" &
+  --agent-username system:serviceaccount:turnout-system:turnout --drain-delay 0s \
+  --steps 20,50,100 --interval 3s --threshold 2 --propagation-delay 1s --drain 1s "${prometheus_flag[@]}" \
+  2> "$work/turnout.log" &
 pids+=($!)
 wait_for 30 curl -sf "http://127.0.0.1:$admin/ready"
+echo "release settings: steps 20,50,100; analysis 3s after each step; 2 failed checks roll back"
 
-say "opt a namespace in, and deploy the podinfo sample"
+service() {
+  kubectl apply -f - << EOF
+apiVersion: v1
+kind: Service
+metadata: { name: podinfo, namespace: $1 }
+spec:
+  selector: { app: podinfo }
+  ports: [{ name: http, port: 9898, targetPort: 9898 }]
+EOF
+}
+
+say "opt a namespace in; deploy the podinfo sample (2 replicas) behind a Service; start 40 requests/s"
 run kubectl create namespace shop --dry-run=client -o yaml | kubectl apply -f -
 run kubectl label namespace shop turnout.dev/rollout=enabled
 run kubectl apply -n shop -f "$root/../shared/fixtures/podinfo/deployment.yaml"
+run kubectl scale -n shop deployment/podinfo --replicas=2
+service shop
 run kubectl rollout status -n shop deployment/podinfo --timeout=60s
-run kubectl get -n shop deployment podinfo -o jsonpath='revision {.metadata.annotations.turnout\.dev/revision}, template labels {.spec.template.metadata.labels}{"\n"}'
+start_load healthy shop
 
-say "kubectl set image: turnout holds the update as release v2 (the agent, coming next, runs it)"
+say "1. a healthy release: kubectl set image"
 run kubectl set image -n shop deployment/podinfo podinfod=ghcr.io/stefanprodan/podinfo:6.1.0
-run kubectl get -n shop deployment podinfo -o jsonpath='paused {.spec.paused}, stable v{.metadata.annotations.turnout\.dev/stable-revision}, template v{.spec.template.metadata.labels.turnout\.dev/revision}, image {.spec.template.spec.containers[0].image}{"\n"}'
-run kubectl get -n shop replicasets,pods
-echo "(the old pods keep serving: no new ReplicaSet while the release is held)"
-
-say "kubectl rollout resume during the release: the hold stays"
-run kubectl rollout resume -n shop deployment/podinfo
-run kubectl get -n shop deployment podinfo -o jsonpath='paused {.spec.paused}{"\n"}'
-
-say "git revert / set image back: the stable template is restored, nothing restarts"
-run kubectl set image -n shop deployment/podinfo podinfod=ghcr.io/stefanprodan/podinfo:6.0.0
+follow Succeeded Failed
 run kubectl rollout status -n shop deployment/podinfo --timeout=60s
-run kubectl get -n shop replicasets
+run kubectl get -n shop deployments,pods -L version
+run kubectl get -n shop virtualservice podinfo -o jsonpath='VirtualService: {.spec.http[0].route}{"\n"}'
 
-say "a namespace that did not opt in: an ordinary rolling update"
+stop_load
+
+say "2. a bad release: 5 in 10 requests of the new version fail"
+start_load bad shop
+run kubectl set env -n shop deployment/podinfo KUBESIM_ERROR_RATE=0.5
+follow Failed Succeeded
+status=$(kubectl rollout status -n shop deployment/podinfo --timeout=30s 2>&1) && {
+  echo "kubectl rollout status should have failed" >&2
+  exit 1
+}
+printf '\033[2m$ kubectl rollout status -n shop deployment/podinfo\033[0m\n%s\n' "$status"
+# Rolled back: traffic returns to v2, then the candidate goes.
+wait_for 60 sh -c "! kubectl get -n shop deployment podinfo-v3"
+run kubectl get -n shop deployments,pods -L version
+echo "events:"
+kubectl get -n shop events --field-selector involvedObject.name=podinfo --sort-by=.eventTime -o jsonpath='{range .items[?(@.source.component=="turnout")]}  {.type} {.reason}: {.message}{"\n"}{end}'
+stop_load
+
+say "3. for comparison: the same update in a namespace that did not opt in (a native rolling update)"
 run kubectl create namespace plain --dry-run=client -o yaml | kubectl apply -f -
 run kubectl apply -n plain -f "$root/../shared/fixtures/podinfo/deployment.yaml"
+run kubectl scale -n plain deployment/podinfo --replicas=2
+service plain
+run kubectl rollout status -n plain deployment/podinfo --timeout=60s
+start_load native plain
 run kubectl set image -n plain deployment/podinfo podinfod=ghcr.io/stefanprodan/podinfo:6.1.0
 run kubectl rollout status -n plain deployment/podinfo --timeout=60s
+sleep 2
+stop_load
 
-say "the webhook's metrics (http://127.0.0.1:$admin/metrics)"
-curl -sf "http://127.0.0.1:$admin/metrics" | grep '^turnout_admission_requests_total' | sed 's/^/  /'
-
-say "done: the agent (next) turns held updates like this one into zero-downtime releases"
+say "summary"
+echo "  1. turnout, healthy release:             $(load_total healthy)"
+echo "  2. turnout, bad release rolled back:      $(load_total bad)"
+echo "     (its failures are the 500s of the canary's 20 % share, before the rollback)"
+echo "  3. native rolling update, same mesh:      $(load_total native)"
+echo
+echo "turnout's metrics (http://127.0.0.1:$admin/metrics):"
+curl -sf "http://127.0.0.1:$admin/metrics" | grep -E '^turnout_(releases_total|analysis_checks_total|release_phase)' | sed 's/^/  /'

@@ -1,0 +1,83 @@
+//! The README documents what the code has: every release annotation, every flag of `turnout run`, and
+//! every metric. A new one without documentation fails here.
+
+use std::collections::BTreeSet;
+
+use prometheus_client::registry::Registry;
+
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
+}
+
+#[test]
+fn every_release_annotation_is_in_the_configuration_table() {
+    let readme = readme();
+    for key in turnout::config::keys::ALL {
+        assert!(
+            readme.contains(&format!("| `{key}` |")),
+            "README's configuration table lacks {key}"
+        );
+    }
+}
+
+#[test]
+fn every_flag_of_turnout_run_is_documented() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let flags: BTreeSet<&str> = help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
+        .filter(|w| !["--help", "--version"].contains(w))
+        .collect();
+    assert!(flags.len() > 15, "read the flags from --help: {flags:?}");
+    let readme = readme();
+    let missing: Vec<&&str> = flags.iter().filter(|f| !readme.contains(&format!("`{f}`"))).collect();
+    assert!(missing.is_empty(), "flags missing from the README: {missing:?}");
+}
+
+/// Metric names as registered (families without samples are not encoded, so the source is read).
+fn registered_metrics() -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for file in ["src/metrics.rs", "src/agent/mod.rs"] {
+        let source = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let mut rest = source.as_str();
+        while let Some(at) = rest.find("registry.register(") {
+            rest = &rest[at..];
+            let start = rest.find('"').unwrap() + 1;
+            let end = start + rest[start..].find('"').unwrap();
+            names.insert(rest[start..end].to_owned());
+            rest = &rest[end..];
+        }
+    }
+    names
+}
+
+#[test]
+fn every_metric_is_documented() {
+    let names = registered_metrics();
+    assert!(names.len() >= 10, "{names:?}");
+    // The registered names are the real ones: a registry with them all encodes them.
+    let mut registry = Registry::default();
+    turnout::metrics::WebhookMetrics::register(&mut registry);
+    turnout::agent::AgentMetrics::register(&mut registry);
+    let text = turnout::metrics::encode(&registry);
+    for name in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        assert!(names.contains(name), "{name} was not found in the source");
+    }
+    let readme = readme();
+    for name in &names {
+        // Counters are exposed with a _total suffix.
+        let documented = [format!("`{name}`"), format!("`{name}{{"), format!("`{name}_total")]
+            .iter()
+            .any(|form| readme.contains(form.as_str()));
+        assert!(documented, "README's metrics section lacks {name}");
+    }
+}
