@@ -12,7 +12,8 @@
 //! every pod, watch round trip, controller reaction); a rolling update of every Deployment at once.
 //! The observer thread timestamps every store change, which splits each Deployment's convergence into
 //! its controller stages. CPU is read per thread name (`kubesim`, `client`, `observer`) from
-//! `/proc/self/task/*/schedstat`, memory from `/proc/self/status`.
+//! `/proc/self/task/*/schedstat`, with the time kubesim's threads waited for a CPU ("k waited": other
+//! work on the machine), memory from `/proc/self/status`.
 //!
 //! Run with `cargo bench -p kubesim --bench scale` (options after `--`, see `--help`). Results are
 //! printed, never asserted.
@@ -134,7 +135,7 @@ fn main() -> anyhow::Result<()> {
     );
     drop(seen);
     drop(sim);
-    // A controller pass may run for a long time without yielding: do not wait for it.
+    // Do not wait for the controllers' current key or the watches' sends.
     sim_rt.shutdown_background();
     client_rt.shutdown_background();
     result
@@ -829,6 +830,9 @@ struct Cpu {
     kubesim: Duration,
     client: Duration,
     observer: Duration,
+    /// Time kubesim's threads were ready to run but waited for a CPU (`schedstat`'s run-queue delay):
+    /// how much other work on the machine held kubesim back.
+    kubesim_waited: Duration,
 }
 
 fn cpu() -> Cpu {
@@ -851,11 +855,12 @@ fn cpu() -> Cpu {
             "observer" => &mut c.observer,
             _ => continue,
         };
-        let ns = std::fs::read_to_string(dir.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
-            .unwrap_or(0);
-        *slot += Duration::from_nanos(ns);
+        let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+        let mut fields = stat.split_whitespace().map(|n| n.parse::<u64>().unwrap_or(0));
+        *slot += Duration::from_nanos(fields.next().unwrap_or(0));
+        if comm.trim() == "kubesim" {
+            c.kubesim_waited += Duration::from_nanos(fields.next().unwrap_or(0));
+        }
     }
     c
 }
@@ -899,6 +904,7 @@ impl Meter {
                 kubesim: now.kubesim.saturating_sub(self.cpu.kubesim),
                 client: now.client.saturating_sub(self.cpu.client),
                 observer: now.observer.saturating_sub(self.cpu.observer),
+                kubesim_waited: now.kubesim_waited.saturating_sub(self.cpu.kubesim_waited),
             },
             rss,
             hwm,
@@ -1052,16 +1058,17 @@ impl Report {
     fn print(&self) {
         println!("\n== phases");
         println!(
-            "{:<34} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>8} {:>8}  note",
-            "phase", "wall", "cpu proc", "kubesim", "cores", "client", "observer", "RSS MiB", "HWM MiB"
+            "{:<34} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8}  note",
+            "phase", "wall", "cpu proc", "kubesim", "cores", "k waited", "client", "observer", "RSS MiB", "HWM MiB"
         );
         for (what, m, note) in &self.phases {
             println!(
-                "{what:<34} {:>8} {:>9} {:>9} {:>6.2} {:>9} {:>9} {:>8.0} {:>8.0}  {note}",
+                "{what:<34} {:>8} {:>9} {:>9} {:>6.2} {:>9} {:>9} {:>9} {:>8.0} {:>8.0}  {note}",
                 secs(m.wall),
                 secs(m.cpu.process),
                 secs(m.cpu.kubesim),
                 m.cpu.kubesim.as_secs_f64() / m.wall.as_secs_f64().max(1e-9),
+                secs(m.cpu.kubesim_waited),
                 secs(m.cpu.client),
                 secs(m.cpu.observer),
                 m.rss,
