@@ -149,6 +149,11 @@ impl Env {
         turnout::certs::write(&dir.join("certs"), &bundle, false).unwrap();
         let listen = free_port();
         let admin = free_port();
+        // Installed before it starts, as on a cluster: the agent's watches find their RBAC in place.
+        cluster.install(bundle.ca_pem.as_bytes(), listen).await;
+        if istio {
+            cluster.istio_crds().await;
+        }
         let turnout = Process::spawn(
             tokio::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
                 .args([
@@ -186,10 +191,6 @@ impl Env {
                 turnout.tail(40)
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        cluster.install(bundle.ca_pem.as_bytes(), listen).await;
-        if istio {
-            cluster.istio_crds().await;
         }
         Self {
             cluster,

@@ -39,6 +39,9 @@ use crate::config::{self, NoData, ReleaseConfig};
 use crate::names::{agent as agent_names, annotations, labels, values};
 use crate::release::{self, Action, Millis, Observed, Phase};
 
+/// Deployments reconciled at the same time.
+const WORKERS: u16 = 8;
+
 /// Release defaults, overridden per namespace and per Deployment by annotations (DESIGN §7).
 #[derive(Clone, Debug, clap::Args)]
 #[group(id = "release-defaults")]
@@ -218,7 +221,16 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Requeue, Err
     result
 }
 
-async fn reconcile_inner(d: &Deployment, ctx: &Context) -> Result<Requeue, Error> {
+async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, Error> {
+    if cached.labels().contains_key(agent_names::RELEASE_OF) {
+        return Ok(Requeue::await_change());
+    }
+    // Plan from a fresh read: the cache may not have seen the previous pass's write yet.
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
+    let Some(fresh) = api.get_opt(&cached.name_any()).await? else {
+        return Ok(Requeue::await_change());
+    };
+    let d = &fresh;
     if d.labels().contains_key(agent_names::RELEASE_OF)
         || d.annotations().get(annotations::ROLLOUT).map(String::as_str) == Some(values::DISABLED)
     {
@@ -296,7 +308,8 @@ async fn reconcile_inner(d: &Deployment, ctx: &Context) -> Result<Requeue, Error
                 if let Some(event) = &plan.event {
                     record(ctx, d, event).await;
                 }
-                return Ok(Requeue::requeue(Duration::from_millis(20)));
+                // Straight on to the next step, planned from a fresh read.
+                return Ok(Requeue::requeue(Duration::from_millis(1)));
             }
         }
     }
@@ -417,6 +430,9 @@ where
             |rs| owner_of(&rs),
         )
         .watches(Api::<Pod>::all(client), candidates, |pod| owner_of(&pod))
+        // Bounded so that a burst (start-up, a namespace opting in) costs memory in proportion to the
+        // workers, not to the number of Deployments.
+        .with_config(kube::runtime::controller::Config::default().concurrency(WORKERS))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -38,7 +38,17 @@ pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Sn
     let deployment = deployment_view(d);
 
     let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
-    let rs_list = replica_sets.list(&ListParams::default()).await?.items;
+    // The Deployment's ReplicaSets and its candidates' carry the labels of its selector.
+    let selector = d
+        .spec
+        .selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let rs_list = replica_sets.list(&ListParams::default().labels(&selector)).await?.items;
     let uid = d.uid().unwrap_or_default();
     let own: Vec<&ReplicaSet> = rs_list.iter().filter(|rs| owned_by(rs, &uid)).collect();
     let stable_revision = deployment.stable_revision.unwrap_or(deployment.template_revision);
