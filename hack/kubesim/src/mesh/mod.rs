@@ -21,7 +21,7 @@ pub mod rng;
 pub mod route;
 pub mod snapshot;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -137,6 +137,8 @@ impl Mesh {
             workloads: HashMap::new(),
             servers: BTreeMap::new(),
             refused: HashSet::new(),
+            slices_of: HashMap::new(),
+            next: Snapshot::default(),
             current: (0, Arc::new(Snapshot::default())),
             processed: processed_tx,
             seeds,
@@ -144,7 +146,7 @@ impl Mesh {
         let listed = controller.relist().await;
         controller.processed.send_replace(listed);
         // The state at start is what every proxy holds from the start.
-        controller.current = (1, Arc::new(controller.snapshot()));
+        controller.current = (1, Arc::new(controller.next.clone()));
         shared.proxies.install(&controller.current);
 
         let tasks = vec![
@@ -208,7 +210,11 @@ const WATCHED: [(&str, &str); 5] = [
     ("networking.istio.io", "virtualservices"),
     ("networking.istio.io", "destinationrules"),
 ];
+const SERVICES: usize = 0;
+const SLICES: usize = 1;
 const PODS: usize = 2;
+const VIRTUAL_SERVICES: usize = 3;
+const DESTINATION_RULES: usize = 4;
 
 fn key(i: usize) -> ResourceKey {
     (WATCHED[i].0.to_owned(), WATCHED[i].1.to_owned())
@@ -227,6 +233,10 @@ fn uid_of(object: &Value) -> &str {
 }
 
 /// Follows the store: keeps the objects routing needs, runs the pods, publishes snapshots.
+///
+/// The next snapshot is kept up to date change by change (the entry of the Service, pod, ... that
+/// changed, not the whole configuration), and published as a clone that shares every namespace that
+/// did not change with the previous one: a batch of changes costs what it changed, not the cluster's size.
 struct Controller {
     store: Arc<Store>,
     shared: Arc<Shared>,
@@ -238,6 +248,11 @@ struct Controller {
     servers: BTreeMap<Id, PodServer>,
     /// Pod uids that cannot be served (reported once).
     refused: HashSet<String>,
+    /// EndpointSlice names by the Service (namespace, name) they belong to.
+    slices_of: HashMap<Id, BTreeSet<String>>,
+    /// The configuration as the objects are now.
+    next: Snapshot,
+    /// The configuration last sent to the proxies.
     current: Published,
     processed: watch::Sender<u64>,
     seeds: Rng,
@@ -301,6 +316,14 @@ impl Controller {
         let live: HashSet<String> = self.pods().values().map(|p| uid_of(p).to_owned()).collect();
         self.workloads.retain(|uid, _| live.contains(uid));
         self.refused.retain(|uid| live.contains(uid));
+        self.slices_of.clear();
+        for slice in self.objects.get(&key(SLICES)).into_iter().flat_map(BTreeMap::values) {
+            if let Some(service) = snapshot::slice_service(slice) {
+                let (ns, name) = id_of(slice);
+                self.slices_of.entry((ns, service.to_owned())).or_default().insert(name);
+            }
+        }
+        self.next = self.snapshot();
         newest
     }
 
@@ -309,7 +332,7 @@ impl Controller {
         self.objects.get(&key(PODS)).unwrap_or(&EMPTY)
     }
 
-    /// Takes one change in; returns whether it can change routing.
+    /// Takes one change in and brings the next snapshot in line; returns whether that changed it.
     async fn apply(&mut self, e: &Event) -> bool {
         let Some(i) = WATCHED
             .iter()
@@ -327,23 +350,83 @@ impl Controller {
         } else {
             objects.insert(id.clone(), e.object.clone())
         };
-        if i != PODS {
-            return true;
+        match i {
+            SERVICES => self.update_service(&id),
+            SLICES => {
+                let before = previous.as_deref().and_then(snapshot::slice_service);
+                let after = (e.kind != EventType::Deleted)
+                    .then(|| snapshot::slice_service(&e.object))
+                    .flatten();
+                let mut changed = false;
+                for (service, member) in [(before, false), (after, true)] {
+                    let Some(service) = service else { continue };
+                    let service = (id.0.clone(), service.to_owned());
+                    let names = self.slices_of.entry(service.clone()).or_default();
+                    if member {
+                        names.insert(id.1.clone());
+                    } else {
+                        names.remove(&id.1);
+                    }
+                    if names.is_empty() {
+                        self.slices_of.remove(&service);
+                    }
+                    changed |= self.update_service(&service);
+                }
+                changed
+            }
+            PODS => {
+                if e.kind == EventType::Deleted {
+                    self.workloads.remove(uid_of(&e.object));
+                    self.refused.remove(uid_of(&e.object));
+                }
+                self.sync_pod(&id).await;
+                self.update_pod(&id)
+            }
+            VIRTUAL_SERVICES => {
+                let parsed = snapshot::virtual_services(self.all(VIRTUAL_SERVICES));
+                self.next.set_virtual_services(parsed)
+            }
+            DESTINATION_RULES => {
+                let parsed = snapshot::destination_rules(self.all(DESTINATION_RULES));
+                self.next.set_destination_rules(parsed)
+            }
+            _ => false,
         }
-        if e.kind == EventType::Deleted {
-            self.workloads.remove(uid_of(&e.object));
-            self.refused.remove(uid_of(&e.object));
-        }
-        self.sync_pod(&id).await;
-        // Pods change status often; routing reads only their identity, labels and address.
-        let routing = |p: &Value| {
-            (
-                uid_of(p).to_owned(),
-                p["metadata"]["labels"].clone(),
-                p["status"]["podIP"].clone(),
-            )
+    }
+
+    /// Every object of followed resource `i`.
+    fn all(&self, i: usize) -> Vec<&Value> {
+        self.objects
+            .get(&key(i))
+            .map(|m| m.values().map(|o| o.as_ref()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Brings a Service's entry in the next snapshot in line with it and its slices.
+    fn update_service(&mut self, id: &Id) -> bool {
+        let service = self.objects.get(&key(SERVICES)).and_then(|m| m.get(id)).map(|object| {
+            let slices = self.objects.get(&key(SLICES));
+            let own = self.slices_of.get(id).into_iter().flatten().filter_map(|name| {
+                slices
+                    .and_then(|m| m.get(&(id.0.clone(), name.clone())))
+                    .map(|s| s.as_ref())
+            });
+            snapshot::service_with_slices(object, own)
+        });
+        self.next.set_service(id, service)
+    }
+
+    /// Brings a pod's entry in the next snapshot in line with it and its server.
+    fn update_pod(&mut self, id: &Id) -> bool {
+        let pod = match self.pods().get(id).cloned() {
+            Some(object) => {
+                let workload = self.workload(&object);
+                let listeners = self.servers.get(id).map(|s| s.listeners.clone()).unwrap_or_default();
+                Some(snapshot::pod(&object, workload, listeners))
+            }
+            None => None,
         };
-        e.kind == EventType::Deleted || previous.is_none_or(|p| routing(&p) != routing(&e.object))
+        self.next.set_pod(id, pod)
     }
 
     /// Starts the pod's server once it has an IP, replaces it if the pod was recreated, stops it when
@@ -391,7 +474,7 @@ impl Controller {
         workload
     }
 
-    /// The routing configuration as the objects are now.
+    /// The routing configuration as the objects are now, built from scratch (at start and after a relist).
     fn snapshot(&mut self) -> Snapshot {
         let pods: Vec<Arc<Value>> = self.pods().values().cloned().collect();
         let pods: Vec<(Arc<Value>, String, BTreeMap<u16, SocketAddr>)> = pods
@@ -406,31 +489,24 @@ impl Controller {
                 (p, workload, listeners)
             })
             .collect();
-        let all = |i: usize| -> Vec<&Value> {
-            self.objects
-                .get(&key(i))
-                .map(|m| m.values().map(|o| o.as_ref()).collect())
-                .unwrap_or_default()
-        };
         snapshot::build(snapshot::Objects {
-            services: all(0),
-            slices: all(1),
+            services: self.all(SERVICES),
+            slices: self.all(SLICES),
             pods: pods
                 .iter()
                 .map(|(p, w, l)| (p.as_ref(), w.clone(), l.clone()))
                 .collect(),
-            virtual_services: all(3),
-            destination_rules: all(4),
+            virtual_services: self.all(VIRTUAL_SERVICES),
+            destination_rules: self.all(DESTINATION_RULES),
         })
     }
 
     /// Sends the configuration to the proxies if it changed.
     fn publish(&mut self) {
-        let next = self.snapshot();
-        if next == *self.current.1 {
+        if self.next == *self.current.1 {
             return;
         }
-        self.current = (self.current.0 + 1, Arc::new(next));
+        self.current = (self.current.0 + 1, Arc::new(self.next.clone()));
         tracing::debug!(generation = self.current.0, "mesh: configuration changed");
         self.shared.proxies.publish(&self.current, Instant::now());
     }
@@ -532,6 +608,97 @@ mod tests {
         (status, String::from_utf8_lossy(&body).into_owned(), flags)
     }
 
+    /// The snapshot of what the store holds, built from scratch (pods without addresses: no listeners).
+    fn from_scratch(store: &Store) -> Snapshot {
+        let list = |group: &str, plural: &str| store.list(&res(group, plural), None).0;
+        let (services, slices, pods, vss, drs) = (
+            list("", "services"),
+            list("discovery.k8s.io", "endpointslices"),
+            list("", "pods"),
+            list("networking.istio.io", "virtualservices"),
+            list("networking.istio.io", "destinationrules"),
+        );
+        let rs = res("apps", "replicasets");
+        snapshot::build(snapshot::Objects {
+            services: services.iter().map(AsRef::as_ref).collect(),
+            slices: slices.iter().map(AsRef::as_ref).collect(),
+            pods: pods
+                .iter()
+                .map(|p| {
+                    let ns = p["metadata"]["namespace"].as_str().unwrap();
+                    let workload = snapshot::workload_of(p, |name| store.get(&rs, ns, name));
+                    (p.as_ref(), workload, BTreeMap::new())
+                })
+                .collect(),
+            virtual_services: vss.iter().map(AsRef::as_ref).collect(),
+            destination_rules: drs.iter().map(AsRef::as_ref).collect(),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_snapshot_kept_change_by_change_is_the_one_built_from_scratch() {
+        let store = Arc::new(Store::new(10_000));
+        let config = MeshConfig {
+            max_propagation_delay: Duration::from_millis(5),
+            seed: Some(7),
+            ..MeshConfig::default()
+        };
+        let mesh = Mesh::start(store.clone(), &config).await.unwrap();
+        let mut rng = Rng::new(11);
+        let mut pick = |n: u64| rng.below(n);
+        for round in 0..30 {
+            for _ in 0..25 {
+                let ns = ["a", "b"][pick(2) as usize];
+                let n = pick(4);
+                let (resource, object) = match pick(5) {
+                    0 => (
+                        res("", "services"),
+                        json!({"metadata": {"name": format!("svc-{n}"), "namespace": ns},
+                            "spec": {"ports": [{"name": "http", "port": 80 + pick(2), "targetPort": 8080}]}}),
+                    ),
+                    1 => (
+                        res("discovery.k8s.io", "endpointslices"),
+                        json!({"metadata": {"name": format!("slice-{n}"), "namespace": ns,
+                                "labels": {"kubernetes.io/service-name": format!("svc-{}", pick(4))}},
+                            "endpoints": [{"addresses": [format!("127.77.0.{}", pick(9) + 1)],
+                                "conditions": {"ready": pick(2) == 0},
+                                "targetRef": {"kind": "Pod", "name": format!("pod-{}", pick(4))}}],
+                            "ports": [{"name": "http", "port": 8080 + pick(2)}]}),
+                    ),
+                    2 => (
+                        res("", "pods"),
+                        json!({"metadata": {"name": format!("pod-{n}"), "namespace": ns, "uid": format!("{ns}-{n}-{round}"),
+                                "labels": {"app": "web", "version": format!("v{}", pick(3))}},
+                            "spec": {"containers": [{"name": "c"}]}}),
+                    ),
+                    3 => (
+                        res("networking.istio.io", "virtualservices"),
+                        json!({"metadata": {"name": format!("vs-{n}"), "namespace": ns},
+                            "spec": {"hosts": [format!("svc-{}", pick(4))],
+                                "http": [{"route": [{"destination": {"host": "svc-0", "subset": "v1"}, "weight": pick(101)}]}]}}),
+                    ),
+                    _ => (
+                        res("networking.istio.io", "destinationrules"),
+                        json!({"metadata": {"name": format!("dr-{n}"), "namespace": ns},
+                            "spec": {"host": format!("svc-{}", pick(4)),
+                                "subsets": [{"name": "v1", "labels": {"version": format!("v{}", pick(3))}}]}}),
+                    ),
+                };
+                let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+                if pick(4) == 0 {
+                    let _ = store.delete(&resource, ns, &name, None);
+                } else if store.get(&resource, ns, &name).is_some() {
+                    store.update(&resource, object, None).unwrap();
+                } else {
+                    store.create(&resource, object).unwrap();
+                }
+            }
+            mesh.converged().await;
+            let held = mesh.shared.proxies.view(0, Instant::now()).1;
+            assert!(*held == from_scratch(&store), "round {round}: {held:#?}");
+        }
+    }
+
     #[tokio::test]
     async fn pods_serve_while_they_exist_and_proxies_follow_endpoint_changes() {
         let store = Arc::new(Store::new(100));
@@ -588,7 +755,13 @@ mod tests {
         );
 
         // A deleted pod stops listening.
-        let addr = mesh.shared.proxies.view(0, Instant::now()).1.pods[&("demo".to_owned(), "web-0".to_owned())]
+        let addr = mesh
+            .shared
+            .proxies
+            .view(0, Instant::now())
+            .1
+            .pod("demo", "web-0")
+            .unwrap()
             .listeners[&18080];
         assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
         store.delete(&res("", "pods"), "demo", "web-0", None).unwrap();

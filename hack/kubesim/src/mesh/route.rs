@@ -128,7 +128,7 @@ pub fn split_authority(authority: &str) -> (&str, Option<u16>) {
 pub fn route(snapshot: &Snapshot, request: &Request<'_>, rng: &mut Rng) -> Result<Upstream, Refusal> {
     let (raw_host, port) = split_authority(request.authority);
     let host = normalize_host(raw_host, "");
-    let service = service_of(&host).filter(|id| snapshot.services.contains_key(id));
+    let service = service_of(&host).filter(|id| snapshot.service(id).is_some());
     let vs = virtual_service_for(snapshot, &host, service.as_ref());
     let Some(vs) = vs else {
         let Some(service) = service else {
@@ -156,7 +156,7 @@ pub fn route(snapshot: &Snapshot, request: &Request<'_>, rng: &mut Rng) -> Resul
             virtual_service: vs_name,
         });
     };
-    let Some(target) = service_of(&chosen.host).filter(|id| snapshot.services.contains_key(id)) else {
+    let Some(target) = service_of(&chosen.host).filter(|id| snapshot.service(id).is_some()) else {
         return Err(Refusal::UnknownService {
             host: chosen.host.clone(),
         });
@@ -201,7 +201,7 @@ fn destination(
     timeout: Option<Duration>,
     rng: &mut Rng,
 ) -> Result<Upstream, Refusal> {
-    let Some(service) = snapshot.services.get(&service_id) else {
+    let Some(service) = snapshot.service(&service_id) else {
         return Err(Refusal::UnknownService {
             host: dest.host.clone(),
         });
@@ -228,7 +228,7 @@ fn destination(
         .iter()
         .filter(|e| e.ready)
         .filter_map(|e| {
-            let pod = snapshot.pods.get(&(service_id.0.clone(), e.pod.clone()));
+            let pod = snapshot.pod(&service_id.0, &e.pod);
             match (subset_labels, pod) {
                 (None, _) => Some((e, pod)),
                 (Some(labels), Some(p)) if labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)) => Some((e, pod)),
@@ -343,7 +343,7 @@ pub fn request_matches(m: &MatchRequest, request: &Request<'_>, port: Option<u16
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::snapshot::{Objects, build};
+    use crate::mesh::snapshot::{Objects, Pod, build};
     use serde_json::{Value, json};
     use std::collections::BTreeMap;
 
@@ -659,8 +659,13 @@ mod tests {
     fn listeners_that_moved_are_used() {
         let mut s = cluster(&[], &[]);
         let moved: SocketAddr = "127.1.0.1:40000".parse().unwrap();
-        for p in s.pods.values_mut() {
+        let pods: Vec<(Id, Pod)> = s
+            .pods()
+            .map(|(ns, name, p)| ((ns.to_owned(), name.to_owned()), p.clone()))
+            .collect();
+        for (id, mut p) in pods {
             p.listeners.insert(9898, moved);
+            s.set_pod(&id, Some(p));
         }
         assert_eq!(
             send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap().addr,

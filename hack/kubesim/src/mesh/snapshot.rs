@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -13,15 +14,128 @@ pub const CLUSTER_SUFFIX: &str = "svc.cluster.local";
 /// (namespace, name).
 pub type Id = (String, String);
 
-/// What one proxy knows. Compared as a whole to decide whether a change must be pushed to the proxies.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Entries by namespace, then name. Each namespace's map is shared by every snapshot that holds the
+/// same entries, so a new snapshot copies only the namespaces that changed since the previous one.
+pub type Namespaced<T> = BTreeMap<String, Arc<BTreeMap<String, Arc<T>>>>;
+
+/// What one proxy knows. Compared as a whole to decide whether a change must be pushed to the proxies
+/// (parts shared with the other side compare by address).
+///
+/// The mesh controller keeps one up to date entry by entry ([`Snapshot::set_service`],
+/// [`Snapshot::set_pod`], ...) and publishes a clone of it, which costs one pointer per namespace.
+#[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: BTreeMap<Id, Service>,
-    pub pods: BTreeMap<Id, Pod>,
+    services: Namespaced<Service>,
+    pods: Namespaced<Pod>,
     /// In precedence order: oldest first, then by namespace and name (as Istio orders conflicting rules).
-    pub virtual_services: Vec<VirtualService>,
+    pub virtual_services: Arc<Vec<VirtualService>>,
     /// In precedence order, as `virtual_services`.
-    pub destination_rules: Vec<DestinationRule>,
+    pub destination_rules: Arc<Vec<DestinationRule>>,
+}
+
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Self) -> bool {
+        same(&self.services, &other.services)
+            && same(&self.pods, &other.pods)
+            && (Arc::ptr_eq(&self.virtual_services, &other.virtual_services)
+                || self.virtual_services == other.virtual_services)
+            && (Arc::ptr_eq(&self.destination_rules, &other.destination_rules)
+                || self.destination_rules == other.destination_rules)
+    }
+}
+
+/// Equality of two namespaced maps, skipping the parts they share.
+fn same<T: PartialEq>(a: &Namespaced<T>, b: &Namespaced<T>) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|((ns_a, a), (ns_b, b))| {
+            ns_a == ns_b
+                && (Arc::ptr_eq(a, b)
+                    || (a.len() == b.len()
+                        && a.iter()
+                            .zip(b.iter())
+                            .all(|((na, a), (nb, b))| na == nb && (Arc::ptr_eq(a, b) || a == b))))
+        })
+}
+
+fn entry<'a, T>(map: &'a Namespaced<T>, namespace: &str, name: &str) -> Option<&'a T> {
+    map.get(namespace)?.get(name).map(AsRef::as_ref)
+}
+
+/// Sets or removes (`None`) one entry; returns whether that changed anything.
+fn set<T: PartialEq>(map: &mut Namespaced<T>, id: &Id, value: Option<T>) -> bool {
+    let (namespace, name) = id;
+    match value {
+        Some(value) => {
+            if entry(map, namespace, name).is_some_and(|old| *old == value) {
+                return false;
+            }
+            let entries = map.entry(namespace.clone()).or_default();
+            Arc::make_mut(entries).insert(name.clone(), Arc::new(value));
+            true
+        }
+        None => {
+            let Some(entries) = map.get_mut(namespace) else {
+                return false;
+            };
+            if !entries.contains_key(name) {
+                return false;
+            }
+            if entries.len() == 1 {
+                map.remove(namespace);
+            } else {
+                Arc::make_mut(entries).remove(name);
+            }
+            true
+        }
+    }
+}
+
+impl Snapshot {
+    /// The Service (namespace, name).
+    pub fn service(&self, id: &Id) -> Option<&Service> {
+        entry(&self.services, &id.0, &id.1)
+    }
+
+    /// The pod `name` in `namespace`.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        entry(&self.pods, namespace, name)
+    }
+
+    /// Every pod, by namespace and name.
+    pub fn pods(&self) -> impl Iterator<Item = (&str, &str, &Pod)> {
+        self.pods.iter().flat_map(|(ns, pods)| {
+            pods.iter()
+                .map(move |(name, p)| (ns.as_str(), name.as_str(), p.as_ref()))
+        })
+    }
+
+    /// Sets (or with `None` removes) a Service; returns whether the snapshot changed.
+    pub fn set_service(&mut self, id: &Id, service: Option<Service>) -> bool {
+        set(&mut self.services, id, service)
+    }
+
+    /// Sets (or with `None` removes) a pod; returns whether the snapshot changed.
+    pub fn set_pod(&mut self, id: &Id, pod: Option<Pod>) -> bool {
+        set(&mut self.pods, id, pod)
+    }
+
+    /// Replaces the VirtualServices (in precedence order); returns whether the snapshot changed.
+    pub fn set_virtual_services(&mut self, virtual_services: Vec<VirtualService>) -> bool {
+        if *self.virtual_services == virtual_services {
+            return false;
+        }
+        self.virtual_services = Arc::new(virtual_services);
+        true
+    }
+
+    /// Replaces the DestinationRules (in precedence order); returns whether the snapshot changed.
+    pub fn set_destination_rules(&mut self, destination_rules: Vec<DestinationRule>) -> bool {
+        if *self.destination_rules == destination_rules {
+            return false;
+        }
+        self.destination_rules = Arc::new(destination_rules);
+        true
+    }
 }
 
 /// A Service and its endpoints (from its EndpointSlice).
@@ -519,6 +633,28 @@ pub struct Objects<'a> {
     pub destination_rules: Vec<&'a Value>,
 }
 
+/// A Service object with its EndpointSlices (those labelled with its name, in its namespace), in the
+/// order of their names.
+pub fn service_with_slices<'a>(object: &Value, slices: impl IntoIterator<Item = &'a Value>) -> Service {
+    let mut service = service(object);
+    for slice in slices {
+        with_slice(&mut service, slice);
+    }
+    service
+}
+
+/// VirtualService objects, parsed, in precedence order.
+pub fn virtual_services(mut objects: Vec<&Value>) -> Vec<VirtualService> {
+    objects.sort_by_key(|o| precedence(o));
+    objects.into_iter().map(virtual_service).collect()
+}
+
+/// DestinationRule objects, parsed, in precedence order.
+pub fn destination_rules(mut objects: Vec<&Value>) -> Vec<DestinationRule> {
+    objects.sort_by_key(|o| precedence(o));
+    objects.into_iter().map(destination_rule).collect()
+}
+
 /// The snapshot of a set of objects.
 pub fn build(objects: Objects<'_>) -> Snapshot {
     let id = |o: &Value| -> Id {
@@ -527,30 +663,29 @@ pub fn build(objects: Objects<'_>) -> Snapshot {
             str_of(&o["metadata"], "name").to_owned(),
         )
     };
-    let mut services: BTreeMap<Id, Service> = objects.services.iter().map(|s| (id(s), service(s))).collect();
-    let mut slices = objects.slices;
-    slices.sort_by_key(|s| id(s));
-    for slice in slices {
-        let namespace = str_of(&slice["metadata"], "namespace").to_owned();
-        if let Some(svc) = slice_service(slice).and_then(|name| services.get_mut(&(namespace, name.to_owned()))) {
-            with_slice(svc, slice);
+    let mut slices: BTreeMap<Id, Vec<(String, &Value)>> = BTreeMap::new();
+    for slice in objects.slices {
+        let (namespace, name) = id(slice);
+        if let Some(service) = slice_service(slice) {
+            slices
+                .entry((namespace, service.to_owned()))
+                .or_default()
+                .push((name, slice));
         }
     }
-    let pods = objects
-        .pods
-        .into_iter()
-        .map(|(o, workload, listeners)| (id(o), pod(o, workload, listeners)))
-        .collect();
-    let mut vs = objects.virtual_services;
-    vs.sort_by_key(|o| precedence(o));
-    let mut dr = objects.destination_rules;
-    dr.sort_by_key(|o| precedence(o));
-    Snapshot {
-        services,
-        pods,
-        virtual_services: vs.into_iter().map(virtual_service).collect(),
-        destination_rules: dr.into_iter().map(destination_rule).collect(),
+    let mut snapshot = Snapshot::default();
+    for object in objects.services {
+        let id = id(object);
+        let mut own = slices.remove(&id).unwrap_or_default();
+        own.sort_by(|a, b| a.0.cmp(&b.0));
+        snapshot.set_service(&id, Some(service_with_slices(object, own.into_iter().map(|(_, s)| s))));
     }
+    for (object, workload, listeners) in objects.pods {
+        snapshot.set_pod(&id(object), Some(pod(object, workload, listeners)));
+    }
+    snapshot.set_virtual_services(virtual_services(objects.virtual_services));
+    snapshot.set_destination_rules(destination_rules(objects.destination_rules));
+    snapshot
 }
 
 #[cfg(test)]
