@@ -65,6 +65,89 @@ pub struct ReleaseConfig {
     pub prometheus: Option<String>,
     /// What a metric query without data counts as.
     pub no_data: NoData,
+    /// Custom PromQL checks, by name.
+    pub checks: Vec<CustomCheck>,
+}
+
+/// Prefix of the annotations that define custom checks: `check.turnout.dev/<name>`.
+pub const CHECK_PREFIX: &str = "check.turnout.dev/";
+
+/// A custom analysis check: a PromQL template whose value must lie in `[min, max]`.
+///
+/// Written as an annotation `check.turnout.dev/<name>` whose value is JSON:
+/// `{"query": "...", "min": 0, "max": 5}` (either bound may be left out). The query may use
+/// `{{ namespace }}`, `{{ target }}` (the Deployment), `{{ candidate }}` (`<target>-v<N>`) and
+/// `{{ interval }}` (the analysis interval as a PromQL duration, e.g. `30s`).
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomCheck {
+    #[serde(skip)]
+    pub name: String,
+    pub query: String,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+}
+
+impl CustomCheck {
+    /// The query with its placeholders filled in.
+    pub fn render(&self, namespace: &str, target: &str, candidate: &str, interval: &str) -> String {
+        let mut query = self.query.clone();
+        for (name, value) in [
+            ("namespace", namespace),
+            ("target", target),
+            ("candidate", candidate),
+            ("interval", interval),
+        ] {
+            for form in [format!("{{{{ {name} }}}}"), format!("{{{{{name}}}}}")] {
+                query = query.replace(&form, value);
+            }
+        }
+        query
+    }
+}
+
+/// Parses the value of a `check.turnout.dev/<name>` annotation.
+///
+/// # Errors
+///
+/// Why the check cannot be used.
+pub fn parse_check(name: &str, value: &str) -> Result<CustomCheck, String> {
+    if name.is_empty() {
+        return Err("the check needs a name after check.turnout.dev/".into());
+    }
+    let mut check: CustomCheck = serde_json::from_str(value)
+        .map_err(|e| format!(r#"not JSON like {{"query": "...", "min": 0, "max": 5}} ({e})"#))?;
+    if check.query.trim().is_empty() {
+        return Err("the query is empty".into());
+    }
+    match (check.min, check.max) {
+        (None, None) => return Err("give min, max or both".into()),
+        (Some(min), Some(max)) if min > max => return Err(format!("min {min} is above max {max}")),
+        _ => {}
+    }
+    if let Some(unknown) = unknown_placeholder(&check.query) {
+        return Err(format!(
+            "unknown placeholder {{{{ {unknown} }}}}: use namespace, target, candidate or interval"
+        ));
+    }
+    check.name = name.to_owned();
+    Ok(check)
+}
+
+fn unknown_placeholder(query: &str) -> Option<String> {
+    let mut rest = query;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let end = after.find("}}")?;
+        let name = after[..end].trim();
+        if !["namespace", "target", "candidate", "interval"].contains(&name) {
+            return Some(name.to_owned());
+        }
+        rest = &after[end + 2..];
+    }
+    None
 }
 
 impl Default for ReleaseConfig {
@@ -80,6 +163,7 @@ impl Default for ReleaseConfig {
             latency_p99_max: Duration::from_millis(500),
             prometheus: None,
             no_data: NoData::Fail,
+            checks: Vec::new(),
         }
     }
 }
@@ -89,7 +173,7 @@ impl Default for ReleaseConfig {
 pub struct Problem {
     /// `namespace` or `deployment`: where the annotation is.
     pub on: &'static str,
-    pub key: &'static str,
+    pub key: String,
     pub value: String,
     pub reason: String,
 }
@@ -98,7 +182,7 @@ impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "ignoring {} annotation {}={:?}: {}; using the default",
+            "ignoring {} annotation {}={:?}: {}; using the level below",
             self.on, self.key, self.value, self.reason
         )
     }
@@ -114,12 +198,30 @@ pub fn resolve(
     let mut config = defaults.clone();
     let mut problems = Vec::new();
     for (on, annotations) in [("namespace", namespace), ("deployment", deployment)] {
+        for (key, value) in annotations.range(CHECK_PREFIX.to_owned()..) {
+            let Some(name) = key.strip_prefix(CHECK_PREFIX) else {
+                break;
+            };
+            match parse_check(name, value) {
+                Ok(check) => {
+                    // The Deployment's check replaces the namespace's of the same name.
+                    config.checks.retain(|c| c.name != check.name);
+                    config.checks.push(check);
+                }
+                Err(reason) => problems.push(Problem {
+                    on,
+                    key: key.clone(),
+                    value: value.clone(),
+                    reason,
+                }),
+            }
+        }
         for key in keys::ALL {
             let Some(value) = annotations.get(key) else { continue };
             if let Err(reason) = apply(&mut config, key, value) {
                 problems.push(Problem {
                     on,
-                    key,
+                    key: key.to_owned(),
                     value: value.clone(),
                     reason,
                 });
@@ -266,7 +368,7 @@ mod tests {
         assert_eq!(config.interval, Duration::from_secs(30));
         assert_eq!(config.success_rate_min, 99.0);
         assert_eq!(config.prometheus, None);
-        let keys: Vec<&str> = problems.iter().map(|p| p.key).collect();
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
             keys,
             vec![
@@ -279,8 +381,56 @@ mod tests {
         );
         assert_eq!(
             problems[0].to_string(),
-            "ignoring deployment annotation turnout.dev/steps=\"50,25,100\": steps must increase; using the default"
+            "ignoring deployment annotation turnout.dev/steps=\"50,25,100\": steps must increase; using the level below"
         );
+    }
+
+    #[test]
+    fn custom_checks_come_from_both_levels_and_are_validated() {
+        let ns = ann(&[
+            (
+                "check.turnout.dev/errors",
+                r#"{"query": "sum(x{ns=\"{{ namespace }}\"})", "max": 1}"#,
+            ),
+            (
+                "check.turnout.dev/rps",
+                r#"{"query": "rate(y[{{interval}}])", "min": 1}"#,
+            ),
+        ]);
+        let d = ann(&[
+            (
+                "check.turnout.dev/errors",
+                r#"{"query": "sum(z{pod=~\"{{ candidate }}-.*\"})", "min": 0, "max": 2}"#,
+            ),
+            ("check.turnout.dev/bad", r#"{"query": "q", "min": 3, "max": 2}"#),
+            (
+                "check.turnout.dev/typo",
+                r#"{"query": "q{x=\"{{ canidate }}\"}", "max": 2}"#,
+            ),
+            ("check.turnout.dev/none", r#"{"query": "q"}"#),
+            ("check.turnout.dev/garbage", "max 5"),
+        ]);
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &d);
+        let names: Vec<&str> = config.checks.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["rps", "errors"]);
+        assert_eq!(config.checks[1].max, Some(2.0), "the Deployment's check wins");
+        assert_eq!(
+            config.checks[1].render("shop", "podinfo", "podinfo-v3", "30s"),
+            r#"sum(z{pod=~"podinfo-v3-.*"})"#
+        );
+        assert_eq!(
+            config.checks[0].render("shop", "podinfo", "podinfo-v3", "30s"),
+            "rate(y[30s])"
+        );
+        let reasons: Vec<(&str, &str)> = problems.iter().map(|p| (p.key.as_str(), p.reason.as_str())).collect();
+        assert_eq!(reasons[0], ("check.turnout.dev/bad", "min 3 is above max 2"));
+        assert!(reasons[1].1.starts_with("not JSON"), "{reasons:?}");
+        assert_eq!(reasons[2], ("check.turnout.dev/none", "give min, max or both"));
+        assert!(
+            reasons[3].1.contains("unknown placeholder {{ canidate }}"),
+            "{reasons:?}"
+        );
+        assert_eq!(problems.len(), 4);
     }
 
     #[test]

@@ -420,9 +420,14 @@ async fn at_rest(env: &Env, ns: &str, revision: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A custom check that passes once the canary gets traffic: its request rate.
+const CANARY_RPS: &str = r#"check.turnout.dev/canary-rps={"query": "sum(rate(istio_requests_total{reporter=\"destination\",destination_workload_namespace=\"{{ namespace }}\",destination_workload=\"{{ candidate }}\"}[{{ interval }}]))", "min": 0.5}"#;
+/// The same query, with a range no canary that gets traffic can meet.
+const NO_CANARY_TRAFFIC: &str = r#"check.turnout.dev/no-traffic={"query": "sum(rate(istio_requests_total{reporter=\"destination\",destination_workload_namespace=\"{{ namespace }}\",destination_workload=\"{{ candidate }}\"}[{{ interval }}]))", "max": 0}"#;
+
 async fn healthy_release(env: &Env) -> Stats {
     let ns = "a";
-    let load = env.prepare(ns, true, &[]).await;
+    let load = env.prepare(ns, true, &[CANARY_RPS]).await;
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
     let status = rollout_status(env, ns).await;
     assert!(
@@ -454,8 +459,8 @@ async fn healthy_release(env: &Env) -> Stats {
     stats
 }
 
-async fn rolled_back(env: &Env, ns: &str, change: &str, reason: &str) -> Stats {
-    let load = env.prepare(ns, true, &[]).await;
+async fn rolled_back(env: &Env, ns: &str, annotations: &[&str], change: &str, reason: &str) -> Stats {
+    let load = env.prepare(ns, true, annotations).await;
     let stable: Vec<String> = env.pods(ns).await.into_iter().map(|(name, ..)| name).collect();
     env.ok(&["set", "env", "-n", ns, "deployment/podinfo", change]).await;
     let status = rollout_status(env, ns).await;
@@ -517,7 +522,7 @@ async fn reverted(env: &Env) -> Stats {
 
 async fn superseded(env: &Env) -> Stats {
     let ns = "e";
-    let load = env.prepare(ns, true, &[]).await;
+    let load = env.prepare(ns, true, &["turnout.dev/threshold=zero"]).await;
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
     env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V3]).await;
@@ -528,6 +533,10 @@ async fn superseded(env: &Env) -> Stats {
     assert_at_rest(env, ns, "3").await;
     let events = env.events(ns).await.join("\n");
     assert!(events.contains("release v3 supersedes v2"), "e: {events}");
+    assert!(
+        events.contains(r#"Warning InvalidConfiguration: ignoring deployment annotation turnout.dev/threshold="zero""#),
+        "e: an invalid value is reported: {events}"
+    );
     let stats = load.finish().await;
     assert_eq!(stats.failed, 0, "e: {stats:?}");
     stats
@@ -583,10 +592,11 @@ async fn native(env: &Env) -> Stats {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_end_to_end() {
     let env = Env::start(true).await;
-    let (a, b, c, d, e, f, ()) = tokio::join!(
+    let (a, b, c, h, d, e, f, ()) = tokio::join!(
         healthy_release(&env),
-        rolled_back(&env, "b", "KUBESIM_ERROR_RATE=0.5", "success rate"),
-        rolled_back(&env, "c", "KUBESIM_LATENCY_MS=400", "P99 latency"),
+        rolled_back(&env, "b", &[], "KUBESIM_ERROR_RATE=0.5", "success rate"),
+        rolled_back(&env, "c", &[], "KUBESIM_LATENCY_MS=400", "P99 latency"),
+        rolled_back(&env, "h", &[NO_CANARY_TRAFFIC], "GREETING=hello", "no-traffic "),
         reverted(&env),
         superseded(&env),
         native(&env),
@@ -605,6 +615,7 @@ async fn releases_end_to_end() {
     line("a (turnout, healthy)", &a);
     line("b (turnout, erroring)", &b);
     line("c (turnout, slow)", &c);
+    line("h (turnout, custom check failing)", &h);
     line("d (turnout, reverted)", &d);
     line("e (turnout, superseded)", &e);
     line("f (native rolling update)", &f);

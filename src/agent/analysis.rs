@@ -17,7 +17,7 @@ use crate::release::{CandidateView, Verdict};
 /// Outcome of one check, for the `turnout_analysis_checks_total{check,result}` metric.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Check {
-    /// `readiness`, `success-rate` or `latency-p99`.
+    /// `readiness`, `success-rate`, `latency-p99` or `custom`.
     pub name: &'static str,
     pub passed: bool,
     pub detail: String,
@@ -42,10 +42,23 @@ impl Default for Analyser {
 }
 
 impl Analyser {
-    /// Every check of `candidate` in namespace `ns`.
-    pub async fn analyse(&self, config: &ReleaseConfig, ns: &str, candidate: &CandidateView) -> Vec<Check> {
+    /// Every check of `candidate` of Deployment `target` in namespace `ns`.
+    pub async fn analyse(
+        &self,
+        config: &ReleaseConfig,
+        ns: &str,
+        target: &str,
+        candidate: &CandidateView,
+    ) -> Vec<Check> {
         let mut checks = vec![readiness(candidate)];
         let Some(prometheus) = &config.prometheus else {
+            if !config.checks.is_empty() {
+                checks.push(Check {
+                    name: "custom",
+                    passed: false,
+                    detail: "custom checks need a Prometheus (turnout.dev/prometheus or --prometheus)".into(),
+                });
+            }
             return checks;
         };
         let window = format!("{}s", config.interval.as_secs().max(5));
@@ -81,6 +94,15 @@ impl Analyser {
             })
             .await,
         );
+        for custom in &config.checks {
+            let query = custom.render(ns, target, &candidate.name, &window);
+            let judge = |v| within(&custom.name, v, custom.min, custom.max);
+            let mut check = self.metric(prometheus, "custom", &query, config.no_data, judge).await;
+            if !check.detail.starts_with(&custom.name) {
+                check.detail = format!("{}: {}", custom.name, check.detail);
+            }
+            checks.push(check);
+        }
         checks
     }
 
@@ -143,6 +165,21 @@ impl Analyser {
         tokio::time::timeout(self.timeout, request)
             .await
             .map_err(|_| format!("Prometheus at {prometheus} did not answer within {:?}", self.timeout))?
+    }
+}
+
+/// Whether `value` of check `name` lies within `[min, max]`, with the detail either way.
+fn within(name: &str, value: f64, min: Option<f64>, max: Option<f64>) -> Result<String, String> {
+    let range = match (min, max) {
+        (Some(lo), Some(hi)) => format!("[{lo}, {hi}]"),
+        (Some(lo), None) => format!(">= {lo}"),
+        (None, Some(hi)) => format!("<= {hi}"),
+        (None, None) => "any".to_owned(),
+    };
+    if min.is_some_and(|lo| value < lo) || max.is_some_and(|hi| value > hi) {
+        Err(format!("{name} {value:.3} not {range}"))
+    } else {
+        Ok(format!("{name} {value:.3}"))
     }
 }
 
@@ -270,7 +307,9 @@ mod tests {
             prometheus: Some("http://127.0.0.1:9".into()),
             ..ReleaseConfig::default()
         };
-        let checks = Analyser::default().analyse(&config, "shop", &candidate(true, 0)).await;
+        let checks = Analyser::default()
+            .analyse(&config, "shop", "podinfo", &candidate(true, 0))
+            .await;
         assert_eq!(checks.len(), 3);
         assert!(checks[0].passed);
         for c in &checks[1..] {
@@ -285,6 +324,30 @@ mod tests {
             "{}",
             v.message
         );
+    }
+
+    #[test]
+    fn custom_values_are_judged_against_their_range() {
+        assert_eq!(within("errors", 0.5, None, Some(1.0)), Ok("errors 0.500".into()));
+        assert_eq!(
+            within("errors", 2.0, Some(0.0), Some(1.0)),
+            Err("errors 2.000 not [0, 1]".into())
+        );
+        assert_eq!(within("rps", 0.2, Some(1.0), None), Err("rps 0.200 not >= 1".into()));
+    }
+
+    #[tokio::test]
+    async fn custom_checks_without_prometheus_fail_saying_so() {
+        let config = ReleaseConfig {
+            checks: vec![crate::config::parse_check("errors", r#"{"query": "x", "max": 1}"#).unwrap()],
+            ..ReleaseConfig::default()
+        };
+        let checks = Analyser::default()
+            .analyse(&config, "shop", "podinfo", &candidate(true, 0))
+            .await;
+        assert_eq!(checks.len(), 2);
+        assert!(!checks[1].passed);
+        assert!(checks[1].detail.contains("need a Prometheus"), "{}", checks[1].detail);
     }
 
     #[test]

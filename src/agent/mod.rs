@@ -102,6 +102,7 @@ impl Args {
             latency_p99_max: self.latency_p99_max,
             prometheus: self.prometheus.as_ref().map(|p| p.trim_end_matches('/').to_owned()),
             no_data: self.no_data,
+            checks: Vec::new(),
         }
     }
 }
@@ -269,7 +270,7 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
                 let Some(candidate) = snap.candidates.iter().find(|c| c.revision == *revision) else {
                     return Ok(Requeue::requeue(Duration::from_secs(1)));
                 };
-                let checks = ctx.analyser.analyse(&config, &ns_name, candidate).await;
+                let checks = ctx.analyser.analyse(&config, &ns_name, &name, candidate).await;
                 for c in &checks {
                     let result = if c.passed { "pass" } else { "fail" };
                     ctx.metrics
