@@ -31,6 +31,21 @@ impl EventType {
     }
 }
 
+tokio::task_local! {
+    /// Set while kubesim's controllers reconcile: the changes they make are marked as theirs.
+    static CONTROLLERS: ();
+}
+
+/// Runs `f` as kubesim's controllers: the changes it makes carry [`Event::by_controllers`].
+pub async fn as_controllers<F: Future>(f: F) -> F::Output {
+    CONTROLLERS.scope((), f).await
+}
+
+/// Runs `f` as kubesim's controllers (see [`as_controllers`]).
+pub fn as_controllers_sync<R>(f: impl FnOnce() -> R) -> R {
+    CONTROLLERS.sync_scope((), f)
+}
+
 /// One change of one object.
 #[derive(Debug)]
 pub struct Event {
@@ -43,6 +58,8 @@ pub struct Event {
     pub object: Arc<Value>,
     /// The object before a modification (watches with selectors need both sides).
     pub previous: Option<Arc<Value>>,
+    /// The change was made by kubesim's controllers (within [`as_controllers`]).
+    pub by_controllers: bool,
     /// `object` as JSON with its `apiVersion` and `kind`, encoded once for every watch that serves it
     /// at that apiVersion (see [`Event::encoded`]).
     encoded: OnceLock<(String, Bytes)>,
@@ -425,6 +442,7 @@ impl Store {
             name,
             object,
             previous,
+            by_controllers: CONTROLLERS.try_with(|()| ()).is_ok(),
             encoded: OnceLock::new(),
         });
         state.history.push_back(event.clone());
@@ -512,6 +530,30 @@ mod tests {
 
     fn key() -> ResourceKey {
         ("apps".into(), "deployments".into())
+    }
+
+    #[tokio::test]
+    async fn changes_made_as_the_controllers_are_marked_as_theirs() {
+        let store = Store::new(10);
+        let mut events = store.subscribe();
+        let object = |name: &str| json!({"metadata": {"name": name, "namespace": "ns"}});
+        store.create(&key(), object("by-client")).unwrap();
+        as_controllers(async { store.create(&key(), object("by-controllers")).unwrap() }).await;
+        as_controllers_sync(|| store.delete(&key(), "ns", "by-client", None).unwrap());
+        let marks: Vec<(String, EventType, bool)> = (0..3)
+            .map(|_| {
+                let e = events.try_recv().unwrap();
+                (e.name.clone(), e.kind, e.by_controllers)
+            })
+            .collect();
+        assert_eq!(
+            marks,
+            vec![
+                ("by-client".to_owned(), EventType::Added, false),
+                ("by-controllers".to_owned(), EventType::Added, true),
+                ("by-client".to_owned(), EventType::Deleted, true),
+            ]
+        );
     }
 
     fn obj(name: &str, image: &str) -> Value {

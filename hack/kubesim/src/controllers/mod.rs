@@ -5,6 +5,11 @@
 //! One task runs them all: changes and timers queue keys (each key once while it waits), and the task
 //! reconciles the queue one key at a time, yielding every couple of milliseconds, so a long queue never
 //! holds up the API or the watches. Controllers write through the API as a system user, like kube-controller-manager.
+//!
+//! The queue has two lanes (see [`Queue`]): keys that changed through the controllers' own writes, or
+//! whose timer is due, go first, so each Deployment goes from one stage to the next (its ReplicaSet,
+//! its pods, their readiness, its status) without waiting behind every key queued; clients' changes and
+//! resyncs wait in the other lane, which still gets a turn after every few follow-ups.
 
 mod deployment;
 mod endpoints;
@@ -13,7 +18,7 @@ mod kubelet;
 mod replicaset;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +30,7 @@ use tokio::time::Instant;
 use crate::api::{Api, ApiError};
 use crate::resources::ResourceType;
 use crate::sim::Config;
-use crate::store::{Event, EventType};
+use crate::store::{Event, EventType, as_controllers, as_controllers_sync};
 
 /// An object to reconcile: (kind, namespace, name).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -43,7 +48,10 @@ pub(crate) enum Key {
 pub(crate) struct Ctx {
     pub api: Arc<Api>,
     pub config: Config,
-    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// (when, key, root of the reconcile that set it: see [`Queue`]).
+    timers: BinaryHeap<Reverse<(Instant, Key, u64)>>,
+    /// The root of the reconcile running (see [`Queue`]).
+    root: u64,
     next_ip: u32,
     /// Second octet of this instance's pod addresses (1..=100).
     ip_base: u32,
@@ -55,7 +63,7 @@ pub(crate) struct Ctx {
 impl Ctx {
     /// Reconcile `key` again at `at`.
     pub fn after(&mut self, delay: Duration, key: Key) {
-        self.timers.push(Reverse((Instant::now() + delay, key)));
+        self.timers.push(Reverse((Instant::now() + delay, key, self.root)));
     }
 
     /// A fresh pod IP on the loopback network (127.A.0.1 and up, A chosen per instance so instances
@@ -101,6 +109,7 @@ pub fn start(api: Arc<Api>, config: &Config) -> Vec<JoinHandle<()>> {
         api,
         config: config.clone(),
         timers: BinaryHeap::new(),
+        root: 0,
         next_ip: 0,
         ip_base: 1
             + (std::time::SystemTime::now()
@@ -120,30 +129,98 @@ const RESYNC: Duration = Duration::from_secs(10);
 /// How long the controllers run before they let the API and the watches have the thread.
 const SLICE: Duration = Duration::from_millis(2);
 
-/// Keys waiting to be reconciled, in the order they were first marked, each once: a key marked again
-/// while it waits keeps its place (the reconcile will see the newest state anyway).
+/// How many follow-ups are taken in a row while fresh keys wait: the fresh lane gets at least one turn
+/// in `FOLLOW_UP_BURST + 1`, so it is never starved; the follow-ups (a handful per Deployment in
+/// progress) still go before most of what is fresh.
+const FOLLOW_UP_BURST: usize = 16;
+
+/// The shortest time between two garbage collections: a sweep reads every object, and deletions mark
+/// one after every change.
+const SWEEP_GAP: Duration = Duration::from_millis(20);
+
+/// Which lane a key waits in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// The next stage of work in progress, with the root it descends from: the key's object (or one
+    /// it owns) changed through the controllers' own writes, or its timer is due.
+    FollowUp(u64),
+    /// Everything else: clients' changes, resyncs, garbage collection.
+    Fresh,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Waiting {
+    lane: Lane,
+    /// When it was queued there (entries of a key queued again elsewhere are stale and skipped).
+    seq: u64,
+}
+
+/// Keys waiting to be reconciled, each once, in two lanes.
+///
+/// A fresh key taken from the queue starts a new *root* (a number, in the order they are taken); the
+/// keys its reconcile marks (the objects it wrote, and their owners), their own follow-ups and the
+/// timers they set descend from that root. Follow-ups are taken first, the oldest root first, so work
+/// started first finishes first: a Deployment's ReplicaSet, its pods, their readiness and its status
+/// follow each other instead of each waiting behind every key queued. Fresh keys wait in the order
+/// they were first marked, and one is taken after [`FOLLOW_UP_BURST`] follow-ups in a row, so they are
+/// never starved. A key marked again while it waits keeps its place (the reconcile will see the newest
+/// state anyway), unless the new mark puts it earlier: a fresh key becoming a follow-up, a follow-up
+/// of an older root.
 #[derive(Default)]
 pub(crate) struct Queue {
-    order: VecDeque<Key>,
-    queued: HashSet<Key>,
+    /// (root, seq, key): the smallest first.
+    follow_ups: BinaryHeap<Reverse<(u64, u64, Key)>>,
+    fresh: VecDeque<(u64, Key)>,
+    queued: HashMap<Key, Waiting>,
+    /// Follow-ups taken in a row.
+    streak: usize,
+    seq: u64,
+    roots: u64,
 }
 
 impl Queue {
-    pub fn insert(&mut self, key: Key) {
-        if !self.queued.contains(&key) {
-            self.queued.insert(key.clone());
-            self.order.push_back(key);
+    pub fn insert(&mut self, key: Key, lane: Lane) {
+        let earlier = match (self.queued.get(&key).map(|w| w.lane), lane) {
+            (None, _) | (Some(Lane::Fresh), Lane::FollowUp(_)) => true,
+            (Some(Lane::FollowUp(waiting)), Lane::FollowUp(root)) => root < waiting,
+            (Some(_), Lane::Fresh) => false,
+        };
+        if !earlier {
+            return;
+        }
+        self.seq += 1;
+        let seq = self.seq;
+        self.queued.insert(key.clone(), Waiting { lane, seq });
+        match lane {
+            Lane::FollowUp(root) => self.follow_ups.push(Reverse((root, seq, key))),
+            Lane::Fresh => self.fresh.push_back((seq, key)),
         }
     }
 
-    fn pop(&mut self) -> Option<Key> {
-        let key = self.order.pop_front()?;
-        self.queued.remove(&key);
-        Some(key)
+    /// The next key, and the root it descends from (a new one for a fresh key).
+    fn pop(&mut self) -> Option<(Key, u64)> {
+        loop {
+            let fresh_turn = self.follow_ups.is_empty() || self.streak >= FOLLOW_UP_BURST;
+            if fresh_turn && let Some((seq, key)) = self.fresh.pop_front() {
+                if self.queued.get(&key).is_some_and(|w| w.seq == seq) {
+                    self.queued.remove(&key);
+                    self.streak = 0;
+                    self.roots += 1;
+                    return Some((key, self.roots));
+                }
+                continue;
+            }
+            let Reverse((root, seq, key)) = self.follow_ups.pop()?;
+            if self.queued.get(&key).is_some_and(|w| w.seq == seq) {
+                self.queued.remove(&key);
+                self.streak += 1;
+                return Some((key, root));
+            }
+        }
     }
 
     fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.queued.is_empty()
     }
 }
 
@@ -151,16 +228,17 @@ async fn run(mut ctx: Ctx, mut events: broadcast::Receiver<Arc<Event>>) {
     let mut queue = Queue::default();
     let mut next_resync = Instant::now() + RESYNC;
     let mut slice_started = Instant::now();
+    let mut last_sweep: Option<Instant> = None;
     loop {
         if queue.is_empty() {
             // Idle: wait for a change, a timer or the resync.
-            let next_timer = ctx.timers.peek().map(|Reverse((at, _))| *at);
+            let next_timer = ctx.timers.peek().map(|Reverse((at, ..))| *at);
             let wake = next_timer.map_or(next_resync, |t| t.min(next_resync));
             tokio::select! {
                 received = events.recv() => match received {
                     Ok(e) => {
                         slice_started = Instant::now();
-                        mark(&mut queue, &e);
+                        mark(&mut queue, &e, ctx.root);
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => all(&ctx, &mut queue),
                     Err(broadcast::error::RecvError::Closed) => return,
@@ -171,32 +249,45 @@ async fn run(mut ctx: Ctx, mut events: broadcast::Receiver<Arc<Event>>) {
         // Take every change already there, so a key changed many times is reconciled once.
         loop {
             match events.try_recv() {
-                Ok(e) => mark(&mut queue, &e),
+                Ok(e) => mark(&mut queue, &e, ctx.root),
                 Err(broadcast::error::TryRecvError::Lagged(_)) => all(&ctx, &mut queue),
                 Err(broadcast::error::TryRecvError::Closed) => return,
                 Err(broadcast::error::TryRecvError::Empty) => break,
             }
         }
         let now = Instant::now();
-        while ctx.timers.peek().is_some_and(|Reverse((at, _))| *at <= now) {
-            if let Some(Reverse((_, key))) = ctx.timers.pop() {
-                queue.insert(key);
+        while ctx.timers.peek().is_some_and(|Reverse((at, ..))| *at <= now) {
+            if let Some(Reverse((_, key, root))) = ctx.timers.pop() {
+                let lane = if key == Key::Sweep {
+                    Lane::Fresh
+                } else {
+                    Lane::FollowUp(root)
+                };
+                queue.insert(key, lane);
             }
         }
         if now >= next_resync {
             all(&ctx, &mut queue);
             next_resync = now + RESYNC;
         }
-        let Some(key) = queue.pop() else {
+        let Some((key, root)) = queue.pop() else {
             continue;
         };
+        ctx.root = root;
+        // What the reconcile writes is marked as the controllers' (see `mark`).
         let result = match &key {
-            Key::Deployment(ns, name) => deployment::sync(&mut ctx, ns, name).await,
-            Key::ReplicaSet(ns, name) => replicaset::sync(&mut ctx, ns, name).await,
-            Key::Pod(ns, name) => kubelet::sync(&mut ctx, ns, name).await,
-            Key::Endpoints(ns) => endpoints::sync(&mut ctx, ns).await,
+            Key::Deployment(ns, name) => as_controllers(deployment::sync(&mut ctx, ns, name)).await,
+            Key::ReplicaSet(ns, name) => as_controllers(replicaset::sync(&mut ctx, ns, name)).await,
+            Key::Pod(ns, name) => as_controllers(kubelet::sync(&mut ctx, ns, name)).await,
+            Key::Endpoints(ns) => as_controllers(endpoints::sync(&mut ctx, ns)).await,
             Key::Sweep => {
-                gc::sweep(&ctx);
+                match last_sweep.map(|at| at + SWEEP_GAP).filter(|due| *due > now) {
+                    Some(due) => ctx.timers.push(Reverse((due, Key::Sweep, root))),
+                    None => {
+                        as_controllers_sync(|| gc::sweep(&ctx));
+                        last_sweep = Some(Instant::now());
+                    }
+                }
                 Ok(())
             }
         };
@@ -214,7 +305,15 @@ async fn run(mut ctx: Ctx, mut events: broadcast::Receiver<Arc<Event>>) {
     }
 }
 
-fn mark(queue: &mut Queue, e: &Event) {
+/// Queues the keys a change concerns: follow-ups of `root` if the controllers made it (changes are
+/// taken in right after the reconcile that made them, whose root is `root`), else fresh.
+fn mark(queue: &mut Queue, e: &Event, root: u64) {
+    let lane = if e.by_controllers {
+        Lane::FollowUp(root)
+    } else {
+        Lane::Fresh
+    };
+    let mut insert = |key| queue.insert(key, lane);
     let (ns, name) = (e.namespace.clone(), e.name.clone());
     let owner = |o: &Value, kind: &str| -> Option<String> {
         o["metadata"]["ownerReferences"]
@@ -225,30 +324,30 @@ fn mark(queue: &mut Queue, e: &Event) {
     };
     match (e.resource.0.as_str(), e.resource.1.as_str()) {
         ("apps", "deployments") => {
-            queue.insert(Key::Deployment(ns, name));
+            insert(Key::Deployment(ns, name));
         }
         ("apps", "replicasets") => {
             if let Some(d) = owner(&e.object, "Deployment") {
-                queue.insert(Key::Deployment(ns.clone(), d));
+                insert(Key::Deployment(ns.clone(), d));
             }
-            queue.insert(Key::ReplicaSet(ns, name));
+            insert(Key::ReplicaSet(ns, name));
         }
         ("", "pods") => {
             if let Some(rs) = owner(&e.object, "ReplicaSet") {
-                queue.insert(Key::ReplicaSet(ns.clone(), rs));
+                insert(Key::ReplicaSet(ns.clone(), rs));
             }
-            queue.insert(Key::Endpoints(ns.clone()));
+            insert(Key::Endpoints(ns.clone()));
             if e.kind != EventType::Deleted {
-                queue.insert(Key::Pod(ns, name));
+                insert(Key::Pod(ns, name));
             }
         }
         ("", "services") => {
-            queue.insert(Key::Endpoints(ns));
+            insert(Key::Endpoints(ns));
         }
         _ => {}
     }
     if e.kind == EventType::Deleted || e.object["metadata"].get("deletionTimestamp").is_some() {
-        queue.insert(Key::Sweep);
+        queue.insert(Key::Sweep, Lane::Fresh);
     }
 }
 
@@ -260,14 +359,15 @@ fn all(ctx: &Ctx, queue: &mut Queue) {
         for o in items {
             let ns = o["metadata"]["namespace"].as_str().unwrap_or_default().to_owned();
             let name = o["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-            queue.insert(if plural == "deployments" {
+            let key = if plural == "deployments" {
                 Key::Deployment(ns, name)
             } else {
                 Key::ReplicaSet(ns, name)
-            });
+            };
+            queue.insert(key, Lane::Fresh);
         }
     }
-    queue.insert(Key::Sweep);
+    queue.insert(Key::Sweep, Lane::Fresh);
 }
 
 /// The system identity controllers act as.
@@ -338,4 +438,57 @@ pub(crate) fn condition<'a>(status: &'a Value, kind: &str) -> Option<&'a Value> 
 pub(crate) fn seconds_since(t: &Value) -> Option<f64> {
     let t = time::OffsetDateTime::parse(t.as_str()?, &time::format_description::well_known::Rfc3339).ok()?;
     Some((time::OffsetDateTime::now_utc() - t).as_seconds_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(name: &str) -> Key {
+        Key::Deployment("ns".into(), name.into())
+    }
+
+    fn drain(queue: &mut Queue) -> Vec<Key> {
+        std::iter::from_fn(|| queue.pop().map(|(key, _)| key)).collect()
+    }
+
+    #[test]
+    fn follow_ups_go_first_oldest_root_first_and_each_key_waits_once() {
+        let mut queue = Queue::default();
+        queue.insert(d("a"), Lane::Fresh);
+        queue.insert(d("b"), Lane::Fresh);
+        queue.insert(d("c"), Lane::FollowUp(2));
+        queue.insert(d("c"), Lane::Fresh);
+        queue.insert(d("a"), Lane::Fresh);
+        // A fresh key that becomes a follow-up moves up, once.
+        queue.insert(d("b"), Lane::FollowUp(3));
+        queue.insert(d("b"), Lane::FollowUp(3));
+        // A follow-up of an older root goes before.
+        queue.insert(d("e"), Lane::FollowUp(3));
+        queue.insert(d("e"), Lane::FollowUp(1));
+        queue.insert(d("e"), Lane::FollowUp(4));
+        assert_eq!(drain(&mut queue), vec![d("e"), d("c"), d("b"), d("a")]);
+        assert!(queue.is_empty());
+        // Taken, a key can wait again; fresh keys start new roots.
+        queue.insert(d("a"), Lane::Fresh);
+        queue.insert(d("b"), Lane::Fresh);
+        let (_, first) = queue.pop().unwrap();
+        let (_, second) = queue.pop().unwrap();
+        assert!(first < second);
+    }
+
+    #[test]
+    fn fresh_keys_get_a_turn_however_many_follow_ups_wait() {
+        let mut queue = Queue::default();
+        queue.insert(d("fresh-1"), Lane::Fresh);
+        queue.insert(d("fresh-2"), Lane::Fresh);
+        for i in 0..40 {
+            queue.insert(d(&format!("f{i}")), Lane::FollowUp(1));
+        }
+        let order = drain(&mut queue);
+        let position = |k: &str| order.iter().position(|x| *x == d(k)).unwrap();
+        assert_eq!(position("fresh-1"), FOLLOW_UP_BURST);
+        assert_eq!(position("fresh-2"), 2 * FOLLOW_UP_BURST + 1);
+        assert_eq!(order.len(), 42);
+    }
 }
