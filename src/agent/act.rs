@@ -12,12 +12,13 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::observe::Snapshot;
+use crate::admission::template::{Stamps, strip};
 use crate::istio::destination_rule::{DestinationRule, DestinationRuleSpec, DestinationRuleSubsets};
 use crate::istio::virtual_service::{
     VirtualService, VirtualServiceHttp, VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination, VirtualServiceSpec,
 };
 use crate::names::{agent, annotations, candidate_name, labels};
-use crate::release::{Action, Event, Millis, Route, StatusPatch, Subset};
+use crate::release::{Action, Event, Intent, Millis, Route, StatusPatch, Subset};
 
 /// The field manager of every write.
 pub const MANAGER: &str = "turnout";
@@ -200,9 +201,18 @@ async fn status(client: &Client, d: &Deployment, p: &StatusPatch) -> kube::Resul
     ann.insert(annotations::WEIGHT.into(), json!(p.weight.to_string()));
     ann.insert(annotations::FAILED_CHECKS.into(), json!(p.failed_checks.to_string()));
     ann.insert(annotations::MESSAGE.into(), json!(p.message));
-    if p.clear_intent {
-        ann.insert(annotations::STABLE_REVISION.into(), serde_json::Value::Null);
-        ann.insert(annotations::STABLE_HASH.into(), serde_json::Value::Null);
+    match p.intent {
+        Intent::Keep => {}
+        Intent::Clear => {
+            ann.insert(annotations::STABLE_REVISION.into(), serde_json::Value::Null);
+            ann.insert(annotations::STABLE_HASH.into(), serde_json::Value::Null);
+        }
+        Intent::Stable(n) => {
+            // The hash the webhook compares a reverted template with: the current template, stamps removed.
+            let hash = strip(&d.spec.template, &Stamps::read(d)).hash();
+            ann.insert(annotations::STABLE_REVISION.into(), json!(n.to_string()));
+            ann.insert(annotations::STABLE_HASH.into(), json!(hash));
+        }
     }
     let mut body = json!({
         "metadata": { "resourceVersion": d.resource_version(), "annotations": ann },

@@ -278,10 +278,22 @@ pub struct StatusPatch {
     pub message: String,
     /// Set `spec.paused: false` (hand-off).
     pub unpause: bool,
-    /// Remove the release intent (the release ended and needs nothing more).
-    pub clear_intent: bool,
+    /// What becomes of the release intent (`stable-revision`, `stable-hash`).
+    pub intent: Intent,
     /// Write `Progressing=False, reason ProgressDeadlineExceeded` with the message to the status.
     pub fail_rollout: bool,
+}
+
+/// A change to the release intent the webhook wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intent {
+    Keep,
+    /// Removed: the release ended and needs nothing more.
+    Clear,
+    /// Revision `n`, with the hash of the Deployment's current template, becomes the stable one: the
+    /// Deployment runs it, so a change from here on is a release from it (and a template set back to
+    /// the old stable one is a new release, not a revert).
+    Stable(u64),
 }
 
 /// A Kubernetes Event on the user Deployment.

@@ -12,7 +12,7 @@
 //!   and routes to the host only when no candidate pod is left for it to select (I3).
 
 use super::{
-    Action, CandidateView, Event, HostView, Managed, Millis, Observed, Phase, Plan, Route, StatusPatch, Subset,
+    Action, CandidateView, Event, HostView, Intent, Managed, Millis, Observed, Phase, Plan, Route, StatusPatch, Subset,
     Weighted,
 };
 use crate::names::{candidate_name, subsets};
@@ -25,7 +25,12 @@ pub fn plan(o: &Observed<'_>) -> Plan {
     };
     let t = d.template_revision;
     if t == stable {
-        return reverted(o, stable);
+        // From Finalising on, the release's revision is the stable one (the Deployment runs it).
+        return match (d.status.release == Some(t), d.status.phase) {
+            (true, Some(Phase::Finalising)) => finalising(o, t),
+            (true, Some(Phase::Succeeded)) => succeeded(o, t),
+            _ => reverted(o, stable),
+        };
     }
     let status = &d.status;
     if status.release != Some(t) {
@@ -43,14 +48,15 @@ pub fn plan(o: &Observed<'_>) -> Plan {
 }
 
 fn at_rest(o: &Observed<'_>) -> Plan {
-    remove_strays(o, None)
+    remove_strays(o, None, None)
         .or_else(|| to_rest(o))
         .unwrap_or_else(|| wait(None, "at rest: no release in flight"))
 }
 
 /// The template is the stable one again: unwind without analysis, then record the rollback.
 fn reverted(o: &Observed<'_>, stable: u64) -> Plan {
-    if let Some(plan) = remove_strays(o, None).or_else(|| to_rest(o)) {
+    let abandoned = o.deployment.status.release.filter(|r| *r != stable);
+    if let Some(plan) = remove_strays(o, None, abandoned).or_else(|| to_rest(o)) {
         return plan;
     }
     let d = &o.deployment;
@@ -67,7 +73,7 @@ fn reverted(o: &Observed<'_>, stable: u64) -> Plan {
             failed_checks: d.status.failed_checks,
             message: message.clone(),
             unpause: false,
-            clear_intent: true,
+            intent: Intent::Clear,
             fail_rollout: false,
         }),
         event: Some(info("RolledBack", format!("{}: {message}", d.name))),
@@ -93,7 +99,7 @@ fn start(o: &Observed<'_>, t: u64) -> Plan {
             failed_checks: 0,
             message: message.clone(),
             unpause: false,
-            clear_intent: false,
+            intent: Intent::Keep,
             fail_rollout: false,
         }),
         event: Some(info(
@@ -104,14 +110,14 @@ fn start(o: &Observed<'_>, t: u64) -> Plan {
 }
 
 fn pending(o: &Observed<'_>, t: u64) -> Plan {
-    if let Some(plan) = remove_strays(o, Some(t)) {
+    if let Some(plan) = remove_strays(o, Some(t), Some(t)) {
         return plan;
     }
     if let Some(why) = unroutable(o) {
         return fail(o, t, o.deployment.status.failed_checks, why);
     }
     let d = &o.deployment;
-    let Some(stable) = stable_subset(o) else {
+    let Some((stable, _)) = baseline(o, Some(t)) else {
         // Nothing serves traffic that could be lost (no Service, or no stable pods): release natively.
         let why = if o.hosts.is_empty() {
             format!("no Service selects the pods of {}", d.name)
@@ -197,14 +203,14 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
 }
 
 fn progressing(o: &Observed<'_>, t: u64) -> Plan {
-    if let Some(plan) = remove_strays(o, Some(t)) {
+    if let Some(plan) = remove_strays(o, Some(t), Some(t)) {
         return plan;
     }
     if let Some(why) = unroutable(o) {
         return fail(o, t, o.deployment.status.failed_checks, why);
     }
     let d = &o.deployment;
-    let (Some(stable), Some(canary)) = (stable_subset(o), canary_subset(o, t)) else {
+    let (Some((stable, _)), Some(canary)) = (baseline(o, Some(t)), canary_subset(o, t)) else {
         return fail(
             o,
             t,
@@ -278,7 +284,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
             failed_checks: failed,
             message: message.clone(),
             unpause: false,
-            clear_intent: false,
+            intent: Intent::Keep,
             fail_rollout: false,
         }),
         event: Some(warning("Halt", format!("{}/{}: {message}", d.namespace, d.name))),
@@ -286,7 +292,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
 }
 
 fn promoting(o: &Observed<'_>, t: u64) -> Plan {
-    if let Some(plan) = remove_strays(o, Some(t)) {
+    if let Some(plan) = remove_strays(o, Some(t), Some(t)) {
         return plan;
     }
     if let Some(why) = unroutable(o) {
@@ -322,7 +328,7 @@ fn promoting(o: &Observed<'_>, t: u64) -> Plan {
 }
 
 fn handing_off(o: &Observed<'_>, t: u64) -> Plan {
-    if let Some(plan) = remove_strays(o, Some(t)) {
+    if let Some(plan) = remove_strays(o, Some(t), Some(t)) {
         return plan;
     }
     let d = &o.deployment;
@@ -340,7 +346,7 @@ fn handing_off(o: &Observed<'_>, t: u64) -> Plan {
     if !d.rollout_complete || o.new_rs.is_none() {
         return wait(None, &format!("waiting for {} to roll out v{t}", d.name));
     }
-    status(
+    let mut plan = status(
         o,
         t,
         Phase::Finalising,
@@ -348,7 +354,11 @@ fn handing_off(o: &Observed<'_>, t: u64) -> Plan {
         format!("moving traffic to {}'s own pods of v{t}", d.name),
         false,
         None,
-    )
+    );
+    if let Action::Status(patch) = &mut plan.action {
+        patch.intent = Intent::Stable(t);
+    }
+    plan
 }
 
 fn finalising(o: &Observed<'_>, t: u64) -> Plan {
@@ -364,7 +374,7 @@ fn finalising(o: &Observed<'_>, t: u64) -> Plan {
             return plan;
         }
     }
-    if let Some(plan) = remove_strays(o, None).or_else(|| to_rest(o)) {
+    if let Some(plan) = remove_strays(o, None, Some(t)).or_else(|| to_rest(o)) {
         return plan;
     }
     succeeded(o, t)
@@ -372,7 +382,7 @@ fn finalising(o: &Observed<'_>, t: u64) -> Plan {
 
 /// `Succeeded` recorded but the intent still there (or a crash between the two): finish the record.
 fn succeeded(o: &Observed<'_>, t: u64) -> Plan {
-    if let Some(plan) = remove_strays(o, None).or_else(|| to_rest(o)) {
+    if let Some(plan) = remove_strays(o, None, Some(t)).or_else(|| to_rest(o)) {
         return plan;
     }
     let d = &o.deployment;
@@ -384,7 +394,7 @@ fn succeeded(o: &Observed<'_>, t: u64) -> Plan {
             failed_checks: d.status.failed_checks,
             message: format!("v{t} promoted"),
             unpause: false,
-            clear_intent: true,
+            intent: Intent::Clear,
             fail_rollout: false,
         }),
         event: Some(info(
@@ -395,15 +405,17 @@ fn succeeded(o: &Observed<'_>, t: u64) -> Plan {
 }
 
 fn failed(o: &Observed<'_>, t: u64) -> Plan {
-    remove_strays(o, None).or_else(|| to_rest(o)).unwrap_or_else(|| {
-        wait(
-            None,
-            &format!(
-                "release v{t} failed; {} stays paused on it: set the template back or change it to release again",
-                o.deployment.name
-            ),
-        )
-    })
+    remove_strays(o, None, Some(t))
+        .or_else(|| to_rest(o))
+        .unwrap_or_else(|| {
+            wait(
+                None,
+                &format!(
+                    "release v{t} failed; {} stays paused on it: set the template back or change it to release again",
+                    o.deployment.name
+                ),
+            )
+        })
 }
 
 /// Rolls release `t` back: the status is written first (so `kubectl rollout status` fails at once),
@@ -418,7 +430,7 @@ fn fail(o: &Observed<'_>, t: u64, failed_checks: u32, why: String) -> Plan {
             failed_checks,
             message: format!("release v{t} rolled back: {why}"),
             unpause: false,
-            clear_intent: false,
+            intent: Intent::Keep,
             fail_rollout: true,
         }),
         event: Some(warning(
@@ -428,9 +440,15 @@ fn fail(o: &Observed<'_>, t: u64, failed_checks: u32, why: String) -> Plan {
     }
 }
 
-/// Candidates other than `keep`: traffic off, drained, deleted, gone.
-fn remove_strays(o: &Observed<'_>, keep: Option<u64>) -> Option<Plan> {
-    let strays: Vec<&CandidateView> = o.candidates.iter().filter(|c| Some(c.revision) != keep).collect();
+/// Candidates other than `keep` and the baseline: traffic off (onto the baseline), drained, deleted,
+/// gone. `failed` is a release whose candidate can never be the baseline.
+fn remove_strays(o: &Observed<'_>, keep: Option<u64>, failed: Option<u64>) -> Option<Plan> {
+    let base = baseline(o, failed);
+    let strays: Vec<&CandidateView> = o
+        .candidates
+        .iter()
+        .filter(|c| Some(c.revision) != keep && base.as_ref().is_none_or(|(_, from)| *from != Some(c.revision)))
+        .collect();
     if strays.is_empty() {
         return None;
     }
@@ -443,7 +461,7 @@ fn remove_strays(o: &Observed<'_>, keep: Option<u64>) -> Option<Plan> {
         Managed::Foreign(_) => false,
     });
     if any_exposed {
-        let Some(stable) = stable_subset(o).filter(|_| stable_ready(o)) else {
+        let Some((stable, _)) = base.filter(|(_, from)| from.is_some() || stable_ready(o)) else {
             return Some(wait(
                 None,
                 "waiting for the stable ReplicaSet to be ready before taking traffic off the candidate",
@@ -688,6 +706,38 @@ fn stable_subset(o: &Observed<'_>) -> Option<Subset> {
     })
 }
 
+/// The subset a release moves traffic from and an abort moves it back to, and the candidate revision
+/// it belongs to if it is one. Normally the stable ReplicaSet; when that one no longer has its pods (a
+/// release superseded during hand-off, after the Deployment replaced some of them), the previous
+/// candidate, which carried the traffic then and is kept until the new release no longer needs a way
+/// back. The candidate of release `not` never qualifies.
+fn baseline(o: &Observed<'_>, not: Option<u64>) -> Option<(Subset, Option<u64>)> {
+    if stable_ready(o)
+        && let Some(s) = stable_subset(o)
+    {
+        return Some((s, None));
+    }
+    let carrying = o
+        .candidates
+        .iter()
+        .filter(|c| Some(c.revision) != not && c.available && !c.deleting)
+        .filter_map(|c| {
+            let weight = current_weight(o, &subsets::canary(c.revision));
+            Some((weight, c.revision, c.hash.clone()?))
+        })
+        .max_by_key(|(weight, revision, _)| (*weight, *revision));
+    if let Some((_, revision, hash)) = carrying {
+        return Some((
+            Subset {
+                name: subsets::canary(revision),
+                hash,
+            },
+            Some(revision),
+        ));
+    }
+    stable_subset(o).map(|s| (s, None))
+}
+
 /// The stable ReplicaSet can take all the traffic back.
 fn stable_ready(o: &Observed<'_>) -> bool {
     o.stable_rs
@@ -758,7 +808,7 @@ fn status(
             },
             message,
             unpause,
-            clear_intent: false,
+            intent: Intent::Keep,
             fail_rollout: false,
         }),
         event,

@@ -324,6 +324,18 @@ impl World {
 
     fn apply(&mut self, action: Action) {
         self.actions += 1;
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!(
+                "t={} phase={:?} rel={:?} tpl={} stable={:?} rs={:?} {:?}",
+                self.now,
+                self.deployment.status.phase,
+                self.deployment.status.release,
+                self.deployment.template_revision,
+                self.deployment.stable_revision,
+                self.rs.ready,
+                action
+            );
+        }
         match action {
             Action::PutDestinationRule { host, subsets } => {
                 assert_eq!(host, 0);
@@ -417,8 +429,10 @@ impl World {
                 if patch.unpause {
                     d.paused = false;
                 }
-                if patch.clear_intent {
-                    d.stable_revision = None;
+                match patch.intent {
+                    Intent::Keep => {}
+                    Intent::Clear => d.stable_revision = None,
+                    Intent::Stable(n) => d.stable_revision = Some(n),
                 }
                 d.status = StatusView {
                     phase: Some(patch.phase),
@@ -500,20 +514,7 @@ impl World {
         let end = events.last().map_or(0, |(at, _)| *at) + 600_000;
         let mut next = 0;
         while self.now <= end {
-            // Known limits, deferred until the phase passes: a new template during hand-off (the stable
-            // ReplicaSet is already being replaced, so the old candidate cannot be unwound onto it) and
-            // a revert once traffic is on the Deployment's new pods (the revert replaces them natively).
             while next < events.len() && events[next].0 <= self.now {
-                let phase = self.deployment.status.phase;
-                let in_flight = self.deployment.stable_revision.is_some();
-                let deferred = in_flight
-                    && match events[next].1 {
-                        UserAction::SetImage { .. } => matches!(phase, Some(Phase::HandingOff | Phase::Finalising)),
-                        UserAction::Revert => matches!(phase, Some(Phase::Finalising)),
-                    };
-                if deferred {
-                    break;
-                }
                 self.user(events[next].1);
                 next += 1;
             }
@@ -532,21 +533,34 @@ impl World {
         Ok(self)
     }
 
-    /// The last release ended and everything is at rest.
+    /// The last release ended and everything is at rest, or (a release that failed after superseding
+    /// one during its hand-off) all traffic is on the previous candidate, its baseline.
     fn quiet(&self) -> bool {
-        self.deployment
-            .stable_revision
-            .is_none_or(|_| self.deployment.status.phase == Some(Phase::Failed))
-            && self.deployment.status.phase.is_some_and(Phase::is_final)
-            && self.candidates.is_empty()
+        let d = &self.deployment;
+        let failed = d.status.phase == Some(Phase::Failed);
+        let at_rest = self.candidates.is_empty()
             && self.vs.as_ref().is_none_or(|vs| vs.route == Route::Host)
             && self.dr.as_ref().is_none_or(|dr| dr.subsets.is_empty())
             && self
                 .proxies
                 .iter()
                 .all(|p| p.route(self.now) == Route::Host && p.rules(self.now).is_empty())
-            && self.rs.rolling.is_none()
-            && matches!(plan(&self.observe(None)).action, Action::Wait { .. })
+            && self.rs.rolling.is_none();
+        d.stable_revision.is_none_or(|_| failed)
+            && d.status.phase.is_some_and(Phase::is_final)
+            && (at_rest || (failed && self.on_baseline().is_some_and(|b| Some(b) != d.status.release)))
+            && matches!(plan(&self.observe(None)).action, Action::Wait { until: None, .. })
+    }
+
+    /// The one candidate left when every proxy sends all traffic to it.
+    fn on_baseline(&self) -> Option<u64> {
+        let [c] = self.candidates.as_slice() else { return None };
+        let all = Route::Split(vec![Weighted {
+            subset: crate::names::subsets::canary(c.view.revision),
+            weight: 100,
+        }]);
+        let routed = self.vs.as_ref().is_some_and(|vs| vs.route == all);
+        (c.view.available && routed && self.proxies.iter().all(|p| p.route(self.now) == all)).then_some(c.view.revision)
     }
 }
 
@@ -575,6 +589,13 @@ fn check_end(w: &World) -> Result<(), String> {
         Some(Phase::Failed) => {
             if !d.paused {
                 return Err("failed release left the Deployment unpaused".into());
+            }
+            if let Some(baseline) = w.on_baseline() {
+                // I6 with the previous candidate as the stable subset: the failed candidate is gone.
+                if Some(baseline) == d.status.release {
+                    return Err(format!("traffic left on the failed candidate v{baseline}"));
+                }
+                return Ok(());
             }
             d.stable_revision.unwrap_or(0)
         }
@@ -632,7 +653,11 @@ fn scenario() -> impl Strategy<Value = Scenario> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    // PROPTEST_CASES=20000 for a deeper search.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300),
+        ..ProptestConfig::default()
+    })]
 
     /// I1–I6 hold at every tick of every generated scenario, and every scenario comes to rest.
     #[test]
@@ -709,4 +734,40 @@ fn a_candidate_that_never_becomes_available_fails_at_the_deadline() {
     check_end(&w).unwrap();
     assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
     assert!(w.now >= 60_000);
+}
+
+#[test]
+fn a_new_template_during_hand_off_is_released_from_the_previous_candidate() {
+    for bad in [false, true] {
+        let mut sc = single(false);
+        // The hand-off runs from 11.6 s to 13.9 s.
+        sc.events.push((12_000, UserAction::SetImage { bad }));
+        let w = World::new(sc).run().unwrap();
+        check_end(&w).unwrap();
+        assert_eq!(w.deployment.status.release, Some(3));
+        if bad {
+            assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+            assert_eq!(
+                w.on_baseline(),
+                Some(2),
+                "traffic back on the candidate of v2, which served it"
+            );
+        } else {
+            assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+            assert!(w.candidates.is_empty());
+        }
+    }
+}
+
+#[test]
+fn a_new_template_during_finalising_is_released_from_the_new_stable_revision() {
+    let mut sc = single(false);
+    // Finalising runs from 13.9 s to 20.2 s. By then v2 is the stable revision: there is nothing to
+    // revert to (the webhook sees v1's template as a new one), and a new template starts from v2.
+    sc.events.push((15_000, UserAction::Revert));
+    sc.events.push((15_000, UserAction::SetImage { bad: false }));
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    assert_eq!(w.deployment.status.release, Some(3));
 }
