@@ -21,9 +21,8 @@ use common::Cluster;
 use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use kubesim::sim::{Config, admin};
 use serde_json::json;
 use turnout::istio::virtual_service::VirtualService;
@@ -139,12 +138,7 @@ async fn main() {
         ..Config::default()
     })
     .await;
-    let yaml = cluster.sim.kubeconfig(&admin().name).unwrap();
-    let config =
-        kube::Config::from_custom_kubeconfig(Kubeconfig::from_yaml(&yaml).unwrap(), &KubeConfigOptions::default())
-            .await
-            .unwrap();
-    let client = Client::try_from(config).unwrap();
+    let client = cluster.client(&admin().name).await;
 
     let dir = cluster.dir.path().to_owned();
     let bundle = turnout::certs::generate(&["turnout-webhook.turnout-system.svc".into()]).unwrap();

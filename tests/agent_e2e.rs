@@ -63,6 +63,60 @@ struct Env {
     _prometheus: Option<Process>,
     /// turnout's admin port.
     admin: SocketAddr,
+    listen: SocketAddr,
+    prometheus_url: String,
+    /// How many times turnout was started.
+    starts: u32,
+}
+
+/// `turnout run` as the agent's ServiceAccount, ready; its log goes to `turnout-<start>.log`.
+async fn spawn_turnout(
+    cluster: &Cluster,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    prometheus: &str,
+    start: u32,
+) -> Process {
+    let dir = cluster.dir.path();
+    let turnout = Process::spawn(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+            .args([
+                "run",
+                "--listen",
+                &listen.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+            ])
+            .arg("--tls-cert")
+            .arg(dir.join("certs/tls.crt"))
+            .arg("--tls-key")
+            .arg(dir.join("certs/tls.key"))
+            .args(["--agent-username", common::AGENT_USER, "--drain-delay", "0s"])
+            .args(["--steps", "20,50,100", "--interval", "2s", "--threshold", "2"])
+            .args([
+                "--propagation-delay",
+                "1s",
+                "--drain",
+                "1s",
+                "--progress-deadline",
+                "60s",
+            ])
+            .args(["--latency-p99-max", "200ms", "--prometheus", prometheus])
+            .env("KUBECONFIG", cluster.agent_kubeconfig())
+            .env("RUST_LOG", "info"),
+        dir.join(format!("turnout-{start}.log")),
+    );
+    let ready = format!("http://{admin}/ready");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while http_get(&ready).await.is_none_or(|(s, _)| s != 200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "turnout is not ready after 30 s; its log:\n{}",
+            turnout.tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    turnout
 }
 
 impl std::ops::Deref for Env {
@@ -154,50 +208,31 @@ impl Env {
         if istio {
             cluster.istio_crds().await;
         }
-        let turnout = Process::spawn(
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
-                .args([
-                    "run",
-                    "--listen",
-                    &listen.to_string(),
-                    "--admin-listen",
-                    &admin.to_string(),
-                ])
-                .arg("--tls-cert")
-                .arg(dir.join("certs/tls.crt"))
-                .arg("--tls-key")
-                .arg(dir.join("certs/tls.key"))
-                .args(["--agent-username", common::AGENT_USER, "--drain-delay", "0s"])
-                .args(["--steps", "20,50,100", "--interval", "2s", "--threshold", "2"])
-                .args([
-                    "--propagation-delay",
-                    "1s",
-                    "--drain",
-                    "1s",
-                    "--progress-deadline",
-                    "60s",
-                ])
-                .args(["--latency-p99-max", "200ms", "--prometheus", &prometheus_url])
-                .env("KUBECONFIG", cluster.agent_kubeconfig())
-                .env("RUST_LOG", "info"),
-            dir.join("turnout.log"),
-        );
-        let ready = format!("http://{admin}/ready");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while http_get(&ready).await.is_none_or(|(s, _)| s != 200) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "turnout is not ready after 30 s; its log:\n{}",
-                turnout.tail(40)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let turnout = spawn_turnout(&cluster, listen, admin, &prometheus_url, 1).await;
         Self {
             cluster,
             turnout,
             _prometheus: prometheus,
             admin,
+            listen,
+            prometheus_url,
+            starts: 1,
         }
+    }
+
+    /// Kills turnout (SIGKILL, no chance to clean up) and starts it again.
+    async fn restart(&mut self) {
+        let _ = self.turnout.child.start_kill();
+        let _ = self.turnout.child.wait().await;
+        self.starts += 1;
+        self.turnout = spawn_turnout(
+            &self.cluster,
+            self.listen,
+            self.admin,
+            &self.prometheus_url,
+            self.starts,
+        )
+        .await;
     }
 
     fn mesh(&self) -> SocketAddr {
@@ -647,4 +682,24 @@ async fn without_istio_releases_fail_with_the_reason() {
     let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
     assert!(message.contains("the Istio CRDs"), "{message}");
     assert!(env.turnout.tail(200).contains("are not installed"), "logged");
+}
+
+/// The agent killed (SIGKILL) and started again at several points of a release under load: the release
+/// carries on from what is in the cluster and completes without a failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_survives_the_agent_being_killed_at_every_phase() {
+    let mut env = Env::start(true).await;
+    let ns = "restarts";
+    let load = env.prepare(ns, true, &[]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    for phase in ["Pending", "Progressing", "HandingOff", "Finalising"] {
+        env.wait_phase(ns, phase, Duration::from_secs(90)).await;
+        env.restart().await;
+    }
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
+    assert_at_rest(&env, ns, "2").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{stats:?}");
+    assert_eq!(env.starts, 5);
 }

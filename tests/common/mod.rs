@@ -35,6 +35,16 @@ impl Cluster {
         Self { sim, dir }
     }
 
+    /// A kube client for `user` (e.g. [`AGENT_USER`], or `admin().name`).
+    pub async fn client(&self, user: &str) -> kube::Client {
+        let yaml = self.sim.kubeconfig(user).unwrap();
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&yaml).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+            .await
+            .unwrap();
+        kube::Client::try_from(config).unwrap()
+    }
+
     /// The admin's kubeconfig.
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.path().join("kubeconfig")

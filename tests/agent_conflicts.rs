@@ -1,0 +1,85 @@
+//! Every write of the agent is conditional on what it read: a change made by someone else in between
+//! makes the write fail with 409 (and the agent plans again from a fresh read) instead of overwriting it.
+
+mod common;
+
+use common::Cluster;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::Api;
+use kubesim::sim::{Config, admin};
+use turnout::agent::{act, observe};
+use turnout::release::{Action, Intent, Phase, Route, StatusPatch, Weighted};
+
+fn status() -> Action {
+    Action::Status(StatusPatch {
+        phase: Phase::Pending,
+        release: 2,
+        weight: 0,
+        failed_checks: 0,
+        message: "release v2 started".into(),
+        unpause: false,
+        intent: Intent::Keep,
+        fail_rollout: false,
+    })
+}
+
+fn conflict<T: std::fmt::Debug>(result: kube::Result<T>) -> bool {
+    matches!(result, Err(kube::Error::Api(ref s)) if s.code == 409)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
+    let cluster = Cluster::start(Config::default()).await;
+    cluster.istio_crds().await;
+    cluster.namespace("shop", false).await;
+    cluster.podinfo("shop").await;
+    cluster
+        .apply("apiVersion: v1\nkind: Service\nmetadata:\n  name: podinfo\n  namespace: shop\nspec:\n  selector:\n    app: podinfo\n  ports:\n    - port: 9898\n")
+        .await;
+    let client = cluster.client(&admin().name).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
+
+    // The Deployment: read, changed by someone else, then written from the stale read.
+    let d = deployments.get("podinfo").await.unwrap();
+    let snap = observe::snapshot(&client, &d, true).await.unwrap();
+    assert_eq!(snap.hosts.len(), 1, "the Service is found");
+    cluster
+        .ok(&["annotate", "-n", "shop", "deployment/podinfo", "team=shop"])
+        .await;
+    assert!(conflict(act::apply(&client, &d, &snap, &status(), 1).await));
+    let fresh = deployments.get("podinfo").await.unwrap();
+    assert_eq!(
+        fresh.metadata.annotations.as_ref().unwrap()["team"],
+        "shop",
+        "the other change stands"
+    );
+    act::apply(&client, &fresh, &snap, &status(), 1).await.unwrap();
+
+    // The VirtualService: created, read, changed by someone else, then replaced from the stale read.
+    let to = |subset: &str| {
+        Route::Split(vec![Weighted {
+            subset: subset.into(),
+            weight: 100,
+        }])
+    };
+    let put = |route: Route| Action::PutVirtualService { host: 0, route };
+    act::apply(&client, &fresh, &snap, &put(Route::Host), 2).await.unwrap();
+    let snap = observe::snapshot(&client, &fresh, true).await.unwrap();
+    cluster
+        .ok(&["annotate", "-n", "shop", "virtualservice/podinfo", "owner=someone"])
+        .await;
+    assert!(conflict(act::apply(&client, &fresh, &snap, &put(to("v1")), 3).await));
+    // Creating one that someone else created meanwhile conflicts too.
+    let before = observe::snapshot(&client, &fresh, true).await.unwrap();
+    assert!(before.stored[0].1.is_none(), "no DestinationRule yet");
+    cluster
+        .apply("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: podinfo\n  namespace: shop\nspec:\n  host: podinfo\n")
+        .await;
+    let subsets = Action::PutDestinationRule {
+        host: 0,
+        subsets: vec![],
+    };
+    assert!(conflict(act::apply(&client, &fresh, &before, &subsets, 3).await));
+    let snap = observe::snapshot(&client, &fresh, true).await.unwrap();
+    act::apply(&client, &fresh, &snap, &put(to("v1")), 4).await.unwrap();
+}
