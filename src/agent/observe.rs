@@ -276,6 +276,25 @@ fn changed_at(meta: &kube::api::ObjectMeta) -> Millis {
         .map_or(0, |t| millis(&t))
 }
 
+/// Whether istiod reports this generation pushed to every proxy: condition `Reconciled=True` and the
+/// status's `observedGeneration` equal to the object's generation. (istiod writes it only with its
+/// status feature enabled; otherwise turnout relies on the propagation delay.)
+fn reconciled(
+    meta: &kube::api::ObjectMeta,
+    conditions: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+    observed: Option<&k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+) -> bool {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let observed = match observed {
+        Some(IntOrString::Int(n)) => Some(i64::from(*n)),
+        Some(IntOrString::String(s)) => s.parse().ok(),
+        None => None,
+    };
+    observed.is_some()
+        && observed == meta.generation
+        && conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Reconciled" && c.status == "True"))
+}
+
 /// A managed VirtualService: its first HTTP route.
 fn virtual_service_view(vs: &VirtualService) -> VirtualServiceView {
     let route = vs
@@ -299,9 +318,15 @@ fn virtual_service_view(vs: &VirtualService) -> VirtualServiceView {
                 )
             }
         });
+    let status = vs.status.as_ref();
     VirtualServiceView {
         route,
         changed_at: changed_at(&vs.metadata),
+        reconciled: reconciled(
+            &vs.metadata,
+            status.and_then(|s| s.conditions.as_deref()),
+            status.and_then(|s| s.observed_generation.as_ref()),
+        ),
     }
 }
 
@@ -325,9 +350,15 @@ fn destination_rule_view(dr: &DestinationRule) -> DestinationRuleView {
                 .collect()
         })
         .unwrap_or_default();
+    let status = dr.status.as_ref();
     DestinationRuleView {
         subsets,
         changed_at: changed_at(&dr.metadata),
+        reconciled: reconciled(
+            &dr.metadata,
+            status.and_then(|s| s.conditions.as_deref()),
+            status.and_then(|s| s.observed_generation.as_ref()),
+        ),
     }
 }
 
@@ -433,6 +464,41 @@ mod tests {
             ("podinfo-v2", 1, true),
             "an orphan's pods still count"
         );
+    }
+
+    #[test]
+    fn a_change_istio_reports_reconciled_counts_as_propagated() {
+        let vs = |generation: i64, observed: serde_json::Value, status: &str| -> VirtualService {
+            serde_json::from_value(json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                "metadata": { "name": "podinfo", "namespace": "shop", "generation": generation,
+                              "labels": { "app.kubernetes.io/managed-by": "turnout" },
+                              "annotations": { "turnout.dev/changed-at": "2026-11-22T00:00:00.000Z" } },
+                "spec": {},
+                "status": { "observedGeneration": observed, "conditions": [{
+                    "type": "Reconciled", "status": status, "reason": "", "message": "",
+                    "lastTransitionTime": "2026-11-22T00:00:01Z" }] }
+            }))
+            .unwrap()
+        };
+        let view = |v: &VirtualService| match host_view("podinfo".into(), Some(v), None).virtual_service {
+            Managed::Ours(v) => v,
+            other => panic!("{other:?}"),
+        };
+        let reported = view(&vs(3, json!(3), "True"));
+        assert!(reported.reconciled);
+        assert_eq!(reported.propagated(5_000), reported.changed_at);
+        assert!(
+            !view(&vs(3, json!("2"), "True")).reconciled,
+            "an older generation says nothing"
+        );
+        assert!(
+            view(&vs(3, json!("3"), "True")).reconciled,
+            "Istio writes it as a string too"
+        );
+        let pending = view(&vs(3, json!(3), "False"));
+        assert!(!pending.reconciled);
+        assert_eq!(pending.propagated(5_000), pending.changed_at + 5_000);
     }
 
     #[test]

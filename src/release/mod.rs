@@ -183,6 +183,19 @@ pub enum Managed<T> {
 pub struct VirtualServiceView {
     pub route: Route,
     pub changed_at: Millis,
+    /// Istio reports the current generation `Reconciled` (pushed to every proxy).
+    pub reconciled: bool,
+}
+
+impl VirtualServiceView {
+    /// When the last change reached every proxy: reported by Istio, or bounded by the delay `prop`.
+    pub fn propagated(&self, prop: Millis) -> Millis {
+        if self.reconciled {
+            self.changed_at
+        } else {
+            self.changed_at + prop
+        }
+    }
 }
 
 /// A managed DestinationRule.
@@ -190,6 +203,19 @@ pub struct VirtualServiceView {
 pub struct DestinationRuleView {
     pub subsets: Vec<Subset>,
     pub changed_at: Millis,
+    /// Istio reports the current generation `Reconciled` (pushed to every proxy).
+    pub reconciled: bool,
+}
+
+impl DestinationRuleView {
+    /// When the last change reached every proxy: reported by Istio, or bounded by the delay `prop`.
+    pub fn propagated(&self, prop: Millis) -> Millis {
+        if self.reconciled {
+            self.changed_at
+        } else {
+            self.changed_at + prop
+        }
+    }
 }
 
 /// Where a VirtualService sends the host's traffic.

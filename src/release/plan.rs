@@ -238,9 +238,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     if let Some(until) = routes_settle(o, 0) {
         return wait(Some(until), &format!("waiting for canary weight {weight} to propagate"));
     }
-    let due = last_route_change(o)
-        + ms(o.config.propagation_delay)
-        + ms(o.config.interval) * u64::from(d.status.failed_checks + 1);
+    let due = last_propagation(o) + ms(o.config.interval) * u64::from(d.status.failed_checks + 1);
     if o.now < due {
         return wait(Some(due), &format!("analysing canary weight {weight}"));
     }
@@ -502,8 +500,8 @@ fn to_rest(o: &Observed<'_>) -> Option<Plan> {
         }
         let Managed::Ours(dr) = dr else {
             // No rule of ours defines the subsets: the route cannot be serving; back to the host.
-            if vs.changed_at + prop > o.now {
-                return Some(wait(Some(vs.changed_at + prop), "waiting for the route to propagate"));
+            if vs.propagated(prop) > o.now {
+                return Some(wait(Some(vs.propagated(prop)), "waiting for the route to propagate"));
             }
             return Some(Plan {
                 action: Action::PutVirtualService {
@@ -522,14 +520,15 @@ fn to_rest(o: &Observed<'_>) -> Option<Plan> {
         // Write the rule once after the last candidate is gone (pruning what no route uses): the
         // route to the host waits for that write to propagate, as the candidate's endpoints do.
         if used != dr.subsets || dr.changed_at < vs.changed_at {
-            if vs.changed_at + prop > o.now {
-                return Some(wait(Some(vs.changed_at + prop), "waiting for the route to propagate"));
+            if vs.propagated(prop) > o.now {
+                return Some(wait(Some(vs.propagated(prop)), "waiting for the route to propagate"));
             }
             return Some(Plan {
                 action: Action::PutDestinationRule { host, subsets: used },
                 event: None,
             });
         }
+        // The delay, not Istio's report: it also covers the candidate's endpoints going away.
         if dr.changed_at + prop > o.now {
             return Some(wait(Some(dr.changed_at + prop), "waiting for the subsets to propagate"));
         }
@@ -555,14 +554,11 @@ fn to_rest(o: &Observed<'_>) -> Option<Plan> {
             continue;
         }
         let vs_at = match &h.virtual_service {
-            Managed::Ours(vs) => vs.changed_at,
+            Managed::Ours(vs) => vs.propagated(prop),
             _ => 0,
         };
-        if vs_at + prop > o.now {
-            return Some(wait(
-                Some(vs_at + prop),
-                "waiting for the route to the host to propagate",
-            ));
+        if vs_at > o.now {
+            return Some(wait(Some(vs_at), "waiting for the route to the host to propagate"));
         }
         return Some(Plan {
             action: Action::PutDestinationRule {
@@ -620,22 +616,19 @@ fn ensure_route(o: &Observed<'_>, want: &[(Subset, u8)]) -> Option<Plan> {
     );
     let prop = ms(o.config.propagation_delay);
     for (host, h) in o.hosts.iter().enumerate() {
-        let (current, routed_at) = match &h.virtual_service {
+        let (current, routed) = match &h.virtual_service {
             Managed::Absent => (&Route::Host, 0),
-            Managed::Ours(vs) => (&vs.route, vs.changed_at),
+            Managed::Ours(vs) => (&vs.route, vs.propagated(prop)),
             Managed::Foreign(_) => continue,
         };
         if *current == route {
             continue;
         }
-        if routed_at + prop > o.now {
-            return Some(wait(
-                Some(routed_at + prop),
-                "waiting for the previous route change to propagate",
-            ));
+        if routed > o.now {
+            return Some(wait(Some(routed), "waiting for the previous route change to propagate"));
         }
         let (defined, defined_at) = match &h.destination_rule {
-            Managed::Ours(dr) => (dr.subsets.as_slice(), dr.changed_at),
+            Managed::Ours(dr) => (dr.subsets.as_slice(), dr.propagated(prop)),
             Managed::Absent => (&[][..], 0),
             Managed::Foreign(_) => continue,
         };
@@ -652,8 +645,8 @@ fn ensure_route(o: &Observed<'_>, want: &[(Subset, u8)]) -> Option<Plan> {
                 event: None,
             });
         }
-        if defined_at + prop > o.now {
-            return Some(wait(Some(defined_at + prop), "waiting for the new subset to propagate"));
+        if defined_at > o.now {
+            return Some(wait(Some(defined_at), "waiting for the new subset to propagate"));
         }
         return Some(Plan {
             action: Action::PutVirtualService {
@@ -779,9 +772,28 @@ fn last_route_change(o: &Observed<'_>) -> Millis {
         .unwrap_or(0)
 }
 
-/// When the last route change will have propagated and `extra` more passed, if that is still ahead.
+/// When every route change has reached every proxy (reported by Istio or bounded by the delay).
+fn last_propagation(o: &Observed<'_>) -> Millis {
+    let prop = ms(o.config.propagation_delay);
+    o.hosts
+        .iter()
+        .filter_map(|h| match &h.virtual_service {
+            Managed::Ours(vs) => Some(vs.propagated(prop)),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// When the last route change will have propagated and `extra` (a drain window) more passed, if that
+/// is still ahead. A drain counts from the delay's bound even when Istio reports the change pushed
+/// sooner: when exactly the last proxy stopped sending is not reported.
 fn routes_settle(o: &Observed<'_>, extra: Millis) -> Option<Millis> {
-    let until = last_route_change(o) + ms(o.config.propagation_delay) + extra;
+    let until = if extra == 0 {
+        last_propagation(o)
+    } else {
+        last_route_change(o) + ms(o.config.propagation_delay) + extra
+    };
     (o.now < until).then_some(until)
 }
 

@@ -57,6 +57,8 @@ struct Scenario {
     flake_rate: f64,
     /// Longest time a candidate takes to be available; `None`: candidates never become available.
     candidate_ready_ms: Option<Millis>,
+    /// Istio reports `Reconciled` once a change reached every proxy.
+    istio_status: bool,
     events: Vec<(Millis, UserAction)>,
 }
 
@@ -210,8 +212,22 @@ impl World {
             candidates: self.candidates.iter().map(|c| c.view.clone()).collect(),
             hosts: vec![HostView {
                 service: SERVICE.into(),
-                virtual_service: self.vs.clone().map_or(Managed::Absent, Managed::Ours),
-                destination_rule: self.dr.clone().map_or(Managed::Absent, Managed::Ours),
+                virtual_service: self.vs.clone().map_or(Managed::Absent, |mut vs| {
+                    vs.reconciled = self.sc.istio_status
+                        && self
+                            .proxies
+                            .iter()
+                            .all(|p| p.routes.last().is_none_or(|s| s.at <= self.now));
+                    Managed::Ours(vs)
+                }),
+                destination_rule: self.dr.clone().map_or(Managed::Absent, |mut dr| {
+                    dr.reconciled = self.sc.istio_status
+                        && self
+                            .proxies
+                            .iter()
+                            .all(|p| p.rules.last().is_none_or(|s| s.at <= self.now));
+                    Managed::Ours(dr)
+                }),
             }],
             routing_unavailable: None,
             verdict,
@@ -359,6 +375,7 @@ impl World {
                 self.dr = Some(DestinationRuleView {
                     subsets,
                     changed_at: self.now,
+                    reconciled: false,
                 });
             }
             Action::PutVirtualService { host, route } => {
@@ -374,6 +391,7 @@ impl World {
                 self.vs = Some(VirtualServiceView {
                     route,
                     changed_at: self.now,
+                    reconciled: false,
                 });
             }
             Action::CreateCandidate { revision } => {
@@ -631,10 +649,17 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             prop_oneof![3 => Just(0.0), 1 => 0.0f64..0.3],
         ),
         prop_oneof![10 => (0u64..=50).prop_map(|t| Some(t * TICK)), 1 => Just(None)],
-        events,
+        (events, any::<bool>()),
     )
         .prop_map(
-            |(seed, (prop, drain, interval), (threshold, steps, proxies), (crash_rate, flake_rate), ready, events)| {
+            |(
+                seed,
+                (prop, drain, interval),
+                (threshold, steps, proxies),
+                (crash_rate, flake_rate),
+                ready,
+                (events, istio_status),
+            )| {
                 Scenario {
                     seed,
                     propagation_ms: prop * TICK,
@@ -646,6 +671,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     crash_rate,
                     flake_rate,
                     candidate_ready_ms: ready,
+                    istio_status,
                     events,
                 }
             },
@@ -679,6 +705,7 @@ fn single(bad: bool) -> Scenario {
         crash_rate: 0.0,
         flake_rate: 0.0,
         candidate_ready_ms: Some(1_000),
+        istio_status: false,
         events: vec![(0, UserAction::SetImage { bad })],
     }
 }
@@ -734,6 +761,22 @@ fn a_candidate_that_never_becomes_available_fails_at_the_deadline() {
     check_end(&w).unwrap();
     assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
     assert!(w.now >= 60_000);
+}
+
+#[test]
+fn with_istio_s_reports_a_release_waits_only_as_long_as_the_proxies_take() {
+    let slow = World::new(single(false)).run().unwrap();
+    let mut sc = single(false);
+    sc.istio_status = true;
+    let reported = World::new(sc).run().unwrap();
+    check_end(&reported).unwrap();
+    assert_eq!(reported.deployment.status.phase, Some(Phase::Succeeded));
+    assert!(
+        reported.now < slow.now,
+        "{} ms with reports, {} ms with the delay",
+        reported.now,
+        slow.now
+    );
 }
 
 #[test]
