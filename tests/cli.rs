@@ -185,6 +185,8 @@ fn every_subcommand_explains_itself() {
         ("webhook", "TURNOUT_TLS_CERT"),
         ("mutate", "--agent-username"),
         ("certs", "--force"),
+        ("agent", "turnout.dev/steps"),
+        ("run", "TURNOUT_PROMETHEUS"),
     ] {
         let out = turnout(&[sub, "--help"], b"");
         assert!(out.status.success(), "{sub}");
@@ -193,4 +195,28 @@ fn every_subcommand_explains_itself() {
             "{sub} --help lacks {needle}"
         );
     }
+}
+
+#[test]
+fn the_agent_without_a_cluster_says_so_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["agent", "--admin-listen", "127.0.0.1:0"])
+        .env("KUBECONFIG", dir.path().join("missing"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no Kubernetes client configuration: set KUBECONFIG or run in a cluster"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn invalid_release_flags_are_refused_with_the_reason() {
+    let out = turnout(&["agent", "--steps", "50,20,100"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("steps must increase"));
 }
