@@ -8,7 +8,8 @@
 #   1. a healthy release (kubectl set image): canary steps, analysis, hand-off, promotion;
 #   2. a bad release (5 in 10 requests fail): rolled back automatically, `kubectl rollout status` fails;
 #   3. the same update in a namespace that did not opt in: a native rolling update, for comparison.
-# It prints the release's progress every second and ends with the failed-request counts.
+# It prints the release's progress every second and ends with the failed-request counts and a chart of
+# requests per version over time (target/demo/requests.svg, or $DEMO_OUT/requests.svg).
 #
 # Usage: hack/demo.sh          (needs cargo, kubectl, curl and python3; Prometheus is optional)
 set -euo pipefail
@@ -93,6 +94,7 @@ follow() {
     local ann
     ann=$(kubectl get -n shop deployment podinfo -o jsonpath='{.metadata.annotations.turnout\.dev/phase}|{.metadata.annotations.turnout\.dev/weight}|{.metadata.annotations.turnout\.dev/message}')
     IFS='|' read -r phase weight message <<< "$ann"
+    echo "$(date +%s.%N) ${phase:-Held} ${weight:-0}" >> "$work/phases.txt"
     printf '  %3ss  %-11s canary %3s%%  requests/s: %-26s %s\n' "$((SECONDS - started))" "${phase:-Held}" "${weight:-0}" "$(load_now "$load")" "$message"
     for want in "$@"; do [ "$phase" = "$want" ] && return 0; done
     [ $((SECONDS - started)) -lt 240 ] || { echo "the release did not end within 240 s" >&2; exit 1; }
@@ -216,6 +218,12 @@ echo "  1. turnout, healthy release:             $(load_total healthy)"
 echo "  2. turnout, bad release rolled back:      $(load_total bad)"
 echo "     (its failures are the 500s of the canary's 20 % share, before the rollback)"
 echo "  3. native rolling update, same mesh:      $(load_total native)"
+chart_dir=${DEMO_OUT:-$root/target/demo}
+mkdir -p "$chart_dir"
+python3 "$root/hack/chart.py" --out "$chart_dir/requests.svg" --phases "$work/phases.txt" \
+  --title "shop/podinfo: requests per second by version (healthy release, then a bad one)" \
+  "$work/load-healthy.jsonl" "$work/load-bad.jsonl"
+echo "  chart of requests per version over time: $chart_dir/requests.svg"
 echo
 echo "turnout's metrics (http://127.0.0.1:$admin/metrics):"
 curl -sf "http://127.0.0.1:$admin/metrics" | grep -E '^turnout_(releases_total|analysis_checks_total|release_phase)' | sed 's/^/  /'

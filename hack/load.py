@@ -4,9 +4,9 @@
 Sends RATE requests per second to the mesh entry with `Host: HOST`, each on its own thread so a slow
 answer does not slow the load, and appends one JSON line per second to OUT:
 
-    {"t": 12, "ok": {"v1": 16, "v2": 4}, "failed": 0}
+    {"t": 12, "at": 1795312345, "ok": {"v1": 16, "v2": 4}, "failed": 0}
 
-`t` is seconds since the start of the requests counted; `ok` counts 2xx answers by the pod's `version`
+`t` is seconds since the start of the load and `at` the same second as Unix time; `ok` counts 2xx answers by the pod's `version`
 label (kubesim's pods name it in their answers); `failed` counts everything else (5xx, resets,
 timeouts). A second is written once it is over; answers that arrive later (slow or timed out) are
 written in another line with the same `t`: add lines up by `t`.
@@ -34,6 +34,7 @@ def main() -> None:
     lock = threading.Lock()
     buckets: dict[int, dict] = {}
     start = time.monotonic()
+    epoch = time.time()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -63,7 +64,7 @@ def main() -> None:
     def flush(upto: int) -> None:
         with lock:
             done = sorted(s for s in buckets if s < upto)
-            lines = [json.dumps({"t": s, **buckets.pop(s)}) for s in done]
+            lines = [json.dumps({"t": s, "at": int(epoch) + s, **buckets.pop(s)}) for s in done]
         if lines:
             with open(args.out, "a", encoding="utf-8") as out:
                 out.write("\n".join(lines) + "\n")
