@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::telemetry::LogFormat;
-use crate::{agent, certs, mutate, telemetry, webhook};
+use crate::{agent, certs, mutate, status, telemetry, webhook};
 
 /// turnout turns ordinary Deployment updates into zero-downtime progressive releases on Istio.
 ///
@@ -28,6 +28,10 @@ pub enum Command {
     Agent(agent::AgentCommand),
     /// Run the webhook and the agent in one process (the simplest install).
     Run(agent::RunCommand),
+    /// Show releases: phase, revision, weights per subset, failed checks, message (and Events for one).
+    ///
+    /// Exit codes: 0 shown; 1 the cluster could not be read; 2 bad usage; 3 no such Deployment.
+    Status(status::Args),
     /// Answer one AdmissionReview from standard input (or --file) on standard output, offline.
     Mutate(mutate::Args),
     /// Generate a CA and a serving certificate for the webhook into a directory.
@@ -45,6 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Webhook(args) => runtime()?.block_on(webhook::run(args)),
         Command::Agent(args) => runtime()?.block_on(agent::run(args)),
         Command::Run(args) => runtime()?.block_on(agent::run_both(args)),
+        Command::Status(args) => Ok(runtime()?.block_on(status::run(&args, &mut std::io::stdout().lock()))?),
         Command::Mutate(args) => Ok(mutate::run(&args, std::io::stdin().lock(), std::io::stdout().lock())?),
         Command::Certs(args) => {
             for path in certs::run(&args)? {

@@ -22,6 +22,7 @@ pub mod names;
 pub mod release;
 pub mod report;
 pub mod signals;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod webhook;

@@ -15,7 +15,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("turnout: error: {}", turnout::report::chain(error.as_ref()));
-            ExitCode::FAILURE
+            match error.downcast_ref::<turnout::status::Error>() {
+                Some(e) => ExitCode::from(e.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
