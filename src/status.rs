@@ -185,14 +185,7 @@ pub fn release(d: &Deployment, routes: &[VirtualService]) -> Release {
             *weights.entry(name).or_insert(0) += weight;
         }
     }
-    let template_revision = d
-        .spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.as_ref())
-        .and_then(|l| l.get(crate::names::labels::REVISION))
-        .and_then(|v| v.parse().ok());
+    let template_revision = crate::agent::observe::template_revision_of(d);
     Release {
         namespace: d.namespace().unwrap_or_default(),
         name: d.name_any(),

@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
+use crate::admission::template::template_labels;
 use crate::istio::destination_rule::DestinationRule;
 use crate::istio::virtual_service::VirtualService;
 use crate::names::{agent, annotations, labels};
@@ -63,13 +64,7 @@ pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Sn
     let candidates = candidates(&name, &candidate_list, &rs_list, &pod_list);
 
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let template_labels = d
-        .spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.clone())
-        .unwrap_or_default();
+    let template_labels = template_labels(d).cloned().unwrap_or_default();
     let mut hosts = Vec::new();
     let mut stored = Vec::new();
     for svc in services.list(&ListParams::default()).await?.items {
@@ -109,19 +104,17 @@ pub fn host_view(service: String, vs: Option<&VirtualService>, dr: Option<&Desti
     }
 }
 
+/// The `turnout.dev/revision` label of a Deployment's pod template.
+pub fn template_revision_of(d: &Deployment) -> Option<u64> {
+    template_labels(d)?.get(labels::REVISION)?.parse().ok()
+}
+
 /// The user Deployment as the release machine sees it.
 pub fn deployment_view(d: &Deployment) -> DeploymentView {
     let ann = d.annotations();
     let number = |key: &str| ann.get(key).and_then(|v| v.parse::<u64>().ok());
     let spec = &d.spec;
-    let template_revision = spec
-        .template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.as_ref())
-        .and_then(|l| l.get(labels::REVISION))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let template_revision = template_revision_of(d).unwrap_or(0);
     let replicas = spec.replicas.unwrap_or(1);
     let status = d.status.as_ref();
     let generation = d.metadata.generation.unwrap_or(0);

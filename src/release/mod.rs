@@ -190,12 +190,12 @@ pub struct VirtualServiceView {
 impl VirtualServiceView {
     /// When the last change reached every proxy: reported by Istio, or bounded by the delay `prop`.
     pub fn propagated(&self, prop: Millis) -> Millis {
-        if self.reconciled {
-            self.changed_at
-        } else {
-            self.changed_at + prop
-        }
+        propagated(self.changed_at, self.reconciled, prop)
     }
+}
+
+fn propagated(changed_at: Millis, reconciled: bool, prop: Millis) -> Millis {
+    if reconciled { changed_at } else { changed_at + prop }
 }
 
 /// A managed DestinationRule.
@@ -210,11 +210,7 @@ pub struct DestinationRuleView {
 impl DestinationRuleView {
     /// When the last change reached every proxy: reported by Istio, or bounded by the delay `prop`.
     pub fn propagated(&self, prop: Millis) -> Millis {
-        if self.reconciled {
-            self.changed_at
-        } else {
-            self.changed_at + prop
-        }
+        propagated(self.changed_at, self.reconciled, prop)
     }
 }
 

@@ -110,11 +110,8 @@ fn start(o: &Observed<'_>, t: u64) -> Plan {
 }
 
 fn pending(o: &Observed<'_>, t: u64) -> Plan {
-    if let Some(plan) = remove_strays(o, Some(t), Some(t)) {
+    if let Some(plan) = before_routing(o, t) {
         return plan;
-    }
-    if let Some(why) = unroutable(o) {
-        return fail(o, t, o.deployment.status.failed_checks, why);
     }
     let d = &o.deployment;
     let Some((stable, _)) = baseline(o, Some(t)) else {
@@ -203,11 +200,8 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
 }
 
 fn progressing(o: &Observed<'_>, t: u64) -> Plan {
-    if let Some(plan) = remove_strays(o, Some(t), Some(t)) {
+    if let Some(plan) = before_routing(o, t) {
         return plan;
-    }
-    if let Some(why) = unroutable(o) {
-        return fail(o, t, o.deployment.status.failed_checks, why);
     }
     let d = &o.deployment;
     let (Some((stable, _)), Some(canary)) = (baseline(o, Some(t)), canary_subset(o, t)) else {
@@ -290,11 +284,8 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
 }
 
 fn promoting(o: &Observed<'_>, t: u64) -> Plan {
-    if let Some(plan) = remove_strays(o, Some(t), Some(t)) {
+    if let Some(plan) = before_routing(o, t) {
         return plan;
-    }
-    if let Some(why) = unroutable(o) {
-        return fail(o, t, o.deployment.status.failed_checks, why);
     }
     let d = &o.deployment;
     let Some(canary) = canary_subset(o, t) else {
@@ -414,6 +405,13 @@ fn failed(o: &Observed<'_>, t: u64) -> Plan {
                 ),
             )
         })
+}
+
+/// What comes before any routing step of release `t`: other candidates unwound, and a host turnout
+/// cannot route (not its VirtualService, no Istio) failing the release with the reason.
+fn before_routing(o: &Observed<'_>, t: u64) -> Option<Plan> {
+    remove_strays(o, Some(t), Some(t))
+        .or_else(|| unroutable(o).map(|why| fail(o, t, o.deployment.status.failed_checks, why)))
 }
 
 /// Rolls release `t` back: the status is written first (so `kubectl rollout status` fails at once),
