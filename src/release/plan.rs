@@ -138,15 +138,7 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
         let weight = current_weight(o, &canary.name);
         if weight > 0 {
             // The first step is routed; the status follows.
-            return status(
-                o,
-                t,
-                Phase::Progressing,
-                weight,
-                format!("canary weight {weight}"),
-                false,
-                None,
-            );
+            return at_weight(o, t, weight);
         }
     }
     if let Some(plan) = ensure_route(o, &[(stable.clone(), 100)]) {
@@ -219,15 +211,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
         return advance(o, &stable, &canary, first).unwrap_or_else(|| wait(None, "routing the first step"));
     }
     if d.status.weight != weight {
-        return status(
-            o,
-            t,
-            Phase::Progressing,
-            weight,
-            format!("canary weight {weight}"),
-            false,
-            None,
-        );
+        return at_weight(o, t, weight);
     }
     if let Some(until) = routes_settle(o, 0) {
         return wait(Some(until), &format!("waiting for canary weight {weight} to propagate"));
@@ -823,6 +807,19 @@ fn status(
         }),
         event,
     }
+}
+
+/// The status of release `t` at canary `weight`.
+fn at_weight(o: &Observed<'_>, t: u64, weight: u8) -> Plan {
+    status(
+        o,
+        t,
+        Phase::Progressing,
+        weight,
+        format!("canary weight {weight}"),
+        false,
+        None,
+    )
 }
 
 fn wait(until: Option<Millis>, reason: &str) -> Plan {
