@@ -102,6 +102,7 @@ async fn spawn_turnout(
                 "60s",
             ])
             .args(["--latency-p99-max", "200ms", "--prometheus", prometheus])
+            .args(["--lease-duration", "3s", "--identity", &format!("turnout-{start}")])
             .env("KUBECONFIG", cluster.agent_kubeconfig())
             .env("RUST_LOG", "info"),
         dir.join(format!("turnout-{start}.log")),
@@ -702,4 +703,46 @@ async fn a_release_survives_the_agent_being_killed_at_every_phase() {
     assert_eq!(stats.failed, 0, "{stats:?}");
     assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{stats:?}");
     assert_eq!(env.starts, 5);
+}
+
+/// Two agents: only the Lease holder acts; when it is killed in the middle of a release under load,
+/// the other takes over within the lease duration and completes it without a failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_follower_takes_over_when_the_leader_is_killed() {
+    let mut env = Env::start(true).await;
+    let follower = spawn_turnout(&env.cluster, free_port(), free_port(), &env.prometheus_url, 100).await;
+    let holder = async |env: &Env| {
+        let out = env
+            .ok(&[
+                "get",
+                "lease",
+                "-n",
+                "turnout-system",
+                "turnout-agent",
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])
+            .await;
+        out.stdout
+    };
+    assert_eq!(holder(&env).await, "turnout-1", "the first agent leads");
+    let ns = "ha";
+    let load = env.prepare(ns, true, &[]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
+    assert!(
+        !follower.tail(10_000).contains("release step"),
+        "the follower does not act"
+    );
+
+    let _ = env.turnout.child.start_kill();
+    let _ = env.turnout.child.wait().await;
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
+    assert_at_rest(&env, ns, "2").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert_eq!(holder(&env).await, "turnout-100");
+    let log = follower.tail(10_000);
+    assert!(log.contains("taking over the leader Lease"), "{log}");
+    assert!(log.contains("release step"), "the new leader completed the release");
 }

@@ -11,6 +11,7 @@
 
 pub mod act;
 pub mod analysis;
+pub mod leader;
 pub mod observe;
 
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -112,6 +113,8 @@ impl Args {
 pub struct AgentCommand {
     #[command(flatten)]
     pub release: Args,
+    #[command(flatten)]
+    pub election: leader::ElectionArgs,
     /// Address of the plain-HTTP admin port (`/live`, `/ready`, `/metrics`).
     #[arg(long, env = "TURNOUT_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
     pub admin_listen: SocketAddr,
@@ -144,6 +147,7 @@ pub struct AgentMetrics {
     duration: Histogram,
     reconcile: Histogram,
     istio: Gauge,
+    leader: Gauge,
 }
 
 impl AgentMetrics {
@@ -156,6 +160,7 @@ impl AgentMetrics {
             duration: Histogram::new(exponential_buckets(10.0, 2.0, 12)),
             reconcile: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             istio: Gauge::default(),
+            leader: Gauge::default(),
         };
         registry.register(
             "turnout_release_phase",
@@ -183,6 +188,11 @@ impl AgentMetrics {
             "turnout_reconcile_duration_seconds",
             "Time of one reconcile pass",
             m.reconcile.clone(),
+        );
+        registry.register(
+            "turnout_agent_leader",
+            "1 while this replica holds the leader Lease and runs releases",
+            m.leader.clone(),
         );
         registry.register(
             "turnout_istio_crds_present",
@@ -401,6 +411,7 @@ async fn watch_istio(ctx: Arc<Context>) {
 /// No Kubernetes client configuration.
 pub async fn run_agent<S>(
     args: &Args,
+    election: &leader::ElectionArgs,
     registry: &mut Registry,
     stop: S,
 ) -> anyhow::Result<impl Future<Output = ()> + use<S>>
@@ -421,9 +432,40 @@ where
         started: Mutex::new(HashMap::new()),
     });
     let istio_task = tokio::spawn(watch_istio(ctx.clone()));
+    tracing::info!(defaults = ?args.defaults(), "agent running");
+    let stop = stop.shared();
+    let mut elector = election
+        .leader_elect
+        .then(|| leader::Elector::new(client.clone(), election));
+    Ok(async move {
+        match &mut elector {
+            None => controller(client, ctx, stop).await,
+            Some(elector) => loop {
+                tracing::info!(identity = elector.identity(), "waiting for the leader Lease");
+                tokio::select! {
+                    () = elector.acquire() => {}
+                    () = stop.clone() => break,
+                }
+                tracing::info!(identity = elector.identity(), "leading: running releases");
+                ctx.metrics.leader.set(1);
+                tokio::select! {
+                    () = controller(client.clone(), ctx.clone(), stop.clone()) => break,
+                    () = elector.hold() => {
+                        tracing::warn!("lost the leader Lease: no longer running releases");
+                    }
+                }
+                ctx.metrics.leader.set(0);
+            },
+        }
+        istio_task.abort();
+    })
+}
+
+/// The controller, until `stop`.
+async fn controller(client: Client, ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
     let deployments: Api<Deployment> = Api::all(client.clone());
     let candidates = watcher::Config::default().labels(agent_names::RELEASE_OF);
-    let controller = Controller::new(deployments.clone(), watcher::Config::default())
+    Controller::new(deployments.clone(), watcher::Config::default())
         .owns(deployments, candidates.clone())
         .watches(
             Api::<ReplicaSet>::all(client.clone()),
@@ -440,12 +482,8 @@ where
             if let Err(e) = result {
                 tracing::debug!(error = %e, "controller");
             }
-        });
-    tracing::info!(defaults = ?args.defaults(), "agent running");
-    Ok(async move {
-        controller.await;
-        istio_task.abort();
-    })
+        })
+        .await;
 }
 
 /// The user Deployment an object belongs to: a candidate's pods and ReplicaSets name it in a label,
@@ -470,7 +508,7 @@ fn owner_of<K: kube::Resource>(obj: &K) -> Option<ObjectRef<Deployment>> {
 /// The admin port cannot be bound, or no Kubernetes client configuration.
 pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     let mut registry = Registry::default();
-    let agent = run_agent(&cmd.release, &mut registry, crate::signals::terminated()).await?;
+    let agent = run_agent(&cmd.release, &cmd.election, &mut registry, crate::signals::terminated()).await?;
     let health = Arc::new(crate::admin::Health::default());
     health.set_tls_loaded();
     let listener = crate::admin::bind("--admin-listen", cmd.admin_listen).await?;
@@ -491,6 +529,8 @@ pub struct RunCommand {
     pub webhook: crate::webhook::Args,
     #[command(flatten)]
     pub release: Args,
+    #[command(flatten)]
+    pub election: leader::ElectionArgs,
 }
 
 /// Runs `turnout run`.
@@ -504,7 +544,7 @@ pub async fn run_both(cmd: RunCommand) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let agent = run_agent(&cmd.release, &mut registry, stopped(stop_rx.clone())).await?;
+    let agent = run_agent(&cmd.release, &cmd.election, &mut registry, stopped(stop_rx.clone())).await?;
     let server = crate::webhook::Server::start_with_registry(&cmd.webhook, stopped(stop_rx), registry).await?;
     tokio::spawn(async move {
         crate::signals::terminated().await;
