@@ -27,10 +27,10 @@ def load(paths):
         for entry in entries:
             if entry["at"] in ends:
                 continue
-                bucket = seconds.setdefault(entry["at"], {"ok": {}, "failed": 0})
-                bucket["failed"] += entry["failed"]
-                for version, n in entry["ok"].items():
-                    bucket["ok"][version] = bucket["ok"].get(version, 0) + n
+            bucket = seconds.setdefault(entry["at"], {"ok": {}, "failed": 0})
+            bucket["failed"] += entry["failed"]
+            for version, n in entry["ok"].items():
+                bucket["ok"][version] = bucket["ok"].get(version, 0) + n
     return seconds
 
 
@@ -101,10 +101,17 @@ def main() -> None:
     series = [(v, PALETTE[i % len(PALETTE)], lambda b, v=v: b["ok"].get(v, 0)) for i, v in enumerate(versions)]
     series.append(("failed", FAILED, lambda b: b["failed"]))
     for n, (name, colour, value) in enumerate(series):
-        points = " ".join(
-            f"{x(at):.1f},{y(value(seconds.get(at, {'ok': {}, 'failed': 0}))):.1f}" for at in range(start, end + 1)
-        )
-        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        # Seconds without data (between two loads) break the line rather than drop it to zero.
+        runs, run = [], []
+        for at in range(start, end + 1):
+            if at in seconds:
+                run.append(f"{x(at):.1f},{y(value(seconds[at])):.1f}")
+            elif run:
+                runs.append(run)
+                run = []
+        runs.append(run)
+        for points in filter(None, runs):
+            out.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="{colour}" stroke-width="2"/>')
         total = sum(value(b) for b in seconds.values())
         ly = upper + 14 + n * 20
         out.append(f'<line x1="{left + plot_w + 14}" x2="{left + plot_w + 34}" y1="{ly - 4}" y2="{ly - 4}" stroke="{colour}" stroke-width="3"/>')
