@@ -15,8 +15,9 @@
 //! `/proc/self/task/*/schedstat`, with the time kubesim's threads waited for a CPU ("k waited": other
 //! work on the machine), memory from `/proc/self/status`.
 //!
-//! Run with `cargo bench -p kubesim --bench scale` (options after `--`, see `--help`). Results are
-//! printed, never asserted.
+//! Creates and image patches go out as fast as the clients can, or evenly spaced with `--create-rate`
+//! and `--patch-rate` (per second). Run with `cargo bench -p kubesim --bench scale` (options after
+//! `--`, see `--help`). Results are printed, never asserted.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +61,14 @@ struct Args {
     /// Requests in flight while creating and patching.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Deployments created per second, evenly spaced (at most `--concurrency` in flight); 0: as fast
+    /// as the clients can.
+    #[arg(long, default_value_t = 0.0)]
+    create_rate: f64,
+    /// Deployments patched per second in the rolling update; 0: as fast as the clients can. Default:
+    /// `--create-rate`.
+    #[arg(long)]
+    patch_rate: Option<f64>,
     /// kubesim's pod readiness delay, in milliseconds.
     #[arg(long, default_value_t = 200)]
     ready_delay_ms: u64,
@@ -109,13 +118,15 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     println!(
-        "kubesim scale: {} Deployments x {} replicas in {} namespaces, {} watchers, readiness delay {} ms, {} CPUs",
+        "kubesim scale: {} Deployments x {} replicas in {} namespaces, {} watchers, readiness delay {} ms, {} CPUs; creates {}, patches {}",
         args.deployments,
         args.replicas,
         args.namespaces,
         args.watchers,
         args.ready_delay_ms,
-        std::thread::available_parallelism().map_or(0, usize::from)
+        std::thread::available_parallelism().map_or(0, usize::from),
+        pace(args.create_rate),
+        pace(args.patch_rate()),
     );
     let mut report = Report::default();
     let meter = Meter::start();
@@ -199,11 +210,14 @@ async fn run(args: &Args, sim: &Sim, observer: &Observer, report: &mut Report) -
     let image1 = "example.invalid/app:1";
     observer.begin(0, image1);
     let meter = Meter::start();
+    let slots = Slots::new(args.create_rate);
     let latencies: Vec<Duration> = futures::stream::iter(0..args.deployments)
         .map(|i| {
             let api: Api<Deployment> = Api::namespaced(client.clone(), &namespaces[i % namespaces.len()]);
             let object = deployment(&name(i), args.replicas, image1);
+            let slot = slots.of(i);
             async move {
+                slot.wait().await;
                 let t = Instant::now();
                 api.create(&PostParams::default(), &object?).await?;
                 anyhow::Ok(t.elapsed())
@@ -228,11 +242,12 @@ async fn run(args: &Args, sim: &Sim, observer: &Observer, report: &mut Report) -
     let all: Api<Deployment> = Api::all(client.clone());
     let polled = wait_complete(&all, args, image1).await;
     let converged = meter.stop();
+    let per = per_deployment(&converged, args.deployments);
     report.phase(
         "converge (from first create)",
         converged,
         &match polled {
-            Ok(polls) => format!("all available; {polls} polls"),
+            Ok(polls) => format!("all available; {polls} polls; {per}"),
             Err(e) => format!("NOT CONVERGED: {e}"),
         },
     );
@@ -354,11 +369,14 @@ async fn run(args: &Args, sim: &Sim, observer: &Observer, report: &mut Report) -
         let image2 = "example.invalid/app:2";
         observer.begin(1, image2);
         let meter = Meter::start();
+        let slots = Slots::new(args.patch_rate());
         let latencies: Vec<Duration> = futures::stream::iter(0..args.deployments)
             .map(|i| {
                 let api: Api<Deployment> = Api::namespaced(client.clone(), &namespaces[i % namespaces.len()]);
                 let patch = json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "image": image2}]}}}});
+                let slot = slots.of(i);
                 async move {
+                    slot.wait().await;
                     let t = Instant::now();
                     api.patch(&name(i), &PatchParams::default(), &Patch::Strategic(patch))
                         .await?;
@@ -381,11 +399,12 @@ async fn run(args: &Args, sim: &Sim, observer: &Observer, report: &mut Report) -
         );
         let polled = wait_complete(&all, args, image2).await;
         let rolled = meter.stop();
+        let per = per_deployment(&rolled, args.deployments);
         report.phase(
             "rolling update (from first patch)",
             rolled,
             &match polled {
-                Ok(polls) => format!("all updated and available; {polls} polls"),
+                Ok(polls) => format!("all updated and available; {polls} polls; {per}"),
                 Err(e) => format!("NOT CONVERGED: {e}"),
             },
         );
@@ -412,6 +431,51 @@ async fn run(args: &Args, sim: &Sim, observer: &Observer, report: &mut Report) -
         .collect();
     report.note(format!("pods at the end: {listed_pods}"));
     Ok(())
+}
+
+impl Args {
+    fn patch_rate(&self) -> f64 {
+        self.patch_rate.unwrap_or(self.create_rate)
+    }
+}
+
+fn pace(rate: f64) -> String {
+    if rate > 0.0 {
+        format!("at {rate}/s")
+    } else {
+        "unpaced".into()
+    }
+}
+
+/// Evenly spaced send times: request `i` of a phase goes out `i / rate` seconds after the first
+/// (open loop: a slow answer does not delay the next request's slot, unless `--concurrency` requests
+/// are in flight).
+struct Slots {
+    start: tokio::time::Instant,
+    rate: f64,
+}
+
+struct Slot(Option<tokio::time::Instant>);
+
+impl Slots {
+    fn new(rate: f64) -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            rate,
+        }
+    }
+
+    fn of(&self, i: usize) -> Slot {
+        Slot((self.rate > 0.0).then(|| self.start + Duration::from_secs_f64(i as f64 / self.rate)))
+    }
+}
+
+impl Slot {
+    async fn wait(self) {
+        if let Some(at) = self.0 {
+            tokio::time::sleep_until(at).await;
+        }
+    }
 }
 
 fn name(i: usize) -> String {
@@ -955,6 +1019,16 @@ fn ms(d: Duration) -> String {
 
 fn secs(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
+}
+
+/// kubesim's CPU per Deployment in a phase, and what following `n` of them a second would take.
+fn per_deployment(m: &Measured, n: usize) -> String {
+    let each = m.cpu.kubesim / u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+    format!(
+        "kubesim CPU {} per Deployment (1,000/s would take {:.1} cores)",
+        ms(each),
+        each.as_secs_f64() * 1000.0
+    )
 }
 
 fn rate(n: usize, d: Duration) -> String {

@@ -91,8 +91,12 @@ impl Webhooks {
     }
 
     async fn run(&self, write: Write<'_>) -> Result<Value, ApiError> {
+        let configurations = self.configurations();
+        if configurations.is_empty() {
+            return Ok(write.object);
+        }
         let mut object = write.object.clone();
-        for config in self.configurations() {
+        for config in configurations {
             for hook in config["webhooks"].as_array().into_iter().flatten() {
                 let name = hook["name"].as_str().unwrap_or_default();
                 if !self.applies(hook, &write, &object) {

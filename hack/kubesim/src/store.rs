@@ -154,10 +154,12 @@ struct State {
     history: VecDeque<Arc<Event>>,
     /// Owner uid → the objects whose `ownerReferences` name it (once each, however many references).
     dependents: HashMap<String, BTreeSet<Dependent>>,
+    /// The uid of every stored object, with how many objects have it (one, unless written so).
+    uids: HashMap<String, usize>,
 }
 
 impl State {
-    /// Keeps the owner index in line with a change of one object from `before` to `after`.
+    /// Keeps the uid and owner indexes in line with a change of one object from `before` to `after`.
     fn index(
         &mut self,
         resource: &ResourceKey,
@@ -166,6 +168,20 @@ impl State {
         before: Option<&Value>,
         after: Option<&Value>,
     ) {
+        let (old_uid, new_uid) = (before.and_then(uid), after.and_then(uid));
+        if old_uid != new_uid {
+            if let Some(u) = old_uid
+                && let Some(n) = self.uids.get_mut(u)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    self.uids.remove(u);
+                }
+            }
+            if let Some(u) = new_uid {
+                *self.uids.entry(u.to_owned()).or_default() += 1;
+            }
+        }
         let old = before.map(owner_uids).unwrap_or_default();
         let new = after.map(owner_uids).unwrap_or_default();
         if old == new {
@@ -187,6 +203,10 @@ impl State {
                 .insert(dependent());
         }
     }
+}
+
+fn uid(object: &Value) -> Option<&str> {
+    object["metadata"]["uid"].as_str()
 }
 
 /// The distinct owner uids an object's `ownerReferences` name.
@@ -232,6 +252,7 @@ impl Store {
                 objects: HashMap::new(),
                 history: VecDeque::new(),
                 dependents: HashMap::new(),
+                uids: HashMap::new(),
             }),
             events,
             history_limit,
@@ -293,6 +314,16 @@ impl Store {
                 Some((resource.clone(), o.clone()))
             })
             .collect()
+    }
+
+    /// Whether some object names `owner_uid` in its `ownerReferences`.
+    pub fn has_dependents(&self, owner_uid: &str) -> bool {
+        self.lock().dependents.contains_key(owner_uid)
+    }
+
+    /// Whether an object with this uid is stored.
+    pub fn has_uid(&self, uid: &str) -> bool {
+        self.lock().uids.contains_key(uid)
     }
 
     /// The objects of `resource` with an `ownerReferences` entry naming `owner_uid`.
@@ -684,6 +715,29 @@ mod tests {
             "no empty entries are left"
         );
         assert!(s.dependents("unknown").is_empty());
+    }
+
+    #[test]
+    fn the_uid_index_follows_creates_updates_and_deletes() {
+        let s = Store::new(100);
+        let with_uid = |name: &str, uid: &str| {
+            let mut o = owned(name, &[]);
+            o["metadata"]["uid"] = json!(uid);
+            o
+        };
+        s.create(&pods(), with_uid("a", "u1")).unwrap();
+        s.create(&key(), owned("d", &["u1"])).unwrap();
+        assert!(s.has_uid("u1") && s.has_dependents("u1"));
+        assert!(!s.has_uid("u2") && !s.has_dependents("u2"));
+        s.update(&pods(), with_uid("a", "u2"), None).unwrap();
+        assert!(!s.has_uid("u1") && s.has_uid("u2"));
+        // Two objects with one uid: it stays known until both are gone.
+        s.create(&pods(), with_uid("b", "u2")).unwrap();
+        s.delete(&pods(), "test", "a", None).unwrap();
+        assert!(s.has_uid("u2"));
+        s.delete(&pods(), "test", "b", None).unwrap();
+        assert!(!s.has_uid("u2"));
+        assert!(s.lock().uids.is_empty());
     }
 
     #[test]

@@ -133,6 +133,14 @@ impl Api {
         self.registry.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// One served type, without copying the registry.
+    pub fn resource_type(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
+        self.registry
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(group, version, plural)
+    }
+
     /// Answers one HTTP request from `user`.
     pub async fn handle(self: Arc<Self>, user: User, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
@@ -753,23 +761,54 @@ impl Api {
         let media = content_type.split(';').next().unwrap_or_default().trim();
         let patch: Value = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("the patch body is not JSON: {e}")))?;
+        // As the apiserver, a patch that does not name a resourceVersion is applied again to the newest
+        // object when another write came in between (a controller's status, say): a conflict reaches
+        // the client only if its patch named the version it was based on.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self
+                .patch_once(user, t, ns, name, subresource, media, &patch, dry_run)
+                .await
+            {
+                Err((e, based_on_current)) if e.code == 409 && based_on_current && attempts < 16 => {}
+                result => return result.map_err(|(e, _)| e),
+            }
+        }
+    }
+
+    /// One attempt of [`Api::patch`]; with an error, whether the patch was based on the object it
+    /// read (named no other resourceVersion).
+    #[allow(clippy::too_many_arguments)]
+    async fn patch_once(
+        &self,
+        user: &User,
+        t: &ResourceType,
+        ns: &str,
+        name: &str,
+        subresource: Option<&str>,
+        media: &str,
+        patch: &Value,
+        dry_run: bool,
+    ) -> Result<Value, (ApiError, bool)> {
+        let patch = patch.clone();
         let Some(current) = self.store.get(&key(t), ns, name) else {
             if media == "application/apply-patch+yaml" {
                 // Server-side apply of an object that does not exist creates it.
-                return self.create(user, t, ns, patch, dry_run).await;
+                return self.create(user, t, ns, patch, dry_run).await.map_err(|e| (e, false));
             }
-            return Err(ApiError::not_found(t, name));
+            return Err((ApiError::not_found(t, name), false));
         };
         let base = if subresource == Some("scale") {
             scale_of(&current)
         } else {
             served(t, &current)
         };
-        let invalid = |e: String| ApiError::new(422, "Invalid", e);
+        let invalid = |e: String| (ApiError::new(422, "Invalid", e), false);
         let mut patched = match media {
             "application/json-patch+json" => {
                 let p: json_patch::Patch = serde_json::from_value(patch)
-                    .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+                    .map_err(|e| (ApiError::bad_request(format!("invalid JSON patch: {e}")), false))?;
                 let mut doc = base;
                 json_patch::patch(&mut doc, &p).map_err(|e| invalid(format!("the JSON patch does not apply: {e}")))?;
                 doc
@@ -781,7 +820,7 @@ impl Api {
             }
             "application/strategic-merge-patch+json" => {
                 if !t.strategic_merge() {
-                    return Err(ApiError::unsupported_media_type(media));
+                    return Err((ApiError::unsupported_media_type(media), false));
                 }
                 crate::patch::strategic::apply(&t.kind, &base, &patch).map_err(|e| invalid(crate::report(&e)))?
             }
@@ -795,7 +834,7 @@ impl Api {
                     doc
                 }
             }
-            other => return Err(ApiError::unsupported_media_type(other)),
+            other => return Err((ApiError::unsupported_media_type(other), false)),
         };
         if subresource == Some("scale") {
             let mut next = (*current).clone();
@@ -803,16 +842,21 @@ impl Api {
             patched = next;
         }
         // A patch is based on the current object unless it names a resourceVersion itself.
-        if patched["metadata"]["resourceVersion"] == current["metadata"]["resourceVersion"]
-            || patched["metadata"]["resourceVersion"].is_null()
-        {
+        let based_on_current = patched["metadata"]["resourceVersion"] == current["metadata"]["resourceVersion"]
+            || patched["metadata"]["resourceVersion"].is_null();
+        if based_on_current {
             patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
         }
         if subresource == Some("scale") {
-            let updated = self.update(user, t, ns, name, None, patched, dry_run).await?;
+            let updated = self
+                .update(user, t, ns, name, None, patched, dry_run)
+                .await
+                .map_err(|e| (e, based_on_current))?;
             return Ok(scale_of(&updated));
         }
-        self.update(user, t, ns, name, subresource, patched, dry_run).await
+        self.update(user, t, ns, name, subresource, patched, dry_run)
+            .await
+            .map_err(|e| (e, based_on_current))
     }
 
     /// Deletes an object: at once, or by marking it when finalizers or a grace period hold it.
@@ -1007,7 +1051,17 @@ fn check_type(t: &ResourceType, object: &mut Value) -> Result<(), ApiError> {
 /// the status of types with a status subresource; through `/status`, everything but the status.
 fn merge_system_fields(t: &ResourceType, old: &Value, mut object: Value, subresource: Option<&str>) -> Value {
     if subresource == Some("status") {
-        let mut next = old.clone();
+        // The old object but its status, which is replaced (not copied only to be dropped).
+        let mut next = match old.as_object() {
+            Some(fields) => Value::Object(
+                fields
+                    .iter()
+                    .filter(|(k, _)| *k != "status")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            ),
+            None => old.clone(),
+        };
         next["status"] = object["status"].take();
         if let Some(rv) = object["metadata"].get("resourceVersion") {
             next["metadata"]["resourceVersion"] = rv.clone();

@@ -241,7 +241,9 @@ pub(super) async fn sync(ctx: &mut Ctx, ns: &str, name: &str) -> Result<(), ApiE
         let min_available = replicas - unavailable;
         let total: i64 = sizes.iter().map(|s| s.1).sum();
         let new_unavailable = (sizes[new_index].1 - available(&all[new_index])).max(0);
-        let mut budget = total - min_available - new_unavailable;
+        // As upstream, nothing is scaled down unless the ReplicaSets' sizes leave room for it.
+        let max_scaled_down = total - min_available - new_unavailable;
+        let mut budget = max_scaled_down;
         // Old replicas that are not available can go first, within the same budget.
         for &i in &old {
             if budget <= 0 {
@@ -256,8 +258,15 @@ pub(super) async fn sync(ctx: &mut Ctx, ns: &str, name: &str) -> Result<(), ApiE
                 changed = true;
             }
         }
-        let available_total: i64 = all.iter().map(|rs| available(rs)).sum();
-        let mut down = available_total - min_available;
+        // A ReplicaSet's status can lag its size (this pass, or the last one, scaled it down and its
+        // controller has not caught up): it counts for at most the replicas it is to have, so a stale
+        // status cannot scale old ReplicaSets down again before their pods are gone.
+        let available_total: i64 = all.iter().zip(&sizes).map(|(rs, size)| available(rs).min(size.1)).sum();
+        let mut down = if max_scaled_down > 0 {
+            available_total - min_available
+        } else {
+            0
+        };
         for &i in &old {
             if down <= 0 {
                 break;

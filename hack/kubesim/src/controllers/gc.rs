@@ -10,11 +10,13 @@ use super::Ctx;
 use crate::resources::ResourceType;
 use crate::store::ResourceKey;
 
-/// Deletes dependents whose owners are all gone, and finishes foreground and orphan deletions.
+/// Deletes dependents whose owners are all gone, and finishes foreground and orphan deletions; whether
+/// work is left waiting on deletions to come (a foreground deletion's dependents, a namespace's objects).
 ///
 /// An owner's dependents come from the store's owner index, so a sweep stays linear in the number of
 /// objects.
-pub(super) fn sweep(ctx: &Ctx) {
+pub(super) fn sweep(ctx: &Ctx) -> bool {
+    let mut waiting = false;
     let api = &ctx.api;
     let registry = api.registry();
     let mut uids = std::collections::HashSet::new();
@@ -85,6 +87,8 @@ pub(super) fn sweep(ctx: &Ctx) {
             }
             if dependents.is_empty() {
                 release(ctx, t, o, "foregroundDeletion");
+            } else {
+                waiting = true;
             }
         } else if finalizers.contains(&"orphan") {
             for (dt, d) in &dependents() {
@@ -113,9 +117,12 @@ pub(super) fn sweep(ctx: &Ctx) {
             }
             if empty {
                 let _ = api.store.delete(&crate::api::key(t), "", name, None);
+            } else {
+                waiting = true;
             }
         }
     }
+    waiting
 }
 
 fn release(ctx: &Ctx, t: &crate::resources::ResourceType, o: &Value, finalizer: &str) {

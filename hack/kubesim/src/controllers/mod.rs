@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use crate::api::{Api, ApiError};
 use crate::resources::ResourceType;
 use crate::sim::Config;
-use crate::store::{Event, EventType, as_controllers, as_controllers_sync};
+use crate::store::{Event, EventType, Store, as_controllers, as_controllers_sync};
 
 /// An object to reconcile: (kind, namespace, name).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -98,7 +98,7 @@ impl Ctx {
     }
 
     pub fn resource(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
-        self.api.registry().get(group, version, plural)
+        self.api.resource_type(group, version, plural)
     }
 }
 
@@ -135,8 +135,8 @@ const SLICE: Duration = Duration::from_millis(2);
 const FOLLOW_UP_BURST: usize = 16;
 
 /// The shortest time between two garbage collections: a sweep reads every object (a few milliseconds
-/// with 1,000 Deployments), and while pods come and go every deletion marks one. The first sweep after
-/// a quiet spell runs at once.
+/// with 1,000 Deployments), and deleting many owners marks one each (see [`gc_concerns`]). The first
+/// sweep after a quiet spell runs at once.
 const SWEEP_GAP: Duration = Duration::from_millis(100);
 
 /// Which lane a key waits in.
@@ -230,6 +230,8 @@ async fn run(mut ctx: Ctx, mut events: broadcast::Receiver<Arc<Event>>) {
     let mut next_resync = Instant::now() + RESYNC;
     let mut slice_started = Instant::now();
     let mut last_sweep: Option<Instant> = None;
+    // Whether the last garbage collection left work waiting on deletions (see `gc::sweep`).
+    let mut gc_waiting = false;
     loop {
         if queue.is_empty() {
             // Idle: wait for a change, a timer or the resync.
@@ -239,7 +241,7 @@ async fn run(mut ctx: Ctx, mut events: broadcast::Receiver<Arc<Event>>) {
                 received = events.recv() => match received {
                     Ok(e) => {
                         slice_started = Instant::now();
-                        mark(&mut queue, &e, ctx.root);
+                        mark(&mut queue, &e, ctx.root, &ctx.api.store, gc_waiting);
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => all(&ctx, &mut queue),
                     Err(broadcast::error::RecvError::Closed) => return,
@@ -250,7 +252,7 @@ async fn run(mut ctx: Ctx, mut events: broadcast::Receiver<Arc<Event>>) {
         // Take every change already there, so a key changed many times is reconciled once.
         loop {
             match events.try_recv() {
-                Ok(e) => mark(&mut queue, &e, ctx.root),
+                Ok(e) => mark(&mut queue, &e, ctx.root, &ctx.api.store, gc_waiting),
                 Err(broadcast::error::TryRecvError::Lagged(_)) => all(&ctx, &mut queue),
                 Err(broadcast::error::TryRecvError::Closed) => return,
                 Err(broadcast::error::TryRecvError::Empty) => break,
@@ -285,7 +287,7 @@ async fn run(mut ctx: Ctx, mut events: broadcast::Receiver<Arc<Event>>) {
                 match last_sweep.map(|at| at + SWEEP_GAP).filter(|due| *due > now) {
                     Some(due) => ctx.timers.push(Reverse((due, Key::Sweep, root))),
                     None => {
-                        as_controllers_sync(|| gc::sweep(&ctx));
+                        gc_waiting = as_controllers_sync(|| gc::sweep(&ctx));
                         last_sweep = Some(Instant::now());
                     }
                 }
@@ -307,8 +309,9 @@ async fn run(mut ctx: Ctx, mut events: broadcast::Receiver<Arc<Event>>) {
 }
 
 /// Queues the keys a change concerns: follow-ups of `root` if the controllers made it (changes are
-/// taken in right after the reconcile that made them, whose root is `root`), else fresh.
-fn mark(queue: &mut Queue, e: &Event, root: u64) {
+/// taken in right after the reconcile that made them, whose root is `root`), else fresh; and a garbage
+/// collection if the change may give it work (see [`gc_concerns`]).
+fn mark(queue: &mut Queue, e: &Event, root: u64, store: &Store, gc_waiting: bool) {
     let lane = if e.by_controllers {
         Lane::FollowUp(root)
     } else {
@@ -347,9 +350,47 @@ fn mark(queue: &mut Queue, e: &Event, root: u64) {
         }
         _ => {}
     }
-    if e.kind == EventType::Deleted || e.object["metadata"].get("deletionTimestamp").is_some() {
+    if gc_concerns(e, store, gc_waiting) {
         queue.insert(Key::Sweep, Lane::Fresh);
     }
+}
+
+/// Whether a change may give garbage collection work, so that a sweep (which reads every object) runs
+/// only then, not for every pod a rolling update deletes: an owner deleted while something names it
+/// among its owners; an object marked for deletion in the foreground, with orphans, or a namespace; an
+/// object whose owners are all gone (created or re-owned after they went); and while a sweep left work
+/// waiting (a foreground deletion or a namespace waiting for its dependents), any deletion. The resync
+/// sweeps anyway.
+fn gc_concerns(e: &Event, store: &Store, gc_waiting: bool) -> bool {
+    let meta = &e.object["metadata"];
+    let marked = meta.get("deletionTimestamp").is_some();
+    if e.kind == EventType::Deleted {
+        return gc_waiting || meta["uid"].as_str().is_some_and(|uid| store.has_dependents(uid));
+    }
+    if marked {
+        let finalizers = meta["finalizers"].as_array().into_iter().flatten();
+        let namespace = e.resource.0.is_empty() && e.resource.1 == "namespaces";
+        if gc_waiting
+            || namespace
+            || finalizers
+                .into_iter()
+                .any(|f| f == "foregroundDeletion" || f == "orphan")
+        {
+            return true;
+        }
+    }
+    let refs = &meta["ownerReferences"];
+    let changed = e
+        .previous
+        .as_ref()
+        .is_none_or(|p| p["metadata"]["ownerReferences"] != *refs);
+    changed
+        && refs.as_array().is_some_and(|refs| {
+            !refs.is_empty()
+                && refs
+                    .iter()
+                    .all(|r| r["uid"].as_str().is_none_or(|uid| !store.has_uid(uid)))
+        })
 }
 
 /// Queues every Deployment and ReplicaSet and a garbage collection (the resync, and after a lag).
@@ -476,6 +517,43 @@ mod tests {
         let (_, first) = queue.pop().unwrap();
         let (_, second) = queue.pop().unwrap();
         assert!(first < second);
+    }
+
+    #[test]
+    fn garbage_collection_is_queued_only_for_changes_that_can_give_it_work() {
+        let store = Store::new(100);
+        let mut events = store.subscribe();
+        let pods: crate::store::ResourceKey = (String::new(), "pods".into());
+        let rs: crate::store::ResourceKey = ("apps".into(), "replicasets".into());
+        let object = |name: &str, uid: &str, owner: Option<&str>| {
+            let refs: Vec<Value> = owner
+                .map(|o| json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": o, "controller": true}))
+                .into_iter()
+                .collect();
+            json!({"metadata": {"name": name, "namespace": "ns", "uid": uid, "ownerReferences": refs}})
+        };
+        let mut next = |waiting: bool| gc_concerns(&events.try_recv().unwrap(), &store, waiting);
+        store.create(&rs, object("rs", "u-rs", None)).unwrap();
+        assert!(!next(false), "an object without owners");
+        store.create(&pods, object("a", "u-a", Some("u-rs"))).unwrap();
+        assert!(!next(false), "a dependent whose owner is there");
+        store.create(&pods, object("b", "u-b", Some("u-gone"))).unwrap();
+        assert!(next(false), "a dependent whose owner is gone");
+        let mut marked = object("a", "u-a", Some("u-rs"));
+        marked["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        store.update(&pods, marked.clone(), None).unwrap();
+        assert!(!next(false), "a pod marked for deletion, without dependents");
+        marked["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+        store.update(&pods, marked, None).unwrap();
+        assert!(next(false), "an object deleted in the foreground");
+        store.delete(&pods, "ns", "b", None).unwrap();
+        assert!(!next(false), "the deletion of an object nothing owns");
+        store.create(&pods, object("c", "u-c", None)).unwrap();
+        assert!(!next(false));
+        store.delete(&pods, "ns", "c", None).unwrap();
+        assert!(next(true), "any deletion while a collection waits for one");
+        store.delete(&rs, "ns", "rs", None).unwrap();
+        assert!(next(false), "the deletion of an owner with dependents");
     }
 
     #[test]
