@@ -658,7 +658,8 @@ async fn releases_end_to_end() {
 }
 
 /// Without the Istio CRDs the agent keeps running, says so (log, metric), and fails each release with
-/// the reason instead of hanging.
+/// the reason instead of hanging. Then, with the webhook removed, an update that rolls out unheld is
+/// reported once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_istio_releases_fail_with_the_reason() {
     let env = Env::start(false).await;
@@ -683,6 +684,40 @@ async fn without_istio_releases_fail_with_the_reason() {
     let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
     assert!(message.contains("the Istio CRDs"), "{message}");
     assert!(env.turnout.tail(200).contains("are not installed"), "logged");
+
+    // The safety net: with the webhook gone, an update rolls out unheld, and the agent reports it.
+    let ns = "bypass";
+    env.namespace(ns, true).await;
+    env.podinfo(ns).await;
+    env.ok(&["rollout", "status", "-n", ns, "deployment/podinfo", "--timeout=60s"])
+        .await;
+    env.ok(&["delete", "mutatingwebhookconfiguration", "turnout"]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    let reported = eventually(Duration::from_secs(30), "an UnheldRollout Event", || async {
+        env.events(ns)
+            .await
+            .into_iter()
+            .find(|e| e.starts_with("Warning UnheldRollout"))
+    })
+    .await;
+    assert!(reported.contains("the webhook was down or bypassed"), "{reported}");
+    eventually(Duration::from_secs(10), "turnout_unheld_rollouts_total 1", || async {
+        http_get(&metrics)
+            .await
+            .filter(|(_, body)| body.contains("turnout_unheld_rollouts_total 1"))
+    })
+    .await;
+    env.ok(&["rollout", "status", "-n", ns, "deployment/podinfo", "--timeout=60s"])
+        .await;
+    assert_eq!(
+        env.events(ns)
+            .await
+            .iter()
+            .filter(|e| e.contains("UnheldRollout"))
+            .count(),
+        1,
+        "reported once"
+    );
 }
 
 /// The agent killed (SIGKILL) and started again at several points of a release under load: the release

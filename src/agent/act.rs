@@ -349,6 +349,7 @@ mod tests {
             candidates: Vec::new(),
             hosts: Vec::new(),
             stored: vec![(vs, dr)],
+            unstamped_change: false,
         }
     }
 

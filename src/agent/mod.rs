@@ -148,6 +148,7 @@ pub struct AgentMetrics {
     reconcile: Histogram,
     istio: Gauge,
     leader: Gauge,
+    unheld: Counter,
 }
 
 impl AgentMetrics {
@@ -161,6 +162,7 @@ impl AgentMetrics {
             reconcile: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             istio: Gauge::default(),
             leader: Gauge::default(),
+            unheld: Counter::default(),
         };
         registry.register(
             "turnout_release_phase",
@@ -190,6 +192,11 @@ impl AgentMetrics {
             m.reconcile.clone(),
         );
         registry.register(
+            "turnout_unheld_rollouts",
+            "Template changes of opted-in Deployments that rolled out without turnout's hold (webhook down or bypassed)",
+            m.unheld.clone(),
+        );
+        registry.register(
             "turnout_agent_leader",
             "1 while this replica holds the leader Lease and runs releases",
             m.leader.clone(),
@@ -210,6 +217,8 @@ struct Context {
     metrics: Arc<AgentMetrics>,
     istio: AtomicBool,
     started: Mutex<HashMap<(String, String, u64), Instant>>,
+    /// Unheld rollouts already reported: (Deployment uid, generation).
+    unheld: Mutex<std::collections::HashSet<(String, i64)>>,
 }
 
 /// Errors of one pass; the pass is retried.
@@ -257,6 +266,9 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
     let (config, problems) = config::resolve(&ctx.defaults, ns.annotations(), d.annotations());
     let istio = ctx.istio.load(Ordering::Relaxed);
     let snap = observe::snapshot(&ctx.client, d, istio).await?;
+    if snap.unheld_rollout() {
+        report_unheld(ctx, d).await;
+    }
     let now = now_millis();
     let mut verdict = None;
     loop {
@@ -324,6 +336,34 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
             }
         }
     }
+}
+
+/// The safety net: a template change that reached the Deployment without turnout's hold is reported
+/// once per generation (Event, metric, log). Traffic is safe: at rest the route is the plain host.
+async fn report_unheld(ctx: &Context, d: &Deployment) {
+    let key = (d.uid().unwrap_or_default(), d.metadata.generation.unwrap_or(0));
+    if !ctx
+        .unheld
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(key)
+    {
+        return;
+    }
+    ctx.metrics.unheld.inc();
+    let message = format!(
+        "{}/{}: the pod template changed without turnout holding it (the webhook was down or bypassed); \
+         it is rolling out natively. Check the webhook: kubectl -n turnout-system get pods",
+        d.namespace().unwrap_or_default(),
+        d.name_any()
+    );
+    tracing::warn!(namespace = ?d.namespace(), deployment = %d.name_any(), "{message}");
+    let event = release::Event {
+        warning: true,
+        reason: "UnheldRollout",
+        message,
+    };
+    record(ctx, d, &event).await;
 }
 
 async fn record(ctx: &Context, d: &Deployment, event: &release::Event) {
@@ -430,6 +470,7 @@ where
         metrics,
         istio: AtomicBool::new(true),
         started: Mutex::new(HashMap::new()),
+        unheld: Mutex::new(std::collections::HashSet::new()),
     });
     let istio_task = tokio::spawn(watch_istio(ctx.clone()));
     tracing::info!(defaults = ?args.defaults(), "agent running");

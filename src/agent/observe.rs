@@ -27,6 +27,18 @@ pub struct Snapshot {
     pub hosts: Vec<HostView>,
     /// The stored VirtualService and DestinationRule of each host, for replace.
     pub stored: Vec<(Option<VirtualService>, Option<DestinationRule>)>,
+    /// Two of the Deployment's ReplicaSets carry the same `turnout.dev/revision` label for different
+    /// templates: its template changed without the webhook stamping a new revision.
+    pub unstamped_change: bool,
+}
+
+impl Snapshot {
+    /// The Deployment is replacing its pods natively with no release recorded: a template change
+    /// reached it without turnout's hold (the webhook was down or bypassed).
+    pub fn unheld_rollout(&self) -> bool {
+        let d = &self.deployment;
+        d.stable_revision.is_none() && !d.paused && !d.rollout_complete && self.unstamped_change
+    }
 }
 
 /// Errors reading the cluster; the reconcile is retried.
@@ -55,6 +67,12 @@ pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Sn
     let stable_revision = deployment.stable_revision.unwrap_or(deployment.template_revision);
     let stable_rs = pick(&own, stable_revision);
     let new_rs = pick(&own, deployment.template_revision);
+    let mut hashes: BTreeMap<u64, String> = BTreeMap::new();
+    let unstamped_change = own
+        .iter()
+        .filter(|rs| rs.metadata.deletion_timestamp.is_none())
+        .filter_map(|rs| Some((template_revision(rs), hash_of(rs)?)))
+        .any(|(revision, hash)| hashes.insert(revision, hash.clone()).is_some_and(|other| other != hash));
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let selector = format!("{}={name}", agent::RELEASE_OF);
@@ -92,6 +110,7 @@ pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Sn
         candidates,
         hosts,
         stored,
+        unstamped_change,
     })
 }
 
