@@ -301,9 +301,8 @@ fn promoting(o: &Observed<'_>, t: u64) -> Plan {
 }
 
 fn handing_off(o: &Observed<'_>, t: u64) -> Plan {
-    if let Some(plan) = remove_strays(o, Some(t), Some(t)) {
-        return plan;
-    }
+    // Other candidates wait for Finalising: once traffic is on the Deployment's own new pods, nothing
+    // (not even a route to the plain host) still needs them.
     let d = &o.deployment;
     if d.paused {
         return status(
@@ -391,11 +390,69 @@ fn failed(o: &Observed<'_>, t: u64) -> Plan {
         })
 }
 
-/// What comes before any routing step of release `t`: other candidates unwound, and a host turnout
-/// cannot route (not its VirtualService, no Istio) failing the release with the reason.
+/// What comes before any routing step of release `t`: a Deployment resumed behind turnout's back
+/// handled, other candidates unwound, and a host turnout cannot route (not its VirtualService, no
+/// Istio) failing the release with the reason.
 fn before_routing(o: &Observed<'_>, t: u64) -> Option<Plan> {
-    remove_strays(o, Some(t), Some(t))
+    bypassed(o, t)
+        .or_else(|| remove_strays(o, Some(t), Some(t)))
         .or_else(|| unroutable(o).map(|why| fail(o, t, o.deployment.status.failed_checks, why)))
+}
+
+/// The safety net during a release: the Deployment was resumed before hand-off without turnout (the
+/// webhook down or bypassed), so it is replacing the stable pods now. All traffic goes where pods stay —
+/// the candidate if it is available, else the plain host — and the release goes on as a hand-off.
+fn bypassed(o: &Observed<'_>, t: u64) -> Option<Plan> {
+    let d = &o.deployment;
+    if d.paused {
+        return None;
+    }
+    let why = format!(
+        "{}/{} was resumed before hand-off without turnout (webhook down or bypassed)",
+        d.namespace, d.name
+    );
+    let candidate = canary_subset(o, t).filter(|_| candidate_of(o, t).is_some_and(|c| c.available));
+    let moved = match &candidate {
+        Some(canary) => ensure_route(o, &[(canary.clone(), 100)]),
+        None => route_to_host(o),
+    };
+    if let Some(mut plan) = moved {
+        if matches!(plan.action, Action::PutVirtualService { .. }) {
+            let to = if candidate.is_some() {
+                "the candidate"
+            } else {
+                "every pod"
+            };
+            plan.event = Some(warning("Bypassed", format!("{why}: all traffic to {to}")));
+        }
+        return Some(plan);
+    }
+    Some(status(
+        o,
+        t,
+        Phase::HandingOff,
+        current_weight(o, &subsets::canary(t)),
+        format!("{why}; {} is rolling out v{t}", d.name),
+        false,
+        Some(warning("Bypassed", format!("{why}; handing off"))),
+    ))
+}
+
+/// Routes every managed host to the plain host at once (its pods are the only ones sure to stay).
+fn route_to_host(o: &Observed<'_>) -> Option<Plan> {
+    o.hosts
+        .iter()
+        .enumerate()
+        .find_map(|(host, h)| match &h.virtual_service {
+            Managed::Ours(vs) if vs.route != Route::Host => Some(Plan {
+                action: Action::PutVirtualService {
+                    host,
+                    route: Route::Host,
+                },
+                event: None,
+            }),
+            _ => None,
+        })
 }
 
 /// Rolls release `t` back: the status is written first (so `kubectl rollout status` fails at once),
