@@ -251,9 +251,8 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
         return Ok(Requeue::await_change());
     };
     let d = &fresh;
-    if d.labels().contains_key(agent_names::RELEASE_OF)
-        || d.annotations().get(annotations::ROLLOUT).map(String::as_str) == Some(values::DISABLED)
-    {
+    // A candidate's labels never change: the cached check above stands for the fresh object too.
+    if d.annotations().get(annotations::ROLLOUT).map(String::as_str) == Some(values::DISABLED) {
         return Ok(Requeue::await_change());
     }
     let ns_name = d.namespace().unwrap_or_default();

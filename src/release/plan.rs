@@ -60,7 +60,6 @@ fn reverted(o: &Observed<'_>, stable: u64) -> Plan {
         return plan;
     }
     let d = &o.deployment;
-    let abandoned = d.status.release.filter(|r| *r != stable);
     let message = match abandoned {
         Some(r) => format!("release v{r} rolled back: the template was set back to v{stable}"),
         None => format!("back on v{stable}"),
