@@ -34,10 +34,15 @@ pub mod annotations {
     pub const MESSAGE: &str = "turnout.dev/message";
     /// Release status: the revision the phase, weight and failed checks are about.
     pub const RELEASE: &str = "turnout.dev/release";
+    /// Release status: `"true"` while the release is paused on request (`turnout pause`).
+    pub const RELEASE_PAUSED: &str = "turnout.dev/release-paused";
+    /// A person's request for the release in flight, `<verb>@<release>` (`abort@3`), written by
+    /// `turnout promote|abort|retry|pause|resume` and removed by the agent once acted on or refused.
+    pub const REQUEST: &str = "turnout.dev/request";
 
     /// Annotations only turnout writes. An update that drops or edits them gets them back from the
     /// stored object, so a `kubectl replace` or a GitOps sync cannot lose a release's state.
-    pub const OWNED: [&str; 9] = [
+    pub const OWNED: [&str; 10] = [
         REVISION,
         VERSION_STAMPED,
         STABLE_REVISION,
@@ -47,9 +52,10 @@ pub mod annotations {
         FAILED_CHECKS,
         MESSAGE,
         RELEASE,
+        RELEASE_PAUSED,
     ];
     /// The annotations that describe a release in flight or its status; a CREATE starts without them.
-    pub const RELEASE_STATE: [&str; 7] = [
+    pub const RELEASE_STATE: [&str; 9] = [
         STABLE_REVISION,
         STABLE_HASH,
         PHASE,
@@ -57,6 +63,8 @@ pub mod annotations {
         FAILED_CHECKS,
         MESSAGE,
         RELEASE,
+        RELEASE_PAUSED,
+        REQUEST,
     ];
 }
 

@@ -17,8 +17,8 @@ use crate::istio::destination_rule::{DestinationRule, DestinationRuleSpec, Desti
 use crate::istio::virtual_service::{
     VirtualService, VirtualServiceHttp, VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination, VirtualServiceSpec,
 };
-use crate::names::{agent, annotations, candidate_name, labels};
-use crate::release::{Action, Event, Intent, Millis, Route, StatusPatch, Subset};
+use crate::names::{agent, annotations, candidate_name, labels, values};
+use crate::release::{Action, Event, Intent, Millis, Rollout, Route, StatusPatch, Subset};
 
 /// The field manager of every write.
 pub const MANAGER: &str = "turnout";
@@ -60,6 +60,19 @@ pub async fn apply(client: &Client, d: &Deployment, snap: &Snapshot, action: &Ac
             }
         }
         Action::Status(patch) => status(client, d, patch).await,
+        Action::ClearRequest => {
+            // Conditional on the version read: a newer request written meanwhile is not lost.
+            let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+            let body = json!({
+                "metadata": {
+                    "resourceVersion": d.resource_version(),
+                    "annotations": { annotations::REQUEST: null },
+                },
+            });
+            api.patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(&body))
+                .await?;
+            Ok(())
+        }
         Action::Analyse { .. } | Action::Wait { .. } => Ok(()),
     }
 }
@@ -201,6 +214,11 @@ async fn status(client: &Client, d: &Deployment, p: &StatusPatch) -> kube::Resul
     ann.insert(annotations::WEIGHT.into(), json!(p.weight.to_string()));
     ann.insert(annotations::FAILED_CHECKS.into(), json!(p.failed_checks.to_string()));
     ann.insert(annotations::MESSAGE.into(), json!(p.message));
+    let paused = p.paused.then_some(values::TRUE);
+    ann.insert(annotations::RELEASE_PAUSED.into(), json!(paused));
+    if p.clear_request {
+        ann.insert(annotations::REQUEST.into(), serde_json::Value::Null);
+    }
     match p.intent {
         Intent::Keep => {}
         Intent::Clear => {
@@ -222,12 +240,18 @@ async fn status(client: &Client, d: &Deployment, p: &StatusPatch) -> kube::Resul
     }
     api.patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(&body))
         .await?;
-    if p.fail_rollout {
+    let (status, reason) = match p.rollout {
+        Rollout::Keep => return Ok(()),
+        Rollout::Fail => ("False", "ProgressDeadlineExceeded"),
+        // What the Deployment controller itself reports for a paused Deployment.
+        Rollout::Restart => ("Unknown", "DeploymentPaused"),
+    };
+    {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let condition = json!({
             "type": "Progressing",
-            "status": "False",
-            "reason": "ProgressDeadlineExceeded",
+            "status": status,
+            "reason": reason,
             "message": format!("turnout: {}", p.message),
             "lastUpdateTime": now,
             "lastTransitionTime": now,

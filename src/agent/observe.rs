@@ -11,9 +11,9 @@ use kube::{Api, Client, ResourceExt};
 use crate::admission::template::template_labels;
 use crate::istio::destination_rule::DestinationRule;
 use crate::istio::virtual_service::VirtualService;
-use crate::names::{agent, annotations, labels};
+use crate::names::{agent, annotations, labels, values};
 use crate::release::{
-    CandidateView, DeploymentView, DestinationRuleView, HostView, Managed, Millis, Phase, ReplicaSetView, Route,
+    CandidateView, DeploymentView, DestinationRuleView, HostView, Managed, Millis, Phase, ReplicaSetView, Request, Route,
     StatusView, Subset, VirtualServiceView, Weighted,
 };
 
@@ -158,8 +158,10 @@ pub fn deployment_view(d: &Deployment) -> DeploymentView {
                 .get(annotations::FAILED_CHECKS)
                 .and_then(|w| w.parse().ok())
                 .unwrap_or(0),
+            paused: ann.get(annotations::RELEASE_PAUSED).is_some_and(|v| v == values::TRUE),
         },
         rollout_complete,
+        request: ann.get(annotations::REQUEST).map(|v| Request::parse(v)),
     }
 }
 
@@ -384,6 +386,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::release::Verb;
 
     fn deployment(annotations: serde_json::Value, status: serde_json::Value) -> Deployment {
         serde_json::from_value(json!({
@@ -403,7 +406,8 @@ mod tests {
     fn the_deployment_view_reads_stamps_status_and_rollout() {
         let d = deployment(
             json!({ "turnout.dev/stable-revision": "1", "turnout.dev/phase": "Progressing", "turnout.dev/release": "3",
-                    "turnout.dev/weight": "25", "turnout.dev/failed-checks": "1" }),
+                    "turnout.dev/weight": "25", "turnout.dev/failed-checks": "1",
+                    "turnout.dev/release-paused": "true", "turnout.dev/request": "promote@3" }),
             json!({ "observedGeneration": 4, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2 }),
         );
         let v = deployment_view(&d);
@@ -417,8 +421,16 @@ mod tests {
                 phase: Some(Phase::Progressing),
                 release: Some(3),
                 weight: 25,
-                failed_checks: 1
+                failed_checks: 1,
+                paused: true,
             }
+        );
+        assert_eq!(
+            v.request,
+            Some(Request::Valid {
+                verb: Verb::Promote,
+                release: 3
+            })
         );
         assert!(v.rollout_complete);
         let stale = deployment(

@@ -18,7 +18,7 @@ mod plan;
 #[cfg(test)]
 mod sim;
 
-pub use plan::plan;
+pub use plan::{admissible, plan};
 
 use crate::config::ReleaseConfig;
 
@@ -75,6 +75,11 @@ impl Phase {
         Phase::ALL.into_iter().find(|p| p.as_str() == s)
     }
 
+    /// Before the Deployment is unpaused: the phases a request can still pause, promote or abort.
+    pub fn before_hand_off(self) -> bool {
+        matches!(self, Phase::Pending | Phase::Progressing | Phase::Promoting)
+    }
+
     /// Whether the release has ended (no further action unless the template changes).
     pub fn is_final(self) -> bool {
         matches!(self, Phase::Succeeded | Phase::Failed | Phase::RolledBack)
@@ -122,6 +127,68 @@ pub struct DeploymentView {
     pub status: StatusView,
     /// The native controller has rolled out the current template: every replica updated and available.
     pub rollout_complete: bool,
+    /// A person's request waiting to be acted on (`turnout.dev/request`).
+    pub request: Option<Request>,
+}
+
+/// What a person can ask of a release in flight (`turnout promote|abort|retry|pause|resume`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verb {
+    /// Skip the remaining steps and analysis: all traffic to the candidate, then hand off.
+    Promote,
+    /// Roll back now, as a failed analysis would.
+    Abort,
+    /// Start a failed release again from its first step.
+    Retry,
+    /// Hold the weight where it is: no analysis, no step, no hand-off, until resumed.
+    Pause,
+    /// Let a paused release go on.
+    Resume,
+}
+
+impl Verb {
+    pub const ALL: [Verb; 5] = [Verb::Promote, Verb::Abort, Verb::Retry, Verb::Pause, Verb::Resume];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Promote => "promote",
+            Verb::Abort => "abort",
+            Verb::Retry => "retry",
+            Verb::Pause => "pause",
+            Verb::Resume => "resume",
+        }
+    }
+}
+
+impl std::fmt::Display for Verb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The value of `turnout.dev/request`: `<verb>@<release>`, e.g. `abort@3`. Naming the release keeps a
+/// request from acting on a newer release than the one the person looked at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Valid { verb: Verb, release: u64 },
+    /// Not of that form (written by hand): refused and removed.
+    Invalid(String),
+}
+
+impl Request {
+    pub fn parse(value: &str) -> Request {
+        let valid = value.trim().split_once('@').and_then(|(verb, release)| {
+            let verb = Verb::ALL.into_iter().find(|v| v.as_str() == verb)?;
+            let release = release.strip_prefix('v').unwrap_or(release).parse().ok()?;
+            Some(Request::Valid { verb, release })
+        });
+        valid.unwrap_or_else(|| Request::Invalid(value.to_owned()))
+    }
+
+    /// The annotation value for `verb` on `release`.
+    pub fn value(verb: Verb, release: u64) -> String {
+        format!("{verb}@{release}")
+    }
 }
 
 /// The release status annotations as stored.
@@ -131,6 +198,8 @@ pub struct StatusView {
     pub release: Option<u64>,
     pub weight: u8,
     pub failed_checks: u32,
+    /// Paused on request (`turnout pause`): the weight stays where it is until resumed.
+    pub paused: bool,
 }
 
 /// A ReplicaSet of the user Deployment.
@@ -284,6 +353,8 @@ pub enum Action {
     DeleteCandidate { name: String },
     /// Write the release status (and possibly unpause, clear the intent, mark the rollout failed).
     Status(StatusPatch),
+    /// Remove the request annotation (refused or already done; the Event says which).
+    ClearRequest,
     /// Run the analysis checks of the candidate and call [`plan`] again with the verdict.
     Analyse { revision: u64 },
     /// Nothing to do until `until` (if given) or until something changes.
@@ -302,8 +373,22 @@ pub struct StatusPatch {
     pub unpause: bool,
     /// What becomes of the release intent (`stable-revision`, `stable-hash`).
     pub intent: Intent,
-    /// Write `Progressing=False, reason ProgressDeadlineExceeded` with the message to the status.
-    pub fail_rollout: bool,
+    /// What to write to the Deployment's `Progressing` condition.
+    pub rollout: Rollout,
+    /// Paused on request.
+    pub paused: bool,
+    /// Remove the request annotation: this write acts on it.
+    pub clear_request: bool,
+}
+
+/// A change to the Deployment's `Progressing` status condition, which `kubectl rollout status` reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rollout {
+    Keep,
+    /// `Progressing=False, reason ProgressDeadlineExceeded` with the message: the rollout failed.
+    Fail,
+    /// `Progressing=Unknown, reason DeploymentPaused`: a retried release is in progress again.
+    Restart,
 }
 
 /// A change to the release intent the webhook wrote.

@@ -12,8 +12,8 @@
 //!   and routes to the host only when no candidate pod is left for it to select (I3).
 
 use super::{
-    Action, CandidateView, Event, HostView, Intent, Managed, Millis, Observed, Phase, Plan, Route, StatusPatch, Subset,
-    Weighted,
+    Action, CandidateView, DeploymentView, Event, HostView, Intent, Managed, Millis, Observed, Phase, Plan, Request,
+    Rollout, Route, StatusPatch, Subset, Verb, Weighted,
 };
 use crate::names::{candidate_name, subsets};
 
@@ -21,20 +21,24 @@ use crate::names::{candidate_name, subsets};
 pub fn plan(o: &Observed<'_>) -> Plan {
     let d = &o.deployment;
     let Some(stable) = d.stable_revision else {
-        return at_rest(o);
+        return requested(o).unwrap_or_else(|| at_rest(o));
     };
     let t = d.template_revision;
     if t == stable {
         // From Finalising on, the release's revision is the stable one (the Deployment runs it).
         return match (d.status.release == Some(t), d.status.phase) {
-            (true, Some(Phase::Finalising)) => finalising(o, t),
-            (true, Some(Phase::Succeeded)) => succeeded(o, t),
+            (true, Some(Phase::Finalising)) => requested(o).unwrap_or_else(|| finalising(o, t)),
+            (true, Some(Phase::Succeeded)) => requested(o).unwrap_or_else(|| succeeded(o, t)),
+            // A request waits for the revert to be recorded, and is then refused.
             _ => reverted(o, stable),
         };
     }
     let status = &d.status;
     if status.release != Some(t) {
         return start(o, t);
+    }
+    if let Some(plan) = requested(o) {
+        return plan;
     }
     match status.phase {
         None | Some(Phase::Pending) => pending(o, t),
@@ -45,6 +49,157 @@ pub fn plan(o: &Observed<'_>) -> Plan {
         Some(Phase::Succeeded) => succeeded(o, t),
         Some(Phase::Failed | Phase::RolledBack) => failed(o, t),
     }
+}
+
+/// Whether `verb` can act on the release of `d` now: the release it applies to, or why not. The CLI
+/// asks before it writes a request, and the agent again when it reads it (the release may have moved on
+/// in between), so both give the same reasons.
+pub fn admissible(d: &DeploymentView, verb: Verb) -> Result<u64, String> {
+    let name = format!("{}/{}", d.namespace, d.name);
+    let last = match (d.status.release, d.status.phase) {
+        (Some(r), Some(p)) => format!(" (release v{r}: {p})"),
+        _ => String::new(),
+    };
+    let (Some(_), Some(t)) = (d.stable_revision, d.status.release) else {
+        return Err(format!("{name} has no release in flight{last}"));
+    };
+    let phase = d.status.phase.unwrap_or(Phase::Pending);
+    let early = phase.before_hand_off();
+    let admitted = match verb {
+        Verb::Abort | Verb::Promote => early,
+        Verb::Pause => early && !d.status.paused,
+        Verb::Resume => early && d.status.paused,
+        Verb::Retry => phase == Phase::Failed,
+    };
+    if admitted {
+        return Ok(t);
+    }
+    Err(match verb {
+        Verb::Pause if early => format!("release v{t} of {name} is already paused"),
+        Verb::Resume if early => format!("release v{t} of {name} is not paused"),
+        Verb::Retry if !phase.is_final() => format!("release v{t} of {name} has not failed: it is {phase}"),
+        _ if phase.is_final() => format!("release v{t} of {name} has ended: {phase}"),
+        Verb::Abort => format!(
+            "release v{t} of {name} is past the point of no return: {} is rolling it out ({phase}); set the \
+             template back to roll back",
+            d.name
+        ),
+        _ => format!("release v{t} of {name} is already promoted: {phase}"),
+    })
+}
+
+/// A person's request (`turnout promote|abort|retry|pause|resume`) acted on, or refused, and removed.
+/// `None` when there is none, or the phase acts on it itself (promote; retry once the unwinding is done).
+fn requested(o: &Observed<'_>) -> Option<Plan> {
+    let d = &o.deployment;
+    let (verb, r) = match d.request.as_ref()? {
+        Request::Valid { verb, release } => (*verb, *release),
+        Request::Invalid(raw) => {
+            return Some(refuse(
+                o,
+                format!(
+                    "invalid request {raw:?} in turnout.dev/request: expected <verb>@<release> (e.g. abort@3), \
+                     verb one of promote, abort, retry, pause, resume"
+                ),
+            ));
+        }
+    };
+    let phase = d.status.phase.unwrap_or(Phase::Pending);
+    if !d.paused && phase.before_hand_off() {
+        // Resumed behind turnout's back: the safety net goes first.
+        return None;
+    }
+    let t = match admissible(d, verb) {
+        Ok(t) if t == r => t,
+        Ok(t) => return Some(refuse(o, format!("{verb} of v{r} ignored: release v{t} is in flight"))),
+        Err(why) => return Some(refuse(o, format!("{verb} of v{r} refused: {why}"))),
+    };
+    let who = format!("{}/{}", d.namespace, d.name);
+    let (weight, failed) = (d.status.weight, d.status.failed_checks);
+    let acted = |patch: StatusPatch, reason: &'static str, message: String| Plan {
+        action: Action::Status(StatusPatch {
+            clear_request: true,
+            ..patch
+        }),
+        event: Some(info(reason, format!("{who}: {message}"))),
+    };
+    match verb {
+        Verb::Abort => {
+            let mut plan = fail(o, t, failed, "aborted on request".into());
+            if let Action::Status(patch) = &mut plan.action {
+                patch.clear_request = true;
+            }
+            Some(plan)
+        }
+        Verb::Pause => {
+            let message = format!("paused on request at canary weight {weight}");
+            let paused = StatusPatch {
+                paused: true,
+                ..patch(o, t, phase, weight, failed, message.clone())
+            };
+            Some(acted(paused, "Paused", message))
+        }
+        Verb::Resume => {
+            let message = format!("resumed on request at canary weight {weight}");
+            let resumed = StatusPatch {
+                paused: false,
+                ..patch(o, t, phase, weight, failed, message.clone())
+            };
+            Some(acted(resumed, "Resumed", message))
+        }
+        Verb::Promote if phase == Phase::Promoting => {
+            let message = format!("release v{t} promoted on request");
+            let promoted = StatusPatch {
+                paused: false,
+                ..patch(o, t, phase, weight, failed, message.clone())
+            };
+            Some(acted(promoted, "Promoting", message))
+        }
+        // Progressing moves all traffic to the candidate, then records Promoting.
+        Verb::Promote => None,
+        Verb::Retry => {
+            if remove_strays(o, None, Some(t)).or_else(|| to_rest(o)).is_some() {
+                // Still unwinding the failed attempt.
+                return None;
+            }
+            let message = format!("release v{t} retried on request");
+            let retried = StatusPatch {
+                rollout: Rollout::Restart,
+                ..patch(o, t, Phase::Pending, 0, 0, message.clone())
+            };
+            Some(acted(retried, "Retrying", message))
+        }
+    }
+}
+
+/// Removes a request that cannot be acted on, saying why.
+fn refuse(o: &Observed<'_>, why: String) -> Plan {
+    let d = &o.deployment;
+    Plan {
+        action: Action::ClearRequest,
+        event: Some(warning("RequestRefused", format!("{}/{}: {why}", d.namespace, d.name))),
+    }
+}
+
+/// A promotion of release `t` was requested (acted on in `Progressing`).
+fn promote_requested(o: &Observed<'_>, t: u64) -> bool {
+    o.deployment.request == Some(Request::Valid {
+        verb: Verb::Promote,
+        release: t,
+    })
+}
+
+/// The first step: all of it when a promotion was requested.
+fn first_step(o: &Observed<'_>, t: u64) -> u8 {
+    if promote_requested(o, t) {
+        return 100;
+    }
+    o.config.steps.first().copied().unwrap_or(100)
+}
+
+/// Paused on request, and no promotion requested (which overrides the pause).
+fn held(o: &Observed<'_>, t: u64) -> bool {
+    o.deployment.status.paused && !promote_requested(o, t)
 }
 
 fn at_rest(o: &Observed<'_>) -> Plan {
@@ -66,14 +221,15 @@ fn reverted(o: &Observed<'_>, stable: u64) -> Plan {
     };
     Plan {
         action: Action::Status(StatusPatch {
-            phase: Phase::RolledBack,
-            release: abandoned.unwrap_or(stable),
-            weight: 0,
-            failed_checks: d.status.failed_checks,
-            message: message.clone(),
-            unpause: false,
             intent: Intent::Clear,
-            fail_rollout: false,
+            ..patch(
+                o,
+                abandoned.unwrap_or(stable),
+                Phase::RolledBack,
+                0,
+                d.status.failed_checks,
+                message.clone(),
+            )
         }),
         event: Some(info("RolledBack", format!("{}: {message}", d.name))),
     }
@@ -90,16 +246,17 @@ fn start(o: &Observed<'_>, t: u64) -> Plan {
         Some(r) => format!("release v{t} supersedes v{r}"),
         None => format!("release v{t} started"),
     };
+    // A failed release left `Progressing=False` in the Deployment's status, which the controller keeps
+    // while the Deployment is paused: `kubectl rollout status` would fail this release at once.
+    let rollout = if d.status.phase == Some(Phase::Failed) {
+        Rollout::Restart
+    } else {
+        Rollout::Keep
+    };
     Plan {
         action: Action::Status(StatusPatch {
-            phase: Phase::Pending,
-            release: t,
-            weight: 0,
-            failed_checks: 0,
-            message: message.clone(),
-            unpause: false,
-            intent: Intent::Keep,
-            fail_rollout: false,
+            rollout,
+            ..patch(o, t, Phase::Pending, 0, 0, message.clone())
         }),
         event: Some(info(
             if superseded.is_some() { "Superseded" } else { "Started" },
@@ -186,8 +343,10 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
         name: subsets::canary(t),
         hash,
     };
-    let first = o.config.steps.first().copied().unwrap_or(100);
-    advance(o, &stable, &canary, first).unwrap_or_else(|| wait(None, "routing the first step"))
+    if held(o, t) {
+        return wait(None, "paused on request before the first step");
+    }
+    advance(o, &stable, &canary, first_step(o, t)).unwrap_or_else(|| wait(None, "routing the first step"))
 }
 
 fn progressing(o: &Observed<'_>, t: u64) -> Plan {
@@ -205,15 +364,36 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     };
     let weight = current_weight(o, &canary.name);
     if weight == 0 {
+        if held(o, t) {
+            return wait(None, "paused on request before the first step");
+        }
         // The status was written but the route was not (or was undone): take the first step again.
-        let first = o.config.steps.first().copied().unwrap_or(100);
-        return advance(o, &stable, &canary, first).unwrap_or_else(|| wait(None, "routing the first step"));
+        return advance(o, &stable, &canary, first_step(o, t))
+            .unwrap_or_else(|| wait(None, "routing the first step"));
     }
     if d.status.weight != weight {
         return at_weight(o, t, weight);
     }
+    let promote = promote_requested(o, t);
+    if promote && weight < 100 {
+        return advance(o, &stable, &canary, 100).unwrap_or_else(|| wait(None, "promoting"));
+    }
     if let Some(until) = routes_settle(o, 0) {
         return wait(Some(until), &format!("waiting for canary weight {weight} to propagate"));
+    }
+    if promote {
+        let message = format!("release v{t} promoted on request: analysis skipped");
+        return Plan {
+            action: Action::Status(StatusPatch {
+                paused: false,
+                clear_request: true,
+                ..patch(o, t, Phase::Promoting, 100, 0, message.clone())
+            }),
+            event: Some(info("Promoting", format!("{}/{}: {message}", d.namespace, d.name))),
+        };
+    }
+    if held(o, t) {
+        return wait(None, &format!("paused on request at canary weight {weight}"));
     }
     let due = last_propagation(o) + ms(o.config.interval) * u64::from(d.status.failed_checks + 1);
     if o.now < due {
@@ -252,16 +432,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     }
     let message = format!("Halt advancement: {}", verdict.message);
     Plan {
-        action: Action::Status(StatusPatch {
-            phase: Phase::Progressing,
-            release: t,
-            weight,
-            failed_checks: failed,
-            message: message.clone(),
-            unpause: false,
-            intent: Intent::Keep,
-            fail_rollout: false,
-        }),
+        action: Action::Status(patch(o, t, Phase::Progressing, weight, failed, message.clone())),
         event: Some(warning("Halt", format!("{}/{}: {message}", d.namespace, d.name))),
     }
 }
@@ -284,6 +455,9 @@ fn promoting(o: &Observed<'_>, t: u64) -> Plan {
     }
     if let Some(until) = routes_settle(o, ms(o.config.drain)) {
         return wait(Some(until), "draining the stable pods before hand-off");
+    }
+    if held(o, t) {
+        return wait(None, "paused on request before hand-off");
     }
     status(
         o,
@@ -317,19 +491,20 @@ fn handing_off(o: &Observed<'_>, t: u64) -> Plan {
     if !d.rollout_complete || o.new_rs.is_none() {
         return wait(None, &format!("waiting for {} to roll out v{t}", d.name));
     }
-    let mut plan = status(
-        o,
-        t,
-        Phase::Finalising,
-        100,
-        format!("moving traffic to {}'s own pods of v{t}", d.name),
-        false,
-        None,
-    );
-    if let Action::Status(patch) = &mut plan.action {
-        patch.intent = Intent::Stable(t);
+    Plan {
+        action: Action::Status(StatusPatch {
+            intent: Intent::Stable(t),
+            ..patch(
+                o,
+                t,
+                Phase::Finalising,
+                100,
+                0,
+                format!("moving traffic to {}'s own pods of v{t}", d.name),
+            )
+        }),
+        event: None,
     }
-    plan
 }
 
 fn finalising(o: &Observed<'_>, t: u64) -> Plan {
@@ -359,14 +534,15 @@ fn succeeded(o: &Observed<'_>, t: u64) -> Plan {
     let d = &o.deployment;
     Plan {
         action: Action::Status(StatusPatch {
-            phase: Phase::Succeeded,
-            release: t,
-            weight: 100,
-            failed_checks: d.status.failed_checks,
-            message: format!("v{t} promoted"),
-            unpause: false,
             intent: Intent::Clear,
-            fail_rollout: false,
+            ..patch(
+                o,
+                t,
+                Phase::Succeeded,
+                100,
+                d.status.failed_checks,
+                format!("v{t} promoted"),
+            )
         }),
         event: Some(info(
             "Promoted",
@@ -382,7 +558,7 @@ fn failed(o: &Observed<'_>, t: u64) -> Plan {
             wait(
                 None,
                 &format!(
-                    "release v{t} failed; {} stays paused on it: set the template back or change it to release again",
+                    "release v{t} failed; {} stays paused on it: set the template back, change it, or retry",
                     o.deployment.name
                 ),
             )
@@ -460,14 +636,15 @@ fn fail(o: &Observed<'_>, t: u64, failed_checks: u32, why: String) -> Plan {
     let d = &o.deployment;
     Plan {
         action: Action::Status(StatusPatch {
-            phase: Phase::Failed,
-            release: t,
-            weight: 0,
-            failed_checks,
-            message: format!("release v{t} rolled back: {why}"),
-            unpause: false,
-            intent: Intent::Keep,
-            fail_rollout: true,
+            rollout: Rollout::Fail,
+            ..patch(
+                o,
+                t,
+                Phase::Failed,
+                0,
+                failed_checks,
+                format!("release v{t} rolled back: {why}"),
+            )
         }),
         event: Some(warning(
             "RollingBack",
@@ -844,24 +1021,34 @@ fn status(
     unpause: bool,
     event: Option<Event>,
 ) -> Plan {
+    let d = &o.deployment;
+    // Failed checks count per step.
+    let same_step = phase == d.status.phase.unwrap_or(Phase::Pending) && weight == d.status.weight;
+    let failed_checks = if same_step { d.status.failed_checks } else { 0 };
     Plan {
         action: Action::Status(StatusPatch {
-            phase,
-            release: t,
-            weight,
-            failed_checks: if phase == o.deployment.status.phase.unwrap_or(Phase::Pending)
-                && weight == o.deployment.status.weight
-            {
-                o.deployment.status.failed_checks
-            } else {
-                0
-            },
-            message,
             unpause,
-            intent: Intent::Keep,
-            fail_rollout: false,
+            ..patch(o, t, phase, weight, failed_checks, message)
         }),
         event,
+    }
+}
+
+/// A status write for release `t` that changes nothing else; a pause on request is kept while the
+/// release can still be paused.
+fn patch(o: &Observed<'_>, t: u64, phase: Phase, weight: u8, failed_checks: u32, message: String) -> StatusPatch {
+    let d = &o.deployment;
+    StatusPatch {
+        phase,
+        release: t,
+        weight,
+        failed_checks,
+        message,
+        unpause: false,
+        intent: Intent::Keep,
+        rollout: Rollout::Keep,
+        paused: d.status.paused && d.status.release == Some(t) && phase.before_hand_off(),
+        clear_request: false,
     }
 }
 

@@ -43,6 +43,10 @@ enum UserAction {
     Revert,
     /// The Deployment resumed without the webhook (down or bypassed).
     Bypass,
+    /// `turnout <verb>` on the release in flight (nothing when the CLI would refuse it).
+    Request(Verb),
+    /// What made the release fail was fixed (a retry passes analysis).
+    Heal,
 }
 
 #[derive(Clone, Debug)]
@@ -138,6 +142,10 @@ struct World {
     /// The next rollout was started by a bypass.
     bypassed: bool,
     bypass_seen: bool,
+    /// The Deployment's `Progressing` condition says the rollout failed.
+    rollout_failed: bool,
+    /// Analyses run while the release was paused on request.
+    analysed_while_paused: u32,
 }
 
 fn rs_hash(revision: u64) -> String {
@@ -181,6 +189,7 @@ impl World {
                 stable_revision: None,
                 status: StatusView::default(),
                 rollout_complete: true,
+                request: None,
             },
             counter: 1,
             rs,
@@ -193,6 +202,8 @@ impl World {
             failures: Vec::new(),
             bypassed: false,
             bypass_seen: false,
+            rollout_failed: false,
+            analysed_while_paused: 0,
         }
     }
 
@@ -281,6 +292,15 @@ impl World {
                     self.bypassed = true;
                 }
             }
+            UserAction::Request(verb) => {
+                if let Ok(release) = admissible(d, verb) {
+                    d.request = Some(Request::Valid { verb, release });
+                }
+            }
+            UserAction::Heal => {
+                let revision = d.template_revision;
+                self.bad.insert(revision, false);
+            }
         }
         self.deployment_controller();
     }
@@ -340,6 +360,10 @@ impl World {
         }
         self.deployment.rollout_complete =
             self.rs.rolling.is_none() && self.rs.ready.get(&target).copied() == Some(REPLICAS);
+        if self.deployment.rollout_complete {
+            // The controller reports a completed rollout as progressing again.
+            self.rollout_failed = false;
+        }
     }
 
     fn candidates_progress(&mut self) {
@@ -476,6 +500,14 @@ impl World {
                 if patch.unpause {
                     d.paused = false;
                 }
+                if patch.clear_request {
+                    d.request = None;
+                }
+                match patch.rollout {
+                    Rollout::Keep => {}
+                    Rollout::Fail => self.rollout_failed = true,
+                    Rollout::Restart => self.rollout_failed = false,
+                }
                 match patch.intent {
                     Intent::Keep => {}
                     Intent::Clear => d.stable_revision = None,
@@ -486,15 +518,20 @@ impl World {
                     release: Some(patch.release),
                     weight: patch.weight,
                     failed_checks: patch.failed_checks,
+                    paused: patch.paused,
                 };
                 self.deployment_controller();
             }
+            Action::ClearRequest => self.deployment.request = None,
             Action::Analyse { .. } | Action::Wait { .. } => unreachable!("not a write"),
         }
     }
 
     fn verdict(&mut self, revision: u64) -> Verdict {
         self.checks += 1;
+        if self.deployment.status.paused {
+            self.analysed_while_paused += 1;
+        }
         let bad = self.bad.get(&revision).copied().unwrap_or(false);
         let passed = !bad && !self.rng.chance(self.sc.flake_rate);
         Verdict {
@@ -535,6 +572,18 @@ impl World {
         self.fail("no wait after 20 actions in one pass".into());
     }
 
+    /// `kubectl rollout status` follows a release in flight: it must not report it failed.
+    fn check_rollout_condition(&mut self) {
+        let d = &self.deployment;
+        let in_flight = d.stable_revision.is_some_and(|s| s != d.template_revision)
+            && d.status.release == Some(d.template_revision)
+            && d.status.phase.is_some_and(Phase::before_hand_off);
+        if in_flight && self.rollout_failed {
+            let phase = d.status.phase;
+            self.fail(format!("release in flight ({phase:?}) while the rollout condition says it failed"));
+        }
+    }
+
     /// I1 and I2 as every proxy sees them: a route only names subsets its rules define.
     fn check_proxies(&mut self) {
         let now = self.now;
@@ -556,11 +605,18 @@ impl World {
     }
 
     fn run(mut self) -> Result<World, String> {
+        self.run_to(None)?;
+        Ok(self)
+    }
+
+    /// Runs the scenario until it comes to rest after its last event, or until `stop`.
+    fn run_to(&mut self, stop: Option<Millis>) -> Result<(), String> {
         let mut events = self.sc.events.clone();
         events.sort_by_key(|(at, _)| *at);
-        let end = events.last().map_or(0, |(at, _)| *at) + 600_000;
-        let mut next = 0;
-        while self.now <= end {
+        let last = events.last().map_or(0, |(at, _)| *at);
+        let end = last + 600_000;
+        let mut next = events.iter().filter(|(at, _)| *at < self.now).count();
+        while self.now <= end && stop.is_none_or(|stop| self.now < stop) {
             while next < events.len() && events[next].0 <= self.now {
                 self.user(events[next].1);
                 next += 1;
@@ -569,6 +625,12 @@ impl World {
             self.candidates_progress();
             self.agent();
             self.check_proxies();
+            self.check_rollout_condition();
+            let paused = self.deployment.status.paused;
+            if next == events.len() && paused && self.deployment.request.is_none() && self.now >= last + 30_000 {
+                // A person resumes a paused release in the end.
+                self.user(UserAction::Request(Verb::Resume));
+            }
             if !self.failures.is_empty() {
                 return Err(self.failures.join("\n"));
             }
@@ -577,7 +639,7 @@ impl World {
             }
             self.now += TICK;
         }
-        Ok(self)
+        Ok(())
     }
 
     /// The last release ended and everything is at rest, or (a release that failed after superseding
@@ -664,8 +726,10 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         6 => any::<bool>().prop_map(|bad| UserAction::SetImage { bad }),
         2 => Just(UserAction::Revert),
         1 => Just(UserAction::Bypass),
+        4 => prop::sample::select(Verb::ALL.to_vec()).prop_map(UserAction::Request),
+        1 => Just(UserAction::Heal),
     ];
-    let events = (any::<bool>(), prop::collection::vec((0u64..400, action), 0..4)).prop_map(|(bad, mut rest)| {
+    let events = (any::<bool>(), prop::collection::vec((0u64..400, action), 0..6)).prop_map(|(bad, mut rest)| {
         rest.iter_mut().for_each(|(at, _)| *at *= TICK);
         rest.push((0, UserAction::SetImage { bad }));
         rest
@@ -855,4 +919,149 @@ fn a_deployment_resumed_behind_turnout_s_back_gets_all_traffic_moved_to_the_cand
     check_end(&w).unwrap();
     assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
     assert_eq!(w.checks, 0, "no analysis: the Deployment was already rolling out");
+}
+
+#[test]
+fn an_abort_rolls_the_release_back_at_once() {
+    let mut sc = single(false);
+    sc.interval_ms = 60_000;
+    // At 10 % by 5 s; the first analysis would be due at 60 s.
+    sc.events.push((5_000, UserAction::Request(Verb::Abort)));
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+    assert_eq!(w.checks, 0);
+    assert!(w.rollout_failed, "kubectl rollout status reports the abort");
+    assert!(w.now < 60_000, "no wait for analysis: ended at {} ms", w.now);
+    assert_eq!(w.deployment.request, None, "the request is acted on and removed");
+}
+
+#[test]
+fn a_pause_holds_the_weight_until_resumed() {
+    let mut sc = single(false);
+    sc.events.push((4_000, UserAction::Request(Verb::Pause)));
+    sc.events.push((100_000, UserAction::Request(Verb::Resume)));
+    let mut w = World::new(sc);
+    // Just before the resume: still paused at the weight it had, nothing analysed meanwhile.
+    w.run_to(Some(99_000)).unwrap();
+    let d = &w.deployment;
+    assert!(d.status.paused);
+    assert_eq!((d.status.phase, d.status.weight), (Some(Phase::Progressing), 10));
+    assert_eq!(w.vs.as_ref().unwrap().route.weight_of("v2-canary"), 10);
+    assert_eq!(w.analysed_while_paused, 0);
+    assert!(w.checks <= 1, "{} analyses", w.checks);
+
+    let w = w.run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    assert!(w.now > 100_000, "the release went on only after the resume");
+    assert_eq!(w.analysed_while_paused, 0);
+}
+
+#[test]
+fn a_promotion_skips_the_remaining_steps_and_analysis() {
+    let mut sc = single(false);
+    sc.interval_ms = 60_000;
+    sc.events.push((5_000, UserAction::Request(Verb::Promote)));
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    assert_eq!(w.checks, 0);
+    assert!(w.now < 60_000, "ended at {} ms", w.now);
+}
+
+#[test]
+fn a_retry_runs_a_failed_release_again_and_the_rollout_is_followed_again() {
+    let mut sc = single(true);
+    // Failed and unwound by 20 s; the cause fixed, then retried.
+    sc.events.push((30_000, UserAction::Heal));
+    sc.events.push((31_000, UserAction::Request(Verb::Retry)));
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    assert_eq!(w.deployment.status.release, Some(2));
+    assert_eq!(w.checks, 2 + 3, "two failed checks, then one per step");
+    assert!(!w.rollout_failed);
+}
+
+#[test]
+fn requests_the_release_cannot_take_are_refused_with_the_reason() {
+    let mut d = DeploymentView {
+        namespace: "shop".into(),
+        name: "podinfo".into(),
+        template_revision: 3,
+        stable_revision: Some(2),
+        status: StatusView {
+            phase: Some(Phase::Progressing),
+            release: Some(3),
+            weight: 25,
+            ..StatusView::default()
+        },
+        ..DeploymentView::default()
+    };
+    assert_eq!(admissible(&d, Verb::Abort), Ok(3));
+    assert_eq!(admissible(&d, Verb::Pause), Ok(3));
+    let why = |d: &DeploymentView, verb| admissible(d, verb).unwrap_err();
+    assert_eq!(why(&d, Verb::Resume), "release v3 of shop/podinfo is not paused");
+    assert_eq!(why(&d, Verb::Retry), "release v3 of shop/podinfo has not failed: it is Progressing");
+    d.status.phase = Some(Phase::HandingOff);
+    assert!(why(&d, Verb::Abort).contains("set the template back to roll back"));
+    assert_eq!(why(&d, Verb::Promote), "release v3 of shop/podinfo is already promoted: HandingOff");
+    d.status.phase = Some(Phase::Failed);
+    assert_eq!(admissible(&d, Verb::Retry), Ok(3));
+    assert_eq!(why(&d, Verb::Pause), "release v3 of shop/podinfo has ended: Failed");
+    d.stable_revision = None;
+    d.status.phase = Some(Phase::Succeeded);
+    assert_eq!(
+        why(&d, Verb::Abort),
+        "shop/podinfo has no release in flight (release v3: Succeeded)"
+    );
+
+    // The agent refuses a request that became stale or was never valid, and removes it.
+    let config = ReleaseConfig::default();
+    let observed = |d: &DeploymentView| Observed {
+        now: 0,
+        config: &config,
+        deployment: d.clone(),
+        stable_rs: None,
+        new_rs: None,
+        candidates: Vec::new(),
+        hosts: Vec::new(),
+        routing_unavailable: None,
+        verdict: None,
+    };
+    d.stable_revision = Some(2);
+    d.paused = true;
+    d.status.phase = Some(Phase::Progressing);
+    for (request, why) in [
+        (Request::parse("abort@2"), "abort of v2 ignored: release v3 is in flight"),
+        (Request::parse("resume@3"), "resume of v3 refused: release v3 of shop/podinfo is not paused"),
+        (Request::parse("stop"), "invalid request \"stop\""),
+    ] {
+        d.request = Some(request);
+        let plan = plan(&observed(&d));
+        assert_eq!(plan.action, Action::ClearRequest);
+        let event = plan.event.unwrap();
+        assert!(event.warning && event.message.contains(why), "{}", event.message);
+    }
+}
+
+#[test]
+fn request_values_name_a_verb_and_a_release() {
+    for verb in Verb::ALL {
+        assert_eq!(
+            Request::parse(&Request::value(verb, 7)),
+            Request::Valid { verb, release: 7 }
+        );
+    }
+    assert_eq!(
+        Request::parse("abort@v3"),
+        Request::Valid {
+            verb: Verb::Abort,
+            release: 3
+        }
+    );
+    for bad in ["", "abort", "abort@", "abort@x", "halt@3", "@3"] {
+        assert_eq!(Request::parse(bad), Request::Invalid(bad.into()));
+    }
 }
