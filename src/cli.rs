@@ -2,8 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+use crate::release::Verb;
 use crate::telemetry::LogFormat;
-use crate::{agent, certs, mutate, status, telemetry, webhook};
+use crate::{agent, certs, mutate, request, status, telemetry, webhook};
 
 /// turnout turns ordinary Deployment updates into zero-downtime progressive releases on Istio.
 ///
@@ -32,6 +33,32 @@ pub enum Command {
     ///
     /// Exit codes: 0 shown; 1 the cluster could not be read; 2 bad usage; 3 no such Deployment.
     Status(status::Args),
+    /// Promote the release in flight now: all traffic to the candidate, remaining steps and analysis
+    /// skipped, then the usual hand-off.
+    ///
+    /// Exit codes: 0 requested (with --wait: done); 1 the cluster could not be used; 2 bad usage;
+    /// 3 no such Deployment; 4 refused (the release cannot take it now); 5 --wait timed out.
+    Promote(request::Args),
+    /// Abort the release in flight now: rolled back as failed analysis would (all traffic to the stable
+    /// version, the candidate removed, the Deployment left paused on the new template).
+    ///
+    /// Possible until hand-off; after that, set the template back to roll back. Exit codes as for
+    /// `promote`.
+    Abort(request::Args),
+    /// Run a failed release again from its first step (after fixing what made it fail elsewhere, say a
+    /// dependency); the template is unchanged.
+    ///
+    /// Exit codes as for `promote`.
+    Retry(request::Args),
+    /// Pause the release in flight: the traffic split stays where it is, no analysis runs and nothing
+    /// advances until `turnout resume` (a candidate that is never available still fails at the deadline).
+    ///
+    /// Exit codes as for `promote`.
+    Pause(request::Args),
+    /// Let a paused release go on from where it stopped.
+    ///
+    /// Exit codes as for `promote`.
+    Resume(request::Args),
     /// Answer one AdmissionReview from standard input (or --file) on standard output, offline.
     Mutate(mutate::Args),
     /// Generate a CA and a serving certificate for the webhook into a directory.
@@ -50,6 +77,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => runtime()?.block_on(agent::run(args)),
         Command::Run(args) => runtime()?.block_on(agent::run_both(args)),
         Command::Status(args) => Ok(runtime()?.block_on(status::run(&args, &mut std::io::stdout().lock()))?),
+        Command::Promote(args) => request(Verb::Promote, &args),
+        Command::Abort(args) => request(Verb::Abort, &args),
+        Command::Retry(args) => request(Verb::Retry, &args),
+        Command::Pause(args) => request(Verb::Pause, &args),
+        Command::Resume(args) => request(Verb::Resume, &args),
         Command::Mutate(args) => Ok(mutate::run(&args, std::io::stdin().lock(), std::io::stdout().lock())?),
         Command::Certs(args) => {
             for path in certs::run(&args)? {
@@ -58,6 +90,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn request(verb: Verb, args: &request::Args) -> anyhow::Result<()> {
+    Ok(runtime()?.block_on(request::run(verb, args, &mut std::io::stdout().lock()))?)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

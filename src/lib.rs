@@ -21,6 +21,7 @@ pub mod mutate;
 pub mod names;
 pub mod release;
 pub mod report;
+pub mod request;
 pub mod signals;
 pub mod status;
 pub mod telemetry;

@@ -14,7 +14,7 @@ use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 
 use crate::istio::virtual_service::VirtualService;
-use crate::names::{agent, annotations};
+use crate::names::{agent, annotations, values};
 
 /// Show releases.
 #[derive(Clone, Debug, clap::Args)]
@@ -59,7 +59,13 @@ pub struct Release {
     pub weights: BTreeMap<String, u8>,
     pub failed_checks: u32,
     pub message: String,
+    /// The Deployment is paused (as it is during every release until hand-off).
     pub paused: bool,
+    /// The release is paused on request (`turnout pause`).
+    pub held: bool,
+    /// A request the agent has not acted on yet (`turnout.dev/request`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
     /// The latest Events turnout recorded, oldest first (when one Deployment is asked for).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<String>,
@@ -72,6 +78,12 @@ pub enum Error {
     Cluster(String),
     #[error("deployment {name} not found in namespace {namespace}")]
     NotFound { namespace: String, name: String },
+    /// The release cannot take the request now.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// `--wait` ran out of time.
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl Error {
@@ -79,6 +91,8 @@ impl Error {
         match self {
             Error::Cluster(_) => 1,
             Error::NotFound { .. } => 3,
+            Error::Refused(_) => 4,
+            Error::Timeout(_) => 5,
         }
     }
 }
@@ -93,14 +107,7 @@ fn cluster(e: impl std::fmt::Display) -> Error {
 ///
 /// The cluster cannot be read, or the Deployment does not exist.
 pub async fn run(args: &Args, out: &mut impl Write) -> Result<(), Error> {
-    let config = kube::Config::infer()
-        .await
-        .map_err(|e| Error::Cluster(format!("no Kubernetes client configuration: set KUBECONFIG ({e})")))?;
-    let namespace = args
-        .namespace
-        .clone()
-        .unwrap_or_else(|| config.default_namespace.clone());
-    let client = Client::try_from(config).map_err(cluster)?;
+    let (client, namespace) = client(args.namespace.as_deref()).await?;
     let mut last = String::new();
     loop {
         let releases = read(&client, args, &namespace).await?;
@@ -121,6 +128,19 @@ pub async fn run(args: &Args, out: &mut impl Write) -> Result<(), Error> {
         }
         tokio::time::sleep(args.interval).await;
     }
+}
+
+/// A client from the kubeconfig, and the namespace to use: `namespace`, else the context's.
+///
+/// # Errors
+///
+/// No usable client configuration.
+pub async fn client(namespace: Option<&str>) -> Result<(Client, String), Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| Error::Cluster(format!("no Kubernetes client configuration: set KUBECONFIG ({e})")))?;
+    let namespace = namespace.map_or_else(|| config.default_namespace.clone(), str::to_owned);
+    Ok((Client::try_from(config).map_err(cluster)?, namespace))
 }
 
 async fn read(client: &Client, args: &Args, namespace: &str) -> Result<Vec<Release>, Error> {
@@ -199,6 +219,8 @@ pub fn release(d: &Deployment, routes: &[VirtualService]) -> Release {
             .unwrap_or(0),
         message: ann.get(annotations::MESSAGE).cloned().unwrap_or_default(),
         paused: d.spec.paused.unwrap_or(false),
+        held: ann.get(annotations::RELEASE_PAUSED).is_some_and(|v| v == values::TRUE),
+        request: ann.get(annotations::REQUEST).cloned(),
         events: Vec::new(),
     }
 }
@@ -254,9 +276,16 @@ pub fn table(releases: &[Release]) -> String {
                     .collect::<Vec<_>>()
                     .join(",")
             };
+            let mut phase = r.phase.clone();
+            if r.held {
+                phase.push_str(" (paused)");
+            }
+            if let Some(request) = &r.request {
+                phase.push_str(&format!(" ({request} requested)"));
+            }
             [
                 format!("{}/{}", r.namespace, r.name),
-                r.phase.clone(),
+                phase,
                 r.revision.map_or("-".into(), |v| format!("v{v}")),
                 r.stable.map_or("-".into(), |v| format!("v{v}")),
                 weights,
@@ -321,6 +350,8 @@ mod tests {
             failed_checks: 1,
             message: "Halt advancement: success rate 53.4% < 99%".into(),
             paused: true,
+            held: false,
+            request: None,
             events: vec!["Normal Advance: Advance shop/podinfo canary weight 20".into()],
         }
     }
@@ -343,5 +374,9 @@ mod tests {
         assert!(!two.contains("Events"), "events only for one Deployment");
         assert!(two.contains("host=100"));
         assert_eq!(table(&[]), "no Deployments managed by turnout here\n");
+        let mut paused = release("Progressing", &[("v1", 90), ("v2-canary", 10)]);
+        paused.held = true;
+        paused.request = Some("promote@2".into());
+        assert!(table(&[paused]).contains("  Progressing (paused) (promote@2 requested)  v2"));
     }
 }

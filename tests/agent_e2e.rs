@@ -625,6 +625,120 @@ async fn native(env: &Env) -> Stats {
     load.finish().await
 }
 
+/// `turnout <args>`, expecting exit code `code`.
+async fn turnout(env: &Env, code: i32, args: &[&str]) -> common::Out {
+    let out = env.turnout(args).await;
+    assert_eq!(
+        out.code, code,
+        "turnout {args:?}: exit code {} (expected {code}):\n{}\n{}",
+        out.code, out.stdout, out.stderr
+    );
+    out
+}
+
+async fn wait_weight(env: &Env, ns: &str, weight: &str) {
+    eventually(
+        Duration::from_secs(60),
+        &format!("{ns}: canary weight {weight}"),
+        || async {
+            let phase = env.annotation(ns, "turnout.dev/phase").await;
+            let at = env.annotation(ns, "turnout.dev/weight").await;
+            (phase.as_deref() == Some("Progressing") && at.as_deref() == Some(weight)).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A person steering releases with `turnout pause|resume|promote|abort|retry`, under load.
+async fn requests(env: &Env) -> Stats {
+    let ns = "r";
+    // No analysis for an hour: whatever moves a release on here is a request.
+    let load = env
+        .prepare(ns, true, &["turnout.dev/interval=1h", "turnout.dev/steps=10,50,100"])
+        .await;
+    let none = turnout(env, 4, &["pause", "podinfo", "-n", ns]).await;
+    assert!(
+        none.stderr.contains("r/podinfo has no release in flight"),
+        "{}",
+        none.stderr
+    );
+    turnout(env, 3, &["abort", "nosuch", "-n", ns]).await;
+
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    wait_weight(env, ns, "10").await;
+    let paused = turnout(env, 0, &["pause", "podinfo", "-n", ns, "--wait"]).await;
+    assert_eq!(
+        paused.stdout,
+        "requested: pause release v2 of r/podinfo\ndone: paused on request at canary weight 10\n"
+    );
+    let status = turnout(env, 0, &["status", "podinfo", "-n", ns]).await;
+    assert!(status.stdout.contains("Progressing (paused)"), "{}", status.stdout);
+    let again = turnout(env, 4, &["pause", "podinfo", "-n", ns]).await;
+    assert!(
+        again.stderr.contains("release v2 of r/podinfo is already paused"),
+        "{}",
+        again.stderr
+    );
+    turnout(env, 0, &["resume", "podinfo", "-n", ns, "--wait"]).await;
+    let promoted = turnout(env, 0, &["promote", "podinfo", "-n", ns, "--wait"]).await;
+    assert!(
+        promoted.stdout.contains("done: release v2 promoted on request"),
+        "{}",
+        promoted.stdout
+    );
+    let status = rollout_status(env, ns).await;
+    assert!(status.ok, "r: {}", status.stderr);
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
+    assert_at_rest(env, ns, "2").await;
+
+    // The next release is aborted (kubectl rollout status fails), retried, and promoted.
+    env.ok(&["set", "env", "-n", ns, "deployment/podinfo", "ATTEMPT=1"])
+        .await;
+    wait_weight(env, ns, "10").await;
+    let aborted = turnout(env, 0, &["abort", "podinfo", "-n", ns, "--wait"]).await;
+    assert!(
+        aborted
+            .stdout
+            .contains("done: release v3 rolled back: aborted on request"),
+        "{}",
+        aborted.stdout
+    );
+    let status = rollout_status(env, ns).await;
+    assert!(
+        !status.ok && status.stderr.contains("exceeded its progress deadline"),
+        "r: {}",
+        status.stderr
+    );
+    assert_at_rest(env, ns, "2").await;
+    let late = turnout(env, 4, &["abort", "podinfo", "-n", ns]).await;
+    assert!(
+        late.stderr.contains("release v3 of r/podinfo has ended: Failed"),
+        "{}",
+        late.stderr
+    );
+    turnout(env, 0, &["retry", "podinfo", "-n", ns, "--wait"]).await;
+    wait_weight(env, ns, "10").await;
+    turnout(env, 0, &["promote", "podinfo", "-n", ns, "--wait"]).await;
+    let status = rollout_status(env, ns).await;
+    assert!(status.ok, "r: the retried release is followed again: {}", status.stderr);
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
+    assert_at_rest(env, ns, "3").await;
+
+    let events = env.events(ns).await.join("\n");
+    for expected in [
+        "Paused",
+        "Resumed",
+        "Retrying",
+        "aborted on request",
+        "promoted on request",
+    ] {
+        assert!(events.contains(expected), "r: event {expected:?} in:\n{events}");
+    }
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "r: {stats:?}");
+    stats
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_end_to_end() {
     let env = Env::start(true).await;
@@ -655,6 +769,13 @@ async fn releases_end_to_end() {
     line("d (turnout, reverted)", &d);
     line("e (turnout, superseded)", &e);
     line("f (native rolling update)", &f);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_steered_by_requests() {
+    let env = Env::start(true).await;
+    let stats = requests(&env).await;
+    eprintln!("r: {stats:?}");
 }
 
 /// Without the Istio CRDs the agent keeps running, says so (log, metric), and fails each release with

@@ -13,8 +13,8 @@ use crate::istio::destination_rule::DestinationRule;
 use crate::istio::virtual_service::VirtualService;
 use crate::names::{agent, annotations, labels, values};
 use crate::release::{
-    CandidateView, DeploymentView, DestinationRuleView, HostView, Managed, Millis, Phase, ReplicaSetView, Request, Route,
-    StatusView, Subset, VirtualServiceView, Weighted,
+    CandidateView, DeploymentView, DestinationRuleView, HostView, Managed, Millis, Phase, ReplicaSetView, Request,
+    Route, StatusView, Subset, VirtualServiceView, Weighted,
 };
 
 /// What the agent read, with what it needs to write back (resource versions, owners).

@@ -170,7 +170,10 @@ impl std::fmt::Display for Verb {
 /// request from acting on a newer release than the one the person looked at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    Valid { verb: Verb, release: u64 },
+    Valid {
+        verb: Verb,
+        release: u64,
+    },
     /// Not of that form (written by hand): refused and removed.
     Invalid(String),
 }

@@ -183,10 +183,11 @@ fn refuse(o: &Observed<'_>, why: String) -> Plan {
 
 /// A promotion of release `t` was requested (acted on in `Progressing`).
 fn promote_requested(o: &Observed<'_>, t: u64) -> bool {
-    o.deployment.request == Some(Request::Valid {
-        verb: Verb::Promote,
-        release: t,
-    })
+    o.deployment.request
+        == Some(Request::Valid {
+            verb: Verb::Promote,
+            release: t,
+        })
 }
 
 /// The first step: all of it when a promotion was requested.
@@ -368,8 +369,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
             return wait(None, "paused on request before the first step");
         }
         // The status was written but the route was not (or was undone): take the first step again.
-        return advance(o, &stable, &canary, first_step(o, t))
-            .unwrap_or_else(|| wait(None, "routing the first step"));
+        return advance(o, &stable, &canary, first_step(o, t)).unwrap_or_else(|| wait(None, "routing the first step"));
     }
     if d.status.weight != weight {
         return at_weight(o, t, weight);

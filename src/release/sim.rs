@@ -580,7 +580,9 @@ impl World {
             && d.status.phase.is_some_and(Phase::before_hand_off);
         if in_flight && self.rollout_failed {
             let phase = d.status.phase;
-            self.fail(format!("release in flight ({phase:?}) while the rollout condition says it failed"));
+            self.fail(format!(
+                "release in flight ({phase:?}) while the rollout condition says it failed"
+            ));
         }
     }
 
@@ -1003,10 +1005,16 @@ fn requests_the_release_cannot_take_are_refused_with_the_reason() {
     assert_eq!(admissible(&d, Verb::Pause), Ok(3));
     let why = |d: &DeploymentView, verb| admissible(d, verb).unwrap_err();
     assert_eq!(why(&d, Verb::Resume), "release v3 of shop/podinfo is not paused");
-    assert_eq!(why(&d, Verb::Retry), "release v3 of shop/podinfo has not failed: it is Progressing");
+    assert_eq!(
+        why(&d, Verb::Retry),
+        "release v3 of shop/podinfo has not failed: it is Progressing"
+    );
     d.status.phase = Some(Phase::HandingOff);
     assert!(why(&d, Verb::Abort).contains("set the template back to roll back"));
-    assert_eq!(why(&d, Verb::Promote), "release v3 of shop/podinfo is already promoted: HandingOff");
+    assert_eq!(
+        why(&d, Verb::Promote),
+        "release v3 of shop/podinfo is already promoted: HandingOff"
+    );
     d.status.phase = Some(Phase::Failed);
     assert_eq!(admissible(&d, Verb::Retry), Ok(3));
     assert_eq!(why(&d, Verb::Pause), "release v3 of shop/podinfo has ended: Failed");
@@ -1034,8 +1042,14 @@ fn requests_the_release_cannot_take_are_refused_with_the_reason() {
     d.paused = true;
     d.status.phase = Some(Phase::Progressing);
     for (request, why) in [
-        (Request::parse("abort@2"), "abort of v2 ignored: release v3 is in flight"),
-        (Request::parse("resume@3"), "resume of v3 refused: release v3 of shop/podinfo is not paused"),
+        (
+            Request::parse("abort@2"),
+            "abort of v2 ignored: release v3 is in flight",
+        ),
+        (
+            Request::parse("resume@3"),
+            "resume of v3 refused: release v3 of shop/podinfo is not paused",
+        ),
         (Request::parse("stop"), "invalid request \"stop\""),
     ] {
         d.request = Some(request);

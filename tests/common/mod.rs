@@ -19,6 +19,8 @@ pub struct Cluster {
 
 pub struct Out {
     pub ok: bool,
+    /// The exit code (-1 when killed by a signal).
+    pub code: i32,
     pub stdout: String,
     pub stderr: String,
 }
@@ -56,15 +58,24 @@ impl Cluster {
     }
 
     pub async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Out {
+        self.run("kubectl", args, stdin).await
+    }
+
+    /// The `turnout` binary (as a person runs it, with the admin's kubeconfig).
+    pub async fn turnout(&self, args: &[&str]) -> Out {
+        self.run(env!("CARGO_BIN_EXE_turnout"), args, None).await
+    }
+
+    async fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Out {
         use tokio::io::AsyncWriteExt;
-        let mut child = tokio::process::Command::new("kubectl")
+        let mut child = tokio::process::Command::new(program)
             .args(args)
             .env("KUBECONFIG", self.kubeconfig())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .expect("kubectl is installed");
+            .unwrap_or_else(|e| panic!("{program} cannot run: {e}"));
         let mut input = child.stdin.take().unwrap();
         if let Some(text) = stdin {
             input.write_all(text.as_bytes()).await.unwrap();
@@ -73,6 +84,7 @@ impl Cluster {
         let out = child.wait_with_output().await.unwrap();
         Out {
             ok: out.status.success(),
+            code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into(),
             stderr: String::from_utf8_lossy(&out.stderr).into(),
         }
