@@ -39,6 +39,32 @@ fn every_flag_of_turnout_run_is_documented() {
     assert!(missing.is_empty(), "flags missing from the README: {missing:?}");
 }
 
+#[test]
+fn every_subcommand_is_documented() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        // Wrapped descriptions are indented further.
+        .filter(|l| !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() >= 11, "read the subcommands from --help: {commands:?}");
+    let readme = readme();
+    let missing: Vec<&&str> = commands
+        .iter()
+        .filter(|c| !readme.contains(&format!("`turnout {c}")))
+        .collect();
+    assert!(missing.is_empty(), "subcommands missing from the README: {missing:?}");
+}
+
 /// Metric names as registered (families without samples are not encoded, so the source is read).
 fn registered_metrics() -> BTreeSet<String> {
     let mut names = BTreeSet::new();
