@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use kubesim::sim::{Config, admin};
 use turnout::agent::{act, observe};
-use turnout::release::{Action, Intent, Phase, Route, StatusPatch, Weighted};
+use turnout::release::{Action, Intent, Phase, Rollout, Route, StatusPatch, Weighted};
 
 fn status() -> Action {
     Action::Status(StatusPatch {
@@ -19,7 +19,9 @@ fn status() -> Action {
         message: "release v2 started".into(),
         unpause: false,
         intent: Intent::Keep,
-        fail_rollout: false,
+        rollout: Rollout::Keep,
+        paused: false,
+        clear_request: false,
     })
 }
 
@@ -54,6 +56,38 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
         "the other change stands"
     );
     act::apply(&client, &fresh, &snap, &status(), 1).await.unwrap();
+
+    // A request removed from a stale read: a newer request written meanwhile is not lost.
+    let read = deployments.get("podinfo").await.unwrap();
+    cluster
+        .ok(&[
+            "annotate",
+            "-n",
+            "shop",
+            "deployment/podinfo",
+            "turnout.dev/request=abort@2",
+        ])
+        .await;
+    assert!(conflict(
+        act::apply(&client, &read, &snap, &Action::ClearRequest, 1).await
+    ));
+    let fresh = deployments.get("podinfo").await.unwrap();
+    assert_eq!(
+        fresh.metadata.annotations.as_ref().unwrap()["turnout.dev/request"],
+        "abort@2"
+    );
+    act::apply(&client, &fresh, &snap, &Action::ClearRequest, 1)
+        .await
+        .unwrap();
+    let fresh = deployments.get("podinfo").await.unwrap();
+    assert!(
+        !fresh
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap()
+            .contains_key("turnout.dev/request")
+    );
 
     // The VirtualService: created, read, changed by someone else, then replaced from the stale read.
     let to = |subset: &str| {
