@@ -17,9 +17,11 @@ pub mod keys {
     pub const LATENCY_P99_MAX: &str = "turnout.dev/latency-p99-max";
     pub const PROMETHEUS: &str = "turnout.dev/prometheus";
     pub const NO_DATA: &str = "turnout.dev/no-data";
+    pub const HOOK_TIMEOUT: &str = "turnout.dev/hook-timeout";
+    pub const HOOK_RETRIES: &str = "turnout.dev/hook-retries";
 
     /// Every key, for documentation and for tests that keep the docs in step with the code.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         STEPS,
         INTERVAL,
         THRESHOLD,
@@ -30,7 +32,75 @@ pub mod keys {
         LATENCY_P99_MAX,
         PROMETHEUS,
         NO_DATA,
+        HOOK_TIMEOUT,
+        HOOK_RETRIES,
     ];
+}
+
+/// The HTTP hooks a release calls (`hook.turnout.dev/<kind>: <URL>`, or `--hook <kind>=<URL>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HookKind {
+    /// A gate before any traffic reaches the candidate.
+    PreRollout,
+    /// Called at each step's analysis (to drive a load test, say); a gate like any check.
+    Rollout,
+    /// A gate before the candidate gets 100 %.
+    ConfirmPromotion,
+    /// Told when a release succeeded.
+    PostRollout,
+    /// Told when a release is rolled back.
+    Rollback,
+    /// Told of every Event turnout records (chat notifications).
+    Event,
+}
+
+impl HookKind {
+    pub const ALL: [HookKind; 6] = [
+        HookKind::PreRollout,
+        HookKind::Rollout,
+        HookKind::ConfirmPromotion,
+        HookKind::PostRollout,
+        HookKind::Rollback,
+        HookKind::Event,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookKind::PreRollout => "pre-rollout",
+            HookKind::Rollout => "rollout",
+            HookKind::ConfirmPromotion => "confirm-promotion",
+            HookKind::PostRollout => "post-rollout",
+            HookKind::Rollback => "rollback",
+            HookKind::Event => "event",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<HookKind> {
+        HookKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for HookKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Prefix of the annotations that set hook URLs: `hook.turnout.dev/<kind>`.
+pub const HOOK_PREFIX: &str = "hook.turnout.dev/";
+
+/// Checks a hook URL.
+///
+/// # Errors
+///
+/// Why the URL cannot be used.
+pub fn parse_hook_url(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    let uri: http::Uri = value.parse().map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err("not an http:// or https:// URL".into());
+    }
+    Ok(value.to_owned())
 }
 
 /// What a metric query that returns no data counts as.
@@ -67,6 +137,12 @@ pub struct ReleaseConfig {
     pub no_data: NoData,
     /// Custom PromQL checks, by name.
     pub checks: Vec<CustomCheck>,
+    /// Hook URLs by kind.
+    pub hooks: BTreeMap<HookKind, String>,
+    /// How long one hook call may take.
+    pub hook_timeout: Duration,
+    /// Further attempts after a hook call failed.
+    pub hook_retries: u32,
 }
 
 /// Prefix of the annotations that define custom checks: `check.turnout.dev/<name>`.
@@ -164,6 +240,9 @@ impl Default for ReleaseConfig {
             prometheus: None,
             no_data: NoData::Fail,
             checks: Vec::new(),
+            hooks: BTreeMap::new(),
+            hook_timeout: Duration::from_secs(10),
+            hook_retries: 2,
         }
     }
 }
@@ -207,6 +286,34 @@ pub fn resolve(
                     // The Deployment's check replaces the namespace's of the same name.
                     config.checks.retain(|c| c.name != check.name);
                     config.checks.push(check);
+                }
+                Err(reason) => problems.push(Problem {
+                    on,
+                    key: key.clone(),
+                    value: value.clone(),
+                    reason,
+                }),
+            }
+        }
+        for (key, value) in annotations.range(HOOK_PREFIX.to_owned()..) {
+            let Some(kind) = key.strip_prefix(HOOK_PREFIX) else {
+                break;
+            };
+            let parsed = match HookKind::parse(kind) {
+                // An empty value (on the Deployment, say) turns off the level below's hook.
+                Some(kind) if value.trim().is_empty() => {
+                    config.hooks.remove(&kind);
+                    continue;
+                }
+                Some(kind) => parse_hook_url(value).map(|url| (kind, url)),
+                None => {
+                    let kinds: Vec<&str> = HookKind::ALL.iter().map(|k| k.as_str()).collect();
+                    Err(format!("unknown hook {kind:?}: use one of {}", kinds.join(", ")))
+                }
+            };
+            match parsed {
+                Ok((kind, url)) => {
+                    config.hooks.insert(kind, url);
                 }
                 Err(reason) => problems.push(Problem {
                     on,
@@ -273,6 +380,14 @@ fn apply(config: &mut ReleaseConfig, key: &str, value: &str) -> Result<(), Strin
                 _ => return Err("not fail or pass".into()),
             };
         }
+        keys::HOOK_TIMEOUT => config.hook_timeout = positive_duration(value)?,
+        keys::HOOK_RETRIES => {
+            config.hook_retries = value
+                .parse::<u32>()
+                .ok()
+                .filter(|r| *r <= 10)
+                .ok_or("not a whole number from 0 to 10")?;
+        }
         _ => return Err("unknown key".into()),
     }
     Ok(())
@@ -330,6 +445,44 @@ mod tests {
         assert_eq!(config.threshold, 5);
         assert_eq!(config.prometheus.as_deref(), Some("http://prometheus:9090"));
         assert_eq!(config.drain, ReleaseConfig::default().drain);
+    }
+
+    #[test]
+    fn hooks_come_from_annotations_layered_like_the_rest() {
+        let ns = ann(&[
+            ("hook.turnout.dev/event", "https://chat.example/turnout"),
+            ("hook.turnout.dev/pre-rollout", "http://gate.shop/check"),
+            (keys::HOOK_TIMEOUT, "3s"),
+        ]);
+        let d = ann(&[
+            ("hook.turnout.dev/event", ""),
+            ("hook.turnout.dev/rollout", "http://loadtest.shop/run"),
+            ("hook.turnout.dev/confirm", "http://x/"),
+            ("hook.turnout.dev/rollback", "ftp://x/"),
+            (keys::HOOK_RETRIES, "11"),
+        ]);
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &d);
+        let hooks: Vec<(&str, &str)> = config.hooks.iter().map(|(k, u)| (k.as_str(), u.as_str())).collect();
+        assert_eq!(
+            hooks,
+            [
+                ("pre-rollout", "http://gate.shop/check"),
+                ("rollout", "http://loadtest.shop/run")
+            ],
+            "the Deployment's empty event hook turns off the namespace's"
+        );
+        assert_eq!(config.hook_timeout, Duration::from_secs(3));
+        assert_eq!(config.hook_retries, 2);
+        let reasons: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.key, p.reason)).collect();
+        assert_eq!(
+            reasons,
+            [
+                "hook.turnout.dev/confirm: unknown hook \"confirm\": use one of pre-rollout, rollout, \
+                 confirm-promotion, post-rollout, rollback, event",
+                "hook.turnout.dev/rollback: not an http:// or https:// URL",
+                "turnout.dev/hook-retries: not a whole number from 0 to 10",
+            ]
+        );
     }
 
     #[test]

@@ -771,6 +771,152 @@ async fn releases_end_to_end() {
     line("f (native rolling update)", &f);
 }
 
+/// A hook receiver: records every call and answers each kind with the status set for it (200 unless
+/// told otherwise).
+#[derive(Clone, Default)]
+struct Hooks {
+    calls: Arc<Mutex<Vec<Value>>>,
+    answers: Arc<Mutex<BTreeMap<String, u16>>>,
+}
+
+impl Hooks {
+    async fn start(&self) -> String {
+        use hyper::body::Incoming;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+        let hooks = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let hooks = hooks.clone();
+                let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    let hooks = hooks.clone();
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let call: Value = serde_json::from_slice(&body).unwrap();
+                        let kind = call["hook"].as_str().unwrap_or("").to_owned();
+                        let status = hooks.answers.lock().unwrap().get(&kind).copied().unwrap_or(200);
+                        hooks.calls.lock().unwrap().push(call);
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(http_body_util::Full::new(Bytes::from(format!("{kind}: {status}"))))
+                                .unwrap(),
+                        )
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        url
+    }
+
+    /// The calls of `kind` so far.
+    fn of(&self, kind: &str) -> Vec<Value> {
+        let calls = self.calls.lock().unwrap();
+        calls.iter().filter(|c| c["hook"] == kind).cloned().collect()
+    }
+}
+
+/// Hooks configured by annotation: gates before traffic, at each step and before 100 %, and
+/// notifications; then a failing gate rolls a release back before any traffic reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_gate_releases_and_are_told_how_they_end() {
+    let env = Env::start(true).await;
+    let hooks = Hooks::default();
+    let url = hooks.start().await;
+    let ns = "k";
+    let mut annotations: Vec<String> = [
+        "pre-rollout",
+        "rollout",
+        "confirm-promotion",
+        "post-rollout",
+        "rollback",
+    ]
+    .iter()
+    .map(|kind| format!("hook.turnout.dev/{kind}={url}"))
+    .collect();
+    annotations.push("turnout.dev/hook-retries=0".into());
+    let annotations: Vec<&str> = annotations.iter().map(String::as_str).collect();
+    let load = env.prepare(ns, true, &annotations).await;
+    env.ok(&["annotate", "namespace", ns, &format!("hook.turnout.dev/event={url}")])
+        .await;
+
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    let status = rollout_status(&env, ns).await;
+    assert!(status.ok, "k: {}", status.stderr);
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
+    let pre = hooks.of("pre-rollout");
+    assert_eq!(pre.len(), 1, "{pre:?}");
+    assert_eq!(
+        pre[0],
+        serde_json::json!({ "hook": "pre-rollout", "name": "podinfo", "namespace": "k", "phase": "Pending",
+                            "revision": 2, "weight": 0, "candidate": "podinfo-v2" })
+    );
+    let weights = |kind: &str| -> Vec<u64> { hooks.of(kind).iter().map(|c| c["weight"].as_u64().unwrap()).collect() };
+    assert_eq!(weights("rollout"), [20, 50, 100], "one call per step's analysis");
+    assert_eq!(weights("confirm-promotion"), [50], "asked once, before 100 %");
+    let post = eventually(Duration::from_secs(10), "the post-rollout hook", || async {
+        let post = hooks.of("post-rollout");
+        (!post.is_empty()).then_some(post)
+    })
+    .await;
+    assert_eq!(
+        (post.len(), &post[0]["phase"], &post[0]["revision"]),
+        (1, &"Succeeded".into(), &2.into())
+    );
+    let told = eventually(
+        Duration::from_secs(10),
+        "the event hook told of the promotion",
+        || async {
+            let events = hooks.of("event");
+            let reasons: Vec<String> = events
+                .iter()
+                .map(|e| e["event"]["reason"].as_str().unwrap().to_owned())
+                .collect();
+            reasons.contains(&"Promoted".to_owned()).then_some(reasons)
+        },
+    )
+    .await;
+    assert!(told.starts_with(&["Started".to_owned()]), "{told:?}");
+    assert!(told.contains(&"Advance".to_owned()), "{told:?}");
+    assert!(hooks.of("rollback").is_empty());
+
+    // The gate says no: two failed checks (threshold 2), rolled back, no request ever reaches v3.
+    hooks.answers.lock().unwrap().insert("pre-rollout".into(), 503);
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V3]).await;
+    env.wait_phase(ns, "Failed", Duration::from_secs(60)).await;
+    let message = env.annotation(ns, "turnout.dev/message").await.unwrap();
+    assert_eq!(
+        message,
+        format!(
+            "release v3 rolled back: 2 failed checks: hook pre-rollout ({url}) answered 503 Service Unavailable: pre-rollout: 503"
+        )
+    );
+    assert_eq!(hooks.of("pre-rollout").len(), 3);
+    let rollback = eventually(Duration::from_secs(10), "the rollback hook", || async {
+        let calls = hooks.of("rollback");
+        (!calls.is_empty()).then_some(calls)
+    })
+    .await;
+    assert_eq!(
+        (&rollback[0]["phase"], &rollback[0]["revision"]),
+        (&"Failed".into(), &3.into())
+    );
+    assert_at_rest(&env, ns, "2").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "k: {stats:?}");
+    assert!(
+        !stats.versions.contains_key("v3"),
+        "k: the gate kept all traffic off v3: {stats:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_steered_by_requests() {
     let env = Env::start(true).await;

@@ -11,13 +11,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::config::{NoData, ReleaseConfig};
-use crate::release::{CandidateView, Verdict};
+use super::hooks::{Caller, Payload};
+use crate::config::{HookKind, NoData, ReleaseConfig};
+use crate::release::{CandidateView, Stage, Verdict};
 
 /// Outcome of one check, for the `turnout_analysis_checks_total{check,result}` metric.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Check {
-    /// `readiness`, `success-rate`, `latency-p99` or `custom`.
+    /// `readiness`, `success-rate`, `latency-p99`, `custom`, or a hook's kind (`pre-rollout`, …).
     pub name: &'static str,
     pub passed: bool,
     pub detail: String,
@@ -28,6 +29,7 @@ pub struct Check {
 pub struct Analyser {
     http: Client<HttpConnector, Empty<Bytes>>,
     timeout: Duration,
+    hooks: Caller,
 }
 
 impl Default for Analyser {
@@ -37,12 +39,76 @@ impl Default for Analyser {
         Self {
             http: Client::builder(TokioExecutor::new()).build(connector),
             timeout: Duration::from_secs(5),
+            hooks: Caller::default(),
         }
     }
 }
 
+/// Where the release is, for the hooks' payload.
+#[derive(Clone, Copy, Debug)]
+pub struct At<'a> {
+    pub namespace: &'a str,
+    pub target: &'a str,
+    pub weight: u8,
+}
+
 impl Analyser {
-    /// Every check of `candidate` of Deployment `target` in namespace `ns`.
+    /// The hook caller, shared with the notifications.
+    pub fn hooks(&self) -> &Caller {
+        &self.hooks
+    }
+
+    /// The checks of `stage` for `candidate` of Deployment `at.target`: the gate hooks due, and at a
+    /// step the readiness, metric and custom checks.
+    pub async fn analyse_stage(
+        &self,
+        config: &ReleaseConfig,
+        at: At<'_>,
+        candidate: &CandidateView,
+        stage: Stage,
+    ) -> Vec<Check> {
+        let (phase, hooks, metrics) = match stage {
+            Stage::PreRollout => ("Pending", vec![HookKind::PreRollout], false),
+            Stage::Step { confirm } => {
+                let mut hooks = vec![HookKind::Rollout];
+                if confirm {
+                    hooks.push(HookKind::ConfirmPromotion);
+                }
+                ("Progressing", hooks, true)
+            }
+        };
+        let mut checks = if metrics {
+            self.analyse(config, at.namespace, at.target, candidate).await
+        } else {
+            Vec::new()
+        };
+        for kind in hooks {
+            let payload = Payload {
+                hook: kind.as_str(),
+                name: at.target.to_owned(),
+                namespace: at.namespace.to_owned(),
+                phase: phase.to_owned(),
+                revision: candidate.revision,
+                weight: at.weight,
+                candidate: candidate.name.clone(),
+                event: None,
+            };
+            if let Some(answer) = self.hooks.call(config, kind, &payload).await {
+                let (passed, detail) = match answer {
+                    Ok(answer) => (true, format!("hook {kind} {answer}")),
+                    Err(why) => (false, why),
+                };
+                checks.push(Check {
+                    name: kind.as_str(),
+                    passed,
+                    detail,
+                });
+            }
+        }
+        checks
+    }
+
+    /// Every check of `candidate` of Deployment `target` in namespace `ns`, hooks aside.
     pub async fn analyse(
         &self,
         config: &ReleaseConfig,

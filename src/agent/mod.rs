@@ -11,6 +11,7 @@
 
 pub mod act;
 pub mod analysis;
+pub mod hooks;
 pub mod leader;
 pub mod observe;
 
@@ -36,9 +37,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::config::{self, NoData, ReleaseConfig};
+use crate::config::{self, HookKind, NoData, ReleaseConfig};
 use crate::names::{agent as agent_names, annotations, labels, values};
-use crate::release::{self, Action, Millis, Observed, Phase};
+use crate::release::{self, Action, DeploymentView, Millis, Observed, Phase};
+use hooks::{EventPayload, Payload};
 
 /// Deployments reconciled at the same time.
 const WORKERS: u16 = 8;
@@ -79,6 +81,25 @@ pub struct Args {
     /// What a metric query without data counts as (`turnout.dev/no-data`).
     #[arg(long, env = "TURNOUT_NO_DATA", value_enum, default_value_t = NoData::Fail)]
     pub no_data: NoData,
+    /// An HTTP hook, as KIND=URL; repeat for several. Kinds: pre-rollout, rollout, confirm-promotion,
+    /// post-rollout, rollback, event (`hook.turnout.dev/<kind>`).
+    #[arg(long = "hook", env = "TURNOUT_HOOKS", value_name = "KIND=URL", value_delimiter = ',', value_parser = parse_hook)]
+    pub hooks: Vec<(HookKind, String)>,
+    /// How long one hook call may take (`turnout.dev/hook-timeout`).
+    #[arg(long, env = "TURNOUT_HOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub hook_timeout: Duration,
+    /// Further attempts after a hook call failed (`turnout.dev/hook-retries`).
+    #[arg(long, env = "TURNOUT_HOOK_RETRIES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=10))]
+    pub hook_retries: u32,
+}
+
+fn parse_hook(value: &str) -> Result<(HookKind, String), String> {
+    let (kind, url) = value.split_once('=').ok_or("expected KIND=URL")?;
+    let kind = HookKind::parse(kind.trim()).ok_or_else(|| {
+        let kinds: Vec<&str> = HookKind::ALL.iter().map(|k| k.as_str()).collect();
+        format!("unknown hook {kind:?}: use one of {}", kinds.join(", "))
+    })?;
+    Ok((kind, config::parse_hook_url(url)?))
 }
 
 /// Canary weights, parsed as one comma-separated value.
@@ -104,6 +125,9 @@ impl Args {
             prometheus: self.prometheus.as_ref().map(|p| p.trim_end_matches('/').to_owned()),
             no_data: self.no_data,
             checks: Vec::new(),
+            hooks: self.hooks.iter().cloned().collect(),
+            hook_timeout: self.hook_timeout,
+            hook_retries: self.hook_retries,
         }
     }
 }
@@ -132,6 +156,12 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HookLabels {
+    hook: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CheckLabels {
     check: &'static str,
     result: &'static str,
@@ -149,6 +179,7 @@ pub struct AgentMetrics {
     istio: Gauge,
     leader: Gauge,
     unheld: Counter,
+    hooks: Family<HookLabels, Counter>,
 }
 
 impl AgentMetrics {
@@ -163,6 +194,7 @@ impl AgentMetrics {
             istio: Gauge::default(),
             leader: Gauge::default(),
             unheld: Counter::default(),
+            hooks: Family::default(),
         };
         registry.register(
             "turnout_release_phase",
@@ -195,6 +227,11 @@ impl AgentMetrics {
             "turnout_unheld_rollouts",
             "Template changes of opted-in Deployments that rolled out without turnout's hold (webhook down or bypassed)",
             m.unheld.clone(),
+        );
+        registry.register(
+            "turnout_hook_notifications",
+            "Notification hooks sent (post-rollout, rollback, event), by hook and result (ok, fail)",
+            m.hooks.clone(),
         );
         registry.register(
             "turnout_agent_leader",
@@ -266,7 +303,7 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
     let istio = ctx.istio.load(Ordering::Relaxed);
     let snap = observe::snapshot(&ctx.client, d, istio).await?;
     if snap.unheld_rollout() {
-        report_unheld(ctx, d).await;
+        report_unheld(ctx, d, &config).await;
     }
     let now = now_millis();
     let mut verdict = None;
@@ -287,11 +324,16 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
         let plan = release::plan(&observed);
         let name = d.name_any();
         match &plan.action {
-            Action::Analyse { revision } => {
+            Action::Analyse { revision, stage } => {
                 let Some(candidate) = snap.candidates.iter().find(|c| c.revision == *revision) else {
                     return Ok(Requeue::requeue(Duration::from_secs(1)));
                 };
-                let checks = ctx.analyser.analyse(&config, &ns_name, &name, candidate).await;
+                let at = analysis::At {
+                    namespace: &ns_name,
+                    target: &name,
+                    weight: snap.deployment.status.weight,
+                };
+                let checks = ctx.analyser.analyse_stage(&config, at, candidate, *stage).await;
                 for c in &checks {
                     let result = if c.passed { "pass" } else { "fail" };
                     ctx.metrics
@@ -313,8 +355,23 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
             action => {
                 tracing::info!(namespace = %ns_name, deployment = %name, ?action, "release step");
                 act::apply(&ctx.client, d, &snap, action, now).await?;
+                let mut view = snap.deployment.clone();
                 if let Action::Status(p) = action {
                     observe_status(ctx, &ns_name, &name, p);
+                    let before = (view.status.phase, view.status.release);
+                    view.status.phase = Some(p.phase);
+                    view.status.release = Some(p.release);
+                    view.status.weight = p.weight;
+                    let ended = match p.phase {
+                        Phase::Succeeded => Some(HookKind::PostRollout),
+                        Phase::Failed => Some(HookKind::Rollback),
+                        _ => None,
+                    };
+                    if let Some(kind) = ended
+                        && before != (Some(p.phase), Some(p.release))
+                    {
+                        notify(ctx, &config, kind, d, payload(kind, &view, None));
+                    }
                     if p.phase == Phase::Pending {
                         for problem in &problems {
                             tracing::warn!(namespace = %ns_name, deployment = %name, %problem, "configuration");
@@ -323,12 +380,12 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
                                 reason: "InvalidConfiguration",
                                 message: problem.to_string(),
                             };
-                            record(ctx, d, &event).await;
+                            record(ctx, d, &config, &view, &event).await;
                         }
                     }
                 }
                 if let Some(event) = &plan.event {
-                    record(ctx, d, event).await;
+                    record(ctx, d, &config, &view, event).await;
                 }
                 // Straight on to the next step, planned from a fresh read.
                 return Ok(Requeue::requeue(Duration::from_millis(1)));
@@ -339,7 +396,7 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
 
 /// The safety net: a template change that reached the Deployment without turnout's hold is reported
 /// once per generation (Event, metric, log). Traffic is safe: at rest the route is the plain host.
-async fn report_unheld(ctx: &Context, d: &Deployment) {
+async fn report_unheld(ctx: &Context, d: &Deployment, config: &ReleaseConfig) {
     let key = (d.uid().unwrap_or_default(), d.metadata.generation.unwrap_or(0));
     if !ctx
         .unheld
@@ -362,13 +419,76 @@ async fn report_unheld(ctx: &Context, d: &Deployment) {
         reason: "UnheldRollout",
         message,
     };
-    record(ctx, d, &event).await;
+    record(ctx, d, config, &observe::deployment_view(d), &event).await;
 }
 
-async fn record(ctx: &Context, d: &Deployment, event: &release::Event) {
+/// Records `event` on `d`, and tells the `event` hook of it.
+async fn record(ctx: &Context, d: &Deployment, config: &ReleaseConfig, view: &DeploymentView, event: &release::Event) {
     if let Err(e) = act::record(&ctx.client, d, event).await {
         tracing::warn!(error = %e, reason = event.reason, "could not record an Event");
     }
+    notify(
+        ctx,
+        config,
+        HookKind::Event,
+        d,
+        payload(HookKind::Event, view, Some(event)),
+    );
+}
+
+/// The payload of a `kind` hook about the release of `view`.
+fn payload(kind: HookKind, view: &DeploymentView, event: Option<&release::Event>) -> Payload {
+    let revision = view.status.release.unwrap_or(view.template_revision);
+    Payload {
+        hook: kind.as_str(),
+        name: view.name.clone(),
+        namespace: view.namespace.clone(),
+        phase: view.status.phase.map_or("-", Phase::as_str).to_owned(),
+        revision,
+        weight: view.status.weight,
+        candidate: crate::names::candidate_name(&view.name, revision),
+        event: event.map(|e| EventPayload {
+            type_: if e.warning { "Warning" } else { "Normal" },
+            reason: e.reason.to_owned(),
+            message: e.message.clone(),
+        }),
+    }
+}
+
+/// Sends a notification hook (`post-rollout`, `rollback`, `event`) in the background, if configured:
+/// it never holds a release. A failure is logged and counted, and for `post-rollout` and `rollback`
+/// also recorded as a Warning Event `HookFailed` (not for `event`, which that Event would call again).
+fn notify(ctx: &Context, config: &ReleaseConfig, kind: HookKind, d: &Deployment, payload: Payload) {
+    if !config.hooks.contains_key(&kind) {
+        return;
+    }
+    let caller = ctx.analyser.hooks().clone();
+    let (config, client, d) = (config.clone(), ctx.client.clone(), d.clone());
+    let counter = ctx.metrics.hooks.clone();
+    tokio::spawn(async move {
+        let Some(result) = caller.call(&config, kind, &payload).await else {
+            return;
+        };
+        let outcome = if result.is_ok() { "ok" } else { "fail" };
+        counter
+            .get_or_create(&HookLabels {
+                hook: kind.as_str(),
+                result: outcome,
+            })
+            .inc();
+        let Err(why) = result else { return };
+        tracing::warn!(namespace = %payload.namespace, deployment = %payload.name, "{why}");
+        if kind != HookKind::Event {
+            let event = release::Event {
+                warning: true,
+                reason: "HookFailed",
+                message: format!("{}/{}: {why}", payload.namespace, payload.name),
+            };
+            if let Err(e) = act::record(&client, &d, &event).await {
+                tracing::warn!(error = %e, "could not record an Event");
+            }
+        }
+    });
 }
 
 fn observe_status(ctx: &Context, ns: &str, name: &str, p: &release::StatusPatch) {

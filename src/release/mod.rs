@@ -359,9 +359,19 @@ pub enum Action {
     /// Remove the request annotation (refused or already done; the Event says which).
     ClearRequest,
     /// Run the analysis checks of the candidate and call [`plan`] again with the verdict.
-    Analyse { revision: u64 },
+    Analyse { revision: u64, stage: Stage },
     /// Nothing to do until `until` (if given) or until something changes.
     Wait { until: Option<Millis>, reason: String },
+}
+
+/// What an analysis covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Before the first step: the `pre-rollout` hook only (no traffic to measure yet).
+    PreRollout,
+    /// At a step: readiness, metrics, custom checks and the `rollout` hook, and the
+    /// `confirm-promotion` hook when passing leads to 100 %.
+    Step { confirm: bool },
 }
 
 /// A write to the user Deployment.

@@ -13,8 +13,9 @@
 
 use super::{
     Action, CandidateView, DeploymentView, Event, HostView, Intent, Managed, Millis, Observed, Phase, Plan, Request,
-    Rollout, Route, StatusPatch, Subset, Verb, Weighted,
+    Rollout, Route, Stage, StatusPatch, Subset, Verb, Weighted,
 };
+use crate::config::HookKind;
 use crate::names::{candidate_name, subsets};
 
 /// The next action for the Deployment described by `o`.
@@ -198,6 +199,46 @@ fn first_step(o: &Observed<'_>, t: u64) -> u8 {
     o.config.steps.first().copied().unwrap_or(100)
 }
 
+/// The `pre-rollout` gate before the first step: the hook must pass; a failure counts as a failed
+/// check, tried again an interval later, and `threshold` of them roll the release back.
+fn pre_rollout(o: &Observed<'_>, t: u64) -> Option<Plan> {
+    if !o.config.hooks.contains_key(&HookKind::PreRollout) || promote_requested(o, t) {
+        return None;
+    }
+    let d = &o.deployment;
+    let failed = d.status.failed_checks;
+    let due = last_propagation(o) + ms(o.config.interval) * u64::from(failed);
+    if o.now < due {
+        return Some(wait(Some(due), "trying the pre-rollout hook again"));
+    }
+    let Some(verdict) = &o.verdict else {
+        return Some(Plan {
+            action: Action::Analyse {
+                revision: t,
+                stage: Stage::PreRollout,
+            },
+            event: None,
+        });
+    };
+    if verdict.passed {
+        return None;
+    }
+    let failed = failed + 1;
+    if failed >= o.config.threshold {
+        return Some(fail(
+            o,
+            t,
+            failed,
+            format!("{failed} failed checks: {}", verdict.message),
+        ));
+    }
+    let message = format!("Halt before the first step: {}", verdict.message);
+    Some(Plan {
+        action: Action::Status(patch(o, t, Phase::Pending, 0, failed, message.clone())),
+        event: Some(warning("Halt", format!("{}/{}: {message}", d.namespace, d.name))),
+    })
+}
+
 /// Paused on request, and no promotion requested (which overrides the pause).
 fn held(o: &Observed<'_>, t: u64) -> bool {
     o.deployment.status.paused && !promote_requested(o, t)
@@ -347,7 +388,14 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
     if held(o, t) {
         return wait(None, "paused on request before the first step");
     }
-    advance(o, &stable, &canary, first_step(o, t)).unwrap_or_else(|| wait(None, "routing the first step"))
+    match advance(o, &stable, &canary, first_step(o, t)) {
+        // The canary subset is defined and propagated first; the gate is asked only right before the
+        // route changes, in the same pass.
+        Some(prepare) if !matches!(prepare.action, Action::PutVirtualService { .. }) => prepare,
+        step => pre_rollout(o, t)
+            .or(step)
+            .unwrap_or_else(|| wait(None, "routing the first step")),
+    }
 }
 
 fn progressing(o: &Observed<'_>, t: u64) -> Plan {
@@ -399,9 +447,21 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     if o.now < due {
         return wait(Some(due), &format!("analysing canary weight {weight}"));
     }
+    let next = o.config.steps.iter().copied().find(|s| *s > weight).unwrap_or(100);
     let Some(verdict) = &o.verdict else {
+        // The gate before 100 %: at the analysis whose pass leads there, or at 100 % when the first
+        // step went straight there.
+        let leads_to_all = if weight < 100 {
+            next >= 100
+        } else {
+            first_step(o, t) >= 100
+        };
+        let confirm = leads_to_all && o.config.hooks.contains_key(&HookKind::ConfirmPromotion);
         return Plan {
-            action: Action::Analyse { revision: t },
+            action: Action::Analyse {
+                revision: t,
+                stage: Stage::Step { confirm },
+            },
             event: None,
         };
     };
@@ -423,7 +483,6 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
                 )),
             );
         }
-        let next = o.config.steps.iter().copied().find(|s| *s > weight).unwrap_or(100);
         return advance(o, &stable, &canary, next).unwrap_or_else(|| wait(None, "advancing"));
     }
     let failed = d.status.failed_checks + 1;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::config::ReleaseConfig;
+use crate::config::{HookKind, ReleaseConfig};
 
 const TICK: Millis = 100;
 const SERVICE: &str = "podinfo";
@@ -65,6 +65,8 @@ struct Scenario {
     candidate_ready_ms: Option<Millis>,
     /// Istio reports `Reconciled` once a change reached every proxy.
     istio_status: bool,
+    /// `pre-rollout` and `confirm-promotion` hooks are configured (they pass or fail like checks).
+    gates: bool,
     events: Vec<(Millis, UserAction)>,
 }
 
@@ -146,6 +148,8 @@ struct World {
     rollout_failed: bool,
     /// Analyses run while the release was paused on request.
     analysed_while_paused: u32,
+    /// What each analysis covered.
+    stages: Vec<Stage>,
 }
 
 fn rs_hash(revision: u64) -> String {
@@ -165,6 +169,13 @@ impl World {
             progress_deadline: Duration::from_secs(60),
             propagation_delay: Duration::from_millis(sc.propagation_ms),
             drain: Duration::from_millis(sc.drain_ms),
+            hooks: if sc.gates {
+                [HookKind::PreRollout, HookKind::ConfirmPromotion]
+                    .map(|k| (k, format!("http://gate/{k}")))
+                    .into()
+            } else {
+                BTreeMap::new()
+            },
             ..ReleaseConfig::default()
         };
         let mut rs = ReplicaSets::default();
@@ -204,6 +215,7 @@ impl World {
             bypass_seen: false,
             rollout_failed: false,
             analysed_while_paused: 0,
+            stages: Vec::new(),
         }
     }
 
@@ -550,7 +562,11 @@ impl World {
             let plan = plan(&self.observe(None));
             let action = match plan.action {
                 Action::Wait { .. } => return,
-                Action::Analyse { revision } => {
+                Action::Analyse { revision, stage } => {
+                    self.stages.push(stage);
+                    if stage == Stage::PreRollout && self.deployment.status.weight > 0 {
+                        self.fail("pre-rollout hook called after the first step".into());
+                    }
                     let verdict = self.verdict(revision);
                     let plan = plan_with(self, verdict);
                     match plan.action {
@@ -745,7 +761,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             prop_oneof![3 => Just(0.0), 1 => 0.0f64..0.3],
         ),
         prop_oneof![10 => (0u64..=50).prop_map(|t| Some(t * TICK)), 1 => Just(None)],
-        (events, any::<bool>()),
+        (events, any::<bool>(), any::<bool>()),
     )
         .prop_map(
             |(
@@ -754,7 +770,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 (threshold, steps, proxies),
                 (crash_rate, flake_rate),
                 ready,
-                (events, istio_status),
+                (events, istio_status, gates),
             )| {
                 Scenario {
                     seed,
@@ -768,6 +784,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     flake_rate,
                     candidate_ready_ms: ready,
                     istio_status,
+                    gates,
                     events,
                 }
             },
@@ -802,6 +819,7 @@ fn single(bad: bool) -> Scenario {
         flake_rate: 0.0,
         candidate_ready_ms: Some(1_000),
         istio_status: false,
+        gates: false,
         events: vec![(0, UserAction::SetImage { bad })],
     }
 }
@@ -1078,4 +1096,35 @@ fn request_values_name_a_verb_and_a_release() {
     for bad in ["", "abort", "abort@", "abort@x", "halt@3", "@3"] {
         assert_eq!(Request::parse(bad), Request::Invalid(bad.into()));
     }
+}
+
+#[test]
+fn gates_run_before_the_first_step_and_before_100_percent() {
+    let mut sc = single(false);
+    sc.gates = true;
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    // Steps 10, 50, 100: the pass at 50 leads to 100 %, so that analysis carries the confirmation.
+    assert_eq!(
+        w.stages,
+        [
+            Stage::PreRollout,
+            Stage::Step { confirm: false },
+            Stage::Step { confirm: true },
+            Stage::Step { confirm: false },
+        ]
+    );
+
+    let mut sc = single(true);
+    sc.gates = true;
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+    assert_eq!(
+        w.stages,
+        [Stage::PreRollout, Stage::PreRollout],
+        "a failing gate counts as failed checks: no traffic ever reached the candidate"
+    );
+    assert!(w.vs.as_ref().unwrap().route.weight_of("v2-canary") == 0);
 }
