@@ -143,6 +143,15 @@ pub fn deployment_view(d: &Deployment) -> DeploymentView {
             && s.replicas.unwrap_or(0) == replicas
             && s.available_replicas.unwrap_or(0) == replicas
     });
+    let rollout_failed = status
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c.type_.as_deref() == Some("Progressing")
+                && c.status.as_deref() == Some("False")
+                && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        });
     DeploymentView {
         namespace: d.namespace().unwrap_or_default(),
         name: d.name_any(),
@@ -161,6 +170,7 @@ pub fn deployment_view(d: &Deployment) -> DeploymentView {
             paused: ann.get(annotations::RELEASE_PAUSED).is_some_and(|v| v == values::TRUE),
         },
         rollout_complete,
+        rollout_failed,
         request: ann.get(annotations::REQUEST).map(|v| Request::parse(v)),
     }
 }

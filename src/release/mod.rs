@@ -127,6 +127,9 @@ pub struct DeploymentView {
     pub status: StatusView,
     /// The native controller has rolled out the current template: every replica updated and available.
     pub rollout_complete: bool,
+    /// Its `Progressing` condition says the rollout failed (`ProgressDeadlineExceeded`), which
+    /// `kubectl rollout status` reports.
+    pub rollout_failed: bool,
     /// A person's request waiting to be acted on (`turnout.dev/request`).
     pub request: Option<Request>,
 }

@@ -164,10 +164,7 @@ fn requested(o: &Observed<'_>) -> Option<Plan> {
                 return None;
             }
             let message = format!("release v{t} retried on request");
-            let retried = StatusPatch {
-                rollout: Rollout::Restart,
-                ..patch(o, t, Phase::Pending, 0, 0, message.clone())
-            };
+            let retried = patch(o, t, Phase::Pending, 0, 0, message.clone());
             Some(acted(retried, "Retrying", message))
         }
     }
@@ -288,18 +285,8 @@ fn start(o: &Observed<'_>, t: u64) -> Plan {
         Some(r) => format!("release v{t} supersedes v{r}"),
         None => format!("release v{t} started"),
     };
-    // A failed release left `Progressing=False` in the Deployment's status, which the controller keeps
-    // while the Deployment is paused: `kubectl rollout status` would fail this release at once.
-    let rollout = if d.status.phase == Some(Phase::Failed) {
-        Rollout::Restart
-    } else {
-        Rollout::Keep
-    };
     Plan {
-        action: Action::Status(StatusPatch {
-            rollout,
-            ..patch(o, t, Phase::Pending, 0, 0, message.clone())
-        }),
+        action: Action::Status(patch(o, t, Phase::Pending, 0, 0, message.clone())),
         event: Some(info(
             if superseded.is_some() { "Superseded" } else { "Started" },
             format!("{}/{}: {message}", d.namespace, d.name),
@@ -629,8 +616,35 @@ fn failed(o: &Observed<'_>, t: u64) -> Plan {
 /// Istio) failing the release with the reason.
 fn before_routing(o: &Observed<'_>, t: u64) -> Option<Plan> {
     bypassed(o, t)
+        .or_else(|| rollout_restored(o, t))
         .or_else(|| remove_strays(o, Some(t), Some(t)))
         .or_else(|| unroutable(o).map(|why| fail(o, t, o.deployment.status.failed_checks, why)))
+}
+
+/// A failed release (or a retried one) left `Progressing=False, ProgressDeadlineExceeded` in the
+/// Deployment's status, which the controller keeps while the Deployment is paused: `kubectl rollout
+/// status` would report this release failed. The condition goes back to what a paused Deployment shows.
+fn rollout_restored(o: &Observed<'_>, t: u64) -> Option<Plan> {
+    let d = &o.deployment;
+    if !d.rollout_failed {
+        return None;
+    }
+    let s = &d.status;
+    let message = format!("release v{t} in progress");
+    Some(Plan {
+        action: Action::Status(StatusPatch {
+            rollout: Rollout::Restart,
+            ..patch(
+                o,
+                t,
+                s.phase.unwrap_or(Phase::Pending),
+                s.weight,
+                s.failed_checks,
+                message,
+            )
+        }),
+        event: None,
+    })
 }
 
 /// The safety net during a release: the Deployment was resumed before hand-off without turnout (the
