@@ -889,6 +889,8 @@ async fn hooks_gate_releases_and_are_told_how_they_end() {
 
     // The gate says no: two failed checks (threshold 2), rolled back, no request ever reaches v3.
     hooks.answers.lock().unwrap().insert("pre-rollout".into(), 503);
+    // And the rollback notification fails: a Warning Event says so.
+    hooks.answers.lock().unwrap().insert("rollback".into(), 500);
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V3]).await;
     env.wait_phase(ns, "Failed", Duration::from_secs(60)).await;
     let message = env.annotation(ns, "turnout.dev/message").await.unwrap();
@@ -907,6 +909,17 @@ async fn hooks_gate_releases_and_are_told_how_they_end() {
     assert_eq!(
         (&rollback[0]["phase"], &rollback[0]["revision"]),
         (&"Failed".into(), &3.into())
+    );
+    let warned = eventually(Duration::from_secs(10), "a HookFailed Event", || async {
+        let events = env.events(ns).await;
+        events.into_iter().find(|e| e.starts_with("Warning HookFailed"))
+    })
+    .await;
+    assert_eq!(
+        warned,
+        format!(
+            "Warning HookFailed: k/podinfo: hook rollback ({url}) answered 500 Internal Server Error: rollback: 500"
+        )
     );
     assert_at_rest(&env, ns, "2").await;
     let stats = load.finish().await;
