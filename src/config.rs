@@ -78,6 +78,18 @@ impl HookKind {
     pub fn parse(s: &str) -> Option<HookKind> {
         HookKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
+
+    /// [`HookKind::parse`], with an error that lists the kinds.
+    ///
+    /// # Errors
+    ///
+    /// `s` names no hook.
+    pub fn named(s: &str) -> Result<HookKind, String> {
+        HookKind::parse(s).ok_or_else(|| {
+            let kinds: Vec<&str> = HookKind::ALL.iter().map(|k| k.as_str()).collect();
+            format!("unknown hook {s:?}: use one of {}", kinds.join(", "))
+        })
+    }
 }
 
 impl std::fmt::Display for HookKind {
@@ -299,17 +311,14 @@ pub fn resolve(
             let Some(kind) = key.strip_prefix(HOOK_PREFIX) else {
                 break;
             };
-            let parsed = match HookKind::parse(kind) {
+            let parsed = match HookKind::named(kind) {
                 // An empty value (on the Deployment, say) turns off the level below's hook.
-                Some(kind) if value.trim().is_empty() => {
+                Ok(kind) if value.trim().is_empty() => {
                     config.hooks.remove(&kind);
                     continue;
                 }
-                Some(kind) => parse_hook_url(value).map(|url| (kind, url)),
-                None => {
-                    let kinds: Vec<&str> = HookKind::ALL.iter().map(|k| k.as_str()).collect();
-                    Err(format!("unknown hook {kind:?}: use one of {}", kinds.join(", ")))
-                }
+                Ok(kind) => parse_hook_url(value).map(|url| (kind, url)),
+                Err(e) => Err(e),
             };
             match parsed {
                 Ok((kind, url)) => {

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::hooks::{Caller, Payload};
 use crate::config::{HookKind, NoData, ReleaseConfig};
-use crate::release::{CandidateView, Stage, Verdict};
+use crate::release::{CandidateView, DeploymentView, Stage, Verdict};
 
 /// Outcome of one check, for the `turnout_analysis_checks_total{check,result}` metric.
 #[derive(Clone, Debug, PartialEq)]
@@ -44,55 +44,38 @@ impl Default for Analyser {
     }
 }
 
-/// Where the release is, for the hooks' payload.
-#[derive(Clone, Copy, Debug)]
-pub struct At<'a> {
-    pub namespace: &'a str,
-    pub target: &'a str,
-    pub weight: u8,
-}
-
 impl Analyser {
     /// The hook caller, shared with the notifications.
     pub fn hooks(&self) -> &Caller {
         &self.hooks
     }
 
-    /// The checks of `stage` for `candidate` of Deployment `at.target`: the gate hooks due, and at a
-    /// step the readiness, metric and custom checks.
+    /// The checks of `stage` for `candidate` of the Deployment `d`: the gate hooks due, and at a step
+    /// the readiness, metric and custom checks.
     pub async fn analyse_stage(
         &self,
         config: &ReleaseConfig,
-        at: At<'_>,
+        d: &DeploymentView,
         candidate: &CandidateView,
         stage: Stage,
     ) -> Vec<Check> {
-        let (phase, hooks, metrics) = match stage {
-            Stage::PreRollout => ("Pending", vec![HookKind::PreRollout], false),
+        let (hooks, metrics) = match stage {
+            Stage::PreRollout => (vec![HookKind::PreRollout], false),
             Stage::Step { confirm } => {
                 let mut hooks = vec![HookKind::Rollout];
                 if confirm {
                     hooks.push(HookKind::ConfirmPromotion);
                 }
-                ("Progressing", hooks, true)
+                (hooks, true)
             }
         };
         let mut checks = if metrics {
-            self.analyse(config, at.namespace, at.target, candidate).await
+            self.analyse(config, &d.namespace, &d.name, candidate).await
         } else {
             Vec::new()
         };
         for kind in hooks {
-            let payload = Payload {
-                hook: kind.as_str(),
-                name: at.target.to_owned(),
-                namespace: at.namespace.to_owned(),
-                phase: phase.to_owned(),
-                revision: candidate.revision,
-                weight: at.weight,
-                candidate: candidate.name.clone(),
-                event: None,
-            };
+            let payload = Payload::about(kind, d, None);
             if let Some(answer) = self.hooks.call(config, kind, &payload).await {
                 let (passed, detail) = match answer {
                     Ok(answer) => (true, format!("hook {kind} {answer}")),

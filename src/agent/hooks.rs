@@ -18,6 +18,8 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
 use crate::config::{HookKind, ReleaseConfig};
+use crate::names::candidate_name;
+use crate::release::{DeploymentView, Event, Phase};
 
 /// What a hook is told.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -38,6 +40,27 @@ pub struct Payload {
     /// For the `event` hook: the Event.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<EventPayload>,
+}
+
+impl Payload {
+    /// The payload of a `kind` hook about the release of `view` (and `event`, for the `event` hook).
+    pub fn about(kind: HookKind, view: &DeploymentView, event: Option<&Event>) -> Payload {
+        let revision = view.status.release.unwrap_or(view.template_revision);
+        Payload {
+            hook: kind.as_str(),
+            name: view.name.clone(),
+            namespace: view.namespace.clone(),
+            phase: view.status.phase.map_or("-", Phase::as_str).to_owned(),
+            revision,
+            weight: view.status.weight,
+            candidate: candidate_name(&view.name, revision),
+            event: event.map(|e| EventPayload {
+                type_: if e.warning { "Warning" } else { "Normal" },
+                reason: e.reason.to_owned(),
+                message: e.message.clone(),
+            }),
+        }
+    }
 }
 
 /// An Event, as the `event` hook gets it.

@@ -40,7 +40,7 @@ use prometheus_client::registry::Registry;
 use crate::config::{self, HookKind, NoData, ReleaseConfig};
 use crate::names::{agent as agent_names, annotations, labels, values};
 use crate::release::{self, Action, DeploymentView, Millis, Observed, Phase};
-use hooks::{EventPayload, Payload};
+use hooks::Payload;
 
 /// Deployments reconciled at the same time.
 const WORKERS: u16 = 8;
@@ -95,11 +95,7 @@ pub struct Args {
 
 fn parse_hook(value: &str) -> Result<(HookKind, String), String> {
     let (kind, url) = value.split_once('=').ok_or("expected KIND=URL")?;
-    let kind = HookKind::parse(kind.trim()).ok_or_else(|| {
-        let kinds: Vec<&str> = HookKind::ALL.iter().map(|k| k.as_str()).collect();
-        format!("unknown hook {kind:?}: use one of {}", kinds.join(", "))
-    })?;
-    Ok((kind, config::parse_hook_url(url)?))
+    Ok((HookKind::named(kind.trim())?, config::parse_hook_url(url)?))
 }
 
 /// Canary weights, parsed as one comma-separated value.
@@ -328,12 +324,10 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
                 let Some(candidate) = snap.candidates.iter().find(|c| c.revision == *revision) else {
                     return Ok(Requeue::requeue(Duration::from_secs(1)));
                 };
-                let at = analysis::At {
-                    namespace: &ns_name,
-                    target: &name,
-                    weight: snap.deployment.status.weight,
-                };
-                let checks = ctx.analyser.analyse_stage(&config, at, candidate, *stage).await;
+                let checks = ctx
+                    .analyser
+                    .analyse_stage(&config, &snap.deployment, candidate, *stage)
+                    .await;
                 for c in &checks {
                     let result = if c.passed { "pass" } else { "fail" };
                     ctx.metrics
@@ -370,7 +364,7 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
                     if let Some(kind) = ended
                         && before != (Some(p.phase), Some(p.release))
                     {
-                        notify(ctx, &config, kind, d, payload(kind, &view, None));
+                        notify(ctx, &config, kind, d, Payload::about(kind, &view, None));
                     }
                     if p.phase == Phase::Pending {
                         for problem in &problems {
@@ -432,27 +426,8 @@ async fn record(ctx: &Context, d: &Deployment, config: &ReleaseConfig, view: &De
         config,
         HookKind::Event,
         d,
-        payload(HookKind::Event, view, Some(event)),
+        Payload::about(HookKind::Event, view, Some(event)),
     );
-}
-
-/// The payload of a `kind` hook about the release of `view`.
-fn payload(kind: HookKind, view: &DeploymentView, event: Option<&release::Event>) -> Payload {
-    let revision = view.status.release.unwrap_or(view.template_revision);
-    Payload {
-        hook: kind.as_str(),
-        name: view.name.clone(),
-        namespace: view.namespace.clone(),
-        phase: view.status.phase.map_or("-", Phase::as_str).to_owned(),
-        revision,
-        weight: view.status.weight,
-        candidate: crate::names::candidate_name(&view.name, revision),
-        event: event.map(|e| EventPayload {
-            type_: if e.warning { "Warning" } else { "Normal" },
-            reason: e.reason.to_owned(),
-            message: e.message.clone(),
-        }),
-    }
 }
 
 /// Sends a notification hook (`post-rollout`, `rollback`, `event`) in the background, if configured:

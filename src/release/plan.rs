@@ -132,21 +132,18 @@ fn requested(o: &Observed<'_>) -> Option<Plan> {
             }
             Some(plan)
         }
-        Verb::Pause => {
-            let message = format!("paused on request at canary weight {weight}");
-            let paused = StatusPatch {
-                paused: true,
+        Verb::Pause | Verb::Resume => {
+            let (paused, reason, done) = if verb == Verb::Pause {
+                (true, "Paused", "paused")
+            } else {
+                (false, "Resumed", "resumed")
+            };
+            let message = format!("{done} on request at canary weight {weight}");
+            let patch = StatusPatch {
+                paused,
                 ..patch(o, t, phase, weight, failed, message.clone())
             };
-            Some(acted(paused, "Paused", message))
-        }
-        Verb::Resume => {
-            let message = format!("resumed on request at canary weight {weight}");
-            let resumed = StatusPatch {
-                paused: false,
-                ..patch(o, t, phase, weight, failed, message.clone())
-            };
-            Some(acted(resumed, "Resumed", message))
+            Some(acted(patch, reason, message))
         }
         Verb::Promote if phase == Phase::Promoting => {
             let message = format!("release v{t} promoted on request");
