@@ -102,6 +102,16 @@ pub mod agent {
     pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 }
 
+/// The Deployment status condition turnout writes and reads, which `kubectl rollout status` follows.
+pub mod conditions {
+    /// The condition's type.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Reason of a failed rollout (`status: "False"`): `kubectl rollout status` exits non-zero.
+    pub const DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+    /// Reason the Deployment controller gives a paused Deployment (`status: "Unknown"`).
+    pub const PAUSED: &str = "DeploymentPaused";
+}
+
 /// Name of the candidate Deployment of release `revision` of Deployment `name`.
 pub fn candidate_name(name: &str, revision: u64) -> String {
     format!("{name}-v{revision}")

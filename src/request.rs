@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::agent::observe::deployment_view;
 use crate::names::annotations;
 use crate::release::{DeploymentView, Phase, Request, Verb, admissible};
-use crate::status::{Error, client};
+use crate::status::{Error, client, get_deployment as get};
 
 /// Options shared by the request commands.
 #[derive(Clone, Debug, clap::Args)]
@@ -128,16 +128,6 @@ pub fn done(verb: Verb, release: u64, d: &DeploymentView) -> bool {
         Verb::Pause => s.paused,
         Verb::Resume => !s.paused,
     }
-}
-
-async fn get(api: &Api<Deployment>, namespace: &str, name: &str) -> Result<Deployment, Error> {
-    api.get_opt(name)
-        .await
-        .map_err(|e| Error::Cluster(e.to_string()))?
-        .ok_or_else(|| Error::NotFound {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })
 }
 
 /// The message of the latest `RequestRefused` Event on the Deployment.

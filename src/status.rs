@@ -14,7 +14,7 @@ use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 
 use crate::istio::virtual_service::VirtualService;
-use crate::names::{agent, annotations, values};
+use crate::names::{agent, annotations};
 
 /// Show releases.
 #[derive(Clone, Debug, clap::Args)]
@@ -153,15 +153,7 @@ async fn read(client: &Client, args: &Args, namespace: &str) -> Result<Vec<Relea
         )
     };
     let list = match &args.deployment {
-        Some(name) => match deployments.get_opt(name).await.map_err(cluster)? {
-            Some(d) => vec![d],
-            None => {
-                return Err(Error::NotFound {
-                    namespace: namespace.to_owned(),
-                    name: name.clone(),
-                });
-            }
-        },
+        Some(name) => vec![get_deployment(&deployments, namespace, name).await?],
         None => deployments
             .list(&ListParams::default())
             .await
@@ -188,10 +180,25 @@ async fn read(client: &Client, args: &Args, namespace: &str) -> Result<Vec<Relea
     Ok(releases)
 }
 
+/// The Deployment `name`, or [`Error::NotFound`].
+///
+/// # Errors
+///
+/// The cluster cannot be read, or there is no such Deployment.
+pub async fn get_deployment(api: &Api<Deployment>, namespace: &str, name: &str) -> Result<Deployment, Error> {
+    api.get_opt(name)
+        .await
+        .map_err(cluster)?
+        .ok_or_else(|| Error::NotFound {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+}
+
 /// The release of `d`, with the weights of the managed VirtualService it owns.
 pub fn release(d: &Deployment, routes: &[VirtualService]) -> Release {
     let ann = d.annotations();
-    let number = |key: &str| ann.get(key).and_then(|v| v.parse::<u64>().ok());
+    let view = crate::agent::observe::deployment_view(d);
     let uid = d.uid().unwrap_or_default();
     let mut weights = BTreeMap::new();
     for vs in routes
@@ -210,16 +217,13 @@ pub fn release(d: &Deployment, routes: &[VirtualService]) -> Release {
         namespace: d.namespace().unwrap_or_default(),
         name: d.name_any(),
         phase: ann.get(annotations::PHASE).cloned().unwrap_or_else(|| "-".into()),
-        revision: number(annotations::RELEASE).or(template_revision),
-        stable: number(annotations::STABLE_REVISION),
+        revision: view.status.release.or(template_revision),
+        stable: view.stable_revision,
         weights,
-        failed_checks: ann
-            .get(annotations::FAILED_CHECKS)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
+        failed_checks: view.status.failed_checks,
         message: ann.get(annotations::MESSAGE).cloned().unwrap_or_default(),
-        paused: d.spec.paused.unwrap_or(false),
-        held: ann.get(annotations::RELEASE_PAUSED).is_some_and(|v| v == values::TRUE),
+        paused: view.paused,
+        held: view.status.paused,
         request: ann.get(annotations::REQUEST).cloned(),
         events: Vec::new(),
     }

@@ -17,7 +17,7 @@ use crate::istio::destination_rule::{DestinationRule, DestinationRuleSpec, Desti
 use crate::istio::virtual_service::{
     VirtualService, VirtualServiceHttp, VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination, VirtualServiceSpec,
 };
-use crate::names::{agent, annotations, candidate_name, labels, values};
+use crate::names::{agent, annotations, candidate_name, conditions, labels, values};
 use crate::release::{Action, Event, Intent, Millis, Rollout, Route, StatusPatch, Subset};
 
 /// The field manager of every write.
@@ -242,24 +242,22 @@ async fn status(client: &Client, d: &Deployment, p: &StatusPatch) -> kube::Resul
         .await?;
     let (status, reason) = match p.rollout {
         Rollout::Keep => return Ok(()),
-        Rollout::Fail => ("False", "ProgressDeadlineExceeded"),
+        Rollout::Fail => ("False", conditions::DEADLINE_EXCEEDED),
         // What the Deployment controller itself reports for a paused Deployment.
-        Rollout::Restart => ("Unknown", "DeploymentPaused"),
+        Rollout::Restart => ("Unknown", conditions::PAUSED),
     };
-    {
-        let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let condition = json!({
-            "type": "Progressing",
-            "status": status,
-            "reason": reason,
-            "message": format!("turnout: {}", p.message),
-            "lastUpdateTime": now,
-            "lastTransitionTime": now,
-        });
-        let body = json!({ "status": { "conditions": [condition] } });
-        api.patch_status(&d.name_any(), &PatchParams::default(), &Patch::Strategic(&body))
-            .await?;
-    }
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let condition = json!({
+        "type": conditions::PROGRESSING,
+        "status": status,
+        "reason": reason,
+        "message": format!("turnout: {}", p.message),
+        "lastUpdateTime": now,
+        "lastTransitionTime": now,
+    });
+    let body = json!({ "status": { "conditions": [condition] } });
+    api.patch_status(&d.name_any(), &PatchParams::default(), &Patch::Strategic(&body))
+        .await?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use kube::{Api, Client, ResourceExt};
 use crate::admission::template::template_labels;
 use crate::istio::destination_rule::DestinationRule;
 use crate::istio::virtual_service::VirtualService;
-use crate::names::{agent, annotations, labels, values};
+use crate::names::{agent, annotations, conditions, labels, values};
 use crate::release::{
     CandidateView, DeploymentView, DestinationRuleView, HostView, Managed, Millis, Phase, ReplicaSetView, Request,
     Route, StatusView, Subset, VirtualServiceView, Weighted,
@@ -148,9 +148,9 @@ pub fn deployment_view(d: &Deployment) -> DeploymentView {
         .into_iter()
         .flatten()
         .any(|c| {
-            c.type_.as_deref() == Some("Progressing")
+            c.type_.as_deref() == Some(conditions::PROGRESSING)
                 && c.status.as_deref() == Some("False")
-                && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+                && c.reason.as_deref() == Some(conditions::DEADLINE_EXCEEDED)
         });
     DeploymentView {
         namespace: d.namespace().unwrap_or_default(),
