@@ -2,10 +2,11 @@
 //!
 //! `cargo bench --bench agent [-- --deployments 1000 --releases 5]`
 //!
-//! kubesim runs in this process with no readiness or propagation delays; `turnout run` runs as a separate
+//! The test bed (the real control plane, with the node agent and mesh in this process) has no
+//! readiness or propagation delays; `turnout run` runs as a separate
 //! process (as its ServiceAccount) with zero propagation, drain and analysis waits, so what is measured is
 //! turnout's own reaction, not configured waits. Side by side in the same run, the baseline: the native
-//! Deployment controller (kubesim's) reacting to the same update in a namespace that did not opt in.
+//! Deployment controller (the real kube-controller-manager's) reacting to the same update in a namespace that did not opt in.
 //!
 //! 1. From an update admitted (the held Deployment seen on a watch) to the candidate created, and to the
 //!    first weight change on the VirtualService; baseline: update to the new ReplicaSet, natively.
@@ -23,7 +24,6 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
-use kubesim::sim::{Config, admin};
 use serde_json::json;
 use turnout::istio::virtual_service::VirtualService;
 
@@ -132,16 +132,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let o = options();
-    let cluster = Cluster::start(Config {
-        pod_ready_delay: Duration::ZERO,
-        max_propagation_delay: Duration::ZERO,
-        ..Config::default()
-    })
-    .await;
-    let client = cluster.client(&admin().name).await;
+    common::configure(Duration::ZERO, Duration::ZERO);
+    let cluster = Cluster::exclusive().await;
+    let client = cluster.admin_client().await;
 
     let dir = cluster.dir.path().to_owned();
-    let bundle = turnout::certs::generate(&["turnout-webhook.turnout-system.svc".into()]).unwrap();
+    let bundle = turnout::certs::generate(&["turnout-webhook.turnout-system.svc".into(), "127.0.0.1".into()]).unwrap();
     turnout::certs::write(&dir.join("certs"), &bundle, false).unwrap();
     let port = |_: ()| {
         std::net::TcpListener::bind("127.0.0.1:0")

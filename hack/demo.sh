@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# turnout's demo on kubesim (the Kubernetes emulator in hack/kubesim): no cluster needed.
+# turnout's demo on the test bed: the real Kubernetes control plane (etcd, kube-apiserver,
+# kube-controller-manager and kubectl, built from the Kubernetes Go modules on first use: 10-25 minutes
+# once, seconds after), with kubesim's node agent running the pods and its Istio-like mesh whose
+# proxies apply changes late. No cluster needed.
 #
-# Starts kubesim (API server, controllers and an Istio-like mesh whose proxies apply changes late),
-# installs turnout as the README says (kubectl apply -k deploy/, then hack/install-certs.sh), runs
-# `turnout run` (webhook + agent) as its ServiceAccount, a real Prometheus when one is installed, and
-# constant HTTP load through the mesh. Then, with the real kubectl:
+# Installs turnout as the README says (kubectl apply -k deploy/, then hack/install-certs.sh), runs
+# `turnout run` (webhook + agent) with a token of its ServiceAccount, a real Prometheus when one is
+# installed, and constant HTTP load through the mesh. Then, with the pinned kubectl:
 #   1. a healthy release (kubectl set image): canary steps, analysis, hand-off, promotion;
 #   2. a bad release (5 in 10 requests fail): rolled back automatically, `kubectl rollout status` fails;
 #   3. the same update in a namespace that did not opt in: a native rolling update, for comparison.
 # It prints the release's progress every second and ends with the failed-request counts and a chart of
 # requests per version over time (target/demo/requests.svg, or $DEMO_OUT/requests.svg).
 #
-# Usage: hack/demo.sh          (needs cargo, kubectl, curl and python3; Prometheus is optional)
+# Usage: hack/demo.sh          (needs cargo, go, curl and python3; Prometheus is optional)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -102,23 +104,28 @@ follow() {
   done
 }
 
-say "building turnout and kubesim"
+say "building the Kubernetes control plane (skipped when built), turnout and kubesim"
+"$root/hack/k8s/build.sh"
+bin=${TURNOUT_K8S_BIN:-${CARGO_TARGET_DIR:-$root/target}/k8s/bin}
+# The pinned kubectl, the same version as the control plane.
+export PATH="$bin:$PATH"
 cargo build --quiet --manifest-path "$root/Cargo.toml" -p turnout -p kubesim --bins
-turnout="$root/target/debug/turnout"
-kubesim="$root/target/debug/kubesim"
+turnout="${CARGO_TARGET_DIR:-$root/target}/debug/turnout"
+kubesim="${CARGO_TARGET_DIR:-$root/target}/debug/kubesim"
 
 port=$(free_port)
 admin=$(free_port)
-say "kubesim up: proxies apply each change up to 500ms late, as Envoys do"
-"$kubesim" up --dir "$work/cluster" --pod-ready-delay 300ms --max-propagation-delay 500ms \
-  --service "turnout-system/turnout-webhook=127.0.0.1:$port" > "$work/kubesim.log" 2>&1 &
+say "the test bed: etcd, kube-apiserver, kube-controller-manager $(kubectl version --client -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])'); a node agent; a mesh whose proxies apply each change up to 500ms late, as Envoys do"
+TURNOUT_K8S_BIN="$bin" "$kubesim" up --dir "$work/cluster" --pod-ready-delay 300ms --max-propagation-delay 500ms \
+  > "$work/kubesim.log" 2>&1 &
 pids+=($!)
-wait_for 30 test -s "$work/cluster/endpoints.json"
+wait_for 120 test -s "$work/cluster/endpoints.json"
 export KUBECONFIG="$work/cluster/kubeconfig"
 endpoints() { python3 -c "import json,sys; print(json.load(open('$work/cluster/endpoints.json'))['$1'])"; }
 mesh=$(endpoints mesh | sed 's#^http://##')
 metrics=$(endpoints metrics | sed -e 's#^http://##' -e 's#/metrics$##')
 run kubectl apply -f "$root/../shared/crds/istio/" > /dev/null
+kubectl wait --for=condition=Established --timeout=60s crd/virtualservices.networking.istio.io crd/destinationrules.networking.istio.io > /dev/null
 echo "Istio CRDs applied"
 
 prometheus_flag=()
@@ -143,10 +150,19 @@ fi
 
 say "install turnout: the manifests, then the certificates"
 run kubectl apply -k "$root/deploy"
-TURNOUT_BIN="$turnout" run "$root/hack/install-certs.sh" --dir "$work/certs"
+TURNOUT_BIN="$turnout" run "$root/hack/install-certs.sh" --dir "$work/certs" --host 127.0.0.1
+# The test bed has no cluster network: the API server calls the webhook by URL, and this script's
+# turnout process stands in for deploy/'s pods.
+run kubectl patch mutatingwebhookconfiguration turnout --type=json \
+  -p "[{\"op\":\"remove\",\"path\":\"/webhooks/0/clientConfig/service\"},{\"op\":\"add\",\"path\":\"/webhooks/0/clientConfig/url\",\"value\":\"https://127.0.0.1:$port/mutate\"}]"
+run kubectl scale -n turnout-system deployment/turnout --replicas=0
 
-say "turnout run: webhook + agent, as the ServiceAccount turnout-system/turnout (deploy/'s RBAC)"
-"$kubesim" kubeconfig --dir "$work/cluster" --user system:serviceaccount:turnout-system:turnout > "$work/agent.kubeconfig"
+say "turnout run: webhook + agent, with a token of the ServiceAccount turnout-system/turnout (deploy/'s RBAC)"
+token=$(kubectl create token turnout -n turnout-system --duration=2h)
+echo "kubectl create token turnout -n turnout-system: a token of ${#token} characters"
+cp "$KUBECONFIG" "$work/agent.kubeconfig"
+KUBECONFIG="$work/agent.kubeconfig" kubectl config set-credentials turnout --token="$token" > /dev/null
+KUBECONFIG="$work/agent.kubeconfig" kubectl config set-context --current --user=turnout > /dev/null
 KUBECONFIG="$work/agent.kubeconfig" "$turnout" run --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
   --tls-cert "$work/certs/tls.crt" --tls-key "$work/certs/tls.key" \
   --agent-username system:serviceaccount:turnout-system:turnout --drain-delay 0s \
@@ -168,8 +184,9 @@ EOF
 }
 
 say "opt a namespace in; deploy the podinfo sample (2 replicas) behind a Service; start 40 requests/s"
-run kubectl create namespace shop --dry-run=client -o yaml | kubectl apply -f -
+run kubectl create namespace shop
 run kubectl label namespace shop turnout.dev/rollout=enabled
+wait_for 30 kubectl get -n shop serviceaccount default
 run kubectl apply -n shop -f "$root/../shared/fixtures/podinfo/deployment.yaml"
 run kubectl scale -n shop deployment/podinfo --replicas=2
 service shop
@@ -202,7 +219,8 @@ kubectl get -n shop events --field-selector involvedObject.name=podinfo --sort-b
 stop_load
 
 say "3. for comparison: the same update in a namespace that did not opt in (a native rolling update)"
-run kubectl create namespace plain --dry-run=client -o yaml | kubectl apply -f -
+run kubectl create namespace plain
+wait_for 30 kubectl get -n plain serviceaccount default
 run kubectl apply -n plain -f "$root/../shared/fixtures/podinfo/deployment.yaml"
 run kubectl scale -n plain deployment/podinfo --replicas=2
 service plain

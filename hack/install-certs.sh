@@ -13,7 +13,7 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 usage() {
   cat <<EOF
-Usage: hack/install-certs.sh [--force] [--dry-run] [--namespace NS] [--dir DIR]
+Usage: hack/install-certs.sh [--force] [--dry-run] [--namespace NS] [--dir DIR] [--host NAME]...
 
 Generates a CA and a serving certificate for turnout's admission webhook with
 \`turnout certs\`, stores the serving pair in the Secret ${SECRET_NAME}, and
@@ -28,6 +28,9 @@ Options:
                     nothing in the cluster.
   --namespace NS    Namespace turnout runs in (default: turnout-system).
   --dir DIR         Where the files go (default: certs/ in the repository).
+  --host NAME       Another DNS name or IP address the serving certificate is
+                    valid for, besides the Service's names (e.g. 127.0.0.1
+                    when the API server calls the webhook by URL); repeatable.
   -h, --help        Show this help.
 
 Environment:
@@ -51,11 +54,17 @@ force=false
 dry_run=false
 namespace=turnout-system
 dir="${repo_root}/certs"
+extra_hosts=()
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --force) force=true ;;
     --dry-run) dry_run=true ;;
+    --host)
+      [[ $# -ge 2 ]] || die "--host needs a value"
+      extra_hosts+=("$2")
+      shift
+      ;;
     --namespace)
       [[ $# -ge 2 ]] || die "--namespace needs a value"
       namespace="$2"
@@ -97,6 +106,7 @@ tls_key="$dir/tls.key"
 hosts=(
   "${SERVICE_NAME}.${namespace}.svc"
   "${SERVICE_NAME}.${namespace}.svc.cluster.local"
+  ${extra_hosts[@]+"${extra_hosts[@]}"}
 )
 
 command -v "$kubectl_bin" >/dev/null 2>&1 || die "kubectl not found (set KUBECTL)"

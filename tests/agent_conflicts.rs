@@ -6,7 +6,6 @@ mod common;
 use common::Cluster;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
-use kubesim::sim::{Config, admin};
 use turnout::agent::{act, observe};
 use turnout::release::{Action, Intent, Phase, Rollout, Route, StatusPatch, Weighted};
 
@@ -31,14 +30,14 @@ fn conflict<T: std::fmt::Debug>(result: kube::Result<T>) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
-    let cluster = Cluster::start(Config::default()).await;
+    let cluster = Cluster::start().await;
     cluster.istio_crds().await;
     cluster.namespace("shop", false).await;
     cluster.podinfo("shop").await;
     cluster
         .apply("apiVersion: v1\nkind: Service\nmetadata:\n  name: podinfo\n  namespace: shop\nspec:\n  selector:\n    app: podinfo\n  ports:\n    - port: 9898\n")
         .await;
-    let client = cluster.client(&admin().name).await;
+    let client = cluster.admin_client().await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
 
     // The Deployment: read, changed by someone else, then written from the stale read.

@@ -1,6 +1,8 @@
-//! Releases end to end (issue scenarios a–f): kubesim with its mesh under constant HTTP load, a real
-//! Prometheus scraping the mesh's Istio metrics, `turnout run` as a separate process with deploy/'s
-//! RBAC, and the real kubectl making the changes a user makes.
+//! Releases end to end (issue scenarios a–f): the real control plane with the test bed's node agent and
+//! mesh under constant HTTP load, a real Prometheus scraping the mesh's Istio metrics, `turnout run` as a
+//! separate process with a token of deploy/'s ServiceAccount (so deploy/'s RBAC is enforced), its webhook
+//! called by the API server through deploy/'s registration, and the pinned kubectl making the changes a
+//! user makes.
 //!
 //! The scenarios run side by side, one namespace each, on one cluster.
 
@@ -16,7 +18,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{Cluster, eventually};
 use http_body_util::{BodyExt as _, Empty};
-use kubesim::sim::Config;
 use serde_json::Value;
 
 const V1: &str = "podinfod=ghcr.io/stefanprodan/podinfo:6.0.0";
@@ -157,7 +158,7 @@ async fn prometheus(cluster: &Cluster) -> (Process, String) {
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: kubesim-mesh\n    \
                  static_configs:\n      - targets: ['{}']\n",
-                cluster.sim.metrics_addr
+                cluster.metrics_addr()
             ),
         )
         .unwrap();
@@ -183,12 +184,7 @@ async fn prometheus(cluster: &Cluster) -> (Process, String) {
 impl Env {
     /// A cluster with turnout installed; `istio`: the Istio CRDs and a Prometheus scraping the mesh.
     async fn start(istio: bool) -> Self {
-        let cluster = Cluster::start(Config {
-            pod_ready_delay: Duration::from_millis(200),
-            max_propagation_delay: Duration::from_millis(500),
-            ..Config::default()
-        })
-        .await;
+        let cluster = Cluster::exclusive().await;
         let dir = cluster.dir.path().to_owned();
 
         // Prometheus scraping the mesh every second.
@@ -200,7 +196,8 @@ impl Env {
         };
 
         // turnout run, as the agent's ServiceAccount.
-        let bundle = turnout::certs::generate(&["turnout-webhook.turnout-system.svc".into()]).unwrap();
+        let bundle =
+            turnout::certs::generate(&["turnout-webhook.turnout-system.svc".into(), "127.0.0.1".into()]).unwrap();
         turnout::certs::write(&dir.join("certs"), &bundle, false).unwrap();
         let listen = free_port();
         let admin = free_port();
@@ -208,6 +205,16 @@ impl Env {
         cluster.install(bundle.ca_pem.as_bytes(), listen).await;
         if istio {
             cluster.istio_crds().await;
+        } else {
+            cluster
+                .ok(&[
+                    "delete",
+                    "--ignore-not-found",
+                    "--wait",
+                    "-f",
+                    &format!("{}/../shared/crds/istio", env!("CARGO_MANIFEST_DIR")),
+                ])
+                .await;
         }
         let turnout = spawn_turnout(&cluster, listen, admin, &prometheus_url, 1).await;
         Self {
@@ -237,7 +244,7 @@ impl Env {
     }
 
     fn mesh(&self) -> SocketAddr {
-        self.sim.mesh_addr
+        self.mesh_addr()
     }
 
     async fn annotation(&self, ns: &str, key: &str) -> Option<String> {

@@ -1,5 +1,5 @@
-//! The webhook as a cluster calls it: `deploy/` applied to kubesim with the real kubectl, kubesim
-//! calling turnout's webhook server through the MutatingWebhookConfiguration, and Deployment updates
+//! The webhook as a cluster calls it: `deploy/` applied to the real control plane with the pinned kubectl,
+//! the real API server calling turnout's webhook server through deploy/'s MutatingWebhookConfiguration, and Deployment updates
 //! made with kubectl in an opted-in namespace and in one that is not.
 
 mod common;
@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::{Cluster, template_label};
-use kubesim::sim::Config;
 use turnout::webhook::{Args, Server};
 
 struct Env {
@@ -24,15 +23,12 @@ impl std::ops::Deref for Env {
 
 impl Env {
     async fn start() -> Self {
-        let cluster = Cluster::start(Config {
-            pod_ready_delay: Duration::from_millis(100),
-            ..Config::default()
-        })
-        .await;
+        let cluster = Cluster::exclusive().await;
         let dir = cluster.dir.path();
 
         // turnout's webhook on its own certificates, for the name kubesim calls the Service by.
-        let bundle = turnout::certs::generate(&["turnout-webhook.turnout-system.svc".into()]).unwrap();
+        let bundle =
+            turnout::certs::generate(&["turnout-webhook.turnout-system.svc".into(), "127.0.0.1".into()]).unwrap();
         turnout::certs::write(&dir.join("certs"), &bundle, false).unwrap();
         let args = Args {
             listen: "127.0.0.1:0".parse().unwrap(),

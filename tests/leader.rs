@@ -1,4 +1,4 @@
-//! Leader election on kubesim: one holder at a time; a silent holder is replaced after the lease
+//! Leader election on the real control plane: one holder at a time; a silent holder is replaced after the lease
 //! duration, not before.
 
 mod common;
@@ -8,7 +8,6 @@ use std::time::Duration;
 use common::Cluster;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
-use kubesim::sim::{Config, admin};
 use turnout::agent::leader::{ElectionArgs, Elector};
 
 fn args(identity: &str) -> ElectionArgs {
@@ -23,8 +22,8 @@ fn args(identity: &str) -> ElectionArgs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_holder_at_a_time_and_a_silent_one_is_replaced_after_the_lease_duration() {
-    let cluster = Cluster::start(Config::default()).await;
-    let client = cluster.client(&admin().name).await;
+    let cluster = Cluster::start().await;
+    let client = cluster.admin_client().await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
     let holder = async || {
         leases

@@ -1,11 +1,10 @@
-//! `turnout status` against kubesim, with the real kubectl setting up what the agent would have written.
+//! `turnout status` on the real control plane, with the real kubectl setting up what the agent would have written.
 
 mod common;
 
 use std::process::Output;
 
 use common::Cluster;
-use kubesim::sim::Config;
 use serde_json::Value;
 
 async fn status(cluster: &Cluster, args: &[&str]) -> Output {
@@ -20,7 +19,7 @@ async fn status(cluster: &Cluster, args: &[&str]) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_phase_weights_and_events_with_exit_codes_scripts_can_use() {
-    let cluster = Cluster::start(Config::default()).await;
+    let cluster = Cluster::start().await;
     cluster.istio_crds().await;
     for ns in ["shop", "blog"] {
         cluster.namespace(ns, false).await;

@@ -1,20 +1,124 @@
-//! Shared by the tests that run turnout against kubesim: a cluster, the real kubectl against it, and
-//! turnout's install as the README gives it.
+//! Shared by the tests that run turnout on the test bed: the real control plane (one per test binary,
+//! started on first use), the pinned kubectl against it, and turnout's install as the README gives it.
+//!
+//! Tests in one binary share the control plane and keep to their own namespaces. A test that installs
+//! turnout's webhook, runs an agent or restarts the API server takes the bed for itself
+//! ([`Cluster::exclusive`]); the others run side by side ([`Cluster::start`]).
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use kubesim::sim::{Config, Sim, admin};
 use serde_json::Value;
 
 /// The identity the agent runs as (deploy/'s ServiceAccount).
 pub const AGENT_USER: &str = "system:serviceaccount:turnout-system:turnout";
 
+/// The test bed of this test binary, running on a thread of its own (so it outlives each test's
+/// runtime; its processes end with the binary).
+pub struct Bed {
+    pub dir: PathBuf,
+    /// Where the pinned kubectl (and the control plane) are.
+    pub bin: PathBuf,
+    pub api_url: String,
+    pub admin_kubeconfig: String,
+    pub mesh_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    handle: tokio::runtime::Handle,
+    testbed: Arc<tokio::sync::Mutex<kubesim::testbed::Testbed>>,
+}
+
+static BED: OnceLock<Bed> = OnceLock::new();
+/// (pod readiness delay, largest propagation delay) of the bed, if set before it starts.
+static SETTINGS: OnceLock<(Duration, Duration)> = OnceLock::new();
+
+/// Sets the bed's pod readiness delay and its proxies' largest propagation delay (default 200 ms and
+/// 500 ms); only before the bed starts.
+pub fn configure(pod_ready_delay: Duration, max_propagation_delay: Duration) {
+    assert!(
+        SETTINGS.set((pod_ready_delay, max_propagation_delay)).is_ok() && BED.get().is_none(),
+        "configure() comes before the bed starts"
+    );
+}
+static TURNS: OnceLock<tokio::sync::RwLock<()>> = OnceLock::new();
+
+/// Removes the directories of test beds whose process has ended.
+fn sweep(tmp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("turnout-testbed-")
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn bed() -> &'static Bed {
+    BED.get_or_init(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tmp = std::env::temp_dir();
+        sweep(&tmp);
+        let dir = tmp.join(format!("turnout-testbed-{}", std::process::id()));
+        let mut config = kubesim::testbed::config(&dir);
+        let (ready, propagation) = *SETTINGS.get_or_init(|| (Duration::from_millis(200), Duration::from_millis(500)));
+        config.node.pod_ready_delay = ready;
+        config.mesh.max_propagation_delay = propagation;
+        let bin = config.control_plane.bin_dir.clone();
+        kubesim::testbed::ensure_built(&bin).expect("the control plane builds (hack/k8s/build.sh)");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("testbed".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the test bed");
+                rt.block_on(async move {
+                    match kubesim::testbed::Testbed::start(&config).await {
+                        Ok(testbed) => {
+                            let _ = tx.send(Ok((testbed, tokio::runtime::Handle::current())));
+                            // Serve the bed's tasks (node agent, mesh) until the binary exits.
+                            std::future::pending::<()>().await;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(kubesim::report(&e)));
+                        }
+                    }
+                });
+            })
+            .expect("a thread for the test bed");
+        let (testbed, handle) = rx
+            .recv()
+            .expect("the test bed thread answers")
+            .unwrap_or_else(|e| panic!("the test bed does not start: {e}"));
+        Bed {
+            dir,
+            bin,
+            api_url: testbed.control_plane.api_url.clone(),
+            admin_kubeconfig: testbed.control_plane.admin_kubeconfig(),
+            mesh_addr: testbed.mesh_addr(),
+            metrics_addr: testbed.metrics_addr(),
+            handle,
+            testbed: Arc::new(tokio::sync::Mutex::new(testbed)),
+        }
+    })
+}
+
 pub struct Cluster {
-    pub sim: Sim,
+    pub bed: &'static Bed,
+    /// This test's own files (certificates, logs, kubeconfigs).
     pub dir: tempfile::TempDir,
+    _turn: Turn,
+}
+
+enum Turn {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(tokio::sync::RwLockWriteGuard<'static, ()>),
 }
 
 pub struct Out {
@@ -26,25 +130,38 @@ pub struct Out {
 }
 
 impl Cluster {
-    pub async fn start(config: Config) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let sim = Sim::start(config).await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        sim.write_kubeconfig(&dir.path().join("kubeconfig"), &admin().name)
-            .unwrap();
-        sim.write_kubeconfig(&dir.path().join("agent.kubeconfig"), AGENT_USER)
-            .unwrap();
-        Self { sim, dir }
+    /// The bed, beside the other tests of this binary that share it.
+    pub async fn start() -> Self {
+        let turns = TURNS.get_or_init(|| tokio::sync::RwLock::new(()));
+        let turn = Turn::Shared(turns.read().await);
+        Self::with(turn)
     }
 
-    /// A kube client for `user` (e.g. [`AGENT_USER`], or `admin().name`).
-    pub async fn client(&self, user: &str) -> kube::Client {
-        let yaml = self.sim.kubeconfig(user).unwrap();
-        let kubeconfig = kube::config::Kubeconfig::from_yaml(&yaml).unwrap();
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+    /// The bed for this test alone (it installs turnout, runs an agent or restarts the API server).
+    pub async fn exclusive() -> Self {
+        let turns = TURNS.get_or_init(|| tokio::sync::RwLock::new(()));
+        let turn = Turn::Exclusive(turns.write().await);
+        Self::with(turn)
+    }
+
+    fn with(turn: Turn) -> Self {
+        let bed = tokio::task::block_in_place(bed);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("kubeconfig"), &bed.admin_kubeconfig).unwrap();
+        Self { bed, dir, _turn: turn }
+    }
+
+    /// A kube client for the admin.
+    pub async fn admin_client(&self) -> kube::Client {
+        kubesim::cluster::client_from_yaml(&self.bed.admin_kubeconfig)
             .await
-            .unwrap();
-        kube::Client::try_from(config).unwrap()
+            .unwrap()
+    }
+
+    /// A kube client for the agent's ServiceAccount (after [`Cluster::install`]).
+    pub async fn agent_client(&self) -> kube::Client {
+        let yaml = std::fs::read_to_string(self.agent_kubeconfig()).expect("install() wrote the agent's kubeconfig");
+        kubesim::cluster::client_from_yaml(&yaml).await.unwrap()
     }
 
     /// The admin's kubeconfig.
@@ -52,13 +169,29 @@ impl Cluster {
         self.dir.path().join("kubeconfig")
     }
 
-    /// The agent's kubeconfig (its ServiceAccount, bound by deploy/'s RBAC).
+    /// The agent's kubeconfig: a token of its ServiceAccount (written by [`Cluster::install`]).
     pub fn agent_kubeconfig(&self) -> PathBuf {
         self.dir.path().join("agent.kubeconfig")
     }
 
+    /// Where requests enter the mesh.
+    pub fn mesh_addr(&self) -> SocketAddr {
+        self.bed.mesh_addr
+    }
+
+    /// Where the mesh's Istio metrics are served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.bed.metrics_addr
+    }
+
+    /// The pinned kubectl.
+    pub fn kubectl_path(&self) -> PathBuf {
+        self.bed.bin.join("kubectl")
+    }
+
     pub async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Out {
-        self.run("kubectl", args, stdin).await
+        let kubectl = self.kubectl_path();
+        self.run(kubectl.to_str().unwrap(), args, stdin).await
     }
 
     /// The `turnout` binary (as a person runs it, with the admin's kubeconfig).
@@ -106,6 +239,8 @@ impl Cluster {
         serde_json::from_str(&self.ok(&["get", "-n", ns, what, "-o", "json"]).await.stdout).unwrap()
     }
 
+    /// Creates a namespace (opted in or not) and waits for its `default` ServiceAccount, without which
+    /// the API server admits no pod.
     pub async fn namespace(&self, name: &str, opted_in: bool) {
         let labels = if opted_in {
             "\n  labels:\n    turnout.dev/rollout: enabled"
@@ -115,6 +250,17 @@ impl Cluster {
         self.apply(&format!(
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n"
         ))
+        .await;
+        eventually(
+            Duration::from_secs(30),
+            &format!("the default ServiceAccount of {name}"),
+            || async {
+                self.kubectl(&["get", "serviceaccount", "default", "-n", name], None)
+                    .await
+                    .ok
+                    .then_some(())
+            },
+        )
         .await;
     }
 
@@ -127,16 +273,24 @@ impl Cluster {
         self.ok(&["apply", "-n", ns, "-f", &sample]).await;
     }
 
-    /// Installs turnout as the README says: the manifests, then the caBundle; the webhook Service
-    /// resolves to `webhook`.
-    pub async fn install(&self, ca_pem: &[u8], webhook: std::net::SocketAddr) {
-        self.sim
-            .webhooks
-            .route_service("turnout-system", "turnout-webhook", webhook);
+    /// Installs turnout as the README says (`kubectl apply -k deploy/`, the caBundle), pointed at a
+    /// turnout process of this test:
+    /// - the webhook registration is deploy/'s own, with its client config set to `url: https://WEBHOOK/mutate`
+    ///   (the API server has no cluster network to reach the Service through);
+    /// - deploy/'s Deployment is scaled to 0 (this test's process stands in for its pods);
+    /// - the agent's kubeconfig holds a token of deploy/'s ServiceAccount from `kubectl create token`,
+    ///   so deploy/'s RBAC is what the real authorizer enforces.
+    pub async fn install(&self, ca_pem: &[u8], webhook: SocketAddr) {
+        assert!(
+            matches!(self._turn, Turn::Exclusive(_)),
+            "install() needs Cluster::exclusive()"
+        );
         let root = env!("CARGO_MANIFEST_DIR");
         self.ok(&["apply", "-k", &format!("{root}/deploy")]).await;
         let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
-        let patch = format!(r#"[{{"op":"add","path":"/webhooks/0/clientConfig/caBundle","value":"{ca}"}}]"#);
+        let patch = format!(
+            r#"[{{"op":"replace","path":"/webhooks/0/clientConfig","value":{{"url":"https://{webhook}/mutate","caBundle":"{ca}"}}}}]"#
+        );
         self.ok(&[
             "patch",
             "mutatingwebhookconfiguration",
@@ -146,12 +300,43 @@ impl Cluster {
             &patch,
         ])
         .await;
+        self.ok(&["scale", "-n", "turnout-system", "deployment/turnout", "--replicas=0"])
+            .await;
+        let token = self
+            .ok(&["create", "token", "turnout", "-n", "turnout-system", "--duration=24h"])
+            .await
+            .stdout;
+        let yaml = {
+            let plane = self.bed.testbed.lock().await;
+            plane.control_plane.kubeconfig_with_token(AGENT_USER, token.trim())
+        };
+        std::fs::write(self.agent_kubeconfig(), yaml).unwrap();
     }
 
-    /// Applies the real Istio CRDs.
+    /// Applies the real Istio CRDs and waits until they are served.
     pub async fn istio_crds(&self) {
         let dir = format!("{}/../shared/crds/istio", env!("CARGO_MANIFEST_DIR"));
         self.ok(&["apply", "-f", &dir]).await;
+        self.ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/virtualservices.networking.istio.io",
+            "crd/destinationrules.networking.istio.io",
+        ])
+        .await;
+    }
+
+    /// Kills the API server and starts it again (etcd keeps every object); the bed must be exclusive.
+    pub async fn restart_apiserver(&self) {
+        assert!(matches!(self._turn, Turn::Exclusive(_)));
+        let testbed = self.bed.testbed.clone();
+        self.bed
+            .handle
+            .spawn(async move { testbed.lock().await.control_plane.restart_apiserver().await })
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the API server does not come back: {}", kubesim::report(&e)));
     }
 }
 

@@ -10,8 +10,10 @@
 
 pub mod admission;
 pub mod api;
+pub mod cluster;
 pub mod controllers;
 pub mod mesh;
+pub mod node;
 pub mod patch;
 pub mod pki;
 pub mod rbac;
@@ -21,6 +23,7 @@ pub mod selector;
 pub mod server;
 pub mod sim;
 pub mod store;
+pub mod testbed;
 
 /// An error and its sources on one line.
 pub fn report(error: &(dyn std::error::Error + 'static)) -> String {

@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-/// kubesim: a Kubernetes emulator for turnout's tests and demos (an HTTPS API server that kubectl and
-/// kube-rs use, controllers, and a mesh data plane).
+/// kubesim: turnout's test bed. The real Kubernetes control plane (etcd, kube-apiserver,
+/// kube-controller-manager built from the Kubernetes Go modules by hack/k8s/build.sh), with a node agent
+/// that binds and runs pods and a mesh data plane that routes by the applied Istio objects, both as
+/// clients of the API server.
 #[derive(Debug, Parser)]
 #[command(name = "kubesim", version)]
 struct Cli {
@@ -15,11 +17,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start kubesim and run until SIGINT or SIGTERM; writes DIR/kubeconfig and DIR/endpoints.json.
+    /// Start the test bed and run until SIGINT or SIGTERM; writes DIR/kubeconfig (admin) and
+    /// DIR/endpoints.json ({"api", "mesh", "metrics"}).
     Up {
-        /// Directory for the kubeconfig, the endpoints and the CA (created if missing).
+        /// Directory for certificates, etcd's data, logs, the kubeconfig and the endpoints (created if
+        /// missing; etcd's data there is started afresh).
         #[arg(long, env = "KUBESIM_DIR")]
         dir: PathBuf,
+        /// Where etcd, kube-apiserver, kube-controller-manager and kubectl are (default: target/k8s/bin,
+        /// built there first if missing).
+        #[arg(long, env = "TURNOUT_K8S_BIN")]
+        k8s_bin: Option<PathBuf>,
         /// Port of the API server (0: any free port).
         #[arg(long, env = "KUBESIM_API_PORT", default_value_t = 0)]
         api_port: u16,
@@ -38,31 +46,31 @@ enum Command {
         /// How many simulated client proxies route mesh requests (each adopts changes after its own delay).
         #[arg(long, env = "KUBESIM_PROXIES", default_value_t = 4)]
         proxies: usize,
-        /// Where a Service that an admission webhook names really listens, as NAMESPACE/NAME=IP:PORT
-        /// (there is no cluster network); repeat for more.
-        #[arg(long = "service", value_name = "NS/NAME=ADDR", value_parser = parse_service)]
-        services: Vec<(String, String, std::net::SocketAddr)>,
     },
-    /// Print a kubeconfig for another identity of a running kubesim (e.g. a service account).
+    /// Print a kubeconfig for another identity of a running test bed: a user with a client certificate
+    /// (--user, optionally --group), or a ServiceAccount with a token from the TokenRequest API
+    /// (--service-account NAMESPACE/NAME, as `kubectl create token` mints it).
     Kubeconfig {
-        /// The directory given to `kubesim up`.
+        /// The directory given to `up`.
         #[arg(long, env = "KUBESIM_DIR")]
         dir: PathBuf,
-        /// The user, e.g. system:serviceaccount:turnout-system:turnout.
-        #[arg(long)]
-        user: String,
+        /// A user name for a client certificate, e.g. jane.
+        #[arg(
+            long,
+            conflicts_with = "service_account",
+            required_unless_present = "service_account"
+        )]
+        user: Option<String>,
+        /// The group of the client certificate's user, e.g. system:masters.
+        #[arg(long, requires = "user")]
+        group: Option<String>,
+        /// A ServiceAccount, NAMESPACE/NAME, e.g. turnout-system/turnout.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        service_account: Option<String>,
+        /// How long the ServiceAccount token is valid.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        duration: Duration,
     },
-}
-
-fn parse_service(s: &str) -> Result<(String, String, std::net::SocketAddr), String> {
-    let bad = || format!("{s:?} is not NAMESPACE/NAME=IP:PORT");
-    let (svc, addr) = s.split_once('=').ok_or_else(bad)?;
-    let (ns, name) = svc.split_once('/').ok_or_else(bad)?;
-    let addr: std::net::SocketAddr = addr.parse().map_err(|_| bad())?;
-    if !addr.ip().is_loopback() {
-        return Err(format!("{s:?}: only loopback addresses can be reached"));
-    }
-    Ok((ns.to_owned(), name.to_owned(), addr))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -76,7 +84,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
     }
 }
 
@@ -86,36 +95,50 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")),
         )
         .with_writer(std::io::stderr)
         .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kubesim: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Up {
             dir,
+            k8s_bin,
             api_port,
             pod_ready_delay,
             max_propagation_delay,
             mesh_port,
             metrics_port,
             proxies,
-            services,
-        } => match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-            Ok(rt) => {
-                let config = kubesim::sim::Config {
-                    api_addr: std::net::SocketAddr::from(([127, 0, 0, 1], api_port)),
-                    pod_ready_delay,
-                    max_propagation_delay,
-                    mesh_addr: std::net::SocketAddr::from(([127, 0, 0, 1], mesh_port)),
-                    metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)),
-                    proxies,
-                    ..Default::default()
-                };
-                rt.block_on(up(dir, config, services))
+        } => {
+            let mut config = kubesim::testbed::config(&dir);
+            config.control_plane.api_port = api_port;
+            if let Some(bin) = k8s_bin {
+                config.control_plane.bin_dir = bin;
             }
-            Err(e) => Err(anyhow::Error::new(e).context("cannot start the async runtime")),
-        },
-        Command::Kubeconfig { dir, user } => kubeconfig(&dir, &user),
+            config.node.pod_ready_delay = pod_ready_delay;
+            config.mesh = kubesim::mesh::MeshConfig {
+                entry_addr: std::net::SocketAddr::from(([127, 0, 0, 1], mesh_port)),
+                metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+                proxies,
+                max_propagation_delay,
+                seed: None,
+            };
+            rt.block_on(up(config))
+        }
+        Command::Kubeconfig {
+            dir,
+            user,
+            group,
+            service_account,
+            duration,
+        } => rt.block_on(kubeconfig(&dir, user, group, service_account, duration)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,42 +149,62 @@ fn main() -> ExitCode {
     }
 }
 
-async fn up(
-    dir: PathBuf,
-    config: kubesim::sim::Config,
-    services: Vec<(String, String, std::net::SocketAddr)>,
-) -> anyhow::Result<()> {
+async fn up(config: kubesim::testbed::Config) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let ca = kubesim::pki::Ca::generate()?;
-    ca.save(&dir)?;
-    let sim = kubesim::sim::Sim::start_with_ca(config, ca).await?;
-    for (ns, name, addr) in services {
-        sim.webhooks.route_service(&ns, &name, addr);
+    let dir = &config.control_plane.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // A fresh cluster each time: etcd's data of an earlier run would not match the new certificates.
+    let _ = std::fs::remove_dir_all(dir.join("etcd"));
+    let _ = std::fs::remove_file(dir.join("endpoints.json"));
+    if std::env::var_os("TURNOUT_K8S_BIN").is_none() {
+        kubesim::testbed::ensure_built(&config.control_plane.bin_dir).context("cannot build the control plane")?;
     }
-    sim.write_kubeconfig(&dir.join("kubeconfig"), &kubesim::sim::admin().name)?;
-    let endpoints = serde_json::json!({"api": sim.api_url(), "mesh": sim.mesh_url(), "metrics": sim.metrics_url()});
-    std::fs::write(dir.join("endpoints.json"), serde_json::to_vec_pretty(&endpoints)?)
-        .with_context(|| format!("cannot write {}/endpoints.json", dir.display()))?;
-    tracing::info!(api = %sim.api_url(), mesh = %sim.mesh_url(), metrics = %sim.metrics_url(), kubeconfig = %dir.join("kubeconfig").display(), "kubesim is up");
-    println!("kubesim is up: export KUBECONFIG={}", dir.join("kubeconfig").display());
+    let bed = kubesim::testbed::Testbed::start(&config).await?;
+    let kubeconfig = bed.control_plane.kubeconfig_path();
+    tracing::info!(api = %bed.control_plane.api_url, mesh = %bed.mesh_url(), metrics = %bed.metrics_url(),
+        kubeconfig = %kubeconfig.display(), logs = %dir.join("logs").display(), "the test bed is up");
+    println!("kubesim is up: export KUBECONFIG={}", kubeconfig.display());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
     tracing::info!("kubesim stopping");
+    drop(bed);
     Ok(())
 }
 
-fn kubeconfig(dir: &std::path::Path, user: &str) -> anyhow::Result<()> {
+async fn kubeconfig(
+    dir: &std::path::Path,
+    user: Option<String>,
+    group: Option<String>,
+    service_account: Option<String>,
+    duration: Duration,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let ca = kubesim::pki::Ca::load(dir)?;
+    let ca = kubesim::pki::Ca::load(&dir.join("pki"))
+        .with_context(|| format!("is the test bed up with --dir {}?", dir.display()))?;
     let endpoints: serde_json::Value = serde_json::from_slice(
         &std::fs::read(dir.join("endpoints.json"))
-            .with_context(|| format!("is kubesim up with --dir {}?", dir.display()))?,
+            .with_context(|| format!("is the test bed up with --dir {}?", dir.display()))?,
     )?;
     let server = endpoints["api"].as_str().context("endpoints.json has no api address")?;
-    print!("{}", kubesim::sim::kubeconfig(&ca, server, user)?);
+    let text = match (user, service_account) {
+        (Some(user), _) => {
+            let pair = ca.client_in_group(&user, group.as_deref())?;
+            kubesim::cluster::kubeconfig_with_cert(&ca, server, &user, &pair)
+        }
+        (None, Some(account)) => {
+            let (ns, name) = account
+                .split_once('/')
+                .with_context(|| format!("--service-account {account:?} is not NAMESPACE/NAME"))?;
+            let admin = std::fs::read_to_string(dir.join("kubeconfig")).context("cannot read the admin kubeconfig")?;
+            let client = kubesim::cluster::client_from_yaml(&admin).await?;
+            let token = kubesim::cluster::service_account_token(&client, ns, name, duration).await?;
+            kubesim::cluster::kubeconfig_with_token(&ca, server, &format!("system:serviceaccount:{ns}:{name}"), &token)
+        }
+        (None, None) => anyhow::bail!("give --user or --service-account"),
+    };
+    print!("{text}");
     Ok(())
 }

@@ -146,6 +146,25 @@ impl Ca {
         self.sign(params)
     }
 
+    /// A client certificate for `user` in at most one group (`O`), as the real API server reads them
+    /// (one group per `O` attribute; rcgen writes one).
+    ///
+    /// # Errors
+    ///
+    /// A CA that cannot sign.
+    pub fn client_in_group(&self, user: &str, group: Option<&str>) -> Result<Pair, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, user);
+        if let Some(group) = group {
+            dn.push(DnType::OrganizationName, group);
+        }
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut params);
+        self.sign(params)
+    }
+
     fn sign(&self, params: CertificateParams) -> Result<Pair, PkiError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(PkiError::Generate)?;
         let cert = params.signed_by(&key, &self.issuer()?).map_err(PkiError::Generate)?;
@@ -154,6 +173,17 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// A new ECDSA P-256 key pair, e.g. to sign service-account tokens: (private key as PKCS#8 PEM, public
+/// key as SubjectPublicKeyInfo PEM).
+///
+/// # Errors
+///
+/// Key generation failed.
+pub fn signing_key() -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(PkiError::Generate)?;
+    Ok((key.serialize_pem(), key.public_key_pem()))
 }
 
 /// The user a verified client certificate names: CN is the user, each O a group.

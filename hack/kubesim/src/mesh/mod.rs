@@ -14,6 +14,7 @@
 //!
 //! Routing is a pure function ([`route::route`]) over a [`snapshot::Snapshot`]; the rest is IO.
 
+pub mod feed;
 pub mod metrics;
 pub mod pod;
 pub mod proxy;
@@ -35,11 +36,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::store::{Event, EventType, ResourceKey, Store};
+use crate::store::{ResourceKey, Store};
+use feed::Fed;
 use metrics::Metrics;
 use pod::{AbortOnDrop, PodServer};
 use proxy::{Proxies, Published, Shared};
@@ -91,23 +93,59 @@ pub enum MeshError {
 }
 
 /// A running mesh; stops (listeners, pods, proxies) when dropped.
-#[derive(Debug)]
 pub struct Mesh {
     entry_addr: SocketAddr,
     metrics_addr: SocketAddr,
     shared: Arc<Shared>,
-    store: Arc<Store>,
+    /// The newest version of the cluster, when its source can tell (kubesim's store).
+    newest: Option<Box<dyn Fn() -> u64 + Send + Sync>>,
     processed: watch::Receiver<u64>,
+    synced: watch::Receiver<bool>,
     _tasks: Vec<AbortOnDrop>,
 }
 
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("entry_addr", &self.entry_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Mesh {
-    /// Starts the mesh over `store`: its pods start answering, and the entry and metrics listen.
+    /// Starts the mesh over kubesim's `store`: its pods start answering, and the entry and metrics listen.
     ///
     /// # Errors
     ///
     /// An address cannot be bound.
     pub async fn start(store: Arc<Store>, config: &MeshConfig) -> Result<Self, MeshError> {
+        let fed = feed::from_store(store.clone());
+        let newest: Box<dyn Fn() -> u64 + Send + Sync> = Box::new(move || store.resource_version());
+        Self::start_fed(fed, Some(newest), config).await
+    }
+
+    /// Starts the mesh following an API server with watches (Services, EndpointSlices, pods,
+    /// ReplicaSets, VirtualServices, DestinationRules); it routes once every resource was listed.
+    ///
+    /// # Errors
+    ///
+    /// An address cannot be bound.
+    pub async fn start_on_api(client: kube::Client, config: &MeshConfig) -> Result<Self, MeshError> {
+        let fed = feed::from_api(client, Duration::from_millis(250));
+        let mesh = Self::start_fed(fed, None, config).await?;
+        let mut synced = mesh.synced.clone();
+        let _ = synced.wait_for(|s| *s).await;
+        Ok(mesh)
+    }
+
+    /// Starts the mesh on what `fed` tells; what it told before this returns is what every proxy holds
+    /// from the start.
+    async fn start_fed(
+        mut fed: mpsc::UnboundedReceiver<Fed>,
+        newest: Option<Box<dyn Fn() -> u64 + Send + Sync>>,
+        config: &MeshConfig,
+    ) -> Result<Self, MeshError> {
         let bind_entry = |source| MeshError::BindEntry {
             addr: config.entry_addr,
             source,
@@ -126,11 +164,9 @@ impl Mesh {
         let proxies = Proxies::new(config.proxies, config.max_propagation_delay, empty, seeds.next_u64());
         let shared = Arc::new(Shared::new(proxies, Arc::new(Metrics::default()), seeds.next_u64()));
 
-        // Subscribe before listing, so no change falls between the two.
-        let events = store.subscribe();
         let (processed_tx, processed) = watch::channel(0);
+        let (synced_tx, synced) = watch::channel(false);
         let mut controller = Controller {
-            store: store.clone(),
             shared: shared.clone(),
             objects: HashMap::new(),
             list_rv: HashMap::new(),
@@ -141,16 +177,21 @@ impl Mesh {
             next: Snapshot::default(),
             current: (0, Arc::new(Snapshot::default())),
             processed: processed_tx,
+            synced: synced_tx,
             seeds,
         };
-        let listed = controller.relist().await;
-        controller.processed.send_replace(listed);
-        // The state at start is what every proxy holds from the start.
+        // Take in what is already told (a store's lists), as the state every proxy starts with.
+        let mut seen = 0;
+        while let Ok(first) = fed.try_recv() {
+            controller.take(first, &mut seen).await;
+        }
+        controller.next = controller.snapshot();
+        controller.processed.send_replace(seen);
         controller.current = (1, Arc::new(controller.next.clone()));
         shared.proxies.install(&controller.current);
 
         let tasks = vec![
-            AbortOnDrop(tokio::spawn(controller.run(events))),
+            AbortOnDrop(tokio::spawn(controller.run(fed))),
             AbortOnDrop(tokio::spawn(proxy::serve(entry, shared.clone()))),
             AbortOnDrop(tokio::spawn(serve_metrics(metrics_listener, shared.clone()))),
         ];
@@ -159,8 +200,9 @@ impl Mesh {
             entry_addr,
             metrics_addr,
             shared,
-            store,
+            newest,
             processed,
+            synced,
             _tasks: tasks,
         })
     }
@@ -187,8 +229,13 @@ impl Mesh {
 
     /// Waits until the mesh has seen every change made so far: pods started or stopped, the new
     /// configuration sent to the proxies (which may not hold it yet). Returns at once if the mesh stopped.
+    /// Following an API server, it can only tell that every resource was listed.
     pub async fn observed(&self) -> bool {
-        let target = self.store.resource_version();
+        let Some(newest) = &self.newest else {
+            let mut synced = self.synced.clone();
+            return synced.wait_for(|s| *s).await.is_ok();
+        };
+        let target = newest();
         let mut processed = self.processed.clone();
         processed.wait_for(|rv| *rv >= target).await.is_ok()
     }
@@ -202,22 +249,16 @@ impl Mesh {
     }
 }
 
-/// The resources the mesh follows.
-const WATCHED: [(&str, &str); 5] = [
-    ("", "services"),
-    ("discovery.k8s.io", "endpointslices"),
-    ("", "pods"),
-    ("networking.istio.io", "virtualservices"),
-    ("networking.istio.io", "destinationrules"),
-];
+/// The resources the mesh follows, as [`feed::FOLLOWED`] names them.
 const SERVICES: usize = 0;
 const SLICES: usize = 1;
 const PODS: usize = 2;
 const VIRTUAL_SERVICES: usize = 3;
 const DESTINATION_RULES: usize = 4;
+const REPLICA_SETS: usize = 5;
 
 fn key(i: usize) -> ResourceKey {
-    (WATCHED[i].0.to_owned(), WATCHED[i].1.to_owned())
+    (feed::FOLLOWED[i].0.to_owned(), feed::FOLLOWED[i].3.to_owned())
 }
 
 fn id_of(object: &Value) -> Id {
@@ -232,16 +273,15 @@ fn uid_of(object: &Value) -> &str {
     object["metadata"]["uid"].as_str().unwrap_or_default()
 }
 
-/// Follows the store: keeps the objects routing needs, runs the pods, publishes snapshots.
+/// Follows the cluster: keeps the objects routing needs, runs the pods, publishes snapshots.
 ///
 /// The next snapshot is kept up to date change by change (the entry of the Service, pod, ... that
 /// changed, not the whole configuration), and published as a clone that shares every namespace that
 /// did not change with the previous one: a batch of changes costs what it changed, not the cluster's size.
 struct Controller {
-    store: Arc<Store>,
     shared: Arc<Shared>,
     objects: HashMap<ResourceKey, BTreeMap<Id, Arc<Value>>>,
-    /// The resourceVersion of each resource's last list: older events are already in it.
+    /// The resourceVersion of each resource's last list: older changes are already in it.
     list_rv: HashMap<ResourceKey, u64>,
     /// Pod uid → workload.
     workloads: HashMap<String, String>,
@@ -255,38 +295,20 @@ struct Controller {
     /// The configuration last sent to the proxies.
     current: Published,
     processed: watch::Sender<u64>,
+    /// Every followed resource has been listed.
+    synced: watch::Sender<bool>,
     seeds: Rng,
 }
 
 impl Controller {
-    async fn run(mut self, mut events: broadcast::Receiver<Arc<Event>>) {
+    async fn run(mut self, mut fed: mpsc::UnboundedReceiver<Fed>) {
         loop {
-            let mut dirty = false;
-            let mut seen = match events.recv().await {
-                Ok(e) => {
-                    dirty |= self.apply(&e).await;
-                    e.rv
-                }
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::debug!(missed, "mesh: lagged behind the store; relisting");
-                    dirty = true;
-                    self.relist().await
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
+            let Some(first) = fed.recv().await else { return };
+            let mut seen = 0;
+            let mut dirty = self.take(first, &mut seen).await;
             // Take whatever else is queued, to publish one snapshot for the batch.
-            loop {
-                match events.try_recv() {
-                    Ok(e) => {
-                        dirty |= self.apply(&e).await;
-                        seen = seen.max(e.rv);
-                    }
-                    Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                        dirty = true;
-                        seen = seen.max(self.relist().await);
-                    }
-                    Err(_) => break,
-                }
+            while let Ok(more) = fed.try_recv() {
+                dirty |= self.take(more, &mut seen).await;
             }
             if dirty {
                 self.publish();
@@ -299,32 +321,56 @@ impl Controller {
         }
     }
 
-    /// Lists every followed resource again and brings the pods in line; returns the newest list version.
-    async fn relist(&mut self) -> u64 {
-        let mut newest = 0;
-        for i in 0..WATCHED.len() {
-            let (items, rv) = self.store.list(&key(i), None);
-            let objects = items.into_iter().map(|o| (id_of(&o), o)).collect();
-            self.objects.insert(key(i), objects);
-            self.list_rv.insert(key(i), rv);
-            newest = newest.max(rv);
-        }
-        let ids: HashSet<Id> = self.servers.keys().chain(self.pods().keys()).cloned().collect();
-        for id in ids {
-            self.sync_pod(&id).await;
-        }
-        let live: HashSet<String> = self.pods().values().map(|p| uid_of(p).to_owned()).collect();
-        self.workloads.retain(|uid, _| live.contains(uid));
-        self.refused.retain(|uid| live.contains(uid));
-        self.slices_of.clear();
-        for slice in self.objects.get(&key(SLICES)).into_iter().flat_map(BTreeMap::values) {
-            if let Some(service) = snapshot::slice_service(slice) {
-                let (ns, name) = id_of(slice);
-                self.slices_of.entry((ns, service.to_owned())).or_default().insert(name);
+    /// Takes one thing learnt in; returns whether the next snapshot changed. `seen`: the newest version.
+    async fn take(&mut self, fed: Fed, seen: &mut u64) -> bool {
+        match fed {
+            Fed::Reset { resource, objects, rv } => {
+                *seen = (*seen).max(rv);
+                self.reset(resource, objects, rv).await;
+                true
+            }
+            Fed::Change {
+                resource,
+                deleted,
+                object,
+                rv,
+            } => {
+                *seen = (*seen).max(rv);
+                self.apply(&resource, deleted, object, rv).await
             }
         }
+    }
+
+    /// Replaces every object of one resource (after a list) and brings the pods in line.
+    async fn reset(&mut self, resource: ResourceKey, objects: Vec<Arc<Value>>, rv: u64) {
+        let objects: BTreeMap<Id, Arc<Value>> = objects.into_iter().map(|o| (id_of(&o), o)).collect();
+        self.objects.insert(resource.clone(), objects);
+        self.list_rv.insert(resource.clone(), rv);
+        if resource == key(PODS) {
+            let ids: HashSet<Id> = self.servers.keys().chain(self.pods().keys()).cloned().collect();
+            for id in ids {
+                self.sync_pod(&id).await;
+            }
+            let live: HashSet<String> = self.pods().values().map(|p| uid_of(p).to_owned()).collect();
+            self.workloads.retain(|uid, _| live.contains(uid));
+            self.refused.retain(|uid| live.contains(uid));
+        }
+        if resource == key(REPLICA_SETS) {
+            self.workloads.clear();
+        }
+        if resource == key(SLICES) {
+            self.slices_of.clear();
+            for slice in self.objects.get(&key(SLICES)).into_iter().flat_map(BTreeMap::values) {
+                if let Some(service) = snapshot::slice_service(slice) {
+                    let (ns, name) = id_of(slice);
+                    self.slices_of.entry((ns, service.to_owned())).or_default().insert(name);
+                }
+            }
+        }
+        if self.objects.len() == feed::FOLLOWED.len() {
+            self.synced.send_if_modified(|s| !std::mem::replace(s, true));
+        }
         self.next = self.snapshot();
-        newest
     }
 
     fn pods(&self) -> &BTreeMap<Id, Arc<Value>> {
@@ -333,30 +379,28 @@ impl Controller {
     }
 
     /// Takes one change in and brings the next snapshot in line; returns whether that changed it.
-    async fn apply(&mut self, e: &Event) -> bool {
-        let Some(i) = WATCHED
+    async fn apply(&mut self, resource: &ResourceKey, deleted: bool, object: Arc<Value>, rv: u64) -> bool {
+        let Some(i) = feed::FOLLOWED
             .iter()
-            .position(|(g, p)| e.resource.0 == *g && e.resource.1 == *p)
+            .position(|(g, _, _, p)| resource.0 == *g && resource.1 == *p)
         else {
             return false;
         };
-        if e.rv <= self.list_rv.get(&e.resource).copied().unwrap_or_default() {
+        if rv != 0 && rv <= self.list_rv.get(resource).copied().unwrap_or_default() {
             return false;
         }
-        let id = (e.namespace.clone(), e.name.clone());
+        let id = id_of(&object);
         let objects = self.objects.entry(key(i)).or_default();
-        let previous = if e.kind == EventType::Deleted {
+        let previous = if deleted {
             objects.remove(&id)
         } else {
-            objects.insert(id.clone(), e.object.clone())
+            objects.insert(id.clone(), object.clone())
         };
         match i {
             SERVICES => self.update_service(&id),
             SLICES => {
                 let before = previous.as_deref().and_then(snapshot::slice_service);
-                let after = (e.kind != EventType::Deleted)
-                    .then(|| snapshot::slice_service(&e.object))
-                    .flatten();
+                let after = (!deleted).then(|| snapshot::slice_service(&object)).flatten();
                 let mut changed = false;
                 for (service, member) in [(before, false), (after, true)] {
                     let Some(service) = service else { continue };
@@ -375,9 +419,9 @@ impl Controller {
                 changed
             }
             PODS => {
-                if e.kind == EventType::Deleted {
-                    self.workloads.remove(uid_of(&e.object));
-                    self.refused.remove(uid_of(&e.object));
+                if deleted {
+                    self.workloads.remove(uid_of(&object));
+                    self.refused.remove(uid_of(&object));
                 }
                 self.sync_pod(&id).await;
                 self.update_pod(&id)
@@ -390,6 +434,8 @@ impl Controller {
                 let parsed = snapshot::destination_rules(self.all(DESTINATION_RULES));
                 self.next.set_destination_rules(parsed)
             }
+            // A pod's workload is read from its ReplicaSet when the pod is first seen.
+            REPLICA_SETS => false,
             _ => false,
         }
     }
@@ -467,9 +513,13 @@ impl Controller {
         if let Some(w) = self.workloads.get(&uid) {
             return w.clone();
         }
-        let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
-        let rs_key: ResourceKey = ("apps".into(), "replicasets".into());
-        let workload = snapshot::workload_of(pod, |name| self.store.get(&rs_key, ns, name));
+        let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default().to_owned();
+        let replica_sets = self.objects.get(&key(REPLICA_SETS));
+        let workload = snapshot::workload_of(pod, |name| {
+            replica_sets
+                .and_then(|m| m.get(&(ns.clone(), name.to_owned())))
+                .cloned()
+        });
         self.workloads.insert(uid, workload.clone());
         workload
     }

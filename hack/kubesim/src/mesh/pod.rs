@@ -1,4 +1,4 @@
-//! Simulated pods as real HTTP/1.1 servers on their pod IP (a loopback address), one listener per
+//! Simulated pods as real HTTP/1.1 servers on the loopback twin of their pod IP, one listener per
 //! declared container port (8080 when none is declared). They answer with JSON naming the pod; container
 //! env shapes their behaviour: `KUBESIM_LATENCY_MS` (delay before answering) and `KUBESIM_ERROR_RATE`
 //! (0–1: that fraction of requests answers 500). `/status/<code>` answers `<code>` (as podinfo does).
@@ -31,9 +31,9 @@ pub const DEFAULT_PORT: u16 = 8080;
 pub enum PodServerError {
     #[error("pod IP {ip:?} is not an IP address")]
     InvalidIp { ip: String },
-    /// Only loopback pod IPs are served: kubesim never listens on real networks.
-    #[error("pod IP {ip} is not a loopback address")]
-    NotLoopback { ip: IpAddr },
+    /// Only IPv4 pod IPs are served (on the loopback address of the same last three octets).
+    #[error("pod IP {ip} is not an IPv4 address")]
+    NotIpv4 { ip: IpAddr },
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -105,6 +105,24 @@ pub fn ports(pod: &Value) -> Vec<u16> {
     ports
 }
 
+/// Where a pod with IP `ip` listens: the loopback address with the same last three octets (pod
+/// `10.244.1.7` on `127.244.1.7`). The API server refuses loopback addresses in EndpointSlices, so pods
+/// get addresses of a pod network that exists only in the API; every address of 127.0.0.0/8 reaches
+/// this machine, so each pod still has an address of its own.
+///
+/// # Errors
+///
+/// `ip` is not IPv4.
+pub fn loopback_of(ip: IpAddr) -> Result<IpAddr, PodServerError> {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [_, b, c, d] = v4.octets();
+            Ok(IpAddr::from([127, b, c, d]))
+        }
+        IpAddr::V6(_) => Err(PodServerError::NotIpv4 { ip }),
+    }
+}
+
 /// Who a pod is, for its answers and its `destination` metrics.
 #[derive(Clone, Debug)]
 struct Identity {
@@ -128,16 +146,14 @@ impl PodServer {
     ///
     /// # Errors
     ///
-    /// The pod IP is not a loopback address, or no port could be bound.
+    /// The pod IP is not IPv4, or no port could be bound.
     pub fn start(pod: &Value, workload: &str, metrics: Arc<Metrics>, seed: u64) -> Result<Self, PodServerError> {
         let meta = &pod["metadata"];
         let ip_text = pod["status"]["podIP"].as_str().unwrap_or_default();
         let ip: IpAddr = ip_text
             .parse()
             .map_err(|_| PodServerError::InvalidIp { ip: ip_text.to_owned() })?;
-        if !ip.is_loopback() {
-            return Err(PodServerError::NotLoopback { ip });
-        }
+        let ip = loopback_of(ip)?;
         let namespace = meta["namespace"].as_str().unwrap_or_default().to_owned();
         let name = meta["name"].as_str().unwrap_or_default().to_owned();
         let pod_labels = &meta["labels"];

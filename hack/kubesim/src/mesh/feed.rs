@@ -1,0 +1,193 @@
+//! What the mesh is told of the cluster: every object of a followed resource after a (re)list, then
+//! each change. Two sources: watches against an API server (kube-rs, as istiod and kube-proxy follow a
+//! cluster) and kubesim's in-process store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher;
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::store::{EventType, ResourceKey, Store};
+
+/// One thing the mesh learns.
+#[derive(Debug)]
+pub enum Fed {
+    /// Every object of `resource` as it is now; `rv`: changes at or before it are already in (0: unknown).
+    Reset {
+        resource: ResourceKey,
+        objects: Vec<Arc<Value>>,
+        rv: u64,
+    },
+    /// One object was created or changed (`deleted`: removed; `object` is its last state).
+    Change {
+        resource: ResourceKey,
+        deleted: bool,
+        object: Arc<Value>,
+        rv: u64,
+    },
+}
+
+/// The resources the mesh follows: (group, version, kind, plural).
+pub const FOLLOWED: [(&str, &str, &str, &str); 6] = [
+    ("", "v1", "Service", "services"),
+    ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+    ("", "v1", "Pod", "pods"),
+    ("networking.istio.io", "v1", "VirtualService", "virtualservices"),
+    ("networking.istio.io", "v1", "DestinationRule", "destinationrules"),
+    ("apps", "v1", "ReplicaSet", "replicasets"),
+];
+
+/// Follows kubesim's store: each followed resource listed once, then its changes (a lagging
+/// subscriber lists again).
+pub fn from_store(store: Arc<Store>) -> mpsc::UnboundedReceiver<Fed> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    // Subscribe before listing, so no change falls between the two.
+    let mut events = store.subscribe();
+    let relist = move |tx: &mpsc::UnboundedSender<Fed>| {
+        for (group, _, _, plural) in FOLLOWED {
+            let resource: ResourceKey = (group.into(), plural.into());
+            let (objects, rv) = store.list(&resource, None);
+            let _ = tx.send(Fed::Reset { resource, objects, rv });
+        }
+    };
+    relist(&tx);
+    let relist = relist.clone();
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(e) => {
+                    let followed = FOLLOWED
+                        .iter()
+                        .any(|(g, _, _, p)| e.resource.0 == *g && e.resource.1 == *p);
+                    if followed {
+                        let change = Fed::Change {
+                            resource: e.resource.clone(),
+                            deleted: e.kind == EventType::Deleted,
+                            object: e.object.clone(),
+                            rv: e.rv,
+                        };
+                        if tx.send(change).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "mesh: lagged behind the store; relisting");
+                    relist(&tx);
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    rx
+}
+
+/// Retries a failed watch at a steady pace: a resource whose CRD is installed later (Istio's) is seen
+/// within this delay, as istiod would.
+struct Steady(Duration);
+
+impl Iterator for Steady {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        Some(self.0)
+    }
+}
+
+impl kube::runtime::utils::Backoff for Steady {
+    fn reset(&mut self) {}
+}
+
+/// Follows an API server with one watch per followed resource. A resource that cannot be listed
+/// (its CRD not installed) counts as empty until it can.
+pub fn from_api(client: kube::Client, retry: Duration) -> mpsc::UnboundedReceiver<Fed> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for (group, version, kind, plural) in FOLLOWED {
+        let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+        let api: kube::Api<DynamicObject> = kube::Api::all_with(client.clone(), &resource);
+        let key: ResourceKey = (group.into(), plural.into());
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut stream = watcher(api, watcher::Config::default()).backoff(Steady(retry)).boxed();
+            let mut listing: Vec<Arc<Value>> = Vec::new();
+            let mut synced = false;
+            while let Some(item) = stream.next().await {
+                let fed = match item {
+                    Ok(watcher::Event::Init) => {
+                        listing.clear();
+                        continue;
+                    }
+                    Ok(watcher::Event::InitApply(o)) => {
+                        if let Some(v) = value_of(o, group, version, kind) {
+                            listing.push(v);
+                        }
+                        continue;
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        synced = true;
+                        Fed::Reset {
+                            resource: key.clone(),
+                            objects: std::mem::take(&mut listing),
+                            rv: 0,
+                        }
+                    }
+                    Ok(watcher::Event::Apply(o)) => match value_of(o, group, version, kind) {
+                        Some(object) => change(&key, false, object),
+                        None => continue,
+                    },
+                    Ok(watcher::Event::Delete(o)) => match value_of(o, group, version, kind) {
+                        Some(object) => change(&key, true, object),
+                        None => continue,
+                    },
+                    Err(error) => {
+                        tracing::debug!(resource = plural, error = %crate::report(&error), "mesh: watch failed; retrying");
+                        if synced {
+                            continue;
+                        }
+                        // Not listable yet: empty for now, so the mesh is not held up by it.
+                        synced = true;
+                        Fed::Reset {
+                            resource: key.clone(),
+                            objects: Vec::new(),
+                            rv: 0,
+                        }
+                    }
+                };
+                if tx.send(fed).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
+fn change(resource: &ResourceKey, deleted: bool, object: Arc<Value>) -> Fed {
+    let rv = object["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Fed::Change {
+        resource: resource.clone(),
+        deleted,
+        object,
+        rv,
+    }
+}
+
+/// The object as JSON with its apiVersion and kind (watch events of a list carry neither).
+fn value_of(object: DynamicObject, group: &str, version: &str, kind: &str) -> Option<Arc<Value>> {
+    let mut value = serde_json::to_value(object).ok()?;
+    let api_version = if group.is_empty() {
+        version.to_owned()
+    } else {
+        format!("{group}/{version}")
+    };
+    value["apiVersion"] = Value::String(api_version);
+    value["kind"] = Value::String(kind.to_owned());
+    Some(Arc::new(value))
+}
