@@ -24,6 +24,22 @@ fn status() -> Action {
     })
 }
 
+/// The Deployment once the Deployment controller has observed its generation. Every change of a
+/// Deployment's annotations bumps its generation (they are copied to its ReplicaSets), and the
+/// controller then writes the status: a read before that write is stale by then.
+async fn settled(deployments: &Api<Deployment>) -> Deployment {
+    common::eventually(
+        std::time::Duration::from_secs(30),
+        "the controller to observe the generation",
+        || async {
+            let d = deployments.get("podinfo").await.ok()?;
+            let observed = d.status.as_ref()?.observed_generation;
+            (observed == d.metadata.generation).then_some(d)
+        },
+    )
+    .await
+}
+
 fn conflict<T: std::fmt::Debug>(result: kube::Result<T>) -> bool {
     matches!(result, Err(kube::Error::Api(ref s)) if s.code == 409)
 }
@@ -37,18 +53,21 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
     cluster
         .apply("apiVersion: v1\nkind: Service\nmetadata:\n  name: podinfo\n  namespace: shop\nspec:\n  selector:\n    app: podinfo\n  ports:\n    - port: 9898\n")
         .await;
+    cluster
+        .ok(&["rollout", "status", "-n", "shop", "deployment/podinfo", "--timeout=60s"])
+        .await;
     let client = cluster.admin_client().await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
 
     // The Deployment: read, changed by someone else, then written from the stale read.
-    let d = deployments.get("podinfo").await.unwrap();
+    let d = settled(&deployments).await;
     let snap = observe::snapshot(&client, &d, true).await.unwrap();
     assert_eq!(snap.hosts.len(), 1, "the Service is found");
     cluster
         .ok(&["annotate", "-n", "shop", "deployment/podinfo", "team=shop"])
         .await;
     assert!(conflict(act::apply(&client, &d, &snap, &status(), 1).await));
-    let fresh = deployments.get("podinfo").await.unwrap();
+    let fresh = settled(&deployments).await;
     assert_eq!(
         fresh.metadata.annotations.as_ref().unwrap()["team"],
         "shop",
@@ -57,7 +76,7 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
     act::apply(&client, &fresh, &snap, &status(), 1).await.unwrap();
 
     // A request removed from a stale read: a newer request written meanwhile is not lost.
-    let read = deployments.get("podinfo").await.unwrap();
+    let read = settled(&deployments).await;
     cluster
         .ok(&[
             "annotate",
@@ -70,7 +89,7 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
     assert!(conflict(
         act::apply(&client, &read, &snap, &Action::ClearRequest, 1).await
     ));
-    let fresh = deployments.get("podinfo").await.unwrap();
+    let fresh = settled(&deployments).await;
     assert_eq!(
         fresh.metadata.annotations.as_ref().unwrap()["turnout.dev/request"],
         "abort@2"
@@ -78,7 +97,7 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
     act::apply(&client, &fresh, &snap, &Action::ClearRequest, 1)
         .await
         .unwrap();
-    let fresh = deployments.get("podinfo").await.unwrap();
+    let fresh = settled(&deployments).await;
     assert!(
         !fresh
             .metadata

@@ -286,6 +286,14 @@ impl Cluster {
             "install() needs Cluster::exclusive()"
         );
         let root = env!("CARGO_MANIFEST_DIR");
+        // An earlier test's registration points at its URL; applying deploy/ over it would ask for both.
+        self.ok(&[
+            "delete",
+            "mutatingwebhookconfiguration",
+            "turnout",
+            "--ignore-not-found",
+        ])
+        .await;
         self.ok(&["apply", "-k", &format!("{root}/deploy")]).await;
         let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
         let patch = format!(
