@@ -3,7 +3,8 @@
 # each kind of update, and the stored objects turnout's webhook leaves behind, chained from the podinfo
 # sample. The admission tests wrap them into AdmissionReviews and assert the exact patched objects.
 #
-# Usage: hack/gen-admission-fixtures.sh        (needs kubectl, python3 and cargo; no cluster)
+# Usage: hack/gen-admission-fixtures.sh        (needs go, python3 and cargo; no cluster; the kubectl is the
+#                                               pinned one hack/k8s/build.sh builds)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,6 +13,8 @@ sample="${PODINFO_SAMPLE:-$root/../shared/fixtures/podinfo/deployment.yaml}"
 export KUBECONFIG=/dev/null # --local never talks to a cluster; make sure of it
 
 [ -f "$sample" ] || { echo "podinfo sample not found at $sample (set PODINFO_SAMPLE)" >&2; exit 1; }
+"$root/hack/k8s/build.sh"
+export PATH="${TURNOUT_K8S_BIN:-${CARGO_TARGET_DIR:-$root/target}/k8s/bin}:$PATH"
 cargo build --quiet --manifest-path "$root/Cargo.toml" --bin turnout
 turnout="$root/target/debug/turnout"
 mkdir -p "$out"

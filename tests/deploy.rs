@@ -6,16 +6,24 @@ use std::process::Command;
 
 use serde_json::Value;
 
-/// Renders a kustomization with the real kubectl and returns its objects as JSON.
+/// The pinned kubectl (built with the control plane by hack/k8s/build.sh, first if needed).
+fn kubectl() -> std::path::PathBuf {
+    let bin = kubesim::testbed::default_bin_dir();
+    kubesim::testbed::ensure_built(&bin).expect("the control plane and kubectl build (hack/k8s/build.sh)");
+    bin.join("kubectl")
+}
+
+/// Renders a kustomization with the pinned kubectl and returns its objects as JSON.
 fn render(dir: &str) -> Vec<Value> {
     let root = env!("CARGO_MANIFEST_DIR");
-    let yaml = Command::new("kubectl")
+    let kubectl = kubectl();
+    let yaml = Command::new(&kubectl)
         .args(["kustomize", &format!("{root}/{dir}")])
         .env("KUBECONFIG", "/dev/null")
         .output()
-        .expect("kubectl is installed (the CI script installs it when missing)");
+        .expect("kubectl runs");
     assert!(yaml.status.success(), "{}", String::from_utf8_lossy(&yaml.stderr));
-    let mut child = Command::new("kubectl")
+    let mut child = Command::new(&kubectl)
         .args(["annotate", "--local", "-o", "json", "-f", "-", "rendered=true"])
         .env("KUBECONFIG", "/dev/null")
         .stdin(std::process::Stdio::piped())
