@@ -179,6 +179,17 @@ pub struct AgentMetrics {
 }
 
 impl AgentMetrics {
+    /// Drops the series of one Deployment (deleted, or no longer managed): the label sets stay bounded
+    /// by the Deployments turnout manages.
+    fn forget(&self, namespace: &str, deployment: &str) {
+        let labels = ReleaseLabels {
+            namespace: namespace.to_owned(),
+            deployment: deployment.to_owned(),
+        };
+        self.phase.remove(&labels);
+        self.weight.remove(&labels);
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             phase: Family::default(),
@@ -195,7 +206,7 @@ impl AgentMetrics {
         registry.register(
             "turnout_release_phase",
             "Phase of each Deployment's latest release: 0 Pending, 1 Progressing, 2 Promoting, 3 HandingOff, \
-             4 Finalising, 5 Succeeded, 6 Failed, 7 RolledBack",
+             4 Finalising, 5 Succeeded, 6 Failed, 7 RolledBack, 8 HandedBack",
             m.phase.clone(),
         );
         registry.register(
@@ -281,18 +292,21 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
     // Plan from a fresh read: the cache may not have seen the previous pass's write yet.
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
     let Some(fresh) = api.get_opt(&cached.name_any()).await? else {
+        ctx.metrics
+            .forget(&cached.namespace().unwrap_or_default(), &cached.name_any());
         return Ok(Requeue::await_change());
     };
     let d = &fresh;
     // A candidate's labels never change: the cached check above stands for the fresh object too.
-    if d.annotations().get(annotations::ROLLOUT).map(String::as_str) == Some(values::DISABLED) {
-        return Ok(Requeue::await_change());
-    }
     let ns_name = d.namespace().unwrap_or_default();
     let Some(ns) = Api::<Namespace>::all(ctx.client.clone()).get_opt(&ns_name).await? else {
         return Ok(Requeue::await_change());
     };
-    if ns.labels().get(labels::ROLLOUT).map(String::as_str) != Some(values::ENABLED) {
+    let opted_out = d.annotations().get(annotations::ROLLOUT).map(String::as_str) == Some(values::DISABLED)
+        || ns.labels().get(labels::ROLLOUT).map(String::as_str) != Some(values::ENABLED);
+    // Opted out: nothing more to do unless a release is in flight, which must still end.
+    if opted_out && !d.annotations().contains_key(annotations::STABLE_REVISION) {
+        ctx.metrics.forget(&ns_name, &d.name_any());
         return Ok(Requeue::await_change());
     }
     let (config, problems) = config::resolve(&ctx.defaults, ns.annotations(), d.annotations());
@@ -316,6 +330,7 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
                 "the Istio CRDs (VirtualService, DestinationRule) are not installed; traffic cannot be shifted".into()
             }),
             verdict: verdict.take(),
+            opted_out,
         };
         let plan = release::plan(&observed);
         let name = d.name_any();
@@ -612,10 +627,19 @@ async fn controller(client: Client, ctx: Arc<Context>, stop: impl Future<Output 
         // workers, not to the number of Deployments.
         .with_config(kube::runtime::controller::Config::default().concurrency(WORKERS))
         .graceful_shutdown_on(stop)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "controller");
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| {
+            let ctx = ctx.clone();
+            async move {
+                match result {
+                    // A Deployment deleted: its series go with it.
+                    Err(kube::runtime::controller::Error::ObjectNotFound(gone)) => {
+                        ctx.metrics
+                            .forget(gone.namespace.as_deref().unwrap_or_default(), &gone.name);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "controller"),
+                    Ok(_) => {}
+                }
             }
         })
         .await;

@@ -6,6 +6,7 @@
 //!     │            │              │
 //!     └────────────┴──────────────┴──▶ Failed (rolled back, D stays paused on the failed template)
 //!  revert of the template to the stable one, at any point ─▶ RolledBack
+//!  opted out before hand-off (namespace label removed, Deployment disabled) ─▶ unwound ─▶ HandedBack
 //!  new template during a release ─▶ the old candidate is unwound, the new release starts at Pending
 //! ```
 //!
@@ -44,10 +45,14 @@ pub enum Phase {
     Failed,
     /// The template was set back to the stable one and the release was unwound.
     RolledBack,
+    /// Opted out during the release (the namespace's label removed, or the Deployment annotated
+    /// `turnout.dev/rollout: disabled`): unwound and the Deployment handed back unpaused, for its own
+    /// controller to roll out its template.
+    HandedBack,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Pending,
         Phase::Progressing,
         Phase::Promoting,
@@ -56,6 +61,7 @@ impl Phase {
         Phase::Succeeded,
         Phase::Failed,
         Phase::RolledBack,
+        Phase::HandedBack,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +74,7 @@ impl Phase {
             Phase::Succeeded => "Succeeded",
             Phase::Failed => "Failed",
             Phase::RolledBack => "RolledBack",
+            Phase::HandedBack => "HandedBack",
         }
     }
 
@@ -82,7 +89,10 @@ impl Phase {
 
     /// Whether the release has ended (no further action unless the template changes).
     pub fn is_final(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed | Phase::RolledBack)
+        matches!(
+            self,
+            Phase::Succeeded | Phase::Failed | Phase::RolledBack | Phase::HandedBack
+        )
     }
 }
 
@@ -110,6 +120,8 @@ pub struct Observed<'a> {
     pub routing_unavailable: Option<String>,
     /// The result of the analysis the previous call asked for ([`Action::Analyse`]).
     pub verdict: Option<Verdict>,
+    /// The namespace no longer opts in, or the Deployment opts out: a release in flight is let go.
+    pub opted_out: bool,
 }
 
 /// The user's Deployment.

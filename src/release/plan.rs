@@ -20,6 +20,84 @@ use crate::names::{candidate_name, subsets};
 
 /// The next action for the Deployment described by `o`.
 pub fn plan(o: &Observed<'_>) -> Plan {
+    if o.opted_out && !past_hand_off(&o.deployment) && !on_candidate_baseline(o) {
+        return opted_out(o);
+    }
+    managed(o)
+}
+
+/// The way back is a previous candidate, not the stable ReplicaSet (a release superseded during its
+/// hand-off): there are no stable pods to unwind to, so an opted-out release finishes instead.
+fn on_candidate_baseline(o: &Observed<'_>) -> bool {
+    let abandoned = o
+        .deployment
+        .status
+        .release
+        .filter(|r| Some(*r) != o.deployment.stable_revision);
+    baseline(o, abandoned).is_some_and(|(_, from)| from.is_some())
+}
+
+/// The Deployment's own controller is rolling the release out already (hand-off and after).
+fn past_hand_off(d: &DeploymentView) -> bool {
+    d.stable_revision.is_some()
+        && d.status.release == Some(d.template_revision)
+        && matches!(d.status.phase, Some(Phase::HandingOff | Phase::Finalising))
+}
+
+/// Opted out during a release (the namespace's label removed, or the Deployment annotated
+/// `turnout.dev/rollout: disabled`): a release in flight must still end, and turnout lets go of it.
+/// Before hand-off it is unwound as a revert is — traffic back on the stable pods, candidates drained
+/// and deleted, the routes at rest — and then the Deployment is handed back unpaused with the intent
+/// cleared, for its own controller to roll out the template it holds (what opting out asks for). From
+/// hand-off on that controller is already rolling it out, and the release finishes as usual (so it does
+/// when there are no stable pods to unwind to: [`on_candidate_baseline`]).
+fn opted_out(o: &Observed<'_>) -> Plan {
+    let d = &o.deployment;
+    if d.request.is_some() {
+        return refuse(
+            o,
+            format!(
+                "{}/{} has opted out of turnout: requests are not taken",
+                d.namespace, d.name
+            ),
+        );
+    }
+    let abandoned = d.status.release.filter(|r| Some(*r) != d.stable_revision);
+    if let Some(plan) = remove_strays(o, None, abandoned).or_else(|| to_rest(o)) {
+        return plan;
+    }
+    if d.stable_revision.is_none() && !d.paused {
+        return wait(None, "opted out: not managed by turnout");
+    }
+    let message = match abandoned {
+        Some(r) => format!(
+            "release v{r} unwound: {}/{} opted out of turnout; its own controller rolls out its template",
+            d.namespace, d.name
+        ),
+        None => format!(
+            "{}/{} opted out of turnout; its own controller rolls out its template",
+            d.namespace, d.name
+        ),
+    };
+    Plan {
+        action: Action::Status(StatusPatch {
+            unpause: d.paused,
+            intent: Intent::Clear,
+            ..patch(
+                o,
+                abandoned.unwrap_or(d.template_revision),
+                Phase::HandedBack,
+                0,
+                d.status.failed_checks,
+                message.clone(),
+            )
+        }),
+        event: Some(warning("HandedBack", message)),
+    }
+}
+
+/// The next action while the Deployment is managed.
+fn managed(o: &Observed<'_>) -> Plan {
     let d = &o.deployment;
     let Some(stable) = d.stable_revision else {
         return requested(o).unwrap_or_else(|| at_rest(o));
@@ -48,7 +126,7 @@ pub fn plan(o: &Observed<'_>) -> Plan {
         Some(Phase::HandingOff) => handing_off(o, t),
         Some(Phase::Finalising) => finalising(o, t),
         Some(Phase::Succeeded) => succeeded(o, t),
-        Some(Phase::Failed | Phase::RolledBack) => failed(o, t),
+        Some(Phase::Failed | Phase::RolledBack | Phase::HandedBack) => failed(o, t),
     }
 }
 

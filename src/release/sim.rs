@@ -47,6 +47,9 @@ enum UserAction {
     Request(Verb),
     /// What made the release fail was fixed (a retry passes analysis).
     Heal,
+    /// The namespace's opt-in label removed (or the Deployment annotated disabled); nothing the user
+    /// does afterwards goes through turnout.
+    OptOut,
 }
 
 #[derive(Clone, Debug)]
@@ -144,6 +147,8 @@ struct World {
     /// The next rollout was started by a bypass.
     bypassed: bool,
     bypass_seen: bool,
+    /// The namespace opted out (turnout lets go of the release).
+    opted_out: bool,
     /// Analyses run while the release was paused on request.
     analysed_while_paused: u32,
     /// What each analysis covered.
@@ -212,6 +217,7 @@ impl World {
             failures: Vec::new(),
             bypassed: false,
             bypass_seen: false,
+            opted_out: false,
             analysed_while_paused: 0,
             stages: Vec::new(),
         }
@@ -259,6 +265,7 @@ impl World {
             }],
             routing_unavailable: None,
             verdict,
+            opted_out: self.opted_out,
         }
     }
 
@@ -266,7 +273,7 @@ impl World {
     fn user(&mut self, action: UserAction) {
         // Known gap, left out of the model: a new template after a bypass whose candidate never became
         // available waits for a baseline that no longer exists (traffic stays on the plain host).
-        if self.bypass_seen {
+        if self.bypass_seen || self.opted_out {
             return;
         }
         let d = &mut self.deployment;
@@ -311,6 +318,7 @@ impl World {
                 let revision = d.template_revision;
                 self.bad.insert(revision, false);
             }
+            UserAction::OptOut => self.opted_out = true,
         }
         self.deployment_controller();
     }
@@ -502,7 +510,14 @@ impl World {
                 c.gone_at = Some(gone);
             }
             Action::Status(patch) => {
-                if patch.unpause && patch.phase != Phase::HandingOff {
+                let handed_back = patch.unpause && patch.phase == Phase::HandedBack;
+                if handed_back && !self.opted_out {
+                    self.fail("handed back while opted in".into());
+                }
+                if handed_back {
+                    // From here the Deployment's own controller replaces the pods: what opting out asks.
+                    self.bypassed = true;
+                } else if patch.unpause && patch.phase != Phase::HandingOff {
                     // I5: the stable ReplicaSet only shrinks at hand-off.
                     self.fail(format!("unpaused in phase {}", patch.phase));
                 }
@@ -664,7 +679,7 @@ impl World {
                 .all(|p| p.route(self.now) == Route::Host && p.rules(self.now).is_empty())
             && self.rs.rolling.is_none();
         d.stable_revision.is_none_or(|_| failed)
-            && d.status.phase.is_some_and(Phase::is_final)
+            && (d.status.phase.is_some_and(Phase::is_final) || (self.opted_out && d.status.phase.is_none()))
             && (at_rest || (failed && self.on_baseline().is_some_and(|b| Some(b) != d.status.release)))
             && matches!(plan(&self.observe(None)).action, Action::Wait { until: None, .. })
     }
@@ -702,6 +717,13 @@ fn check_end(w: &World) -> Result<(), String> {
     let serving: Vec<u64> = w.rs.ready.iter().filter(|(_, r)| **r > 0).map(|(v, _)| *v).collect();
     let expected = match d.status.phase {
         Some(Phase::Succeeded | Phase::RolledBack) => d.template_revision,
+        // Handed back: unpaused, the Deployment's own controller rolled its template out.
+        Some(Phase::HandedBack) => {
+            if d.paused || d.stable_revision.is_some() {
+                return Err("handed back, but still paused or with a release intent".into());
+            }
+            d.template_revision
+        }
         // I6: a rolled-back release ends on the stable ReplicaSet, the Deployment paused.
         Some(Phase::Failed) => {
             if !d.paused {
@@ -716,6 +738,8 @@ fn check_end(w: &World) -> Result<(), String> {
             }
             d.stable_revision.unwrap_or(0)
         }
+        // Opted out before any release: nothing went through turnout.
+        None if w.opted_out => d.template_revision,
         other => return Err(format!("ended in phase {other:?}")),
     };
     if serving != [expected] {
@@ -736,6 +760,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         1 => Just(UserAction::Bypass),
         4 => prop::sample::select(Verb::ALL.to_vec()).prop_map(UserAction::Request),
         1 => Just(UserAction::Heal),
+        1 => Just(UserAction::OptOut),
     ];
     let events = (any::<bool>(), prop::collection::vec((0u64..400, action), 0..6)).prop_map(|(bad, mut rest)| {
         rest.iter_mut().for_each(|(at, _)| *at *= TICK);
@@ -932,6 +957,33 @@ fn a_deployment_resumed_behind_turnout_s_back_gets_all_traffic_moved_to_the_cand
 }
 
 #[test]
+fn opting_out_during_a_release_unwinds_it_and_hands_the_deployment_back_unpaused() {
+    let mut sc = single(false);
+    sc.interval_ms = 60_000;
+    // Progressing at 10 % by 5 s, when the namespace's label is removed.
+    sc.events.push((5_000, UserAction::OptOut));
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    let d = &w.deployment;
+    assert_eq!(d.status.phase, Some(Phase::HandedBack));
+    assert!(!d.paused, "handed back unpaused");
+    assert_eq!(d.stable_revision, None, "no release intent left");
+    assert_eq!(w.checks, 0, "no analysis after opting out");
+    assert!(w.candidates.is_empty());
+    assert!(w.now < 60_000, "no wait for analysis: ended at {} ms", w.now);
+}
+
+#[test]
+fn opting_out_during_the_hand_off_lets_the_release_finish() {
+    let mut sc = single(false);
+    // HandingOff runs from 10.6 s to 12.9 s.
+    sc.events.push((12_500, UserAction::OptOut));
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+}
+
+#[test]
 fn an_abort_rolls_the_release_back_at_once() {
     let mut sc = single(false);
     sc.interval_ms = 60_000;
@@ -1045,6 +1097,7 @@ fn requests_the_release_cannot_take_are_refused_with_the_reason() {
         hosts: Vec::new(),
         routing_unavailable: None,
         verdict: None,
+        opted_out: false,
     };
     d.stable_revision = Some(2);
     d.paused = true;
