@@ -14,16 +14,30 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-/// Readiness of the process: ready once the TLS pair is loaded, not ready again once shutting down.
+/// Readiness of the process: ready once the TLS pair is loaded (the webhook) and the agent has synced
+/// (its first list of Deployments as the leader, or knowing it follows), not ready again once shutting
+/// down.
 #[derive(Debug, Default)]
 pub struct Health {
     tls_loaded: AtomicBool,
     shutting_down: AtomicBool,
+    /// This process runs an agent, which must sync before the process is ready.
+    with_agent: AtomicBool,
+    agent_synced: AtomicBool,
 }
 
 impl Health {
     pub fn set_tls_loaded(&self) {
         self.tls_loaded.store(true, Ordering::SeqCst);
+    }
+
+    /// Readiness waits for [`Health::set_agent_synced`] too.
+    pub fn expect_agent(&self) {
+        self.with_agent.store(true, Ordering::SeqCst);
+    }
+
+    pub fn set_agent_synced(&self) {
+        self.agent_synced.store(true, Ordering::SeqCst);
     }
 
     pub fn set_shutting_down(&self) {
@@ -36,6 +50,8 @@ impl Health {
             Err("shutting down")
         } else if !self.tls_loaded.load(Ordering::SeqCst) {
             Err("serving certificate not loaded yet")
+        } else if self.with_agent.load(Ordering::SeqCst) && !self.agent_synced.load(Ordering::SeqCst) {
+            Err("the agent has not synced with the cluster yet")
         } else {
             Ok(())
         }
@@ -119,4 +135,27 @@ pub async fn bind(flag: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {flag} {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_with_an_agent_is_ready_only_once_the_agent_has_synced() {
+        let health = Health::default();
+        assert_eq!(health.ready(), Err("serving certificate not loaded yet"));
+        health.set_tls_loaded();
+        assert_eq!(
+            health.ready(),
+            Ok(()),
+            "the webhook alone is ready with its certificate"
+        );
+        health.expect_agent();
+        assert_eq!(health.ready(), Err("the agent has not synced with the cluster yet"));
+        health.set_agent_synced();
+        assert_eq!(health.ready(), Ok(()));
+        health.set_shutting_down();
+        assert_eq!(health.ready(), Err("shutting down"));
+    }
 }

@@ -67,10 +67,15 @@ impl Elector {
 
     /// Waits until this replica holds the Lease.
     pub async fn acquire(&mut self) {
+        self.acquire_following(|| {}).await;
+    }
+
+    /// As [`Elector::acquire`]; `following` is called each time another replica is found holding it.
+    pub async fn acquire_following(&mut self, following: impl Fn()) {
         loop {
             match self.try_hold().await {
                 Ok(true) => return,
-                Ok(false) => {}
+                Ok(false) => following(),
                 Err(e) => tracing::warn!(error = %e, lease = %self.name, "cannot read or write the leader Lease"),
             }
             tokio::time::sleep(self.duration / 3).await;

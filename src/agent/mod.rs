@@ -562,6 +562,7 @@ pub async fn run_agent<S>(
     args: &Args,
     election: &leader::ElectionArgs,
     registry: &mut Registry,
+    health: Arc<crate::admin::Health>,
     stop: S,
 ) -> anyhow::Result<impl Future<Output = ()> + use<S>>
 where
@@ -571,6 +572,7 @@ where
         .await
         .map_err(|e| anyhow::anyhow!("no Kubernetes client configuration: set KUBECONFIG or run in a cluster ({e})"))?;
     let client = Client::try_from(config).context("cannot build the Kubernetes client")?;
+    health.expect_agent();
     let metrics = Arc::new(AgentMetrics::register(registry));
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -589,17 +591,18 @@ where
         .then(|| leader::Elector::new(client.clone(), election));
     Ok(async move {
         match &mut elector {
-            None => controller(client, ctx, stop).await,
+            None => controller(client, ctx, health, stop).await,
             Some(elector) => loop {
                 tracing::info!(identity = elector.identity(), "waiting for the leader Lease");
+                // A follower has nothing to sync: it is ready once it knows it follows.
                 tokio::select! {
-                    () = elector.acquire() => {}
+                    () = elector.acquire_following(|| health.set_agent_synced()) => {}
                     () = stop.clone() => break,
                 }
                 tracing::info!(identity = elector.identity(), "leading: running releases");
                 ctx.metrics.leader.set(1);
                 tokio::select! {
-                    () = controller(client.clone(), ctx.clone(), stop.clone()) => break,
+                    () = controller(client.clone(), ctx.clone(), health.clone(), stop.clone()) => break,
                     () = elector.hold() => {
                         tracing::warn!("lost the leader Lease: no longer running releases");
                     }
@@ -612,10 +615,24 @@ where
 }
 
 /// The controller, until `stop`.
-async fn controller(client: Client, ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
+async fn controller(
+    client: Client,
+    ctx: Arc<Context>,
+    health: Arc<crate::admin::Health>,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let deployments: Api<Deployment> = Api::all(client.clone());
     let candidates = watcher::Config::default().labels(agent_names::RELEASE_OF);
-    Controller::new(deployments.clone(), watcher::Config::default())
+    let controller = Controller::new(deployments.clone(), watcher::Config::default());
+    // Ready once the Deployments have been listed: until then the agent knows of no release.
+    let listed = controller.store();
+    let synced = tokio::spawn(async move {
+        if listed.wait_until_ready().await.is_ok() {
+            tracing::info!("agent synced: the Deployments are listed");
+            health.set_agent_synced();
+        }
+    });
+    controller
         .owns(deployments, candidates.clone())
         .watches(
             Api::<ReplicaSet>::all(client.clone()),
@@ -643,6 +660,7 @@ async fn controller(client: Client, ctx: Arc<Context>, stop: impl Future<Output 
             }
         })
         .await;
+    synced.abort();
 }
 
 /// The user Deployment an object belongs to: a candidate's pods and ReplicaSets name it in a label,
@@ -667,9 +685,17 @@ fn owner_of<K: kube::Resource>(obj: &K) -> Option<ObjectRef<Deployment>> {
 /// The admin port cannot be bound, or no Kubernetes client configuration.
 pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     let mut registry = Registry::default();
-    let agent = run_agent(&cmd.release, &cmd.election, &mut registry, crate::signals::terminated()).await?;
     let health = Arc::new(crate::admin::Health::default());
+    // No serving certificate in the agent alone.
     health.set_tls_loaded();
+    let agent = run_agent(
+        &cmd.release,
+        &cmd.election,
+        &mut registry,
+        health.clone(),
+        crate::signals::terminated(),
+    )
+    .await?;
     let listener = crate::admin::bind("--admin-listen", cmd.admin_listen).await?;
     tracing::info!(admin = %listener.local_addr()?, "admin serving");
     let admin = tokio::spawn(crate::admin::serve(
@@ -703,8 +729,16 @@ pub async fn run_both(cmd: RunCommand) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let agent = run_agent(&cmd.release, &cmd.election, &mut registry, stopped(stop_rx.clone())).await?;
-    let server = crate::webhook::Server::start_with_registry(&cmd.webhook, stopped(stop_rx), registry).await?;
+    let health = Arc::new(crate::admin::Health::default());
+    let agent = run_agent(
+        &cmd.release,
+        &cmd.election,
+        &mut registry,
+        health.clone(),
+        stopped(stop_rx.clone()),
+    )
+    .await?;
+    let server = crate::webhook::Server::start_with(&cmd.webhook, stopped(stop_rx), registry, health).await?;
     tokio::spawn(async move {
         crate::signals::terminated().await;
         let _ = stop_tx.send(true);

@@ -92,7 +92,22 @@ impl Server {
     pub async fn start_with_registry(
         args: &Args,
         stop: impl Future<Output = ()> + Send + 'static,
+        registry: Registry,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(args, stop, registry, Arc::new(Health::default())).await
+    }
+
+    /// As [`Server::start_with_registry`], with readiness from `health` (which an agent in the same
+    /// process also reports to).
+    ///
+    /// # Errors
+    ///
+    /// As [`Server::start`].
+    pub async fn start_with(
+        args: &Args,
+        stop: impl Future<Output = ()> + Send + 'static,
         mut registry: Registry,
+        health: Arc<Health>,
     ) -> anyhow::Result<Self> {
         let store = CertStore::load(PairPaths {
             cert: args.tls_cert.clone(),
@@ -100,7 +115,6 @@ impl Server {
         })?;
         let tls = store.server_config()?;
         let metrics = Arc::new(WebhookMetrics::register(&mut registry));
-        let health = Arc::new(Health::default());
 
         let listener = admin::bind("--listen", args.listen).await?;
         let admin_listener = admin::bind("--admin-listen", args.admin_listen).await?;
