@@ -1068,3 +1068,247 @@ async fn the_follower_takes_over_when_the_leader_is_killed() {
     assert!(log.contains("taking over the leader Lease"), "{log}");
     assert!(log.contains("release step"), "the new leader completed the release");
 }
+
+/// The podinfo sample as a file for `ns` with `image`, and the Service in front of it.
+fn manifest(env: &Env, ns: &str, image: &str, file: &str) -> String {
+    let sample = std::fs::read_to_string(format!(
+        "{}/../shared/fixtures/podinfo/deployment.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let text = sample
+        .replace("ghcr.io/stefanprodan/podinfo:6.0.0", image)
+        .replace("  name: podinfo\n", &format!("  name: podinfo\n  namespace: {ns}\n"))
+        .replace("spec:\n  minReadySeconds", "spec:\n  replicas: 2\n  minReadySeconds");
+    let path = env.dir.path().join(file);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// What only a real API server can tell: protobuf requests from kubectl's generators, server-side apply
+/// as GitOps tools use it (a release that succeeds, then no drift but turnout's stamps), a dry run that
+/// gets the same patch, and a Deployment deleted in the middle of a release leaving nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitops_protobuf_dry_run_and_deletion_on_the_real_api_server() {
+    let env = Env::start(true).await;
+
+    // kubectl's generators send protobuf; the webhook still sees JSON and stamps revision 1.
+    env.ok(&["create", "namespace", "protobuf"]).await;
+    env.ok(&["label", "namespace", "protobuf", "turnout.dev/rollout=enabled"])
+        .await;
+    eventually(Duration::from_secs(30), "protobuf's default ServiceAccount", || async {
+        env.kubectl(&["get", "serviceaccount", "default", "-n", "protobuf"], None)
+            .await
+            .ok
+            .then_some(())
+    })
+    .await;
+    env.ok(&["create", "deployment", "web", "-n", "protobuf", "--image=web:1"])
+        .await;
+    let web = env.get("protobuf", "deployment/web").await;
+    assert_eq!(web["metadata"]["annotations"]["turnout.dev/revision"], "1", "{web}");
+
+    // A dry run gets the patch the update gets.
+    let dry = env
+        .ok(&[
+            "set",
+            "image",
+            "-n",
+            "protobuf",
+            "deployment/web",
+            "web=web:2",
+            "--dry-run=server",
+            "-o",
+            "json",
+        ])
+        .await;
+    let dry: Value = serde_json::from_str(&dry.stdout).unwrap();
+    env.ok(&["set", "image", "-n", "protobuf", "deployment/web", "web=web:2"])
+        .await;
+    let real = env.get("protobuf", "deployment/web").await;
+    assert_eq!(dry["spec"]["paused"], true, "held in the dry run: {dry}");
+    assert_eq!(dry["spec"], real["spec"], "the same patch");
+    for key in [
+        "turnout.dev/revision",
+        "turnout.dev/stable-revision",
+        "turnout.dev/stable-hash",
+    ] {
+        assert_eq!(
+            dry["metadata"]["annotations"][key], real["metadata"]["annotations"][key],
+            "{key}"
+        );
+    }
+
+    // Server-side apply, as Flux applies: the first apply, then a new image is a release that succeeds.
+    let ns = "gitops";
+    env.namespace(ns, true).await;
+    let v1 = manifest(&env, ns, "ghcr.io/stefanprodan/podinfo:6.0.0", "podinfo-v1.yaml");
+    let v2 = manifest(&env, ns, "ghcr.io/stefanprodan/podinfo:6.1.0", "podinfo-v2.yaml");
+    let ssa = ["apply", "--server-side", "--field-manager=flux"];
+    env.ok(&[&ssa[..], &["-f", &v1]].concat()).await;
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: podinfo\n  namespace: {ns}\nspec:\n  selector:\n    app: podinfo\n  \
+         ports:\n    - name: http\n      port: 9898\n      targetPort: 9898\n"
+    ))
+    .await;
+    env.ok(&["rollout", "status", "-n", ns, "deployment/podinfo", "--timeout=60s"])
+        .await;
+    let load = Load::start(env.mesh(), ns);
+    eventually(Duration::from_secs(20), "answers through the mesh", || async {
+        (load.stats().ok > 20).then_some(())
+    })
+    .await;
+    env.ok(&[&ssa[..], &["-f", &v2]].concat()).await;
+    let status = rollout_status(&env, ns).await;
+    assert!(status.ok, "{}\n{}", status.stdout, status.stderr);
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
+    assert_at_rest(&env, ns, "2").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{stats:?}");
+
+    // No drift: what Git holds, applied again, changes nothing but turnout's stamps.
+    let diff = env
+        .kubectl(&["diff", "--server-side", "--field-manager=flux", "-f", &v2], None)
+        .await;
+    assert!(diff.code == 0 || diff.code == 1, "kubectl diff failed: {}", diff.stderr);
+    eprintln!(
+        "kubectl diff --server-side of the manifest after the release:\n{}",
+        diff.stdout
+    );
+    let changed: Vec<&str> = diff
+        .stdout
+        .lines()
+        .filter(|l| (l.starts_with('+') || l.starts_with('-')) && !l.starts_with("+++") && !l.starts_with("---"))
+        .filter(|l| !l.contains("generation:") && !l.contains("resourceVersion:"))
+        .collect();
+    assert!(
+        changed
+            .iter()
+            .all(|l| l.contains("turnout.dev/revision") || l.contains("version: v")),
+        "drift beyond the revision stamps:\n{}",
+        diff.stdout
+    );
+
+    // Deleted in the middle of a release: the candidate, the routing objects and every pod go with it.
+    env.ok(&["annotate", "-n", ns, "deployment/podinfo", "turnout.dev/interval=1h"])
+        .await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V3]).await;
+    env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
+    env.ok(&["delete", "-n", ns, "deployment/podinfo", "--wait=false"])
+        .await;
+    eventually(Duration::from_secs(60), "nothing left of podinfo", || async {
+        let left = env
+            .ok(&[
+                "get",
+                "-n",
+                ns,
+                "deployments,replicasets,pods,virtualservices,destinationrules",
+                "-l",
+                "app=podinfo",
+                "-o",
+                "name",
+            ])
+            .await
+            .stdout;
+        let routing = env
+            .ok(&["get", "-n", ns, "virtualservices,destinationrules", "-o", "name"])
+            .await
+            .stdout;
+        (left.trim().is_empty() && routing.trim().is_empty()).then_some(())
+    })
+    .await;
+}
+
+/// The API server killed and started again in the middle of a release under load (every watch of the
+/// agent, the node agent and the mesh cut; etcd keeps the data): the release completes, nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_survives_an_api_server_restart() {
+    let env = Env::start(true).await;
+    let ns = "apiserver";
+    let load = env.prepare(ns, true, &[]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
+    env.restart_apiserver().await;
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(120)).await;
+    assert_at_rest(&env, ns, "2").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{stats:?}");
+}
+
+/// The webhook unreachable in the middle of a release (failurePolicy Ignore): the agent completes the
+/// release; an update made while the webhook is down rolls out unheld, and the safety net reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_down_during_a_release() {
+    let env = Env::start(true).await;
+    let ns = "nowebhook";
+    let load = env.prepare(ns, true, &[]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
+    // The registration now points at a port nobody listens on.
+    let dead = free_port();
+    let patch =
+        format!(r#"[{{"op":"replace","path":"/webhooks/0/clientConfig/url","value":"https://{dead}/mutate"}}]"#);
+    env.ok(&[
+        "patch",
+        "mutatingwebhookconfiguration",
+        "turnout",
+        "--type=json",
+        "-p",
+        &patch,
+    ])
+    .await;
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
+    assert_at_rest(&env, ns, "2").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{stats:?}");
+
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V3]).await;
+    let reported = eventually(Duration::from_secs(30), "an UnheldRollout Event", || async {
+        env.events(ns)
+            .await
+            .into_iter()
+            .find(|e| e.starts_with("Warning UnheldRollout"))
+    })
+    .await;
+    assert!(reported.contains("the webhook was down or bypassed"), "{reported}");
+    env.ok(&["rollout", "status", "-n", ns, "deployment/podinfo", "--timeout=60s"])
+        .await;
+}
+
+/// The namespace's opt-in label removed in the middle of a release: the release is unwound, the
+/// Deployment handed back unpaused (its own controller rolls the new template out), nothing of turnout's
+/// is left, and the Deployment's metric series are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opting_out_in_the_middle_of_a_release_hands_the_deployment_back() {
+    let env = Env::start(true).await;
+    let ns = "optout";
+    // No analysis for an hour: the release would sit at its first step.
+    let load = env.prepare(ns, true, &["turnout.dev/interval=1h"]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
+    let metrics = format!("http://{}/metrics", env.admin);
+    let series = format!(r#"turnout_release_phase{{namespace="{ns}",deployment="podinfo"}}"#);
+    assert!(http_get(&metrics).await.unwrap().1.contains(&series));
+
+    env.ok(&["label", "namespace", ns, "turnout.dev/rollout-"]).await;
+    env.wait_phase(ns, "HandedBack", Duration::from_secs(60)).await;
+    let d = env.get(ns, "deployment/podinfo").await;
+    assert_ne!(d["spec"]["paused"], true, "handed back unpaused: {}", d["spec"]);
+    assert!(d["metadata"]["annotations"]["turnout.dev/stable-revision"].is_null());
+    let status = rollout_status(&env, ns).await;
+    assert!(status.ok, "its own controller rolls v2 out: {}", status.stderr);
+    assert_at_rest(&env, ns, "2").await;
+    let events = env.events(ns).await.join("\n");
+    assert!(events.contains("Warning HandedBack"), "{events}");
+    eventually(Duration::from_secs(10), "the series dropped", || async {
+        http_get(&metrics)
+            .await
+            .filter(|(_, m)| !m.contains(&series))
+            .map(|_| ())
+    })
+    .await;
+    let stats = load.finish().await;
+    eprintln!("optout: {stats:?}");
+}

@@ -627,9 +627,18 @@ async fn controller(
     // Ready once the Deployments have been listed: until then the agent knows of no release.
     let listed = controller.store();
     let synced = tokio::spawn(async move {
-        if listed.wait_until_ready().await.is_ok() {
-            tracing::info!("agent synced: the Deployments are listed");
-            health.set_agent_synced();
+        // Polled again and again: kube-runtime's readiness signal wakes only the last of several
+        // waiters, and the controller waits on it too.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(100), listed.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    tracing::info!("agent synced: the Deployments are listed");
+                    health.set_agent_synced();
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            }
         }
     });
     controller
