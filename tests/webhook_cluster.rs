@@ -137,3 +137,34 @@ async fn a_namespace_that_did_not_opt_in_is_left_alone() {
     assert!(d["metadata"]["annotations"].get("turnout.dev/revision").is_none());
     assert_ne!(d["spec"]["paused"], true);
 }
+
+/// deploy/'s registration passes the real API server's validation, its CEL `matchConditions` compiled
+/// there; a condition that does not compile is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registration_and_its_cel_conditions_pass_the_api_server_s_validation() {
+    let cluster = Cluster::start().await;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let rendered = cluster.ok(&["kustomize", &format!("{root}/deploy")]).await.stdout;
+    let webhook: String = rendered
+        .split("\n---\n")
+        .find(|doc| doc.contains("kind: MutatingWebhookConfiguration"))
+        .expect("deploy/ registers the webhook")
+        // Under another name: validated as created, whatever the tests beside this one registered.
+        .replacen("  name: turnout\n", "  name: turnout-validation\n", 1);
+    let applied = cluster
+        .kubectl(&["create", "--dry-run=server", "-f", "-"], Some(&webhook))
+        .await;
+    assert!(applied.ok, "{}", applied.stderr);
+
+    let broken = webhook.replacen("request.operation == 'CREATE'", "request.operation == ", 1);
+    assert_ne!(broken, webhook, "the condition to break is in deploy/");
+    let refused = cluster
+        .kubectl(&["create", "--dry-run=server", "-f", "-"], Some(&broken))
+        .await;
+    assert!(!refused.ok, "a condition that does not compile is refused");
+    assert!(
+        refused.stderr.contains("matchConditions") && refused.stderr.contains("compil"),
+        "{}",
+        refused.stderr
+    );
+}
