@@ -101,6 +101,80 @@ async fn reqwest_lite(url: &str) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// A webhook that admits everything unchanged, over HTTPS: the baseline of the API server's own
+/// measurement of an admission call. Returns its address.
+async fn noop_webhook(dir: &std::path::Path) -> (std::net::SocketAddr, String) {
+    use http_body_util::BodyExt as _;
+    let bundle = turnout::certs::generate(&["127.0.0.1".into()]).unwrap();
+    turnout::certs::write(&dir.join("noop-certs"), &bundle, false).unwrap();
+    let certs: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls::pki_types::pem::PemObject::pem_slice_iter(bundle.cert_pem.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+    let key = rustls::pki_types::pem::PemObject::from_pem_slice(bundle.key_pem.as_bytes()).unwrap();
+    let mut tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else { return };
+                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let review: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    let answer = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                        "response": {"uid": review["request"]["uid"], "allowed": true}});
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(answer.to_string()),
+                    )))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, bundle.ca_pem)
+}
+
+/// (sum, count) of a histogram of the API server's `/metrics` over the series with `label`.
+fn histogram(metrics: &str, name: &str, label: &str) -> (f64, f64) {
+    let total = |suffix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}_{suffix}{{")) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (total("sum"), total("count"))
+}
+
+/// Requests in the API server's audit log made by `user`, by verb, from line `from` on.
+fn audited(log: &std::path::Path, user: &str, from: usize) -> (usize, std::collections::BTreeMap<String, usize>) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut by_verb = std::collections::BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for line in &lines[from.min(lines.len())..] {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        if event["user"]["username"] == user {
+            let key = format!(
+                "{} {}",
+                event["verb"].as_str().unwrap_or("?"),
+                event["objectRef"]["resource"].as_str().unwrap_or("?")
+            );
+            *by_verb.entry(key).or_insert(0) += 1;
+        }
+    }
+    (lines.len(), by_verb)
+}
+
 /// Waits until `pred` holds for an object seen by a watch on `api`; returns when it was seen.
 async fn seen<K>(api: Api<K>, pred: impl Fn(&K) -> bool) -> Instant
 where
@@ -132,7 +206,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let o = options();
-    common::configure(Duration::ZERO, Duration::ZERO);
+    common::configure(Duration::ZERO, Duration::ZERO, true);
     let cluster = Cluster::exclusive().await;
     let client = cluster.admin_client().await;
 
@@ -149,6 +223,18 @@ async fn main() {
     // RBAC and CRDs first, as on a cluster where turnout is installed before it starts.
     cluster.install(bundle.ca_pem.as_bytes(), listen).await;
     cluster.istio_crds().await;
+    // The baseline webhook: registered as turnout's is, answering at once with no patch.
+    let (noop, noop_ca) = noop_webhook(&dir).await;
+    let registration: serde_json::Value =
+        serde_json::from_str(&cluster.ok(&["get", "mutatingwebhookconfiguration", "turnout", "-o", "json"]).await.stdout)
+            .unwrap();
+    let mut webhook = registration["webhooks"][0].clone();
+    webhook["name"] = json!("noop.turnout.dev");
+    webhook["clientConfig"] = json!({"url": format!("https://{noop}/"),
+        "caBundle": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, noop_ca)});
+    let noop_registration = json!({"apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration", "metadata": {"name": "noop"}, "webhooks": [webhook]});
+    cluster.apply(&noop_registration.to_string()).await;
     let mut turnout = tokio::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
         .args([
             "run",
@@ -184,7 +270,7 @@ async fn main() {
     let pid = turnout.id().unwrap();
     let admin = admin_addr.to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !reqwest_lite(&format!("http://{admin}/ready")).await.contains("ready") {
+    while reqwest_lite(&format!("http://{admin}/ready")).await.trim() != "ready" {
         assert!(Instant::now() < deadline, "turnout did not become ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -209,6 +295,10 @@ async fn main() {
             .ok(&["rollout", "status", "-n", ns, "deployment/app", "--timeout=60s"])
             .await;
     }
+    let audit_log = cluster.bed.audit_log();
+    let (audit_start, _) = audited(&audit_log, common::AGENT_USER, usize::MAX);
+    let mut agent_requests = 0;
+    let mut agent_by_verb: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     let (mut to_candidate, mut to_weight, mut native) = (Vec::new(), Vec::new(), Vec::new());
     for r in 1..=o.releases {
         let image = format!("app:{r}");
@@ -260,6 +350,9 @@ async fn main() {
             assert!(Instant::now() < until, "release {r} did not succeed: {phase:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let (_, by_verb) = audited(&audit_log, common::AGENT_USER, audit_start);
+        agent_requests = by_verb.values().sum();
+        agent_by_verb = by_verb;
 
         // The native controller, same update.
         let plain: Api<Deployment> = Api::namespaced(client.clone(), "plain");
@@ -288,6 +381,13 @@ async fn main() {
             .ok(&["rollout", "status", "-n", "plain", "deployment/app", "--timeout=60s"])
             .await;
     }
+    let apiserver_metrics = client
+        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
+        .await
+        .unwrap();
+    let metric_name = "apiserver_admission_webhook_admission_duration_seconds";
+    let (turnout_sum, turnout_count) = histogram(&apiserver_metrics, metric_name, r#"name="deployments.turnout.dev""#);
+    let (noop_sum, noop_count) = histogram(&apiserver_metrics, metric_name, r#"name="noop.turnout.dev""#);
     let passes = metric(&admin, "turnout_reconcile_duration_seconds_count").await;
     let seconds = metric(&admin, "turnout_reconcile_duration_seconds_sum").await;
     let after_releases = rss_kib(pid);
@@ -352,6 +452,27 @@ async fn main() {
         "    baseline: update -> new ReplicaSet (native)       {}",
         range(&native)
     );
+    println!("  admission calls timed by the API server (apiserver_admission_webhook_admission_duration_seconds):");
+    println!(
+        "    turnout's webhook   {:6.2} ms mean over {turnout_count:.0} calls",
+        1000.0 * turnout_sum / turnout_count.max(1.0)
+    );
+    println!(
+        "    no-op webhook       {:6.2} ms mean over {noop_count:.0} calls (registered the same way)",
+        1000.0 * noop_sum / noop_count.max(1.0)
+    );
+    println!(
+        "    ratio               {:6.2}",
+        (turnout_sum / turnout_count.max(1.0)) / (noop_sum / noop_count.max(1.0)).max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "  API requests of the agent's ServiceAccount (audit log) during the {} releases: {agent_requests} ({:.1} per release)",
+        o.releases,
+        agent_requests as f64 / o.releases.max(1) as f64
+    );
+    for (verb, n) in &agent_by_verb {
+        println!("    {n:5}  {verb}");
+    }
     println!(
         "  reconcile passes during the releases: {passes:.0}, mean {:.2} ms",
         1000.0 * seconds / passes.max(1.0)

@@ -32,16 +32,24 @@ pub struct Bed {
 }
 
 static BED: OnceLock<Bed> = OnceLock::new();
-/// (pod readiness delay, largest propagation delay) of the bed, if set before it starts.
-static SETTINGS: OnceLock<(Duration, Duration)> = OnceLock::new();
+/// (pod readiness delay, largest propagation delay, audit log) of the bed, if set before it starts.
+static SETTINGS: OnceLock<(Duration, Duration, bool)> = OnceLock::new();
 
 /// Sets the bed's pod readiness delay and its proxies' largest propagation delay (default 200 ms and
-/// 500 ms); only before the bed starts.
-pub fn configure(pod_ready_delay: Duration, max_propagation_delay: Duration) {
+/// 500 ms), and whether the API server writes an audit log ([`Bed::audit_log`]); only before the bed
+/// starts.
+pub fn configure(pod_ready_delay: Duration, max_propagation_delay: Duration, audit: bool) {
     assert!(
-        SETTINGS.set((pod_ready_delay, max_propagation_delay)).is_ok() && BED.get().is_none(),
+        SETTINGS.set((pod_ready_delay, max_propagation_delay, audit)).is_ok() && BED.get().is_none(),
         "configure() comes before the bed starts"
     );
+}
+
+impl Bed {
+    /// The API server's audit log (with [`configure`]'s `audit`): one JSON object per request.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("logs/audit.log")
+    }
 }
 static TURNS: OnceLock<tokio::sync::RwLock<()>> = OnceLock::new();
 
@@ -65,9 +73,11 @@ fn bed() -> &'static Bed {
         sweep(&tmp);
         let dir = tmp.join(format!("turnout-testbed-{}", std::process::id()));
         let mut config = kubesim::testbed::config(&dir);
-        let (ready, propagation) = *SETTINGS.get_or_init(|| (Duration::from_millis(200), Duration::from_millis(500)));
+        let (ready, propagation, audit) =
+            *SETTINGS.get_or_init(|| (Duration::from_millis(200), Duration::from_millis(500), false));
         config.node.pod_ready_delay = ready;
         config.mesh.max_propagation_delay = propagation;
+        config.control_plane.audit = audit;
         let bin = config.control_plane.bin_dir.clone();
         kubesim::testbed::ensure_built(&bin).expect("the control plane builds (hack/k8s/build.sh)");
         let (tx, rx) = std::sync::mpsc::channel();

@@ -40,6 +40,9 @@ pub struct Options {
     pub api_port: u16,
     /// How long to wait for each component to be ready.
     pub ready_timeout: Duration,
+    /// Write the API server's audit log (every request's metadata, one JSON line each) to
+    /// `DIR/logs/audit.log`: who made which requests.
+    pub audit: bool,
 }
 
 /// Why the control plane could not start.
@@ -289,6 +292,18 @@ impl ControlPlane {
             "--profiling=false".into(),
             "--v=1".into(),
         ];
+        let mut apiserver_args = apiserver_args;
+        if options.audit {
+            let policy = dir.join("audit-policy.yaml");
+            write(
+                &policy,
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived, ResponseStarted]\nrules:\n  - level: Metadata\n",
+            )?;
+            apiserver_args.push(format!("--audit-policy-file={}", policy.display()));
+            apiserver_args.push(format!("--audit-log-path={}", dir.join("logs/audit.log").display()));
+            apiserver_args.push("--audit-log-format=json".into());
+            apiserver_args.push("--audit-log-mode=blocking".into());
+        }
         let log = dir.join("logs/kube-apiserver.log");
         let mut apiserver = Process::spawn("kube-apiserver", &bin("kube-apiserver"), &apiserver_args, log)?;
         let started = Instant::now();

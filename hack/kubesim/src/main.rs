@@ -46,6 +46,9 @@ enum Command {
         /// How many simulated client proxies route mesh requests (each adopts changes after its own delay).
         #[arg(long, env = "KUBESIM_PROXIES", default_value_t = 4)]
         proxies: usize,
+        /// Write the API server's audit log (one JSON line per request, with its user) to DIR/logs/audit.log.
+        #[arg(long, env = "KUBESIM_AUDIT")]
+        audit: bool,
     },
     /// Print a kubeconfig for another identity of a running test bed: a user with a client certificate
     /// (--user, optionally --group), or a ServiceAccount with a token from the TokenRequest API
@@ -116,9 +119,11 @@ fn main() -> ExitCode {
             mesh_port,
             metrics_port,
             proxies,
+            audit,
         } => {
             let mut config = kubesim::testbed::config(&dir);
             config.control_plane.api_port = api_port;
+            config.control_plane.audit = audit;
             if let Some(bin) = k8s_bin {
                 config.control_plane.bin_dir = bin;
             }

@@ -155,6 +155,7 @@ pub fn config(dir: &Path) -> Config {
             dir: dir.to_owned(),
             api_port: 0,
             ready_timeout: Duration::from_secs(120),
+            audit: false,
         },
         node: NodeConfig::default(),
         mesh: MeshConfig::default(),
