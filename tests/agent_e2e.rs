@@ -259,6 +259,18 @@ impl Env {
         .await;
     }
 
+    /// Waits for the safety net's Event about an update that rolled out without the webhook.
+    async fn unheld_reported(&self, ns: &str) {
+        let reported = eventually(Duration::from_secs(30), "an UnheldRollout Event", || async {
+            self.events(ns)
+                .await
+                .into_iter()
+                .find(|e| e.starts_with("Warning UnheldRollout"))
+        })
+        .await;
+        assert!(reported.contains("the webhook was down or bypassed"), "{reported}");
+    }
+
     async fn events(&self, ns: &str) -> Vec<String> {
         let list = self.get(ns, "events").await;
         list["items"]
@@ -980,14 +992,7 @@ async fn without_istio_releases_fail_with_the_reason() {
         .await;
     env.ok(&["delete", "mutatingwebhookconfiguration", "turnout"]).await;
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
-    let reported = eventually(Duration::from_secs(30), "an UnheldRollout Event", || async {
-        env.events(ns)
-            .await
-            .into_iter()
-            .find(|e| e.starts_with("Warning UnheldRollout"))
-    })
-    .await;
-    assert!(reported.contains("the webhook was down or bypassed"), "{reported}");
+    env.unheld_reported(ns).await;
     eventually(Duration::from_secs(10), "turnout_unheld_rollouts_total 1", || async {
         http_get(&metrics)
             .await
@@ -1207,6 +1212,19 @@ async fn gitops_protobuf_dry_run_and_deletion_on_the_real_api_server() {
         (left.trim().is_empty() && routing.trim().is_empty()).then_some(())
     })
     .await;
+    // And its metric series.
+    let metrics = format!("http://{}/metrics", env.admin);
+    eventually(
+        Duration::from_secs(10),
+        "the deleted Deployment's series dropped",
+        || async {
+            http_get(&metrics)
+                .await
+                .filter(|(_, m)| !m.contains(r#"namespace="gitops",deployment="podinfo""#))
+                .map(|_| ())
+        },
+    )
+    .await;
 }
 
 /// The API server killed and started again in the middle of a release under load (every watch of the
@@ -1254,14 +1272,7 @@ async fn the_webhook_down_during_a_release() {
     assert_eq!(stats.failed, 0, "{stats:?}");
 
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V3]).await;
-    let reported = eventually(Duration::from_secs(30), "an UnheldRollout Event", || async {
-        env.events(ns)
-            .await
-            .into_iter()
-            .find(|e| e.starts_with("Warning UnheldRollout"))
-    })
-    .await;
-    assert!(reported.contains("the webhook was down or bypassed"), "{reported}");
+    env.unheld_reported(ns).await;
     env.ok(&["rollout", "status", "-n", ns, "deployment/podinfo", "--timeout=60s"])
         .await;
 }

@@ -458,27 +458,22 @@ impl ControlPlane {
     }
 }
 
-/// Polls a plain-HTTP health URL (etcd's `/health`).
-async fn wait_http(process: &mut Process, url: &str, timeout: Duration) -> Result<(), ClusterError> {
-    use http_body_util::{BodyExt as _, Empty};
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Empty<bytes::Bytes>>();
+/// Polls `ready` every `every` until it says yes; fails if the process exits or `timeout` passes.
+async fn poll_ready<F, Fut>(
+    process: &mut Process,
+    timeout: Duration,
+    every: Duration,
+    mut ready: F,
+) -> Result<(), ClusterError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
     let deadline = Instant::now() + timeout;
     loop {
         process.alive()?;
-        if let Ok(uri) = url.parse::<http::Uri>()
-            && let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(2), client.get(uri)).await
-        {
-            let ok = response.status().is_success();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            if ok && String::from_utf8_lossy(&body).contains("\"health\":\"true\"") {
-                return Ok(());
-            }
+        if ready().await {
+            return Ok(());
         }
         if Instant::now() > deadline {
             return Err(ClusterError::NotReady {
@@ -488,8 +483,32 @@ async fn wait_http(process: &mut Process, url: &str, timeout: Duration) -> Resul
                 tail: process.tail(),
             });
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
     }
+}
+
+/// Polls a plain-HTTP health URL (etcd's `/health`).
+async fn wait_http(process: &mut Process, url: &str, timeout: Duration) -> Result<(), ClusterError> {
+    use http_body_util::{BodyExt as _, Empty};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    poll_ready(process, timeout, Duration::from_millis(100), || async {
+        let Ok(uri) = url.parse::<http::Uri>() else {
+            return false;
+        };
+        let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(2), client.get(uri)).await else {
+            return false;
+        };
+        let ok = response.status().is_success();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        ok && String::from_utf8_lossy(&body).contains("\"health\":\"true\"")
+    })
+    .await
 }
 
 /// Polls the API server's `/readyz` as the admin.
@@ -500,29 +519,20 @@ async fn wait_api(
     admin: &Pair,
     timeout: Duration,
 ) -> Result<(), ClusterError> {
-    let deadline = Instant::now() + timeout;
     let yaml = kubeconfig_with_cert(ca, url, ADMIN, admin);
-    loop {
-        process.alive()?;
-        if let Ok(client) = client_from_yaml(&yaml).await {
-            let request = http::Request::get("/readyz").body(Vec::new());
-            if let Ok(request) = request
-                && let Ok(Ok(text)) = tokio::time::timeout(Duration::from_secs(5), client.request_text(request)).await
-                && text.trim() == "ok"
-            {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(ClusterError::NotReady {
-                what: process.what,
-                timeout,
-                log: process.log.clone(),
-                tail: process.tail(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    poll_ready(process, timeout, Duration::from_millis(200), || async {
+        let Ok(client) = client_from_yaml(&yaml).await else {
+            return false;
+        };
+        let Ok(request) = http::Request::get("/readyz").body(Vec::new()) else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), client.request_text(request)).await,
+            Ok(Ok(text)) if text.trim() == "ok"
+        )
+    })
+    .await
 }
 
 /// A kube client from kubeconfig YAML.
