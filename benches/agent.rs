@@ -1,6 +1,6 @@
 //! The agent's figures (BENCHMARKS.md): reaction time, cost per reconcile, and memory.
 //!
-//! `cargo bench --bench agent [-- --deployments 1000 --releases 5]`
+//! `cargo bench --bench agent [-- --deployments 1000 --releases 5 --admissions 200]`
 //!
 //! The test bed (the real control plane, with the node agent and mesh in this process) has no
 //! readiness or propagation delays; `turnout run` runs as a separate
@@ -9,8 +9,11 @@
 //! Deployment controller (the real kube-controller-manager's) reacting to the same update in a namespace that did not opt in.
 //!
 //! 1. From an update admitted (the held Deployment seen on a watch) to the candidate created, and to the
-//!    first weight change on the VirtualService; baseline: update to the new ReplicaSet, natively.
-//! 2. The agent's reconcile passes: count and mean time (from its metrics).
+//!    first weight change on the VirtualService; baseline: update to the new ReplicaSet, natively. The
+//!    API requests the agent's ServiceAccount made during the releases, from the API server's audit log.
+//! 2. The API server's own timing of admission calls (`apiserver_admission_webhook_admission_duration_seconds`)
+//!    for turnout's webhook and, registered the same way in the same run, a no-op webhook: dry-run
+//!    updates of the pod template reach both. The agent's reconcile passes: count and mean time.
 //! 3. The agent's resident memory idle and with N Deployments in opted-in namespaces.
 
 #[path = "../tests/common/mod.rs"]
@@ -30,12 +33,14 @@ use turnout::istio::virtual_service::VirtualService;
 struct Options {
     deployments: usize,
     releases: usize,
+    admissions: usize,
 }
 
 fn options() -> Options {
     let mut o = Options {
         deployments: 1000,
         releases: 5,
+        admissions: 200,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -44,6 +49,7 @@ fn options() -> Options {
         match args[i].as_str() {
             "--deployments" => o.deployments = value().expect("--deployments N"),
             "--releases" => o.releases = value().expect("--releases N"),
+            "--admissions" => o.admissions = value().expect("--admissions N"),
             _ => {}
         }
         i += 1;
@@ -391,6 +397,16 @@ async fn main() {
         cluster
             .ok(&["rollout", "status", "-n", "plain", "deployment/app", "--timeout=60s"])
             .await;
+    }
+    // 2. Admission as the API server times it: dry-run updates of the pod template reach both webhooks
+    // (their side effects are none) and change nothing.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "bench");
+    for i in 0..o.admissions {
+        let patch = json!({ "spec": { "template": { "spec": { "containers": [{ "name": "app", "image": format!("app:dry-{i}") }] } } } });
+        deployments
+            .patch("app", &PatchParams::default().dry_run(), &Patch::Strategic(&patch))
+            .await
+            .unwrap();
     }
     let apiserver_metrics = client
         .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())

@@ -125,7 +125,9 @@ endpoints() { python3 -c "import json,sys; print(json.load(open('$work/cluster/e
 mesh=$(endpoints mesh | sed 's#^http://##')
 metrics=$(endpoints metrics | sed -e 's#^http://##' -e 's#/metrics$##')
 run kubectl apply -f "$root/../shared/crds/istio/" > /dev/null
-kubectl wait --for=condition=Established --timeout=60s crd/virtualservices.networking.istio.io crd/destinationrules.networking.istio.io > /dev/null
+established() { [ "$(kubectl get crd "$1" -o jsonpath='{.status.conditions[?(@.type=="Established")].status}')" = True ]; }
+wait_for 60 established virtualservices.networking.istio.io
+wait_for 60 established destinationrules.networking.istio.io
 echo "Istio CRDs applied"
 
 prometheus_flag=()

@@ -335,14 +335,28 @@ impl Cluster {
     pub async fn istio_crds(&self) {
         let dir = format!("{}/../shared/crds/istio", env!("CARGO_MANIFEST_DIR"));
         self.ok(&["apply", "-f", &dir]).await;
-        self.ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/virtualservices.networking.istio.io",
-            "crd/destinationrules.networking.istio.io",
-        ])
-        .await;
+        // Polled rather than `kubectl wait`, which fails when it reads a CRD before it has conditions.
+        for crd in [
+            "virtualservices.networking.istio.io",
+            "destinationrules.networking.istio.io",
+        ] {
+            eventually(Duration::from_secs(60), &format!("{crd} established"), || async {
+                let out = self
+                    .kubectl(
+                        &[
+                            "get",
+                            "crd",
+                            crd,
+                            "-o",
+                            r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#,
+                        ],
+                        None,
+                    )
+                    .await;
+                (out.stdout.trim() == "True").then_some(())
+            })
+            .await;
+        }
     }
 
     /// Kills the API server and starts it again (etcd keeps every object); the bed must be exclusive.
