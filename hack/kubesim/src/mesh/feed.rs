@@ -61,19 +61,16 @@ pub fn from_store(store: Arc<Store>) -> mpsc::UnboundedReceiver<Fed> {
         loop {
             match events.recv().await {
                 Ok(e) => {
-                    let followed = FOLLOWED
-                        .iter()
-                        .any(|(g, _, _, p)| e.resource.0 == *g && e.resource.1 == *p);
-                    if followed {
-                        let change = Fed::Change {
-                            resource: e.resource.clone(),
-                            deleted: e.kind == EventType::Deleted,
-                            object: e.object.clone(),
-                            rv: e.rv,
-                        };
-                        if tx.send(change).is_err() {
-                            return;
-                        }
+                    // Every change, followed or not: its version tells the mesh how far it has seen
+                    // (`Mesh::observed`); the mesh ignores the resources it does not follow.
+                    let change = Fed::Change {
+                        resource: e.resource.clone(),
+                        deleted: e.kind == EventType::Deleted,
+                        object: e.object.clone(),
+                        rv: e.rv,
+                    };
+                    if tx.send(change).is_err() {
+                        return;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
