@@ -1257,15 +1257,7 @@ async fn the_webhook_down_during_a_release() {
     let dead = free_port();
     let patch =
         format!(r#"[{{"op":"replace","path":"/webhooks/0/clientConfig/url","value":"https://{dead}/mutate"}}]"#);
-    env.ok(&[
-        "patch",
-        "mutatingwebhookconfiguration",
-        "turnout",
-        "--type=json",
-        "-p",
-        &patch,
-    ])
-    .await;
+    env.patch_webhook(&patch).await;
     env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
     assert_at_rest(&env, ns, "2").await;
     let stats = load.finish().await;

@@ -29,12 +29,12 @@ pub fn plan(o: &Observed<'_>) -> Plan {
 /// The way back is a previous candidate, not the stable ReplicaSet (a release superseded during its
 /// hand-off): there are no stable pods to unwind to, so an opted-out release finishes instead.
 fn on_candidate_baseline(o: &Observed<'_>) -> bool {
-    let abandoned = o
-        .deployment
-        .status
-        .release
-        .filter(|r| Some(*r) != o.deployment.stable_revision);
-    baseline(o, abandoned).is_some_and(|(_, from)| from.is_some())
+    baseline(o, abandoned(&o.deployment)).is_some_and(|(_, from)| from.is_some())
+}
+
+/// The release recorded in flight that opting out abandons (none when it is the stable revision).
+fn abandoned(d: &DeploymentView) -> Option<u64> {
+    d.status.release.filter(|r| Some(*r) != d.stable_revision)
 }
 
 /// The Deployment's own controller is rolling the release out already (hand-off and after).
@@ -62,7 +62,7 @@ fn opted_out(o: &Observed<'_>) -> Plan {
             ),
         );
     }
-    let abandoned = d.status.release.filter(|r| Some(*r) != d.stable_revision);
+    let abandoned = abandoned(d);
     if let Some(plan) = remove_strays(o, None, abandoned).or_else(|| to_rest(o)) {
         return plan;
     }

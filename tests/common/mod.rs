@@ -309,15 +309,7 @@ impl Cluster {
         let patch = format!(
             r#"[{{"op":"replace","path":"/webhooks/0/clientConfig","value":{{"url":"https://{webhook}/mutate","caBundle":"{ca}"}}}}]"#
         );
-        self.ok(&[
-            "patch",
-            "mutatingwebhookconfiguration",
-            "turnout",
-            "--type=json",
-            "-p",
-            &patch,
-        ])
-        .await;
+        self.patch_webhook(&patch).await;
         self.ok(&["scale", "-n", "turnout-system", "deployment/turnout", "--replicas=0"])
             .await;
         let token = self
@@ -329,6 +321,19 @@ impl Cluster {
             plane.control_plane.kubeconfig_with_token(AGENT_USER, token.trim())
         };
         std::fs::write(self.agent_kubeconfig(), yaml).unwrap();
+    }
+
+    /// Applies a JSON patch to turnout's webhook registration.
+    pub async fn patch_webhook(&self, patch: &str) {
+        self.ok(&[
+            "patch",
+            "mutatingwebhookconfiguration",
+            "turnout",
+            "--type=json",
+            "-p",
+            patch,
+        ])
+        .await;
     }
 
     /// Applies the real Istio CRDs and waits until they are served.
