@@ -6,6 +6,7 @@ mod common;
 use common::Cluster;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
+use kube::api::{Patch, PatchParams};
 use turnout::agent::{act, observe};
 use turnout::release::{Action, Intent, Phase, Rollout, Route, StatusPatch, Weighted};
 
@@ -74,6 +75,29 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
         "the other change stands"
     );
     act::apply(&client, &fresh, &snap, &status(), 1).await.unwrap();
+
+    // A change of the status alone (the Deployment controller's, say) is no conflict: nothing the
+    // plan read changed, and the write is retried from the fresh version.
+    let read = settled(&deployments).await;
+    let condition = serde_json::json!({ "status": { "conditions": [
+        { "type": "Checked", "status": "True", "reason": "Test", "message": "status-only change" }
+    ] } });
+    deployments
+        .patch_status("podinfo", &PatchParams::default(), &Patch::Strategic(&condition))
+        .await
+        .unwrap();
+    let now = deployments.get("podinfo").await.unwrap();
+    assert_ne!(now.metadata.resource_version, read.metadata.resource_version, "the read is stale");
+    let Action::Status(mut checked) = status() else { unreachable!() };
+    checked.message = "release v2 checked".into();
+    act::apply(&client, &read, &snap, &Action::Status(checked), 1)
+        .await
+        .unwrap();
+    let after = deployments.get("podinfo").await.unwrap();
+    assert_eq!(
+        after.metadata.annotations.as_ref().unwrap()["turnout.dev/message"],
+        "release v2 checked"
+    );
 
     // A request removed from a stale read: a newer request written meanwhile is not lost.
     let read = settled(&deployments).await;

@@ -1,6 +1,7 @@
 //! Carrying out one [`Action`] against the cluster. Every write names the resource version it was
 //! planned from, so a concurrent change makes it fail with 409 and the next pass plans again from a
-//! fresh read.
+//! fresh read. The one exception: a status write reported with a conflict that only the Deployment's
+//! status caused is retried, since nothing the plan read has changed.
 
 use std::collections::BTreeMap;
 
@@ -238,8 +239,27 @@ async fn status(client: &Client, d: &Deployment, p: &StatusPatch) -> kube::Resul
     if p.unpause {
         body["spec"] = json!({ "paused": false });
     }
-    api.patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(&body))
-        .await?;
+    // A conflict caused only by a status write (the Deployment controller's, say) is retried from the
+    // fresh version: the plan read nothing that changed, and planning again would repeat the
+    // analysis the patch reports (calling its hooks twice). A change to spec, annotations (both bump
+    // the generation) or labels is a real conflict and goes back to the planner.
+    let mut attempts = 0;
+    loop {
+        match api.patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(&body)).await {
+            Ok(_) => break,
+            Err(kube::Error::Api(e)) if e.code == 409 && attempts < 3 => {
+                attempts += 1;
+                let Some(fresh) = api.get_opt(&d.name_any()).await? else {
+                    return Err(kube::Error::Api(e));
+                };
+                if !status_only_change(d, &fresh) {
+                    return Err(kube::Error::Api(e));
+                }
+                body["metadata"]["resourceVersion"] = json!(fresh.resource_version());
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let (status, reason) = match p.rollout {
         Rollout::Keep => return Ok(()),
         Rollout::Fail => ("False", conditions::DEADLINE_EXCEEDED),
@@ -259,6 +279,15 @@ async fn status(client: &Client, d: &Deployment, p: &StatusPatch) -> kube::Resul
     api.patch_status(&d.name_any(), &PatchParams::default(), &Patch::Strategic(&body))
         .await?;
     Ok(())
+}
+
+/// Whether `fresh` differs from `read` in nothing a plan reads: same object, same generation (spec
+/// and annotations), same labels.
+fn status_only_change(read: &Deployment, fresh: &Deployment) -> bool {
+    read.uid() == fresh.uid()
+        && read.metadata.generation == fresh.metadata.generation
+        && read.metadata.labels == fresh.metadata.labels
+        && read.metadata.deletion_timestamp == fresh.metadata.deletion_timestamp
 }
 
 /// Records `event` on `d` (core/v1, which `kubectl describe` shows).
