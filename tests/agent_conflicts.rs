@@ -87,8 +87,13 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
         .await
         .unwrap();
     let now = deployments.get("podinfo").await.unwrap();
-    assert_ne!(now.metadata.resource_version, read.metadata.resource_version, "the read is stale");
-    let Action::Status(mut checked) = status() else { unreachable!() };
+    assert_ne!(
+        now.metadata.resource_version, read.metadata.resource_version,
+        "the read is stale"
+    );
+    let Action::Status(mut checked) = status() else {
+        unreachable!()
+    };
     checked.message = "release v2 checked".into();
     act::apply(&client, &read, &snap, &Action::Status(checked), 1)
         .await

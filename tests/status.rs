@@ -122,7 +122,7 @@ source: {{component: turnout}}
     let bin = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_turnout"), bin.path().join("kubectl-turnout")).unwrap();
     let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
-    let plugin = tokio::process::Command::new("kubectl")
+    let plugin = tokio::process::Command::new(cluster.kubectl_path())
         .args(["turnout", "status", "-n", "shop"])
         .env("KUBECONFIG", cluster.kubeconfig())
         .env("PATH", path)

@@ -245,7 +245,10 @@ async fn status(client: &Client, d: &Deployment, p: &StatusPatch) -> kube::Resul
     // the generation) or labels is a real conflict and goes back to the planner.
     let mut attempts = 0;
     loop {
-        match api.patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(&body)).await {
+        match api
+            .patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
             Ok(_) => break,
             Err(kube::Error::Api(e)) if e.code == 409 && attempts < 3 => {
                 attempts += 1;

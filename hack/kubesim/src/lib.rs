@@ -1,28 +1,16 @@
-//! kubesim: a Kubernetes emulator for turnout's tests and demos.
+//! kubesim: turnout's test bed around the real Kubernetes control plane.
 //!
 //! ```text
-//!  kubectl / kube-rs ──HTTPS──▶ api (discovery, verbs, patches) ──▶ store (objects, resourceVersions, watches)
-//!                                   │ admission (webhooks)  │ rbac        ▲
-//!                                   ▼                                     │
-//!                              controllers (Deployment, ReplicaSet, kubelet, EndpointSlices, GC)
-//!  HTTP ──▶ mesh (proxies routing by VirtualService/DestinationRule) ──▶ simulated pods; metrics
+//!  cluster: etcd, kube-apiserver, kube-controller-manager (built by hack/k8s/build.sh), PKI, kubeconfigs
+//!  node:    a node agent as a client of the API server (pods bound, given IPs and status, deleted)
+//!  mesh:    proxies routing by VirtualService/DestinationRule, fed by watches ──▶ simulated pods; metrics
+//!  testbed: the three together
 //! ```
 
-pub mod admission;
-pub mod api;
 pub mod cluster;
-pub mod controllers;
 pub mod mesh;
 pub mod node;
-pub mod patch;
 pub mod pki;
-pub mod rbac;
-pub mod resources;
-pub mod schema;
-pub mod selector;
-pub mod server;
-pub mod sim;
-pub mod store;
 pub mod testbed;
 
 /// An error and its sources on one line.

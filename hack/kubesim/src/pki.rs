@@ -1,6 +1,5 @@
-//! kubesim's certificates: a CA, the API server's serving certificate, and client certificates whose
-//! subject names the user (CN) and groups (O), as the apiserver's x509 authenticator reads them (kubesim
-//! writes all groups into one O, comma-separated, and reads them back so).
+//! The test bed's certificates: a CA, serving certificates, and client certificates whose subject
+//! names the user (CN) and group (O), as the API server's x509 authenticator reads them.
 
 use std::path::Path;
 
@@ -8,8 +7,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
-
-use crate::api::User;
 
 /// Why certificates could not be made or read.
 #[derive(Debug, thiserror::Error)]
@@ -127,25 +124,6 @@ impl Ca {
         self.sign(params)
     }
 
-    /// A client certificate for `user`.
-    ///
-    /// # Errors
-    ///
-    /// A CA that cannot sign.
-    pub fn client(&self, user: &User) -> Result<Pair, PkiError> {
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, user.name.as_str());
-        if !user.groups.is_empty() {
-            // rcgen keeps one value per attribute type, so groups share one O, comma-separated.
-            dn.push(DnType::OrganizationName, user.groups.join(","));
-        }
-        params.distinguished_name = dn;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        validity(&mut params);
-        self.sign(params)
-    }
-
     /// A client certificate for `user` in at most one group (`O`), as the real API server reads them
     /// (one group per `O` attribute; rcgen writes one).
     ///
@@ -186,57 +164,30 @@ pub fn signing_key() -> Result<(String, String), PkiError> {
     Ok((key.serialize_pem(), key.public_key_pem()))
 }
 
-/// The user a verified client certificate names: CN is the user, each O a group.
-pub fn user_of(der: &[u8]) -> Option<User> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let subject = cert.subject();
-    let name = subject.iter_common_name().next()?.as_str().ok()?.to_owned();
-    let mut groups: Vec<String> = subject
-        .iter_organization()
-        .filter_map(|o| o.as_str().ok())
-        .flat_map(|o| o.split(','))
-        .filter(|g| !g.is_empty())
-        .map(str::to_owned)
-        .collect();
-    groups.push("system:authenticated".into());
-    Some(User { name, groups })
-}
-
-/// The groups Kubernetes gives a service account user `system:serviceaccount:NS:NAME`.
-pub fn service_account_groups(user: &str) -> Vec<String> {
-    match user
-        .strip_prefix("system:serviceaccount:")
-        .and_then(|rest| rest.split_once(':'))
-    {
-        Some((ns, _)) => vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{ns}")],
-        None => Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
+
+    fn subject(pem: &str) -> (Vec<String>, Vec<String>) {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let s = cert.subject();
+        let text = |a: &x509_parser::x509::AttributeTypeAndValue<'_>| a.as_str().unwrap().to_owned();
+        (
+            s.iter_common_name().map(text).collect(),
+            s.iter_organization().map(text).collect(),
+        )
+    }
 
     #[test]
-    fn a_client_certificate_names_its_user_and_groups() {
+    fn a_client_certificate_names_its_user_and_group() {
         let ca = Ca::generate().unwrap();
-        let user = User {
-            name: "system:serviceaccount:turnout-system:turnout".into(),
-            groups: service_account_groups("system:serviceaccount:turnout-system:turnout"),
-        };
-        let pair = ca.client(&user).unwrap();
-        let der = CertificateDer::from_pem_slice(pair.cert_pem.as_bytes()).unwrap();
-        let got = user_of(&der).unwrap();
-        assert_eq!(got.name, user.name);
+        let pair = ca.client_in_group("jane", Some("system:masters")).unwrap();
         assert_eq!(
-            got.groups,
-            vec![
-                "system:serviceaccounts",
-                "system:serviceaccounts:turnout-system",
-                "system:authenticated"
-            ]
+            subject(&pair.cert_pem),
+            (vec!["jane".into()], vec!["system:masters".into()])
         );
+        let pair = ca.client_in_group("bob", None).unwrap();
+        assert_eq!(subject(&pair.cert_pem), (vec!["bob".into()], vec![]));
     }
 }

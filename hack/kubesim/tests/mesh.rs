@@ -1,13 +1,19 @@
-//! The mesh end to end: pods answering HTTP, proxies routing by VirtualService/DestinationRule after their
+//! The mesh end to end on the test bed (the real control plane, the node agent, the mesh following the
+//! API server): pods answering HTTP, proxies routing by VirtualService/DestinationRule after their
 //! propagation delay, stale endpoints failing with 503, and Istio metrics.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use kubesim::sim::{Config, Sim, admin};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams};
+use kube::{Api, ResourceExt};
+use kubesim::testbed::{self, Testbed};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -26,68 +32,122 @@ impl Answer {
     }
 }
 
-async fn start(max_propagation_delay: Duration) -> Sim {
+struct Bed {
+    bed: Testbed,
+    client: kube::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// Polls `check` until it gives a value (every 50 ms, at most `within`).
+async fn poll<T, F: Future<Output = Option<T>>>(within: Duration, what: &str, check: impl Fn() -> F) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "never {what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A test bed of its own (proxies up to `max_propagation_delay` behind), the Istio CRDs, namespace
+/// `test` and Service `podinfo`.
+async fn start(max_propagation_delay: Duration) -> Bed {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = Sim::start(Config {
-        pod_ready_delay: Duration::from_millis(100),
-        max_propagation_delay,
-        ..Config::default()
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = testbed::config(dir.path());
+    testbed::ensure_built(&config.control_plane.bin_dir).expect("the control plane builds (hack/k8s/build.sh)");
+    config.node.pod_ready_delay = Duration::from_millis(100);
+    config.mesh.max_propagation_delay = max_propagation_delay;
+    let bed = Testbed::start(&config).await.expect("the test bed starts");
+    let client = bed.control_plane.client().await.unwrap();
+    let bed = Bed { bed, client, _dir: dir };
+    install_istio_crds(&bed).await;
+    let namespaces: Api<Namespace> = Api::all(bed.client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
+    namespaces.create(&PostParams::default(), &ns).await.unwrap();
+    // Pods are admitted once the namespace's default ServiceAccount exists.
+    let accounts: Api<ServiceAccount> = Api::namespaced(bed.client.clone(), NS);
+    poll(Duration::from_secs(30), "the default ServiceAccount", || async {
+        accounts.get_opt("default").await.ok().flatten()
     })
-    .await
-    .expect("kubesim starts");
-    install_istio_crds(&sim).await;
-    create(&sim, "", "v1", "namespaces", json!({"metadata": {"name": NS}})).await;
+    .await;
     create(
-        &sim,
-        "",
-        "v1",
-        "services",
+        &bed,
+        ("", "v1", "Service", "services"),
         json!({"metadata": {"name": "podinfo"}, "spec": {"selector": {"app": "podinfo"},
             "ports": [{"name": "http", "port": 80, "targetPort": 9898}]}}),
     )
     .await;
-    sim
+    bed
 }
 
-/// The real Istio CRDs, applied with the real kubectl.
-async fn install_istio_crds(sim: &Sim) {
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    sim.write_kubeconfig(&kubeconfig, &admin().name).unwrap();
+/// The real Istio CRDs, applied with the pinned kubectl, then established.
+async fn install_istio_crds(bed: &Bed) {
     let crds = format!("{}/../../../shared/crds/istio", env!("CARGO_MANIFEST_DIR"));
-    let out = tokio::process::Command::new("kubectl")
+    let kubectl = bed.bed.control_plane.bin_dir.join("kubectl");
+    let out = tokio::process::Command::new(kubectl)
         .args(["apply", "-f", &crds])
-        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBECONFIG", bed.bed.control_plane.dir.join("kubeconfig"))
         .output()
         .await
-        .expect("kubectl is installed");
+        .expect("kubectl runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-async fn create(sim: &Sim, group: &str, version: &str, plural: &str, object: Value) {
-    let t = sim.api.registry().get(group, version, plural).unwrap();
-    let ns = if t.namespaced { NS } else { "" };
-    if let Err(e) = sim.api.create(&admin(), &t, ns, object, false).await {
-        panic!("create {plural}: {}", e.message);
+    let rules = resource(("networking.istio.io", "v1", "DestinationRule", "destinationrules"));
+    let services = resource(("networking.istio.io", "v1", "VirtualService", "virtualservices"));
+    for r in [rules, services] {
+        let api: Api<DynamicObject> = Api::namespaced_with(bed.client.clone(), NS, &r);
+        poll(Duration::from_secs(30), "the Istio CRDs served", || async {
+            api.list(&ListParams::default()).await.ok()
+        })
+        .await;
     }
 }
 
-/// Replaces the spec of an object (read from the store, so with its resourceVersion).
-async fn update(sim: &Sim, group: &str, plural: &str, name: &str, edit: impl FnOnce(&mut Value)) {
-    let t = sim
-        .api
-        .registry()
-        .all()
-        .find(|t| t.group == group && t.plural == plural)
-        .cloned()
-        .unwrap();
-    let mut object = (*sim.api.store.get(&(group.into(), plural.into()), NS, name).unwrap()).clone();
-    edit(&mut object);
-    if let Err(e) = sim.api.update(&admin(), &t, NS, name, None, object, false).await {
-        panic!("update {plural}/{name}: {}", e.message);
+type Kind = (&'static str, &'static str, &'static str, &'static str);
+
+fn resource((group, version, kind, plural): Kind) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+}
+
+fn rv_of(object: &DynamicObject) -> u64 {
+    object.resource_version().and_then(|v| v.parse().ok()).unwrap()
+}
+
+/// Creates `object` in namespace `test`; returns its resourceVersion.
+async fn create(bed: &Bed, kind: Kind, object: Value) -> u64 {
+    let r = resource(kind);
+    let api: Api<DynamicObject> = Api::namespaced_with(bed.client.clone(), NS, &r);
+    let mut object: DynamicObject = serde_json::from_value(object).unwrap();
+    object.types = Some(kube::api::TypeMeta {
+        api_version: r.api_version.clone(),
+        kind: r.kind.clone(),
+    });
+    match api.create(&PostParams::default(), &object).await {
+        Ok(created) => rv_of(&created),
+        Err(e) => panic!("create {}: {e}", kind.3),
     }
 }
 
+/// Replaces an object after `edit`; returns its new resourceVersion.
+async fn update(bed: &Bed, kind: Kind, name: &str, edit: impl Fn(&mut Value)) -> u64 {
+    let api: Api<DynamicObject> = Api::namespaced_with(bed.client.clone(), NS, &resource(kind));
+    loop {
+        let mut object = serde_json::to_value(api.get(name).await.unwrap()).unwrap();
+        edit(&mut object);
+        let object: DynamicObject = serde_json::from_value(object).unwrap();
+        match api.replace(name, &PostParams::default(), &object).await {
+            Ok(replaced) => return rv_of(&replaced),
+            // Changed meanwhile (a controller's status write): read again.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("update {}/{name}: {e}", kind.3),
+        }
+    }
+}
+
+const DEPLOYMENTS: Kind = ("apps", "v1", "Deployment", "deployments");
+const RULES: Kind = ("networking.istio.io", "v1", "DestinationRule", "destinationrules");
+const ROUTES: Kind = ("networking.istio.io", "v1", "VirtualService", "virtualservices");
 fn deployment(name: &str, version: &str, replicas: u32, env: Value) -> Value {
     json!({"metadata": {"name": name}, "spec": {"replicas": replicas,
         "selector": {"matchLabels": {"app": "podinfo", "version": version}},
@@ -97,36 +157,30 @@ fn deployment(name: &str, version: &str, replicas: u32, env: Value) -> Value {
 }
 
 /// Waits until the Service has `n` ready endpoints (none of them pod `gone`) and every proxy knows it.
-async fn wait_ready_endpoints(sim: &Sim, n: usize, gone: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let slice = sim.api.store.get(
-            &("discovery.k8s.io".into(), "endpointslices".into()),
-            NS,
-            "podinfo-slice",
-        );
-        let ready = slice.as_ref().map_or(0, |s| {
-            s["endpoints"].as_array().map_or(0, |e| {
-                e.iter()
-                    .filter(|e| e["conditions"]["ready"] == true && e["targetRef"]["name"] != gone)
-                    .count()
-            })
-        });
-        if ready == n {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never {n} ready endpoints; last slice: {slice:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    sim.mesh.converged().await;
+async fn wait_ready_endpoints(bed: &Bed, n: usize, gone: &str) {
+    let slices: Api<EndpointSlice> = Api::namespaced(bed.client.clone(), NS);
+    let params = ListParams::default().labels("kubernetes.io/service-name=podinfo");
+    let rv = poll(Duration::from_secs(30), &format!("{n} ready endpoints"), || async {
+        let list = slices.list(&params).await.ok()?;
+        let slice = list.items.into_iter().next()?;
+        let ready = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+            .filter(|e| e.target_ref.as_ref().and_then(|t| t.name.as_deref()) != Some(gone))
+            .count();
+        (ready == n)
+            .then(|| slice.resource_version()?.parse::<u64>().ok())
+            .flatten()
+    })
+    .await;
+    assert!(bed.bed.mesh.converged("endpointslices", rv).await);
 }
 
 /// One request through the mesh entry, through proxy `proxy` if given.
-async fn send(sim: &Sim, host: &str, path: &str, proxy: Option<usize>) -> Answer {
-    let tcp = tokio::net::TcpStream::connect(sim.mesh_addr).await.unwrap();
+async fn send(bed: &Bed, host: &str, path: &str, proxy: Option<usize>) -> Answer {
+    let tcp = tokio::net::TcpStream::connect(bed.bed.mesh_addr()).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
     tokio::spawn(conn);
     let mut request = http::Request::get(path).header("host", host);
@@ -154,19 +208,19 @@ async fn send(sim: &Sim, host: &str, path: &str, proxy: Option<usize>) -> Answer
 }
 
 /// `n` requests, spread over the proxies in turn.
-async fn batch(sim: &Sim, n: usize) -> Vec<Answer> {
+async fn batch(bed: &Bed, n: usize) -> Vec<Answer> {
     let mut out = Vec::new();
     for _ in 0..n {
-        out.push(send(sim, "podinfo.test", "/", None).await);
+        out.push(send(bed, "podinfo.test", "/", None).await);
     }
     out
 }
 
 /// Sends batches until `pred` holds for a whole batch (at most 10 s).
-async fn eventually(sim: &Sim, what: &str, pred: impl Fn(&Answer) -> bool) {
+async fn eventually(bed: &Bed, what: &str, pred: impl Fn(&Answer) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let answers = batch(sim, 12).await;
+        let answers = batch(bed, 12).await;
         if answers.iter().all(&pred) {
             return;
         }
@@ -180,8 +234,8 @@ fn versions(answers: &[Answer]) -> BTreeSet<String> {
     answers.iter().map(|a| a.version().to_owned()).collect()
 }
 
-async fn metrics(sim: &Sim) -> String {
-    let tcp = tokio::net::TcpStream::connect(sim.metrics_addr).await.unwrap();
+async fn metrics(bed: &Bed) -> String {
+    let tcp = tokio::net::TcpStream::connect(bed.bed.metrics_addr()).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
     tokio::spawn(conn);
     let request = http::Request::get("/metrics")
@@ -211,27 +265,13 @@ fn weights(v1: u32, v2: u32, v2_subset: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_follows_virtual_service_weights_and_failures_show_in_istio_metrics() {
-    let sim = start(Duration::from_millis(200)).await;
-    create(
-        &sim,
-        "apps",
-        "v1",
-        "deployments",
-        deployment("podinfo", "v1", 2, json!([])),
-    )
-    .await;
-    create(
-        &sim,
-        "apps",
-        "v1",
-        "deployments",
-        deployment("podinfo-v2", "v2", 1, json!([])),
-    )
-    .await;
-    wait_ready_endpoints(&sim, 3, "").await;
+    let bed = start(Duration::from_millis(200)).await;
+    create(&bed, DEPLOYMENTS, deployment("podinfo", "v1", 2, json!([]))).await;
+    create(&bed, DEPLOYMENTS, deployment("podinfo-v2", "v2", 1, json!([]))).await;
+    wait_ready_endpoints(&bed, 3, "").await;
 
     // (a) No VirtualService: the plain host reaches every pod, by any form of the Service's name.
-    let answers = batch(&sim, 40).await;
+    let answers = batch(&bed, 40).await;
     assert!(
         answers.iter().all(|a| a.status == 200),
         "{:?}",
@@ -249,9 +289,9 @@ async fn traffic_follows_virtual_service_weights_and_failures_show_in_istio_metr
         "podinfo.test.svc:80",
         "podinfo.test:80",
     ] {
-        assert_eq!(send(&sim, host, "/x", None).await.status, 200, "{host}");
+        assert_eq!(send(&bed, host, "/x", None).await.status, 200, "{host}");
     }
-    let unknown = send(&sim, "nothing.test", "/", None).await;
+    let unknown = send(&bed, "nothing.test", "/", None).await;
     assert_eq!(
         (unknown.status, unknown.flags.as_str()),
         (404, "NR"),
@@ -260,46 +300,43 @@ async fn traffic_follows_virtual_service_weights_and_failures_show_in_istio_metr
     );
 
     // (b) Subsets, then weights 100/0 and 0/100.
-    create(
-        &sim,
-        "networking.istio.io",
-        "v1",
-        "destinationrules",
+    let rv = create(
+        &bed,
+        RULES,
         json!({"metadata": {"name": "podinfo"}, "spec": {"host": "podinfo", "subsets": [
             {"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}),
     )
     .await;
-    sim.mesh.converged().await; // I1: the subsets are everywhere before a route names them.
-    create(
-        &sim,
-        "networking.istio.io",
-        "v1",
-        "virtualservices",
+    // I1: the subsets are everywhere before a route names them.
+    assert!(bed.bed.mesh.converged("destinationrules", rv).await);
+    let rv = create(
+        &bed,
+        ROUTES,
         json!({"metadata": {"name": "podinfo"}, "spec": {"hosts": ["podinfo"], "http": weights(100, 0, "v2")}}),
     )
     .await;
-    sim.mesh.converged().await;
-    let answers = batch(&sim, 24).await;
+    assert!(bed.bed.mesh.converged("virtualservices", rv).await);
+    let answers = batch(&bed, 24).await;
     assert!(answers.iter().all(|a| a.status == 200 && a.version() == "v1"));
 
-    update(&sim, "networking.istio.io", "virtualservices", "podinfo", |vs| {
+    let rv = update(&bed, ROUTES, "podinfo", |vs| {
         vs["spec"]["http"] = weights(0, 100, "v2");
     })
     .await;
-    eventually(&sim, "all v2", |a| a.status == 200 && a.version() == "v2").await;
-    sim.mesh.converged().await;
+    eventually(&bed, "all v2", |a| a.status == 200 && a.version() == "v2").await;
+    assert!(bed.bed.mesh.converged("virtualservices", rv).await);
     assert!(
-        sim.mesh.generations().windows(2).all(|g| g[0] == g[1]),
+        bed.bed.mesh.generations().windows(2).all(|g| g[0] == g[1]),
         "every proxy holds the newest"
     );
 
     // (c) The canary fails: its pods answer 500, counted for its workload.
-    update(&sim, "apps", "deployments", "podinfo-v2", |d| {
+    update(&bed, DEPLOYMENTS, "podinfo-v2", |d| {
         d["spec"]["template"]["spec"]["containers"][0]["env"] = json!([{"name": "KUBESIM_ERROR_RATE", "value": "1"}]);
     })
     .await;
-    eventually(&sim, "all 500 from v2", |a| a.status == 500 && a.version() == "v2").await;
-    let text = metrics(&sim).await;
+    eventually(&bed, "all 500 from v2", |a| a.status == 500 && a.version() == "v2").await;
+    let text = metrics(&bed).await;
     for reporter in ["source", "destination"] {
         let failed = sample(
             &text,
@@ -337,19 +374,19 @@ async fn traffic_follows_virtual_service_weights_and_failures_show_in_istio_metr
     assert!(buckets.is_some_and(|n| n >= 12.0), "{buckets:?}");
 
     // (d) A route to a subset no DestinationRule defines: Envoy has no such cluster.
-    update(&sim, "networking.istio.io", "virtualservices", "podinfo", |vs| {
+    let rv = update(&bed, ROUTES, "podinfo", |vs| {
         vs["spec"]["http"] = weights(0, 100, "v3");
     })
     .await;
-    sim.mesh.converged().await;
-    let answers = batch(&sim, 8).await;
+    assert!(bed.bed.mesh.converged("virtualservices", rv).await);
+    let answers = batch(&bed, 8).await;
     for a in &answers {
         assert_eq!(
             (a.status, a.text.as_str(), a.flags.as_str()),
             (503, "no healthy upstream", "NC")
         );
     }
-    let text = metrics(&sim).await;
+    let text = metrics(&bed).await;
     let refused = sample(
         &text,
         "istio_requests_total",
@@ -365,35 +402,30 @@ async fn traffic_follows_virtual_service_weights_and_failures_show_in_istio_metr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_with_stale_endpoints_fails_requests_to_a_pod_that_is_gone() {
     // Long propagation: right after the pod goes, no proxy knows yet.
-    let sim = start(Duration::from_secs(2)).await;
-    create(
-        &sim,
-        "apps",
-        "v1",
-        "deployments",
-        deployment("podinfo", "v1", 1, json!([])),
-    )
-    .await;
-    wait_ready_endpoints(&sim, 1, "").await;
-    let before = send(&sim, "podinfo.test", "/", Some(0)).await;
+    let bed = start(Duration::from_secs(2)).await;
+    create(&bed, DEPLOYMENTS, deployment("podinfo", "v1", 1, json!([]))).await;
+    wait_ready_endpoints(&bed, 1, "").await;
+    let before = send(&bed, "podinfo.test", "/", Some(0)).await;
     assert_eq!(before.status, 200);
     let pod = before.body["pod"].as_str().unwrap().to_owned();
 
-    let pods = sim.api.registry().get("", "v1", "pods").unwrap();
-    sim.api
-        .delete(
-            &pods,
-            NS,
-            &pod,
-            &json!({"gracePeriodSeconds": 0}),
-            &Default::default(),
-            false,
-        )
+    let pods: Api<Pod> = Api::namespaced(bed.client.clone(), NS);
+    let ip = pods.get(&pod).await.unwrap().status.unwrap().pod_ip.unwrap();
+    let addr = std::net::SocketAddr::new(kubesim::mesh::pod::loopback_of(ip.parse().unwrap()).unwrap(), 9898);
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_ok(),
+        "the pod listens on {addr}"
+    );
+    pods.delete(&pod, &DeleteParams::default().grace_period(0))
+        .await
         .unwrap();
-    assert!(sim.mesh.observed().await, "the pod's process has exited");
+    poll(Duration::from_secs(10), "the pod's process exited", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
     let mut flags = Vec::new();
     for proxy in 0..4 {
-        let a = send(&sim, "podinfo.test", "/", Some(proxy)).await;
+        let a = send(&bed, "podinfo.test", "/", Some(proxy)).await;
         // Never the old pod; the replacement only if this proxy already knows it is ready.
         let replacement = a.status == 200 && a.body["pod"] != pod.as_str();
         assert!(a.status == 503 || replacement, "{} {}", a.status, a.text);
@@ -405,9 +437,9 @@ async fn a_proxy_with_stale_endpoints_fails_requests_to_a_pod_that_is_gone() {
     );
 
     // The ReplicaSet's replacement takes over once every proxy knows it.
-    wait_ready_endpoints(&sim, 1, &pod).await;
+    wait_ready_endpoints(&bed, 1, &pod).await;
     for proxy in 0..4 {
-        let a = send(&sim, "podinfo.test", "/", Some(proxy)).await;
+        let a = send(&bed, "podinfo.test", "/", Some(proxy)).await;
         assert_eq!(a.status, 200, "{}", a.text);
         assert_ne!(a.body["pod"], pod.as_str());
     }

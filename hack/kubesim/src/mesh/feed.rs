@@ -1,6 +1,6 @@
 //! What the mesh is told of the cluster: every object of a followed resource after a (re)list, then
-//! each change. Two sources: watches against an API server (kube-rs, as istiod and kube-proxy follow a
-//! cluster) and kubesim's in-process store.
+//! each change, from watches against the API server (kube-rs, as istiod and kube-proxy follow a
+//! cluster). Tests of the mesh alone feed it through the same channel.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +10,10 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
-use crate::store::{EventType, ResourceKey, Store};
+/// A resource: (API group, plural).
+pub type ResourceKey = (String, String);
 
 /// One thing the mesh learns.
 #[derive(Debug)]
@@ -41,48 +42,6 @@ pub const FOLLOWED: [(&str, &str, &str, &str); 6] = [
     ("networking.istio.io", "v1", "DestinationRule", "destinationrules"),
     ("apps", "v1", "ReplicaSet", "replicasets"),
 ];
-
-/// Follows kubesim's store: each followed resource listed once, then its changes (a lagging
-/// subscriber lists again).
-pub fn from_store(store: Arc<Store>) -> mpsc::UnboundedReceiver<Fed> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    // Subscribe before listing, so no change falls between the two.
-    let mut events = store.subscribe();
-    let relist = move |tx: &mpsc::UnboundedSender<Fed>| {
-        for (group, _, _, plural) in FOLLOWED {
-            let resource: ResourceKey = (group.into(), plural.into());
-            let (objects, rv) = store.list(&resource, None);
-            let _ = tx.send(Fed::Reset { resource, objects, rv });
-        }
-    };
-    relist(&tx);
-    let relist = relist.clone();
-    tokio::spawn(async move {
-        loop {
-            match events.recv().await {
-                Ok(e) => {
-                    // Every change, followed or not: its version tells the mesh how far it has seen
-                    // (`Mesh::observed`); the mesh ignores the resources it does not follow.
-                    let change = Fed::Change {
-                        resource: e.resource.clone(),
-                        deleted: e.kind == EventType::Deleted,
-                        object: e.object.clone(),
-                        rv: e.rv,
-                    };
-                    if tx.send(change).is_err() {
-                        return;
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::debug!(missed, "mesh: lagged behind the store; relisting");
-                    relist(&tx);
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    });
-    rx
-}
 
 /// Retries a failed watch at a steady pace: a resource whose CRD is installed later (Istio's) is seen
 /// within this delay, as istiod would.

@@ -2,7 +2,7 @@
 //! VirtualServices and DestinationRules and adopt changes after their own delay, and Istio metrics.
 //!
 //! ```text
-//!  store changes ──▶ controller ──▶ pod servers (podIP:containerPort, started/stopped with the pods)
+//!  watch events ──▶ controller ──▶ pod servers (podIP:containerPort, started/stopped with the pods)
 //!                        │
 //!                        └─ snapshot (Services+EndpointSlices, pods, VirtualServices, DestinationRules)
 //!                              │  each proxy adopts it after its own delay in [0, max]
@@ -40,8 +40,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::store::{ResourceKey, Store};
-use feed::Fed;
+use feed::{Fed, ResourceKey};
 use metrics::Metrics;
 use pod::{AbortOnDrop, PodServer};
 use proxy::{Proxies, Published, Shared};
@@ -97,9 +96,8 @@ pub struct Mesh {
     entry_addr: SocketAddr,
     metrics_addr: SocketAddr,
     shared: Arc<Shared>,
-    /// The newest version of the cluster, when its source can tell (kubesim's store).
-    newest: Option<Box<dyn Fn() -> u64 + Send + Sync>>,
-    processed: watch::Receiver<u64>,
+    /// Per resource, the newest version taken in (0 until a change with one).
+    processed: watch::Receiver<HashMap<ResourceKey, u64>>,
     synced: watch::Receiver<bool>,
     _tasks: Vec<AbortOnDrop>,
 }
@@ -114,17 +112,6 @@ impl std::fmt::Debug for Mesh {
 }
 
 impl Mesh {
-    /// Starts the mesh over kubesim's `store`: its pods start answering, and the entry and metrics listen.
-    ///
-    /// # Errors
-    ///
-    /// An address cannot be bound.
-    pub async fn start(store: Arc<Store>, config: &MeshConfig) -> Result<Self, MeshError> {
-        let fed = feed::from_store(store.clone());
-        let newest: Box<dyn Fn() -> u64 + Send + Sync> = Box::new(move || store.resource_version());
-        Self::start_fed(fed, Some(newest), config).await
-    }
-
     /// Starts the mesh following an API server with watches (Services, EndpointSlices, pods,
     /// ReplicaSets, VirtualServices, DestinationRules); it routes once every resource was listed.
     ///
@@ -133,19 +120,20 @@ impl Mesh {
     /// An address cannot be bound.
     pub async fn start_on_api(client: kube::Client, config: &MeshConfig) -> Result<Self, MeshError> {
         let fed = feed::from_api(client, Duration::from_millis(250));
-        let mesh = Self::start_fed(fed, None, config).await?;
+        let mesh = Self::start(fed, config).await?;
         let mut synced = mesh.synced.clone();
         let _ = synced.wait_for(|s| *s).await;
         Ok(mesh)
     }
 
-    /// Starts the mesh on what `fed` tells; what it told before this returns is what every proxy holds
-    /// from the start.
-    async fn start_fed(
-        mut fed: mpsc::UnboundedReceiver<Fed>,
-        newest: Option<Box<dyn Fn() -> u64 + Send + Sync>>,
-        config: &MeshConfig,
-    ) -> Result<Self, MeshError> {
+    /// Starts the mesh on what `fed` tells (a watch of an API server, or a test's own feed): its pods
+    /// start answering, and the entry and metrics listen. What `fed` told before this returns is what
+    /// every proxy holds from the start.
+    ///
+    /// # Errors
+    ///
+    /// An address cannot be bound.
+    pub async fn start(mut fed: mpsc::UnboundedReceiver<Fed>, config: &MeshConfig) -> Result<Self, MeshError> {
         let bind_entry = |source| MeshError::BindEntry {
             addr: config.entry_addr,
             source,
@@ -164,7 +152,7 @@ impl Mesh {
         let proxies = Proxies::new(config.proxies, config.max_propagation_delay, empty, seeds.next_u64());
         let shared = Arc::new(Shared::new(proxies, Arc::new(Metrics::default()), seeds.next_u64()));
 
-        let (processed_tx, processed) = watch::channel(0);
+        let (processed_tx, processed) = watch::channel(HashMap::new());
         let (synced_tx, synced) = watch::channel(false);
         let mut controller = Controller {
             shared: shared.clone(),
@@ -180,8 +168,8 @@ impl Mesh {
             synced: synced_tx,
             seeds,
         };
-        // Take in what is already told (a store's lists), as the state every proxy starts with.
-        let mut seen = 0;
+        // Take in what is already told, as the state every proxy starts with.
+        let mut seen = HashMap::new();
         while let Ok(first) = fed.try_recv() {
             controller.take(first, &mut seen).await;
         }
@@ -200,7 +188,6 @@ impl Mesh {
             entry_addr,
             metrics_addr,
             shared,
-            newest,
             processed,
             synced,
             _tasks: tasks,
@@ -227,25 +214,29 @@ impl Mesh {
         render_metrics(&self.shared)
     }
 
-    /// Waits until the mesh has seen every change made so far: pods started or stopped, the new
-    /// configuration sent to the proxies (which may not hold it yet). Returns at once if the mesh stopped.
-    /// Following an API server, it can only tell that every resource was listed.
-    pub async fn observed(&self) -> bool {
-        let Some(newest) = &self.newest else {
-            let mut synced = self.synced.clone();
-            return synced.wait_for(|s| *s).await.is_ok();
-        };
-        let target = newest();
+    /// Waits until the mesh has taken in the change of `resource` (its plural, e.g. `pods`) at
+    /// resourceVersion `rv`, or a later one: pods started or stopped, the new configuration sent to the
+    /// proxies (which may not hold it yet). Each resource's changes arrive in order, so every earlier
+    /// change of it is in too. False if the mesh stopped.
+    pub async fn seen(&self, resource: &str, rv: u64) -> bool {
         let mut processed = self.processed.clone();
-        processed.wait_for(|rv| *rv >= target).await.is_ok()
+        processed
+            .wait_for(|seen| seen.iter().any(|((_, plural), at)| plural == resource && *at >= rv))
+            .await
+            .is_ok()
     }
 
-    /// Waits until the mesh has seen every change made so far and every proxy has adopted it (at most
-    /// the propagation delay after the last change). Returns at once if the mesh has stopped.
-    pub async fn converged(&self) {
-        if self.observed().await {
-            tokio::time::sleep_until(self.shared.proxies.settled_at()).await;
-        }
+    /// Waits until every proxy has adopted the newest configuration the mesh has built (at most the
+    /// propagation delay after it was built).
+    pub async fn settled(&self) {
+        tokio::time::sleep_until(self.shared.proxies.settled_at()).await;
+    }
+
+    /// [`Self::seen`], then [`Self::settled`]: the change is routed by every proxy.
+    pub async fn converged(&self, resource: &str, rv: u64) -> bool {
+        let seen = self.seen(resource, rv).await;
+        self.settled().await;
+        seen
     }
 }
 
@@ -294,7 +285,7 @@ struct Controller {
     next: Snapshot,
     /// The configuration last sent to the proxies.
     current: Published,
-    processed: watch::Sender<u64>,
+    processed: watch::Sender<HashMap<ResourceKey, u64>>,
     /// Every followed resource has been listed.
     synced: watch::Sender<bool>,
     seeds: Rng,
@@ -304,7 +295,7 @@ impl Controller {
     async fn run(mut self, mut fed: mpsc::UnboundedReceiver<Fed>) {
         loop {
             let Some(first) = fed.recv().await else { return };
-            let mut seen = 0;
+            let mut seen = HashMap::new();
             let mut dirty = self.take(first, &mut seen).await;
             // Take whatever else is queued, to publish one snapshot for the batch.
             while let Ok(more) = fed.try_recv() {
@@ -313,19 +304,25 @@ impl Controller {
             if dirty {
                 self.publish();
             }
-            self.processed.send_if_modified(|rv| {
-                let newer = seen > *rv;
-                *rv = (*rv).max(seen);
+            self.processed.send_if_modified(|processed| {
+                let mut newer = false;
+                for (resource, rv) in seen {
+                    let at = processed.entry(resource).or_default();
+                    newer |= rv > *at;
+                    *at = (*at).max(rv);
+                }
                 newer
             });
         }
     }
 
-    /// Takes one thing learnt in; returns whether the next snapshot changed. `seen`: the newest version.
-    async fn take(&mut self, fed: Fed, seen: &mut u64) -> bool {
+    /// Takes one thing learnt in; returns whether the next snapshot changed. `seen`: the newest version
+    /// of each resource.
+    async fn take(&mut self, fed: Fed, seen: &mut HashMap<ResourceKey, u64>) -> bool {
         match fed {
             Fed::Reset { resource, objects, rv } => {
-                *seen = (*seen).max(rv);
+                let at = seen.entry(resource.clone()).or_default();
+                *at = (*at).max(rv);
                 self.reset(resource, objects, rv).await;
                 true
             }
@@ -335,7 +332,8 @@ impl Controller {
                 object,
                 rv,
             } => {
-                *seen = (*seen).max(rv);
+                let at = seen.entry(resource.clone()).or_default();
+                *at = (*at).max(rv);
                 self.apply(&resource, deleted, object, rv).await
             }
         }
@@ -640,6 +638,73 @@ mod tests {
         (group.into(), plural.into())
     }
 
+    /// What an API server's watches would tell the mesh, kept by hand: objects and versions.
+    struct Objects {
+        tx: mpsc::UnboundedSender<Fed>,
+        objects: BTreeMap<(ResourceKey, String, String), Arc<Value>>,
+        rv: u64,
+    }
+
+    impl Objects {
+        fn new() -> (Self, mpsc::UnboundedReceiver<Fed>) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let objects = Self {
+                tx,
+                objects: BTreeMap::new(),
+                rv: 0,
+            };
+            (objects, rx)
+        }
+
+        fn id(object: &Value) -> (String, String) {
+            let name = |k: &str| object["metadata"][k].as_str().unwrap_or_default().to_owned();
+            (name("namespace"), name("name"))
+        }
+
+        /// Creates or replaces `object`; returns its new version.
+        fn put(&mut self, resource: &ResourceKey, mut object: Value) -> u64 {
+            self.rv += 1;
+            object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+            let (ns, name) = Self::id(&object);
+            let object = Arc::new(object);
+            self.objects.insert((resource.clone(), ns, name), object.clone());
+            self.send(resource, false, object)
+        }
+
+        /// Deletes an object if it exists; returns the version of the deletion.
+        fn delete(&mut self, resource: &ResourceKey, ns: &str, name: &str) -> Option<u64> {
+            let object = self.objects.remove(&(resource.clone(), ns.into(), name.into()))?;
+            self.rv += 1;
+            let mut gone = (*object).clone();
+            gone["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+            Some(self.send(resource, true, Arc::new(gone)))
+        }
+
+        fn send(&self, resource: &ResourceKey, deleted: bool, object: Arc<Value>) -> u64 {
+            let change = Fed::Change {
+                resource: resource.clone(),
+                deleted,
+                object,
+                rv: self.rv,
+            };
+            self.tx.send(change).unwrap();
+            self.rv
+        }
+
+        fn get(&self, resource: &ResourceKey, ns: &str, name: &str) -> Option<Arc<Value>> {
+            self.objects.get(&(resource.clone(), ns.into(), name.into())).cloned()
+        }
+
+        fn list(&self, resource: &ResourceKey) -> Vec<Arc<Value>> {
+            let of = |(r, _, _): &&(ResourceKey, String, String)| r == resource;
+            self.objects
+                .iter()
+                .filter(|(k, _)| of(k))
+                .map(|(_, v)| v.clone())
+                .collect()
+        }
+    }
+
     fn slice(ready: bool) -> Value {
         json!({"metadata": {"name": "web-slice", "namespace": "demo", "labels": {"kubernetes.io/service-name": "web"}},
             "endpoints": [{"addresses": ["127.77.0.1"], "conditions": {"ready": ready}, "targetRef": {"kind": "Pod", "name": "web-0"}}],
@@ -658,9 +723,9 @@ mod tests {
         (status, String::from_utf8_lossy(&body).into_owned(), flags)
     }
 
-    /// The snapshot of what the store holds, built from scratch (pods without addresses: no listeners).
-    fn from_scratch(store: &Store) -> Snapshot {
-        let list = |group: &str, plural: &str| store.list(&res(group, plural), None).0;
+    /// The snapshot of what `objects` holds, built from scratch (pods without addresses: no listeners).
+    fn from_scratch(store: &Objects) -> Snapshot {
+        let list = |group: &str, plural: &str| store.list(&res(group, plural));
         let (services, slices, pods, vss, drs) = (
             list("", "services"),
             list("discovery.k8s.io", "endpointslices"),
@@ -687,13 +752,14 @@ mod tests {
 
     #[tokio::test]
     async fn the_snapshot_kept_change_by_change_is_the_one_built_from_scratch() {
-        let store = Arc::new(Store::new(10_000));
+        let (mut store, fed) = Objects::new();
         let config = MeshConfig {
             max_propagation_delay: Duration::from_millis(5),
             seed: Some(7),
             ..MeshConfig::default()
         };
-        let mesh = Mesh::start(store.clone(), &config).await.unwrap();
+        let mesh = Mesh::start(fed, &config).await.unwrap();
+        let mut last = ("pods".to_owned(), 0);
         let mut rng = Rng::new(11);
         let mut pick = |n: u64| rng.below(n);
         for round in 0..30 {
@@ -735,15 +801,17 @@ mod tests {
                     ),
                 };
                 let name = object["metadata"]["name"].as_str().unwrap().to_owned();
-                if pick(4) == 0 {
-                    let _ = store.delete(&resource, ns, &name, None);
-                } else if store.get(&resource, ns, &name).is_some() {
-                    store.update(&resource, object, None).unwrap();
+                let rv = if pick(4) == 0 {
+                    store.delete(&resource, ns, &name)
                 } else {
-                    store.create(&resource, object).unwrap();
+                    Some(store.put(&resource, object))
+                };
+                if let Some(rv) = rv {
+                    last = (resource.1.clone(), rv);
                 }
             }
-            mesh.converged().await;
+            // One channel in order: the last change taken in means every earlier one is too.
+            assert!(mesh.converged(&last.0, last.1).await);
             let held = mesh.shared.proxies.view(0, Instant::now()).1;
             assert!(*held == from_scratch(&store), "round {round}: {held:#?}");
         }
@@ -751,32 +819,26 @@ mod tests {
 
     #[tokio::test]
     async fn pods_serve_while_they_exist_and_proxies_follow_endpoint_changes() {
-        let store = Arc::new(Store::new(100));
-        store
-            .create(
-                &res("", "services"),
-                json!({"metadata": {"name": "web", "namespace": "demo"},
+        let (mut store, fed) = Objects::new();
+        store.put(
+            &res("", "services"),
+            json!({"metadata": {"name": "web", "namespace": "demo"},
                 "spec": {"ports": [{"port": 80, "targetPort": 18080}]}}),
-            )
-            .unwrap();
-        store
-            .create(&res("discovery.k8s.io", "endpointslices"), slice(true))
-            .unwrap();
-        store
-            .create(
-                &res("", "pods"),
-                json!({"metadata": {"name": "web-0", "namespace": "demo", "uid": "u1",
+        );
+        store.put(&res("discovery.k8s.io", "endpointslices"), slice(true));
+        store.put(
+            &res("", "pods"),
+            json!({"metadata": {"name": "web-0", "namespace": "demo", "uid": "u1",
                 "labels": {"app": "web", "version": "v7"}},
                 "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 18080}]}]},
                 "status": {"podIP": "127.77.0.1"}}),
-            )
-            .unwrap();
+        );
         let config = MeshConfig {
             max_propagation_delay: Duration::from_millis(50),
             seed: Some(1),
             ..MeshConfig::default()
         };
-        let mesh = Mesh::start(store.clone(), &config).await.unwrap();
+        let mesh = Mesh::start(fed, &config).await.unwrap();
 
         // What exists at start is known to every proxy at once.
         let (status, body, flags) = get(&mesh).await;
@@ -793,10 +855,8 @@ mod tests {
             .unwrap())
         .clone();
         unready["endpoints"] = slice(false)["endpoints"].clone();
-        store
-            .update(&res("discovery.k8s.io", "endpointslices"), unready, None)
-            .unwrap();
-        mesh.converged().await;
+        let rv = store.put(&res("discovery.k8s.io", "endpointslices"), unready);
+        assert!(mesh.converged("endpointslices", rv).await);
         assert_eq!(mesh.generations(), vec![2; 4]);
         let (status, body, flags) = get(&mesh).await;
         assert_eq!(
@@ -814,14 +874,14 @@ mod tests {
             .unwrap()
             .listeners[&18080];
         assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
-        store.delete(&res("", "pods"), "demo", "web-0", None).unwrap();
-        assert!(mesh.observed().await);
+        let rv = store.delete(&res("", "pods"), "demo", "web-0").unwrap();
+        assert!(mesh.seen("pods", rv).await);
         assert!(
             tokio::net::TcpStream::connect(addr).await.is_err(),
             "{addr} still accepts"
         );
 
-        mesh.converged().await;
+        mesh.settled().await;
         let text = mesh.metrics_text();
         assert!(
             text.contains(r#"destination_workload="web-0""#),

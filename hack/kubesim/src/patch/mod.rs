@@ -1,3 +1,0 @@
-//! The patch types of the Kubernetes API: JSON patch, JSON merge patch and strategic merge patch.
-
-pub mod strategic;
