@@ -12,6 +12,7 @@ use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Propag
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
+use super::cache::{Kind, Written};
 use super::observe::Snapshot;
 use crate::admission::template::{Stamps, strip};
 use crate::istio::destination_rule::{DestinationRule, DestinationRuleSpec, DestinationRuleSubsets};
@@ -24,28 +25,46 @@ use crate::release::{Action, Event, Intent, Millis, Rollout, Route, StatusPatch,
 /// The field manager of every write.
 pub const MANAGER: &str = "turnout";
 
-/// Applies `action`, planned from `snap`, for Deployment `d`.
-pub async fn apply(client: &Client, d: &Deployment, snap: &Snapshot, action: &Action, now: Millis) -> kube::Result<()> {
+/// Applies `action`, planned from `snap`, for Deployment `d`; says which object it wrote when a cache
+/// is to show it before the next pass (a candidate, a VirtualService, a DestinationRule).
+pub async fn apply(
+    client: &Client,
+    d: &Deployment,
+    snap: &Snapshot,
+    action: &Action,
+    now: Millis,
+) -> kube::Result<Option<Written>> {
     let ns = d.namespace().unwrap_or_default();
+    let written = |kind, name: &str, before: Option<&ObjectMeta>, deleted| Written {
+        kind,
+        namespace: ns.clone(),
+        name: name.to_owned(),
+        before: before.and_then(|m| m.resource_version.clone()),
+        deleted,
+    };
     match action {
         Action::PutDestinationRule { host, subsets } => {
             let (service, stored) = (&snap.hosts[*host].service, &snap.stored[*host].1);
             let api: Api<DestinationRule> = Api::namespaced(client.clone(), &ns);
             let mut dr = DestinationRule::new(service, destination_rule_spec(service, &ns, subsets));
             dr.metadata = managed_meta(d, service, stored.as_ref().map(|o| &o.metadata), now);
-            write(&api, service, dr, stored.is_some()).await
+            write(&api, service, dr, stored.is_some()).await?;
+            let before = stored.as_ref().map(|o| &o.metadata);
+            Ok(Some(written(Kind::DestinationRule, service, before, false)))
         }
         Action::PutVirtualService { host, route } => {
             let (service, stored) = (&snap.hosts[*host].service, &snap.stored[*host].0);
             let api: Api<VirtualService> = Api::namespaced(client.clone(), &ns);
             let mut vs = VirtualService::new(service, virtual_service_spec(service, &ns, route));
             vs.metadata = managed_meta(d, service, stored.as_ref().map(|o| &o.metadata), now);
-            write(&api, service, vs, stored.is_some()).await
+            write(&api, service, vs, stored.is_some()).await?;
+            let before = stored.as_ref().map(|o| &o.metadata);
+            Ok(Some(written(Kind::VirtualService, service, before, false)))
         }
         Action::CreateCandidate { revision } => {
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-            api.create(&PostParams::default(), &candidate(d, *revision)).await?;
-            Ok(())
+            let created = api.create(&PostParams::default(), &candidate(d, *revision)).await?;
+            Ok(Some(written(Kind::Candidate, &created.name_any(), None, false)))
         }
         Action::DeleteCandidate { name } => {
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -54,13 +73,13 @@ pub async fn apply(client: &Client, d: &Deployment, snap: &Snapshot, action: &Ac
                 ..DeleteParams::default()
             };
             match api.delete(name, &params).await {
-                Ok(_) => Ok(()),
+                Ok(_) => Ok(Some(written(Kind::Candidate, name, None, true))),
                 // Already gone: its pods are on their way out.
-                Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(Some(written(Kind::Candidate, name, None, true))),
                 Err(e) => Err(e),
             }
         }
-        Action::Status(patch) => status(client, d, patch).await,
+        Action::Status(patch) => status(client, d, patch).await.map(|()| None),
         Action::ClearRequest => {
             // Conditional on the version read: a newer request written meanwhile is not lost.
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -72,9 +91,9 @@ pub async fn apply(client: &Client, d: &Deployment, snap: &Snapshot, action: &Ac
             });
             api.patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(&body))
                 .await?;
-            Ok(())
+            Ok(None)
         }
-        Action::Analyse { .. } | Action::Wait { .. } => Ok(()),
+        Action::Analyse { .. } | Action::Wait { .. } => Ok(None),
     }
 }
 

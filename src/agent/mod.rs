@@ -1,16 +1,18 @@
 //! `turnout agent`: the routing agent, a kube-runtime controller that runs releases.
 //!
 //! ```text
-//!  watch Deployments (+ candidates, ReplicaSets, candidate pods) ─▶ reconcile(D)
-//!    observe::snapshot ─▶ release::plan (pure) ─▶ one action: act::apply / analysis / wait
-//!                                               └▶ Event on D, metrics, requeue
+//!  watch Deployments ─▶ reconcile(D) ◀─ cache: watches of candidates, ReplicaSets, candidate pods,
+//!                                             Services, Namespaces, VirtualServices, DestinationRules
+//!    GET D + cache::Caches::snapshot ─▶ release::plan (pure) ─▶ one action: act::apply / analysis / wait
+//!                                                             └▶ Event on D, metrics, requeue
 //! ```
 //!
-//! Each pass re-reads the cluster and takes at most one step, so a conflict, a crash or a restart
-//! costs nothing but a pass.
+//! Each pass reads D fresh and the rest from the caches, and takes at most one step, so a conflict, a
+//! crash or a restart costs nothing but a pass.
 
 pub mod act;
 pub mod analysis;
+pub mod cache;
 pub mod hooks;
 pub mod leader;
 pub mod observe;
@@ -23,8 +25,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use futures::{FutureExt as _, StreamExt as _};
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -158,6 +160,11 @@ struct HookLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CheckLabels {
     check: &'static str,
     result: &'static str,
@@ -176,6 +183,7 @@ pub struct AgentMetrics {
     leader: Gauge,
     unheld: Counter,
     hooks: Family<HookLabels, Counter>,
+    reads: Family<SourceLabels, Counter>,
 }
 
 impl AgentMetrics {
@@ -202,6 +210,7 @@ impl AgentMetrics {
             leader: Gauge::default(),
             unheld: Counter::default(),
             hooks: Family::default(),
+            reads: Family::default(),
         };
         registry.register(
             "turnout_release_phase",
@@ -241,6 +250,11 @@ impl AgentMetrics {
             m.hooks.clone(),
         );
         registry.register(
+            "turnout_agent_reads",
+            "Reconcile passes by where they read the cluster: cache (the agent's watch caches) or api (LIST and GET, until the caches have listed once)",
+            m.reads.clone(),
+        );
+        registry.register(
             "turnout_agent_leader",
             "1 while this replica holds the leader Lease and runs releases",
             m.leader.clone(),
@@ -263,6 +277,8 @@ struct Context {
     started: Mutex<HashMap<(String, String, u64), Instant>>,
     /// Unheld rollouts already reported: (Deployment uid, generation).
     unheld: Mutex<std::collections::HashSet<(String, i64)>>,
+    /// The watch caches of the running controller (none between leadership terms).
+    caches: std::sync::RwLock<Option<cache::Caches>>,
 }
 
 /// Errors of one pass; the pass is retried.
@@ -299,8 +315,20 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
     let d = &fresh;
     // A candidate's labels never change: the cached check above stands for the fresh object too.
     let ns_name = d.namespace().unwrap_or_default();
-    let Some(ns) = Api::<Namespace>::all(ctx.client.clone()).get_opt(&ns_name).await? else {
-        return Ok(Requeue::await_change());
+    let istio = ctx.istio.load(Ordering::Relaxed);
+    // Read from the watch caches once they have listed; from the API server until then.
+    let caches = ctx
+        .caches
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+        .filter(|c| c.synced(istio));
+    let ns = match caches.as_ref().and_then(|c| c.namespace(&ns_name)) {
+        Some(ns) => ns,
+        None => match Api::<Namespace>::all(ctx.client.clone()).get_opt(&ns_name).await? {
+            Some(ns) => Arc::new(ns),
+            None => return Ok(Requeue::await_change()),
+        },
     };
     let opted_out = d.annotations().get(annotations::ROLLOUT).map(String::as_str) == Some(values::DISABLED)
         || ns.labels().get(labels::ROLLOUT).map(String::as_str) != Some(values::ENABLED);
@@ -310,8 +338,12 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
         return Ok(Requeue::await_change());
     }
     let (config, problems) = config::resolve(&ctx.defaults, ns.annotations(), d.annotations());
-    let istio = ctx.istio.load(Ordering::Relaxed);
-    let snap = observe::snapshot(&ctx.client, d, istio).await?;
+    let snap = match &caches {
+        Some(c) => c.snapshot(d, istio),
+        None => observe::snapshot(&ctx.client, d, istio).await?,
+    };
+    let source = if caches.is_some() { "cache" } else { "api" };
+    ctx.metrics.reads.get_or_create(&SourceLabels { source }).inc();
     if snap.unheld_rollout() {
         report_unheld(ctx, d, &config).await;
     }
@@ -363,7 +395,13 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
             }
             action => {
                 tracing::info!(namespace = %ns_name, deployment = %name, ?action, "release step");
-                act::apply(&ctx.client, d, &snap, action, now).await?;
+                let written = act::apply(&ctx.client, d, &snap, action, now).await?;
+                // The next pass plans from the caches: they must show this write first.
+                if let (Some(c), Some(w)) = (&caches, &written)
+                    && !c.caught_up(w, Duration::from_secs(2)).await
+                {
+                    tracing::debug!(namespace = %ns_name, deployment = %name, ?w, "the cache does not show the write yet");
+                }
                 let mut view = snap.deployment.clone();
                 if let Action::Status(p) = action {
                     observe_status(ctx, &ns_name, &name, p);
@@ -582,6 +620,7 @@ where
         istio: AtomicBool::new(true),
         started: Mutex::new(HashMap::new()),
         unheld: Mutex::new(std::collections::HashSet::new()),
+        caches: std::sync::RwLock::new(None),
     });
     let istio_task = tokio::spawn(watch_istio(ctx.clone()));
     tracing::info!(defaults = ?args.defaults(), "agent running");
@@ -622,8 +661,10 @@ async fn controller(
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let deployments: Api<Deployment> = Api::all(client.clone());
-    let candidates = watcher::Config::default().labels(agent_names::RELEASE_OF);
-    let controller = Controller::new(deployments.clone(), watcher::Config::default());
+    let controller = Controller::new(deployments, watcher::Config::default());
+    let (caches, streams) = cache::start(&client);
+    *ctx.caches.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches);
+    let in_flight = controller.store();
     // Ready once the Deployments have been listed: until then the agent knows of no release.
     let listed = controller.store();
     let synced = tokio::spawn(async move {
@@ -641,14 +682,28 @@ async fn controller(
             }
         }
     });
+    // One watch per kind, shared by the caches and the controller's triggers.
     controller
-        .owns(deployments, candidates.clone())
-        .watches(
-            Api::<ReplicaSet>::all(client.clone()),
-            watcher::Config::default(),
-            |rs| owner_of(&rs),
-        )
-        .watches(Api::<Pod>::all(client), candidates, |pod| owner_of(&pod))
+        .owns_stream(streams.candidates)
+        .watches_stream(streams.replica_sets, |rs| owner_of(&rs))
+        .watches_stream(streams.pods, |pod| owner_of(&pod))
+        // A namespace changed (its opt-in label, its settings): its releases in flight look again.
+        .watches_stream(streams.namespaces, move |ns| {
+            let name = ns.name_any();
+            in_flight
+                .state_filter(|d| {
+                    d.namespace().as_deref() == Some(name.as_str())
+                        && d.annotations().contains_key(annotations::STABLE_REVISION)
+                })
+                .into_iter()
+                .map(|d| ObjectRef::from_obj(&*d))
+                .collect::<Vec<_>>()
+        })
+        // A VirtualService or DestinationRule changed (istiod's status, someone else's edit): the
+        // Deployments that own it look again.
+        .watches_stream(streams.virtual_services, |vs| owners_of(&vs))
+        .watches_stream(streams.destination_rules, |dr| owners_of(&dr))
+        .watches_stream(streams.services, |_| None)
         // Bounded so that a burst (start-up, a namespace opting in) costs memory in proportion to the
         // workers, not to the number of Deployments.
         .with_config(kube::runtime::controller::Config::default().concurrency(WORKERS))
@@ -670,6 +725,21 @@ async fn controller(
         })
         .await;
     synced.abort();
+    *ctx.caches.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+}
+
+/// Every Deployment that owns an object.
+fn owners_of<K: kube::Resource>(obj: &K) -> Vec<ObjectRef<Deployment>> {
+    let Some(ns) = obj.meta().namespace.as_deref() else {
+        return Vec::new();
+    };
+    obj.meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|o| o.kind == "Deployment")
+        .map(|o| ObjectRef::new(&o.name).within(ns))
+        .collect()
 }
 
 /// The user Deployment an object belongs to: a candidate's pods and ReplicaSets name it in a label,

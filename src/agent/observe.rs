@@ -2,6 +2,7 @@
 //! the candidates and their pods, the Services that select its pods, and their Istio objects.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -44,26 +45,112 @@ impl Snapshot {
 /// Errors reading the cluster; the reconcile is retried.
 pub type Error = kube::Error;
 
-/// Reads everything about `d`.
-pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Snapshot, Error> {
-    let ns = d.namespace().unwrap_or_default();
-    let name = d.name_any();
-    let deployment = deployment_view(d);
+/// The objects a snapshot of `d` is made of, read with one LIST per kind ([`Reads::list`]) or from
+/// the agent's watch caches (`agent::cache`).
+#[derive(Clone, Debug, Default)]
+pub struct Reads {
+    /// The ReplicaSets that carry the labels of the Deployment's selector: its own and its candidates'.
+    pub replica_sets: Vec<Arc<ReplicaSet>>,
+    /// The candidate Deployments (`turnout.dev/release-of=<name>`).
+    pub candidates: Vec<Arc<Deployment>>,
+    /// The candidates' pods (same label).
+    pub pods: Vec<Arc<Pod>>,
+    /// The Services of the namespace.
+    pub services: Vec<Arc<Service>>,
+}
 
-    let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
-    // The Deployment's ReplicaSets and its candidates' carry the labels of its selector.
-    let selector = d
-        .spec
-        .selector
-        .match_labels
+impl Reads {
+    /// Lists what a snapshot of `d` is made of from the API server: four LISTs.
+    ///
+    /// # Errors
+    ///
+    /// A request fails.
+    pub async fn list(client: &Client, d: &Deployment) -> Result<Self, Error> {
+        let ns = d.namespace().unwrap_or_default();
+        let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
+        let selector = match_labels(d)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let replica_sets = arcs(replica_sets.list(&ListParams::default().labels(&selector)).await?.items);
+        let selector = format!("{}={}", agent::RELEASE_OF, d.name_any());
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let candidates = arcs(deployments.list(&ListParams::default().labels(&selector)).await?.items);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let pods = arcs(pods.list(&ListParams::default().labels(&selector)).await?.items);
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let services = arcs(services.list(&ListParams::default()).await?.items);
+        Ok(Self {
+            replica_sets,
+            candidates,
+            pods,
+            services,
+        })
+    }
+}
+
+fn arcs<K>(items: Vec<K>) -> Vec<Arc<K>> {
+    items.into_iter().map(Arc::new).collect()
+}
+
+/// The labels of `d`'s selector (`matchLabels`).
+pub fn match_labels(d: &Deployment) -> impl Iterator<Item = (&String, &String)> {
+    d.spec.selector.match_labels.iter().flatten()
+}
+
+/// The Services among `services` that select `d`'s pods, by name.
+pub fn selecting(d: &Deployment, services: &[Arc<Service>]) -> Vec<String> {
+    let template_labels = template_labels(d).cloned().unwrap_or_default();
+    services
         .iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let rs_list = replica_sets.list(&ListParams::default().labels(&selector)).await?.items;
+        .filter(|svc| {
+            svc.spec
+                .as_ref()
+                .and_then(|s| s.selector.as_ref())
+                .is_some_and(|selector| {
+                    !selector.is_empty() && selector.iter().all(|(k, v)| template_labels.get(k) == Some(v))
+                })
+        })
+        .map(|svc| svc.name_any())
+        .collect()
+}
+
+/// The stored VirtualService and DestinationRule of a Service, by its name.
+pub type Routing = (String, Option<VirtualService>, Option<DestinationRule>);
+
+/// Reads everything about `d` from the API server: four LISTs, and a GET of the VirtualService and
+/// DestinationRule of each Service that selects its pods (none without Istio).
+///
+/// # Errors
+///
+/// A request fails.
+pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Snapshot, Error> {
+    let reads = Reads::list(client, d).await?;
+    let ns = d.namespace().unwrap_or_default();
+    let mut routing = Vec::new();
+    for service in selecting(d, &reads.services) {
+        let (vs, dr) = if istio {
+            let vs_api: Api<VirtualService> = Api::namespaced(client.clone(), &ns);
+            let dr_api: Api<DestinationRule> = Api::namespaced(client.clone(), &ns);
+            (vs_api.get_opt(&service).await?, dr_api.get_opt(&service).await?)
+        } else {
+            (None, None)
+        };
+        routing.push((service, vs, dr));
+    }
+    Ok(assemble(d, &reads, routing))
+}
+
+/// The snapshot of `d` from what was read: `routing` for each Service that selects its pods.
+pub fn assemble(d: &Deployment, reads: &Reads, routing: Vec<Routing>) -> Snapshot {
+    let deployment = deployment_view(d);
+    let rs_list = &reads.replica_sets;
     let uid = d.uid().unwrap_or_default();
-    let own: Vec<&ReplicaSet> = rs_list.iter().filter(|rs| owned_by(rs, &uid)).collect();
+    let own: Vec<&ReplicaSet> = rs_list
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|rs| owned_by(rs, &uid))
+        .collect();
     let stable_revision = deployment.stable_revision.unwrap_or(deployment.template_revision);
     let stable_rs = pick(&own, stable_revision);
     let new_rs = pick(&own, deployment.template_revision);
@@ -73,37 +160,14 @@ pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Sn
         .filter(|rs| rs.metadata.deletion_timestamp.is_none())
         .filter_map(|rs| Some((template_revision(rs), hash_of(rs)?)))
         .any(|(revision, hash)| hashes.insert(revision, hash.clone()).is_some_and(|other| other != hash));
-
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let selector = format!("{}={name}", agent::RELEASE_OF);
-    let candidate_list = deployments.list(&ListParams::default().labels(&selector)).await?.items;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pod_list = pods.list(&ListParams::default().labels(&selector)).await?.items;
-    let candidates = candidates(&name, &candidate_list, &rs_list, &pod_list);
-
-    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let template_labels = template_labels(d).cloned().unwrap_or_default();
+    let candidates = candidates(&d.name_any(), &reads.candidates, rs_list, &reads.pods);
     let mut hosts = Vec::new();
     let mut stored = Vec::new();
-    for svc in services.list(&ListParams::default()).await?.items {
-        let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
-            continue;
-        };
-        if selector.is_empty() || !selector.iter().all(|(k, v)| template_labels.get(k) == Some(v)) {
-            continue;
-        }
-        let service = svc.name_any();
-        let (vs, dr) = if istio {
-            let vs_api: Api<VirtualService> = Api::namespaced(client.clone(), &ns);
-            let dr_api: Api<DestinationRule> = Api::namespaced(client.clone(), &ns);
-            (vs_api.get_opt(&service).await?, dr_api.get_opt(&service).await?)
-        } else {
-            (None, None)
-        };
+    for (service, vs, dr) in routing {
         hosts.push(host_view(service, vs.as_ref(), dr.as_ref()));
         stored.push((vs, dr));
     }
-    Ok(Snapshot {
+    Snapshot {
         deployment,
         stable_rs,
         new_rs,
@@ -111,7 +175,7 @@ pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Sn
         hosts,
         stored,
         unstamped_change,
-    })
+    }
 }
 
 /// Routing of one Service as the release machine sees it.
@@ -207,7 +271,12 @@ fn pick(own: &[&ReplicaSet], revision: u64) -> Option<ReplicaSetView> {
         .max_by_key(|rs| rs.ready)
 }
 
-fn candidates(name: &str, deployments: &[Deployment], rs_list: &[ReplicaSet], pods: &[Pod]) -> Vec<CandidateView> {
+fn candidates(
+    name: &str,
+    deployments: &[Arc<Deployment>],
+    rs_list: &[Arc<ReplicaSet>],
+    pods: &[Arc<Pod>],
+) -> Vec<CandidateView> {
     let revision_of = |l: &BTreeMap<String, String>| l.get(labels::REVISION).and_then(|v| v.parse::<u64>().ok());
     let mut out: Vec<CandidateView> = Vec::new();
     for c in deployments {
@@ -226,7 +295,7 @@ fn candidates(name: &str, deployments: &[Deployment], rs_list: &[ReplicaSet], po
             .iter()
             .filter(|rs| owned_by(rs, &uid))
             .max_by_key(|rs| rs.metadata.creation_timestamp.clone())
-            .and_then(hash_of);
+            .and_then(|rs| hash_of(rs));
         out.push(CandidateView {
             name: c.name_any(),
             revision,
@@ -484,7 +553,8 @@ mod tests {
             "spec": { "selector": {} }
         }))
         .unwrap();
-        let found = candidates("podinfo", &[candidate], &[rs], &[pod("3", 1), pod("3", 0), pod("2", 0)]);
+        let pods = arcs(vec![pod("3", 1), pod("3", 0), pod("2", 0)]);
+        let found = candidates("podinfo", &[Arc::new(candidate)], &[Arc::new(rs)], &pods);
         assert_eq!(found.len(), 2);
         let v3 = &found[0];
         assert_eq!(
