@@ -83,6 +83,8 @@ where
 {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, config)
+        // Each watch backs off on its own: the controller would back off all its triggers together
+        // for one failing watch (the Istio kinds fail until their CRDs are installed).
         .default_backoff()
         .modify(move |o: &mut K| {
             o.meta_mut().managed_fields = None;
@@ -90,8 +92,31 @@ where
         })
         .reflect(writer)
         .touched_objects()
+        .filter_map(|event| async move {
+            match event {
+                Ok(object) => Some(Ok(object)),
+                Err(error) => {
+                    let kind = K::kind(&());
+                    if not_served(&error) {
+                        tracing::debug!(%kind, %error, "watch: not served (yet); retrying");
+                    } else {
+                        tracing::warn!(%kind, %error, "watch failed; retrying");
+                    }
+                    None
+                }
+            }
+        })
         .boxed();
     (reader, stream)
+}
+
+/// A kind the API server does not serve (404): a CRD not installed.
+fn not_served(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 404,
+        _ => false,
+    }
 }
 
 /// The caches of the whole cluster and the streams that fill them.
