@@ -1128,9 +1128,11 @@ async fn gitops_protobuf_dry_run_and_deletion_on_the_real_api_server() {
         ])
         .await;
     let dry: Value = serde_json::from_str(&dry.stdout).unwrap();
-    env.ok(&["set", "image", "-n", "protobuf", "deployment/web", "web=web:2"])
+    // The object as the update stored it (the agent may move on from it at once).
+    let real = env
+        .ok(&["set", "image", "-n", "protobuf", "deployment/web", "web=web:2", "-o", "json"])
         .await;
-    let real = env.get("protobuf", "deployment/web").await;
+    let real: Value = serde_json::from_str(&real.stdout).unwrap();
     assert_eq!(dry["spec"]["paused"], true, "held in the dry run: {dry}");
     assert_eq!(dry["spec"], real["spec"], "the same patch");
     for key in [
