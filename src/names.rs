@@ -98,6 +98,9 @@ pub mod agent {
     /// Annotation on a managed VirtualService or DestinationRule: when turnout last changed its spec
     /// (RFC 3339), from which propagation and drain windows are counted, also after a restart.
     pub const CHANGED_AT: &str = "turnout.dev/changed-at";
+    /// Annotation on a candidate Deployment: the hash of the user Deployment's pod template it was made
+    /// from (stamps removed), to notice a template changed without turnout's hold during the release.
+    pub const TEMPLATE_HASH: &str = "turnout.dev/template-hash";
     /// The label every ReplicaSet's pods carry, which Istio subsets select on.
     pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 }

@@ -1130,7 +1130,16 @@ async fn gitops_protobuf_dry_run_and_deletion_on_the_real_api_server() {
     let dry: Value = serde_json::from_str(&dry.stdout).unwrap();
     // The object as the update stored it (the agent may move on from it at once).
     let real = env
-        .ok(&["set", "image", "-n", "protobuf", "deployment/web", "web=web:2", "-o", "json"])
+        .ok(&[
+            "set",
+            "image",
+            "-n",
+            "protobuf",
+            "deployment/web",
+            "web=web:2",
+            "-o",
+            "json",
+        ])
         .await;
     let real: Value = serde_json::from_str(&real.stdout).unwrap();
     assert_eq!(dry["spec"]["paused"], true, "held in the dry run: {dry}");
@@ -1269,6 +1278,61 @@ async fn the_webhook_down_during_a_release() {
     env.unheld_reported(ns).await;
     env.ok(&["rollout", "status", "-n", ns, "deployment/podinfo", "--timeout=60s"])
         .await;
+}
+
+/// The pod template edited while the webhook is down in the middle of a release: the change keeps the
+/// release's revision, so the candidate no longer runs what the Deployment holds. The release is rolled
+/// back with the reason and the Deployment stays paused (nothing unverified gets traffic); with the
+/// webhook back, `turnout retry` releases the new template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_edited_without_the_webhook_during_a_release_is_not_handed_off() {
+    let env = Env::start(true).await;
+    let ns = "unheld";
+    // No analysis for an hour: the release sits at its first step.
+    let load = env.prepare(ns, true, &["turnout.dev/interval=1h"]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    wait_weight(&env, ns, "20").await;
+    let dead = free_port();
+    let down = format!(r#"[{{"op":"replace","path":"/webhooks/0/clientConfig/url","value":"https://{dead}/mutate"}}]"#);
+    env.patch_webhook(&down).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V3]).await;
+
+    env.wait_phase(ns, "Failed", Duration::from_secs(60)).await;
+    let message = env.annotation(ns, "turnout.dev/message").await.unwrap();
+    assert!(
+        message.starts_with("release v2 rolled back: the pod template of unheld/podinfo changed during the release without turnout's hold"),
+        "{message}"
+    );
+    let d = env.get(ns, "deployment/podinfo").await;
+    assert_eq!(d["spec"]["paused"], true, "stays paused: {}", d["spec"]);
+    let image = &d["spec"]["template"]["spec"]["containers"][0]["image"];
+    assert_eq!(image, V3.split_once('=').unwrap().1, "on the edited template");
+    assert_at_rest(&env, ns, "1").await;
+
+    let up = format!(
+        r#"[{{"op":"replace","path":"/webhooks/0/clientConfig/url","value":"https://{}/mutate"}}]"#,
+        env.listen
+    );
+    env.patch_webhook(&up).await;
+    env.ok(&["annotate", "-n", ns, "deployment/podinfo", "turnout.dev/interval-"])
+        .await;
+    turnout(&env, 0, &["retry", "podinfo", "-n", ns]).await;
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
+    assert_at_rest(&env, ns, "2").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    // Released under revision 2 (the edit kept it), now with the edited image.
+    assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{stats:?}");
+    let d = env.get(ns, "deployment/podinfo").await;
+    assert_ne!(d["spec"]["paused"], true);
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        V3.split_once('=').unwrap().1
+    );
+    let status = rollout_status(&env, ns).await;
+    assert!(status.ok, "{}", status.stderr);
+    let events = env.events(ns).await.join("\n");
+    assert!(events.contains("Warning RollingBack"), "{events}");
 }
 
 /// The namespace's opt-in label removed in the middle of a release: the release is unwound, the

@@ -213,11 +213,13 @@ pub fn candidate(d: &Deployment, revision: u64) -> Deployment {
     selector.extend(extra.clone());
     let mut meta_labels = BTreeMap::from(extra);
     meta_labels.insert(labels::REVISION.into(), revision.to_string());
+    let hash = strip(&d.spec.template, &Stamps::read(d)).hash();
     Deployment {
         metadata: ObjectMeta {
             name: Some(candidate_name(&name, revision)),
             namespace: d.namespace(),
             labels: Some(meta_labels),
+            annotations: Some(BTreeMap::from([(agent::TEMPLATE_HASH.to_owned(), hash)])),
             owner_references: Some(vec![owner(d, true)]),
             ..ObjectMeta::default()
         },

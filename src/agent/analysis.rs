@@ -334,6 +334,7 @@ mod tests {
             restarts,
             created_at: 0,
             deleting: false,
+            template_hash: None,
         }
     }
 

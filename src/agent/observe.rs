@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
-use crate::admission::template::template_labels;
+use crate::admission::template::{Stamps, strip, template_labels};
 use crate::istio::destination_rule::DestinationRule;
 use crate::istio::virtual_service::VirtualService;
 use crate::names::{agent, annotations, conditions, labels, values};
@@ -236,6 +236,7 @@ pub fn deployment_view(d: &Deployment) -> DeploymentView {
         rollout_complete,
         rollout_failed,
         request: ann.get(annotations::REQUEST).map(|v| Request::parse(v)),
+        template_hash: strip(&d.spec.template, &Stamps::read(d)).hash(),
     }
 }
 
@@ -305,6 +306,7 @@ fn candidates(
             restarts: 0,
             created_at: c.metadata.creation_timestamp.as_ref().map_or(0, |t| millis(&t.0)),
             deleting: c.metadata.deletion_timestamp.is_some(),
+            template_hash: c.annotations().get(agent::TEMPLATE_HASH).cloned(),
         });
     }
     // Pods count against their candidate, also once the candidate Deployment itself is gone.
@@ -330,6 +332,7 @@ fn candidates(
                     restarts: 0,
                     created_at: 0,
                     deleting: true,
+                    template_hash: None,
                 });
                 out.last_mut().expect("just pushed")
             }

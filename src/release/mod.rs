@@ -144,6 +144,8 @@ pub struct DeploymentView {
     pub rollout_failed: bool,
     /// A person's request waiting to be acted on (`turnout.dev/request`).
     pub request: Option<Request>,
+    /// Hash of the pod template with turnout's stamps removed, as a candidate records it.
+    pub template_hash: String,
 }
 
 /// What a person can ask of a release in flight (`turnout promote|abort|retry|pause|resume`).
@@ -243,6 +245,8 @@ pub struct CandidateView {
     pub created_at: Millis,
     /// Deletion requested.
     pub deleting: bool,
+    /// The hash of the user Deployment's template it was made from (`turnout.dev/template-hash`).
+    pub template_hash: Option<String>,
 }
 
 /// Routing for one Service.

@@ -312,8 +312,11 @@ fn pre_rollout(o: &Observed<'_>, t: u64) -> Option<Plan> {
 }
 
 /// Paused on request, and no promotion requested (which overrides the pause).
+/// Paused on request, and not asked to promote. An opted-out release that finishes (it is past
+/// hand-off, or has no stable pods to go back to) is not held: it must end, and no request of an
+/// opted-out Deployment is taken to resume it.
 fn held(o: &Observed<'_>, t: u64) -> bool {
-    o.deployment.status.paused && !promote_requested(o, t)
+    o.deployment.status.paused && !promote_requested(o, t) && !o.opted_out
 }
 
 fn at_rest(o: &Observed<'_>) -> Plan {
@@ -691,9 +694,28 @@ fn failed(o: &Observed<'_>, t: u64) -> Plan {
 /// Istio) failing the release with the reason.
 fn before_routing(o: &Observed<'_>, t: u64) -> Option<Plan> {
     bypassed(o, t)
+        .or_else(|| unheld_change(o, t).map(|why| fail(o, t, o.deployment.status.failed_checks, why)))
         .or_else(|| rollout_restored(o, t))
         .or_else(|| remove_strays(o, Some(t), Some(t)))
         .or_else(|| unroutable(o).map(|why| fail(o, t, o.deployment.status.failed_checks, why)))
+}
+
+/// The safety net for a paused Deployment: its template changed during release `t` without turnout's
+/// hold (the webhook down or bypassed: the change kept revision `t`), so the candidate no longer runs
+/// what the Deployment holds. Nothing unverified gets traffic: the release is rolled back and the
+/// Deployment stays paused on its new template, which `turnout retry` releases (its candidate made
+/// from the template as it is then).
+fn unheld_change(o: &Observed<'_>, t: u64) -> Option<String> {
+    let d = &o.deployment;
+    let candidate = o.candidates.iter().find(|c| c.revision == t && !c.deleting)?;
+    let made_from = candidate.template_hash.as_deref()?;
+    (made_from != d.template_hash).then(|| {
+        format!(
+            "the pod template of {}/{} changed during the release without turnout's hold (webhook down or \
+             bypassed); {} runs the template as it was; `turnout retry` releases the new one",
+            d.namespace, d.name, candidate.name
+        )
+    })
 }
 
 /// A failed release (or a retried one) left `Progressing=False, ProgressDeadlineExceeded` in the

@@ -50,6 +50,9 @@ enum UserAction {
     /// The namespace's opt-in label removed (or the Deployment annotated disabled); nothing the user
     /// does afterwards goes through turnout.
     OptOut,
+    /// The paused Deployment's template edited without the webhook (down or bypassed): same revision,
+    /// another template.
+    UnheldEdit,
 }
 
 #[derive(Clone, Debug)]
@@ -149,6 +152,10 @@ struct World {
     bypass_seen: bool,
     /// The namespace opted out (turnout lets go of the release).
     opted_out: bool,
+    /// The template each revision has now (an unheld edit changes it), for a revert.
+    templates: BTreeMap<u64, String>,
+    /// Unheld edits so far.
+    edits: u32,
     /// Analyses run while the release was paused on request.
     analysed_while_paused: u32,
     /// What each analysis covered.
@@ -205,6 +212,7 @@ impl World {
                 rollout_complete: true,
                 rollout_failed: false,
                 request: None,
+                template_hash: template_hash(1, 0),
             },
             counter: 1,
             rs,
@@ -218,6 +226,8 @@ impl World {
             bypassed: false,
             bypass_seen: false,
             opted_out: false,
+            templates: BTreeMap::from([(1, template_hash(1, 0))]),
+            edits: 0,
             analysed_while_paused: 0,
             stages: Vec::new(),
         }
@@ -284,6 +294,8 @@ impl World {
                 self.counter += 1;
                 let revision = self.counter;
                 self.bad.insert(revision, bad);
+                d.template_hash = template_hash(revision, 0);
+                self.templates.insert(revision, d.template_hash.clone());
                 d.stable_revision = Some(in_flight.unwrap_or(current));
                 d.template_revision = revision;
                 d.paused = true;
@@ -293,6 +305,11 @@ impl World {
                     return;
                 };
                 d.template_revision = stable;
+                d.template_hash = self
+                    .templates
+                    .get(&stable)
+                    .cloned()
+                    .unwrap_or_else(|| template_hash(stable, 0));
                 d.paused = false;
             }
             UserAction::Bypass => {
@@ -319,6 +336,14 @@ impl World {
                 self.bad.insert(revision, false);
             }
             UserAction::OptOut => self.opted_out = true,
+            UserAction::UnheldEdit => {
+                // Unpaused, the edit would roll out at once: the unheld rollout the safety net reports.
+                if d.paused {
+                    self.edits += 1;
+                    d.template_hash = template_hash(current, self.edits);
+                    self.templates.insert(current, d.template_hash.clone());
+                }
+            }
         }
         self.deployment_controller();
     }
@@ -491,6 +516,7 @@ impl World {
                         restarts: 0,
                         created_at: self.now,
                         deleting: false,
+                        template_hash: Some(self.deployment.template_hash.clone()),
                     },
                     available_at,
                     gone_at: None,
@@ -520,6 +546,20 @@ impl World {
                 } else if patch.unpause && patch.phase != Phase::HandingOff {
                     // I5: the stable ReplicaSet only shrinks at hand-off.
                     self.fail(format!("unpaused in phase {}", patch.phase));
+                } else if patch.unpause {
+                    // What the Deployment rolls out is what the candidate ran and was analysed on.
+                    let d = &self.deployment;
+                    let ran = self
+                        .candidates
+                        .iter()
+                        .find(|c| c.view.revision == d.template_revision)
+                        .and_then(|c| c.view.template_hash.clone());
+                    if ran.as_ref().is_some_and(|h| *h != d.template_hash) {
+                        self.fail(format!(
+                            "handed off template {} while the candidate ran {ran:?}",
+                            d.template_hash
+                        ));
+                    }
                 }
                 let d = &mut self.deployment;
                 if patch.unpause {
@@ -748,6 +788,11 @@ fn check_end(w: &World) -> Result<(), String> {
     Ok(())
 }
 
+/// The template hash of revision `revision` after `edits` unheld edits.
+fn template_hash(revision: u64, edits: u32) -> String {
+    format!("t{revision}-e{edits}")
+}
+
 fn scenario() -> impl Strategy<Value = Scenario> {
     let steps = prop::collection::btree_set(1u8..100, 0..4).prop_map(|s| {
         let mut v: Vec<u8> = s.into_iter().collect();
@@ -761,6 +806,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         4 => prop::sample::select(Verb::ALL.to_vec()).prop_map(UserAction::Request),
         1 => Just(UserAction::Heal),
         1 => Just(UserAction::OptOut),
+        1 => Just(UserAction::UnheldEdit),
     ];
     let events = (any::<bool>(), prop::collection::vec((0u64..400, action), 0..6)).prop_map(|(bad, mut rest)| {
         rest.iter_mut().for_each(|(at, _)| *at *= TICK);
