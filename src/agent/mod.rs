@@ -646,6 +646,8 @@ where
                         tracing::warn!("lost the leader Lease: no longer running releases");
                     }
                 }
+                // The controller is gone, and with it the watches that kept its caches current.
+                *ctx.caches.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                 ctx.metrics.leader.set(0);
             },
         }
@@ -725,7 +727,6 @@ async fn controller(
         })
         .await;
     synced.abort();
-    *ctx.caches.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
 }
 
 /// Every Deployment that owns an object.
