@@ -59,6 +59,15 @@ pub enum Command {
     ///
     /// Exit codes as for `promote`.
     Resume(request::Args),
+    /// Set the Deployment's pod template back to its stable version, during a release or after a
+    /// failed one: the release is rolled back (all traffic to the stable pods, the candidate removed)
+    /// and the Deployment resumes on the stable template. `kubectl rollout undo` refuses a paused
+    /// Deployment, and a release holds it paused; this writes back the stable ReplicaSet's template as
+    /// that command would.
+    ///
+    /// Exit codes: 0 undone (with --wait: rolled back); 1 the cluster could not be used; 2 bad usage;
+    /// 3 no such Deployment; 4 nothing to undo; 5 --wait timed out.
+    Undo(request::Args),
     /// Answer one AdmissionReview from standard input (or --file) on standard output, offline.
     Mutate(mutate::Args),
     /// Generate a CA and a serving certificate for the webhook into a directory.
@@ -82,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Retry(args) => request(Verb::Retry, &args),
         Command::Pause(args) => request(Verb::Pause, &args),
         Command::Resume(args) => request(Verb::Resume, &args),
+        Command::Undo(args) => Ok(runtime()?.block_on(crate::undo::run(&args, &mut std::io::stdout().lock()))?),
         Command::Mutate(args) => Ok(mutate::run(&args, std::io::stdin().lock(), std::io::stdout().lock())?),
         Command::Certs(args) => {
             for path in certs::run(&args)? {

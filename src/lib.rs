@@ -26,4 +26,5 @@ pub mod signals;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod undo;
 pub mod webhook;

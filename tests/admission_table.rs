@@ -176,7 +176,7 @@ fn set_image_holds_the_update_as_release_two() {
     assert_eq!(
         a.warnings(),
         vec![
-            "turnout: release v2 of test/podinfo started; follow it with: kubectl rollout status deployment/podinfo -n test"
+            "turnout: release v2 of test/podinfo started; follow it with: kubectl rollout status deployment/podinfo -n test; undo it with: turnout undo podinfo -n test"
         ]
     );
     // Minimal patch: single keys, with `/` in label keys escaped as `~1`.

@@ -1335,6 +1335,75 @@ async fn a_template_edited_without_the_webhook_during_a_release_is_not_handed_of
     assert!(events.contains("Warning RollingBack"), "{events}");
 }
 
+/// Undo during a release: the real kubectl refuses `rollout undo` on the paused Deployment; `turnout
+/// undo` writes the stable template back, which the webhook takes as a revert, and the release is
+/// rolled back with the Deployment resumed on its stable template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_during_a_release_where_kubectl_rollout_undo_is_refused() {
+    let env = Env::start(true).await;
+    let ns = "undo";
+    let load = env.prepare(ns, true, &["turnout.dev/interval=1h"]).await;
+    let before = env.get(ns, "deployment/podinfo").await;
+    let image = before["spec"]["template"]["spec"]["containers"][0]["image"].clone();
+    let held = env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    assert!(
+        held.stderr.contains("undo it with: turnout undo podinfo -n undo"),
+        "the webhook's warning names the command: {}",
+        held.stderr
+    );
+    wait_weight(&env, ns, "20").await;
+
+    let kubectl = env
+        .kubectl(&["rollout", "undo", "-n", ns, "deployment/podinfo"], None)
+        .await;
+    assert!(
+        !kubectl.ok,
+        "kubectl rollout undo on a paused Deployment: {}",
+        kubectl.stdout
+    );
+    // The held update made no ReplicaSet (the Deployment is paused), so kubectl finds no revision to go
+    // back to; with one, it refuses a paused Deployment.
+    assert!(
+        kubectl.stderr.contains("no rollout history") || kubectl.stderr.contains("paused"),
+        "{}",
+        kubectl.stderr
+    );
+
+    let undone = turnout(&env, 0, &["undo", "podinfo", "-n", ns, "--wait"]).await;
+    assert!(
+        undone.stdout.starts_with(
+            "undone: undo/podinfo set back to its stable template (v1); release v2 is rolled back\ndone: "
+        ),
+        "{}",
+        undone.stdout
+    );
+    assert_at_rest(&env, ns, "1").await;
+    let d = env.get(ns, "deployment/podinfo").await;
+    assert_ne!(d["spec"]["paused"], true, "resumed: {}", d["spec"]);
+    assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["image"], image);
+    let status = rollout_status(&env, ns).await;
+    assert!(status.ok, "{}", status.stderr);
+    let again = turnout(&env, 4, &["undo", "podinfo", "-n", ns]).await;
+    assert!(again.stderr.contains("has no release to undo"), "{}", again.stderr);
+
+    // After a failed release (aborted here): paused on the failed template, undone the same way.
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V3]).await;
+    wait_weight(&env, ns, "20").await;
+    turnout(&env, 0, &["abort", "podinfo", "-n", ns, "--wait"]).await;
+    let events = env.events(ns).await.join("\n");
+    assert!(
+        events.contains("podinfo stays paused on v3: `turnout undo podinfo -n undo` sets it back to stable"),
+        "the failure Event names the command: {events}"
+    );
+    turnout(&env, 0, &["undo", "podinfo", "-n", ns, "--wait"]).await;
+    assert_at_rest(&env, ns, "1").await;
+    let d = env.get(ns, "deployment/podinfo").await;
+    assert_ne!(d["spec"]["paused"], true, "resumed: {}", d["spec"]);
+    assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["image"], image);
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{stats:?}");
+}
+
 /// The namespace's opt-in label removed in the middle of a release: the release is unwound, the
 /// Deployment handed back unpaused (its own controller rolls the new template out), nothing of turnout's
 /// is left, and the Deployment's metric series are dropped.

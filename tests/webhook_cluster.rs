@@ -76,7 +76,7 @@ async fn kubectl_updates_in_an_opted_in_namespace_are_held_and_reverted() {
         ])
         .await;
     assert!(
-        out.stderr.contains("Warning: turnout: release v2 of test/podinfo started; follow it with: kubectl rollout status deployment/podinfo -n test"),
+        out.stderr.contains("Warning: turnout: release v2 of test/podinfo started; follow it with: kubectl rollout status deployment/podinfo -n test; undo it with: turnout undo podinfo -n test"),
         "kubectl shows turnout's warning: {}",
         out.stderr
     );

@@ -157,8 +157,9 @@ fn update(target: Target<'_>, old: &Deployment, new: &Deployment) -> Decision {
     set_version_stamped(&mut object, version_stamped);
     set_paused(&mut object, true);
     let follow = format!(
-        "follow it with: kubectl rollout status deployment/{} -n {}",
-        target.name, target.namespace
+        "follow it with: kubectl rollout status deployment/{name} -n {ns}; undo it with: turnout undo {name} -n {ns}",
+        name = target.name,
+        ns = target.namespace
     );
     // After a revert the intent stays until the agent has cleaned up, but nothing is in flight.
     let in_flight = stamps
@@ -336,7 +337,7 @@ mod tests {
         assert_eq!(
             dec.warnings,
             vec![
-                "turnout: release v2 of test/podinfo started; follow it with: kubectl rollout status deployment/podinfo -n test"
+                "turnout: release v2 of test/podinfo started; follow it with: kubectl rollout status deployment/podinfo -n test; undo it with: turnout undo podinfo -n test"
             ]
         );
     }

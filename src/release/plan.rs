@@ -818,7 +818,11 @@ fn fail(o: &Observed<'_>, t: u64, failed_checks: u32, why: String) -> Plan {
         }),
         event: Some(warning(
             "RollingBack",
-            format!("{}/{}: Rolling back: {why}", d.namespace, d.name),
+            format!(
+                "{ns}/{name}: Rolling back: {why}; {name} stays paused on v{t}: `turnout undo {name} -n {ns}` sets it back to stable",
+                ns = d.namespace,
+                name = d.name
+            ),
         )),
     }
 }
