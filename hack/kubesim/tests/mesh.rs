@@ -36,7 +36,12 @@ struct Bed {
     bed: Testbed,
     client: kube::Client,
     _dir: tempfile::TempDir,
+    /// One bed at a time: every node agent hands out the same pod addresses, so two beds would serve
+    /// their pods on the same loopback addresses.
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Polls `check` until it gives a value (every 50 ms, at most `within`).
 async fn poll<T, F: Future<Output = Option<T>>>(within: Duration, what: &str, check: impl Fn() -> F) -> T {
@@ -54,6 +59,7 @@ async fn poll<T, F: Future<Output = Option<T>>>(within: Duration, what: &str, ch
 /// `test` and Service `podinfo`.
 async fn start(max_propagation_delay: Duration) -> Bed {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = testbed::config(dir.path());
     testbed::ensure_built(&config.control_plane.bin_dir).expect("the control plane builds (hack/k8s/build.sh)");
@@ -61,7 +67,12 @@ async fn start(max_propagation_delay: Duration) -> Bed {
     config.mesh.max_propagation_delay = max_propagation_delay;
     let bed = Testbed::start(&config).await.expect("the test bed starts");
     let client = bed.control_plane.client().await.unwrap();
-    let bed = Bed { bed, client, _dir: dir };
+    let bed = Bed {
+        bed,
+        client,
+        _dir: dir,
+        _turn: turn,
+    };
     install_istio_crds(&bed).await;
     let namespaces: Api<Namespace> = Api::all(bed.client.clone());
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
@@ -401,8 +412,9 @@ async fn traffic_follows_virtual_service_weights_and_failures_show_in_istio_metr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_with_stale_endpoints_fails_requests_to_a_pod_that_is_gone() {
-    // Long propagation: right after the pod goes, no proxy knows yet.
-    let bed = start(Duration::from_secs(2)).await;
+    // Long propagation: right after the pod goes, no proxy knows yet (each adopts a change after its
+    // own delay in [0, 3 s]; the probe comes within a fraction of a second of the pod's exit).
+    let bed = start(Duration::from_secs(3)).await;
     create(&bed, DEPLOYMENTS, deployment("podinfo", "v1", 1, json!([]))).await;
     wait_ready_endpoints(&bed, 1, "").await;
     let before = send(&bed, "podinfo.test", "/", Some(0)).await;
