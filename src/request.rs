@@ -144,6 +144,6 @@ async fn refusal(client: &Client, namespace: &str, name: &str) -> Option<String>
         .and_then(|e| e.message)
 }
 
-fn io(e: std::io::Error) -> Error {
+pub(crate) fn io(e: std::io::Error) -> Error {
     Error::Cluster(e.to_string())
 }

@@ -15,10 +15,10 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, ResourceExt};
 
 use crate::admission::template::Stamps;
-use crate::agent::observe::{deployment_view, match_labels};
+use crate::agent::observe::{deployment_view, selector, template_revision};
 use crate::names::{agent, annotations, labels};
 use crate::release::Phase;
-use crate::request::Args;
+use crate::request::{Args, io};
 use crate::status::{Error, client, get_deployment as get};
 
 /// Runs `turnout undo`, writing what happened to `out`.
@@ -44,12 +44,8 @@ pub async fn run(args: &Args, out: &mut impl Write) -> Result<(), Error> {
                 view.template_revision
             )));
         };
-        let selector = match_labels(&d)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
         let listed = replica_sets
-            .list(&ListParams::default().labels(&selector))
+            .list(&ListParams::default().labels(&selector(&d)))
             .await
             .map_err(|e| Error::Cluster(format!("cannot list the ReplicaSets of {who}: {e}")))?;
         let uid = d.uid().unwrap_or_default();
@@ -58,7 +54,7 @@ pub async fn run(args: &Args, out: &mut impl Write) -> Result<(), Error> {
             .into_iter()
             .filter(|rs| rs.owner_references().iter().any(|o| o.uid == uid))
             .filter(|rs| rs.metadata.deletion_timestamp.is_none())
-            .filter(|rs| revision_of(rs) == Some(stable))
+            .filter(|rs| template_revision(rs) == stable)
             .max_by_key(|rs| rs.metadata.creation_timestamp.clone());
         let Some(mut template) = stable_rs.and_then(|rs| rs.spec.template) else {
             return Err(Error::Refused(format!(
@@ -121,21 +117,4 @@ pub async fn run(args: &Args, out: &mut impl Write) -> Result<(), Error> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-fn revision_of(rs: &ReplicaSet) -> Option<u64> {
-    rs.spec
-        .template
-        .as_ref()?
-        .metadata
-        .as_ref()?
-        .labels
-        .as_ref()?
-        .get(labels::REVISION)?
-        .parse()
-        .ok()
-}
-
-fn io(e: std::io::Error) -> Error {
-    Error::Cluster(e.to_string())
 }

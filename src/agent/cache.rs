@@ -158,6 +158,17 @@ pub fn start(client: &Client) -> (Caches, Streams) {
     (caches, streams)
 }
 
+/// The resource version of object `ns/name` in `store`, and whether it is being deleted; `None` when
+/// the cache does not hold it.
+fn version_in<K: Resource<DynamicType = ()> + Clone + 'static>(
+    store: &Store<K>,
+    ns: &str,
+    name: &str,
+) -> Option<(Option<String>, bool)> {
+    let o = store.get(&ObjectRef::new(name).within(ns))?;
+    Some((o.meta().resource_version.clone(), o.meta().deletion_timestamp.is_some()))
+}
+
 fn ready<K: Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> bool {
     matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
 }
@@ -223,30 +234,15 @@ impl Caches {
     /// Whether the cache shows `written` now.
     fn shows(&self, written: &Written) -> bool {
         let (ns, name) = (&written.namespace, &written.name);
-        let version = |meta: Option<(Option<String>, bool)>| -> bool {
-            match meta {
-                None => written.deleted,
-                Some((_, deleting)) if written.deleted => deleting,
-                Some((rv, _)) => written.before.is_none() || rv != written.before,
-            }
+        let meta = match written.kind {
+            Kind::Candidate => version_in(&self.candidates, ns, name),
+            Kind::VirtualService => version_in(&self.virtual_services, ns, name),
+            Kind::DestinationRule => version_in(&self.destination_rules, ns, name),
         };
-        let meta_of = |m: &kube::api::ObjectMeta| (m.resource_version.clone(), m.deletion_timestamp.is_some());
-        match written.kind {
-            Kind::Candidate => version(
-                self.candidates
-                    .get(&ObjectRef::new(name).within(ns))
-                    .map(|o| meta_of(&o.metadata)),
-            ),
-            Kind::VirtualService => version(
-                self.virtual_services
-                    .get(&ObjectRef::new(name).within(ns))
-                    .map(|o| meta_of(&o.metadata)),
-            ),
-            Kind::DestinationRule => version(
-                self.destination_rules
-                    .get(&ObjectRef::new(name).within(ns))
-                    .map(|o| meta_of(&o.metadata)),
-            ),
+        match meta {
+            None => written.deleted,
+            Some((_, deleting)) if written.deleted => deleting,
+            Some((rv, _)) => written.before.is_none() || rv != written.before,
         }
     }
 

@@ -68,11 +68,12 @@ impl Reads {
     pub async fn list(client: &Client, d: &Deployment) -> Result<Self, Error> {
         let ns = d.namespace().unwrap_or_default();
         let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
-        let selector = match_labels(d)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let replica_sets = arcs(replica_sets.list(&ListParams::default().labels(&selector)).await?.items);
+        let replica_sets = arcs(
+            replica_sets
+                .list(&ListParams::default().labels(&selector(d)))
+                .await?
+                .items,
+        );
         let selector = format!("{}={}", agent::RELEASE_OF, d.name_any());
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
         let candidates = arcs(deployments.list(&ListParams::default().labels(&selector)).await?.items);
@@ -96,6 +97,14 @@ fn arcs<K>(items: Vec<K>) -> Vec<Arc<K>> {
 /// The labels of `d`'s selector (`matchLabels`).
 pub fn match_labels(d: &Deployment) -> impl Iterator<Item = (&String, &String)> {
     d.spec.selector.match_labels.iter().flatten()
+}
+
+/// `d`'s selector (`matchLabels`) as a label selector, `k=v,...`: its ReplicaSets and its candidates'.
+pub fn selector(d: &Deployment) -> String {
+    match_labels(d)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The Services among `services` that select `d`'s pods, by name.
@@ -244,7 +253,8 @@ fn owned_by(rs: &ReplicaSet, uid: &str) -> bool {
     rs.owner_references().iter().any(|o| o.uid == uid)
 }
 
-fn template_revision(rs: &ReplicaSet) -> u64 {
+/// The `turnout.dev/revision` label of a ReplicaSet's pod template (0 when unstamped).
+pub fn template_revision(rs: &ReplicaSet) -> u64 {
     rs.spec
         .template
         .as_ref()
