@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::release::ProviderKind;
+
 /// Annotation keys of the release configuration.
 pub mod keys {
     pub const STEPS: &str = "turnout.dev/steps";
@@ -19,9 +21,12 @@ pub mod keys {
     pub const NO_DATA: &str = "turnout.dev/no-data";
     pub const HOOK_TIMEOUT: &str = "turnout.dev/hook-timeout";
     pub const HOOK_RETRIES: &str = "turnout.dev/hook-retries";
+    pub const PROVIDER: &str = "turnout.dev/provider";
+    pub const GATEWAY: &str = "turnout.dev/gateway";
+    pub const HOSTNAMES: &str = "turnout.dev/hostnames";
 
     /// Every key, for documentation and for tests that keep the docs in step with the code.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 15] = [
         STEPS,
         INTERVAL,
         THRESHOLD,
@@ -34,6 +39,9 @@ pub mod keys {
         NO_DATA,
         HOOK_TIMEOUT,
         HOOK_RETRIES,
+        PROVIDER,
+        GATEWAY,
+        HOSTNAMES,
     ];
 }
 
@@ -155,6 +163,22 @@ pub struct ReleaseConfig {
     pub hook_timeout: Duration,
     /// Further attempts after a hook call failed.
     pub hook_retries: u32,
+    /// The routing provider asked for; `None`: chosen per namespace (ambient → Gateway API, else
+    /// whichever CRDs are installed, Istio first).
+    pub provider: Option<ProviderKind>,
+    /// Gateway API: the Gateway the HTTPRoute attaches to (north-south); `None`: the Service itself
+    /// (GAMMA, east-west in a mesh).
+    pub gateway: Option<GatewayRef>,
+    /// Gateway API: the hostnames of a route attached to a Gateway.
+    pub hostnames: Vec<String>,
+}
+
+/// A Gateway named by `turnout.dev/gateway`: `name` or `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayRef {
+    /// `None`: the Deployment's namespace.
+    pub namespace: Option<String>,
+    pub name: String,
 }
 
 /// Prefix of the annotations that define custom checks: `check.turnout.dev/<name>`.
@@ -255,6 +279,9 @@ impl Default for ReleaseConfig {
             hooks: BTreeMap::new(),
             hook_timeout: Duration::from_secs(10),
             hook_retries: 2,
+            provider: None,
+            gateway: None,
+            hostnames: Vec::new(),
         }
     }
 }
@@ -397,9 +424,67 @@ fn apply(config: &mut ReleaseConfig, key: &str, value: &str) -> Result<(), Strin
                 .filter(|r| *r <= 10)
                 .ok_or("not a whole number from 0 to 10")?;
         }
+        keys::PROVIDER => {
+            config.provider = Some(ProviderKind::parse(value).ok_or_else(|| {
+                let known: Vec<&str> = ProviderKind::ALL.iter().map(|p| p.as_str()).collect();
+                format!("not one of {}", known.join(", "))
+            })?);
+        }
+        keys::GATEWAY => config.gateway = Some(parse_gateway(value)?),
+        keys::HOSTNAMES => config.hostnames = parse_hostnames(value)?,
         _ => return Err("unknown key".into()),
     }
     Ok(())
+}
+
+/// `name` or `namespace/name`, each a DNS label.
+fn parse_gateway(value: &str) -> Result<GatewayRef, String> {
+    let (namespace, name) = match value.split_once('/') {
+        Some((ns, name)) => (Some(ns), name),
+        None => (None, value),
+    };
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    if !label(name) || namespace.is_some_and(|ns| !label(ns)) {
+        return Err("not a Gateway name or namespace/name".into());
+    }
+    Ok(GatewayRef {
+        namespace: namespace.map(str::to_owned),
+        name: name.to_owned(),
+    })
+}
+
+/// `shop.example.com,*.example.org`: hostnames as an HTTPRoute takes them.
+fn parse_hostnames(value: &str) -> Result<Vec<String>, String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .map(|h| {
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            let valid = !bare.is_empty()
+                && h.len() <= 253
+                && bare.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                });
+            if valid {
+                Ok(h.to_owned())
+            } else {
+                Err(format!(
+                    "{h:?} is not a hostname (lower-case DNS names, an optional leading *.)"
+                ))
+            }
+        })
+        .collect()
 }
 
 /// `10,25,50,100`: whole percentages from 1 to 100, strictly increasing, the last 100.
@@ -490,6 +575,43 @@ mod tests {
                  confirm-promotion, post-rollout, rollback, event",
                 "hook.turnout.dev/rollback: not an http:// or https:// URL",
                 "turnout.dev/hook-retries: not a whole number from 0 to 10",
+            ]
+        );
+    }
+
+    #[test]
+    fn routing_settings_are_parsed_and_bad_ones_reported() {
+        let ns = ann(&[(keys::PROVIDER, "gateway-api"), (keys::GATEWAY, "infra/public")]);
+        let d = ann(&[(keys::HOSTNAMES, "shop.example.com, *.shop.example.org")]);
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &d);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(config.provider, Some(ProviderKind::GatewayApi));
+        assert_eq!(
+            config.gateway,
+            Some(GatewayRef {
+                namespace: Some("infra".into()),
+                name: "public".into()
+            })
+        );
+        assert_eq!(config.hostnames, ["shop.example.com", "*.shop.example.org"]);
+        let bad = ann(&[
+            (keys::PROVIDER, "linkerd"),
+            (keys::GATEWAY, "Infra/Public"),
+            (keys::HOSTNAMES, "shop..example"),
+        ]);
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &bad);
+        assert_eq!(
+            config.provider,
+            Some(ProviderKind::GatewayApi),
+            "the namespace's stands"
+        );
+        let reasons: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.key, p.reason)).collect();
+        assert_eq!(
+            reasons,
+            [
+                "turnout.dev/provider: not one of istio, gateway-api",
+                "turnout.dev/gateway: not a Gateway name or namespace/name",
+                "turnout.dev/hostnames: \"shop..example\" is not a hostname (lower-case DNS names, an optional leading *.)",
             ]
         );
     }

@@ -15,6 +15,7 @@ pub mod agent;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod gateway;
 pub mod istio;
 pub mod metrics;
 pub mod mutate;

@@ -120,8 +120,9 @@ pub fn candidate_name(name: &str, revision: u64) -> String {
     format!("{name}-v{revision}")
 }
 
-/// Subset names (DESIGN §3): the stable ReplicaSet, the candidate, the user Deployment's new ReplicaSet.
-pub mod subsets {
+/// Backend names (DESIGN §3; Istio subsets, Gateway API per-version Services): the stable
+/// ReplicaSet, the candidate, the user Deployment's new ReplicaSet.
+pub mod backends {
     /// `v<M>`: a ReplicaSet of the user's Deployment at revision `m`.
     pub fn revision(m: u64) -> String {
         format!("v{m}")
@@ -129,5 +130,38 @@ pub mod subsets {
     /// `v<N>-canary`: the candidate of release `n`.
     pub fn canary(n: u64) -> String {
         format!("v{n}-canary")
+    }
+
+    /// The per-version Service of `backend` for Service `service` (Gateway API): `<service>-<backend>`,
+    /// e.g. `podinfo-v3-canary`. A name longer than a Service name may be (63) is cut and given a
+    /// hash of the whole, so two long names stay distinct.
+    pub fn service(service: &str, backend: &str) -> String {
+        const MAX: usize = 63;
+        let name = format!("{service}-{backend}");
+        if name.len() <= MAX {
+            return name;
+        }
+        let sha = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
+        let digest: String = sha.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let keep = MAX - digest.len() - 1;
+        let mut cut = name[..keep].trim_end_matches('-').to_owned();
+        cut.push('-');
+        cut.push_str(&digest);
+        cut
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backends;
+
+    #[test]
+    fn per_version_service_names_are_valid_and_distinct() {
+        assert_eq!(backends::service("podinfo", &backends::canary(3)), "podinfo-v3-canary");
+        let long = "a".repeat(60);
+        let (one, two) = (backends::service(&long, "v1"), backends::service(&long, "v2"));
+        assert!(one.len() <= 63 && two.len() <= 63, "{one} {two}");
+        assert_ne!(one, two);
+        assert!(one.starts_with("aaaa") && !one.contains("--"));
     }
 }

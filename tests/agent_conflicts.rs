@@ -8,7 +8,12 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use turnout::agent::{act, observe};
-use turnout::release::{Action, Intent, Phase, Rollout, Route, StatusPatch, Weighted};
+use turnout::config::ReleaseConfig;
+use turnout::release::{Action, Intent, Phase, ProviderKind, Rollout, Route, RoutingAction, StatusPatch, Weighted};
+
+fn config() -> ReleaseConfig {
+    ReleaseConfig::default()
+}
 
 fn status() -> Action {
     Action::Status(StatusPatch {
@@ -62,19 +67,23 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
 
     // The Deployment: read, changed by someone else, then written from the stale read.
     let d = settled(&deployments).await;
-    let snap = observe::snapshot(&client, &d, true).await.unwrap();
+    let snap = observe::snapshot(&client, &d, &config(), ProviderKind::Istio, true)
+        .await
+        .unwrap();
     assert_eq!(snap.hosts.len(), 1, "the Service is found");
     cluster
         .ok(&["annotate", "-n", "shop", "deployment/podinfo", "team=shop"])
         .await;
-    assert!(conflict(act::apply(&client, &d, &snap, &status(), 1).await));
+    assert!(conflict(act::apply(&client, &d, &config(), &snap, &status(), 1).await));
     let fresh = settled(&deployments).await;
     assert_eq!(
         fresh.metadata.annotations.as_ref().unwrap()["team"],
         "shop",
         "the other change stands"
     );
-    act::apply(&client, &fresh, &snap, &status(), 1).await.unwrap();
+    act::apply(&client, &fresh, &config(), &snap, &status(), 1)
+        .await
+        .unwrap();
 
     // A change of the status alone (the Deployment controller's, say) is no conflict: nothing the
     // plan read changed, and the write is retried from the fresh version.
@@ -95,7 +104,7 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
         unreachable!()
     };
     checked.message = "release v2 checked".into();
-    act::apply(&client, &read, &snap, &Action::Status(checked), 1)
+    act::apply(&client, &read, &config(), &snap, &Action::Status(checked), 1)
         .await
         .unwrap();
     let after = deployments.get("podinfo").await.unwrap();
@@ -116,14 +125,14 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
         ])
         .await;
     assert!(conflict(
-        act::apply(&client, &read, &snap, &Action::ClearRequest, 1).await
+        act::apply(&client, &read, &config(), &snap, &Action::ClearRequest, 1).await
     ));
     let fresh = settled(&deployments).await;
     assert_eq!(
         fresh.metadata.annotations.as_ref().unwrap()["turnout.dev/request"],
         "abort@2"
     );
-    act::apply(&client, &fresh, &snap, &Action::ClearRequest, 1)
+    act::apply(&client, &fresh, &config(), &snap, &Action::ClearRequest, 1)
         .await
         .unwrap();
     let fresh = settled(&deployments).await;
@@ -139,28 +148,45 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
     // The VirtualService: created, read, changed by someone else, then replaced from the stale read.
     let to = |subset: &str| {
         Route::Split(vec![Weighted {
-            subset: subset.into(),
+            backend: subset.into(),
             weight: 100,
         }])
     };
-    let put = |route: Route| Action::PutVirtualService { host: 0, route };
-    act::apply(&client, &fresh, &snap, &put(Route::Host), 2).await.unwrap();
-    let snap = observe::snapshot(&client, &fresh, true).await.unwrap();
+    let put = |route: Route| Action::Routing(RoutingAction::PutRoute { host: 0, route });
+    act::apply(&client, &fresh, &config(), &snap, &put(Route::Host), 2)
+        .await
+        .unwrap();
+    let snap = observe::snapshot(&client, &fresh, &config(), ProviderKind::Istio, true)
+        .await
+        .unwrap();
     cluster
         .ok(&["annotate", "-n", "shop", "virtualservice/podinfo", "owner=someone"])
         .await;
-    assert!(conflict(act::apply(&client, &fresh, &snap, &put(to("v1")), 3).await));
+    assert!(conflict(
+        act::apply(&client, &fresh, &config(), &snap, &put(to("v1")), 3).await
+    ));
     // Creating one that someone else created meanwhile conflicts too.
-    let before = observe::snapshot(&client, &fresh, true).await.unwrap();
-    assert!(before.stored[0].1.is_none(), "no DestinationRule yet");
+    let before = observe::snapshot(&client, &fresh, &config(), ProviderKind::Istio, true)
+        .await
+        .unwrap();
+    let turnout::agent::routing::Stored::Istio(stored) = &before.stored[0] else {
+        panic!("istio: {:?}", before.stored[0])
+    };
+    assert!(stored.destination_rule.is_none(), "no DestinationRule yet");
     cluster
         .apply("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: podinfo\n  namespace: shop\nspec:\n  host: podinfo\n")
         .await;
-    let subsets = Action::PutDestinationRule {
+    let subsets = Action::Routing(RoutingAction::PutBackends {
         host: 0,
-        subsets: vec![],
-    };
-    assert!(conflict(act::apply(&client, &fresh, &before, &subsets, 3).await));
-    let snap = observe::snapshot(&client, &fresh, true).await.unwrap();
-    act::apply(&client, &fresh, &snap, &put(to("v1")), 4).await.unwrap();
+        backends: vec![],
+    });
+    assert!(conflict(
+        act::apply(&client, &fresh, &config(), &before, &subsets, 3).await
+    ));
+    let snap = observe::snapshot(&client, &fresh, &config(), ProviderKind::Istio, true)
+        .await
+        .unwrap();
+    act::apply(&client, &fresh, &config(), &snap, &put(to("v1")), 4)
+        .await
+        .unwrap();
 }

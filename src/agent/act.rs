@@ -9,62 +9,38 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, PropagationPolicy};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use super::cache::{Kind, Written};
 use super::observe::Snapshot;
 use crate::admission::template::{Stamps, strip};
-use crate::istio::destination_rule::{DestinationRule, DestinationRuleSpec, DestinationRuleSubsets};
-use crate::istio::virtual_service::{
-    VirtualService, VirtualServiceHttp, VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination, VirtualServiceSpec,
-};
+use crate::config::ReleaseConfig;
 use crate::names::{agent, annotations, candidate_name, conditions, labels, values};
-use crate::release::{Action, Event, Intent, Millis, Rollout, Route, StatusPatch, Subset};
+use crate::release::{Action, Event, Intent, Millis, Rollout, StatusPatch};
 
 /// The field manager of every write.
 pub const MANAGER: &str = "turnout";
 
-/// Applies `action`, planned from `snap`, for Deployment `d`; says which object it wrote when a cache
-/// is to show it before the next pass (a candidate, a VirtualService, a DestinationRule).
+/// Applies `action`, planned from `snap`, for Deployment `d`; says which objects it wrote, for a cache
+/// to show them before the next pass (a candidate, the routing objects).
 pub async fn apply(
     client: &Client,
     d: &Deployment,
+    config: &ReleaseConfig,
     snap: &Snapshot,
     action: &Action,
     now: Millis,
-) -> kube::Result<Option<Written>> {
+) -> kube::Result<Vec<Written>> {
     let ns = d.namespace().unwrap_or_default();
-    let written = |kind, name: &str, before: Option<&ObjectMeta>, deleted| Written {
-        kind,
-        namespace: ns.clone(),
-        name: name.to_owned(),
-        before: before.and_then(|m| m.resource_version.clone()),
-        deleted,
-    };
     match action {
-        Action::PutDestinationRule { host, subsets } => {
-            let (service, stored) = (&snap.hosts[*host].service, &snap.stored[*host].1);
-            let api: Api<DestinationRule> = Api::namespaced(client.clone(), &ns);
-            let mut dr = DestinationRule::new(service, destination_rule_spec(service, &ns, subsets));
-            dr.metadata = managed_meta(d, service, stored.as_ref().map(|o| &o.metadata), now);
-            write(&api, service, dr, stored.is_some()).await?;
-            let before = stored.as_ref().map(|o| &o.metadata);
-            Ok(Some(written(Kind::DestinationRule, service, before, false)))
-        }
-        Action::PutVirtualService { host, route } => {
-            let (service, stored) = (&snap.hosts[*host].service, &snap.stored[*host].0);
-            let api: Api<VirtualService> = Api::namespaced(client.clone(), &ns);
-            let mut vs = VirtualService::new(service, virtual_service_spec(service, &ns, route));
-            vs.metadata = managed_meta(d, service, stored.as_ref().map(|o| &o.metadata), now);
-            write(&api, service, vs, stored.is_some()).await?;
-            let before = stored.as_ref().map(|o| &o.metadata);
-            Ok(Some(written(Kind::VirtualService, service, before, false)))
+        Action::Routing(routing) => {
+            super::routing::apply(client, d, config, &snap.hosts, &snap.stored, routing, now).await
         }
         Action::CreateCandidate { revision } => {
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
             let created = api.create(&PostParams::default(), &candidate(d, *revision)).await?;
-            Ok(Some(written(Kind::Candidate, &created.name_any(), None, false)))
+            Ok(vec![Written::of(Kind::Candidate, &ns, &created.name_any(), None)])
         }
         Action::DeleteCandidate { name } => {
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -73,13 +49,16 @@ pub async fn apply(
                 ..DeleteParams::default()
             };
             match api.delete(name, &params).await {
-                Ok(_) => Ok(Some(written(Kind::Candidate, name, None, true))),
+                Ok(_) => {}
                 // Already gone: its pods are on their way out.
-                Err(kube::Error::Api(e)) if e.code == 404 => Ok(Some(written(Kind::Candidate, name, None, true))),
-                Err(e) => Err(e),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
             }
+            let mut deleted = Written::of(Kind::Candidate, &ns, name, None);
+            deleted.deleted = true;
+            Ok(vec![deleted])
         }
-        Action::Status(patch) => status(client, d, patch).await.map(|()| None),
+        Action::Status(patch) => status(client, d, patch).await.map(|()| Vec::new()),
         Action::ClearRequest => {
             // Conditional on the version read: a newer request written meanwhile is not lost.
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -91,43 +70,10 @@ pub async fn apply(
             });
             api.patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(&body))
                 .await?;
-            Ok(None)
+            Ok(Vec::new())
         }
-        Action::Analyse { .. } | Action::Wait { .. } => Ok(None),
+        Action::Analyse { .. } | Action::Wait { .. } => Ok(Vec::new()),
     }
-}
-
-async fn write<K>(api: &Api<K>, name: &str, obj: K, exists: bool) -> kube::Result<()>
-where
-    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    if exists {
-        api.replace(name, &PostParams::default(), &obj).await?;
-    } else {
-        api.create(&PostParams::default(), &obj).await?;
-    }
-    Ok(())
-}
-
-/// Metadata of a managed VirtualService or DestinationRule: named after the Service, labelled as
-/// turnout's, owned by the Deployment, stamped with the time of the change.
-fn managed_meta(d: &Deployment, service: &str, stored: Option<&ObjectMeta>, now: Millis) -> ObjectMeta {
-    let mut meta = stored.cloned().unwrap_or_default();
-    meta.name = Some(service.to_owned());
-    meta.namespace = d.namespace();
-    meta.labels
-        .get_or_insert_with(BTreeMap::new)
-        .insert(agent::MANAGED_BY.into(), agent::TURNOUT.into());
-    meta.annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(agent::CHANGED_AT.into(), rfc3339(now));
-    let owner = owner(d, false);
-    let owners = meta.owner_references.get_or_insert_with(Vec::new);
-    if !owners.iter().any(|o| o.uid == owner.uid) {
-        owners.push(owner);
-    }
-    meta.managed_fields = None;
-    meta
 }
 
 fn owner(d: &Deployment, controller: bool) -> OwnerReference {
@@ -138,62 +84,6 @@ fn owner(d: &Deployment, controller: bool) -> OwnerReference {
         uid: d.uid().unwrap_or_default(),
         controller: Some(controller),
         block_owner_deletion: Some(true),
-    }
-}
-
-/// `<service>.<namespace>.svc.cluster.local`.
-pub fn fqdn(service: &str, ns: &str) -> String {
-    format!("{service}.{ns}.svc.cluster.local")
-}
-
-fn destination_rule_spec(service: &str, ns: &str, subsets: &[Subset]) -> DestinationRuleSpec {
-    DestinationRuleSpec {
-        host: fqdn(service, ns),
-        subsets: (!subsets.is_empty()).then(|| {
-            subsets
-                .iter()
-                .map(|s| DestinationRuleSubsets {
-                    name: s.name.clone(),
-                    labels: Some(BTreeMap::from([(agent::POD_TEMPLATE_HASH.into(), s.hash.clone())])),
-                    ..DestinationRuleSubsets::default()
-                })
-                .collect()
-        }),
-        ..DestinationRuleSpec::default()
-    }
-}
-
-fn virtual_service_spec(service: &str, ns: &str, route: &Route) -> VirtualServiceSpec {
-    let host = fqdn(service, ns);
-    let destinations = match route {
-        Route::Host => vec![VirtualServiceHttpRoute {
-            destination: VirtualServiceHttpRouteDestination {
-                host: host.clone(),
-                ..Default::default()
-            },
-            ..Default::default()
-        }],
-        Route::Split(parts) => parts
-            .iter()
-            .map(|p| VirtualServiceHttpRoute {
-                destination: VirtualServiceHttpRouteDestination {
-                    host: host.clone(),
-                    subset: Some(p.subset.clone()),
-                    ..Default::default()
-                },
-                weight: Some(i32::from(p.weight)),
-                ..Default::default()
-            })
-            .collect(),
-    };
-    VirtualServiceSpec {
-        hosts: Some(vec![host]),
-        http: Some(vec![VirtualServiceHttp {
-            name: Some("turnout".into()),
-            route: Some(destinations),
-            ..Default::default()
-        }]),
-        ..VirtualServiceSpec::default()
     }
 }
 
@@ -354,18 +244,9 @@ pub async fn record(client: &Client, d: &Deployment, event: &Event) -> kube::Res
     Ok(())
 }
 
-/// `now` as RFC 3339 with milliseconds.
-pub fn rfc3339(now: Millis) -> String {
-    k8s_openapi::jiff::Timestamp::from_millisecond(i64::try_from(now).unwrap_or(i64::MAX))
-        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
-        .to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::observe::{self, Snapshot};
-    use crate::release::{Managed, Weighted};
 
     fn podinfo() -> Deployment {
         serde_json::from_value(json!({
@@ -413,104 +294,6 @@ mod tests {
         assert_eq!(
             c.spec.template.spec.as_ref().unwrap().containers[0].image.as_deref(),
             Some("podinfo:6.1.0")
-        );
-    }
-
-    fn snapshot(vs: Option<VirtualService>, dr: Option<DestinationRule>) -> Snapshot {
-        Snapshot {
-            deployment: observe::deployment_view(&podinfo()),
-            stable_rs: None,
-            new_rs: None,
-            candidates: Vec::new(),
-            hosts: Vec::new(),
-            stored: vec![(vs, dr)],
-            unstamped_change: false,
-        }
-    }
-
-    #[test]
-    fn routes_and_subsets_read_back_as_written() {
-        let d = podinfo();
-        let split = Route::Split(vec![
-            Weighted {
-                subset: "v1".into(),
-                weight: 75,
-            },
-            Weighted {
-                subset: "v2-canary".into(),
-                weight: 25,
-            },
-        ]);
-        for route in [Route::Host, split] {
-            let mut vs = VirtualService::new("podinfo", virtual_service_spec("podinfo", "shop", &route));
-            vs.metadata = managed_meta(&d, "podinfo", None, 1_700_000_000_123);
-            assert_eq!(
-                vs.spec.hosts.as_deref(),
-                Some(&["podinfo.shop.svc.cluster.local".to_owned()][..])
-            );
-            let snap = snapshot(Some(vs), None);
-            let view = observe::host_view("podinfo".into(), snap.stored[0].0.as_ref(), None);
-            let Managed::Ours(v) = view.virtual_service else {
-                panic!("ours: {view:?}")
-            };
-            assert_eq!(v.route, route);
-            assert_eq!(v.changed_at, 1_700_000_000_123);
-        }
-        let subsets = vec![
-            Subset {
-                name: "v1".into(),
-                hash: "abc".into(),
-            },
-            Subset {
-                name: "v2-canary".into(),
-                hash: "def".into(),
-            },
-        ];
-        for s in [Vec::new(), subsets] {
-            let mut dr = DestinationRule::new("podinfo", destination_rule_spec("podinfo", "shop", &s));
-            dr.metadata = managed_meta(&d, "podinfo", None, 5);
-            let view = observe::host_view("podinfo".into(), None, Some(&dr));
-            let Managed::Ours(v) = view.destination_rule else {
-                panic!("ours: {view:?}")
-            };
-            assert_eq!((v.subsets, v.changed_at), (s, 5));
-        }
-    }
-
-    #[test]
-    fn a_rewrite_keeps_the_stored_metadata_and_owners_once() {
-        let d = podinfo();
-        let stored = ObjectMeta {
-            name: Some("podinfo".into()),
-            resource_version: Some("42".into()),
-            labels: Some(BTreeMap::from([("team".into(), "shop".into())])),
-            ..ObjectMeta::default()
-        };
-        let once = managed_meta(&d, "podinfo", Some(&stored), 1);
-        let twice = managed_meta(&d, "podinfo", Some(&once), 2);
-        assert_eq!(twice.resource_version.as_deref(), Some("42"), "replace is conditional");
-        assert_eq!(twice.owner_references.as_ref().unwrap().len(), 1);
-        assert_eq!(
-            twice.labels.as_ref().unwrap().get("team").map(String::as_str),
-            Some("shop")
-        );
-        assert_eq!(
-            twice
-                .labels
-                .as_ref()
-                .unwrap()
-                .get(agent::MANAGED_BY)
-                .map(String::as_str),
-            Some(agent::TURNOUT)
-        );
-        assert_eq!(
-            twice
-                .annotations
-                .as_ref()
-                .unwrap()
-                .get(agent::CHANGED_AT)
-                .map(String::as_str),
-            Some("1970-01-01T00:00:00.002Z")
         );
     }
 }

@@ -2,7 +2,8 @@
 //! changes) and the passes (which read from them instead of listing).
 //!
 //! ```text
-//!  watch ReplicaSets, candidates, candidate pods, Services, Namespaces, VirtualServices, DestinationRules
+//!  watch ReplicaSets, candidates, candidate pods, Services, Namespaces, VirtualServices, DestinationRules,
+//!        HTTPRoutes, EndpointSlices of per-version Services
 //!     └─▶ reflector (trimmed objects) ─▶ Store ─▶ Caches::snapshot (no request)
 //!                                    └─▶ Controller: reconcile the Deployment they belong to
 //! ```
@@ -19,6 +20,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -26,9 +28,13 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::observe::{self, Reads, Snapshot};
+use super::routing::{self, gateway_api};
+use crate::config::ReleaseConfig;
+use crate::gateway::http_route::HttpRoute;
 use crate::istio::destination_rule::DestinationRule;
 use crate::istio::virtual_service::VirtualService;
 use crate::names::agent;
+use crate::release::ProviderKind;
 
 /// A watch stream of one kind, as the controller takes it.
 pub type Changes<K> = BoxStream<'static, Result<K, watcher::Error>>;
@@ -43,6 +49,9 @@ pub struct Caches {
     pub services: Store<Service>,
     pub virtual_services: Store<VirtualService>,
     pub destination_rules: Store<DestinationRule>,
+    pub http_routes: Store<HttpRoute>,
+    /// EndpointSlices of turnout's per-version Services (Gateway API backends).
+    pub slices: Store<EndpointSlice>,
 }
 
 /// The watch streams that fill [`Caches`]; whoever polls them (the controller) keeps the caches current.
@@ -54,6 +63,8 @@ pub struct Streams {
     pub services: Changes<Service>,
     pub virtual_services: Changes<VirtualService>,
     pub destination_rules: Changes<DestinationRule>,
+    pub http_routes: Changes<HttpRoute>,
+    pub slices: Changes<EndpointSlice>,
 }
 
 /// A write of a pass, for [`Caches::caught_up`]: the object of `kind` now has a resource version other
@@ -67,12 +78,27 @@ pub struct Written {
     pub deleted: bool,
 }
 
+impl Written {
+    /// A create or change of `kind` `ns/name`, which had `before` (`None`: it did not exist).
+    pub fn of(kind: Kind, ns: &str, name: &str, before: Option<&kube::api::ObjectMeta>) -> Self {
+        Self {
+            kind,
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            before: before.and_then(|m| m.resource_version.clone()),
+            deleted: false,
+        }
+    }
+}
+
 /// The kinds a pass writes and reads back from a cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Candidate,
     VirtualService,
     DestinationRule,
+    HttpRoute,
+    Service,
 }
 
 /// One cache and its stream: every object of `api` matching `config`, trimmed by `trim` (fields no pass
@@ -137,6 +163,9 @@ pub fn start(client: &Client) -> (Caches, Streams) {
     let (services, svc_stream) = cache(Api::all(client.clone()), all(), |_: &mut Service| {});
     let (virtual_services, vs_stream) = cache(Api::all(client.clone()), all(), |_: &mut VirtualService| {});
     let (destination_rules, dr_stream) = cache(Api::all(client.clone()), all(), |_: &mut DestinationRule| {});
+    let (http_routes, route_stream) = cache(Api::all(client.clone()), all(), |_: &mut HttpRoute| {});
+    let backends = watcher::Config::default().labels(gateway_api::BACKEND_OF);
+    let (slices, slice_stream) = cache(Api::all(client.clone()), backends, |_: &mut EndpointSlice| {});
     let caches = Caches {
         namespaces,
         replica_sets,
@@ -145,6 +174,8 @@ pub fn start(client: &Client) -> (Caches, Streams) {
         services,
         virtual_services,
         destination_rules,
+        http_routes,
+        slices,
     };
     let streams = Streams {
         namespaces: ns_stream,
@@ -154,6 +185,8 @@ pub fn start(client: &Client) -> (Caches, Streams) {
         services: svc_stream,
         virtual_services: vs_stream,
         destination_rules: dr_stream,
+        http_routes: route_stream,
+        slices: slice_stream,
     };
     (caches, streams)
 }
@@ -174,14 +207,20 @@ fn ready<K: Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> b
 }
 
 impl Caches {
-    /// Whether every cache a pass reads has listed once (the Istio ones only when `istio`).
-    pub fn synced(&self, istio: bool) -> bool {
+    /// Whether every cache a pass reads has listed once: the provider's only when its CRDs are
+    /// `installed` (a watch of a kind not served never lists).
+    pub fn synced(&self, provider: ProviderKind, installed: bool) -> bool {
+        let routing = !installed
+            || match provider {
+                ProviderKind::Istio => ready(&self.virtual_services) && ready(&self.destination_rules),
+                ProviderKind::GatewayApi => ready(&self.http_routes) && ready(&self.slices),
+            };
         ready(&self.namespaces)
             && ready(&self.replica_sets)
             && ready(&self.candidates)
             && ready(&self.pods)
             && ready(&self.services)
-            && (!istio || (ready(&self.virtual_services) && ready(&self.destination_rules)))
+            && routing
     }
 
     /// The namespace `name`, if cached.
@@ -212,23 +251,32 @@ impl Caches {
         }
     }
 
-    /// The snapshot of `d`, read from the caches alone.
-    pub fn snapshot(&self, d: &Deployment, istio: bool) -> Snapshot {
+    /// The snapshot of `d` routed by `provider`, read from the caches alone (nothing of the
+    /// provider's when its CRDs are not `installed`).
+    pub fn snapshot(
+        &self,
+        d: &Deployment,
+        config: &ReleaseConfig,
+        provider: ProviderKind,
+        installed: bool,
+    ) -> Snapshot {
         let reads = self.reads(d);
         let ns = d.namespace().unwrap_or_default();
-        let routing = observe::selecting(d, &reads.services)
-            .into_iter()
-            .map(|service| {
-                if !istio {
-                    return (service, None, None);
-                }
-                let vs = self.virtual_services.get(&ObjectRef::new(&service).within(&ns));
-                let dr = self.destination_rules.get(&ObjectRef::new(&service).within(&ns));
-                let (vs, dr) = (vs.map(|o| (*o).clone()), dr.map(|o| (*o).clone()));
-                (service, vs, dr)
-            })
-            .collect();
-        observe::assemble(d, &reads, routing)
+        let in_ns = |meta: &kube::api::ObjectMeta| meta.namespace.as_deref() == Some(ns.as_str());
+        let objects = match (installed, provider) {
+            (false, _) => routing::Objects::default(),
+            (true, ProviderKind::Istio) => routing::Objects {
+                virtual_services: self.virtual_services.state_filter(|o| in_ns(&o.metadata)),
+                destination_rules: self.destination_rules.state_filter(|o| in_ns(&o.metadata)),
+                ..routing::Objects::default()
+            },
+            (true, ProviderKind::GatewayApi) => routing::Objects {
+                http_routes: self.http_routes.state_filter(|o| in_ns(&o.metadata)),
+                slices: self.slices.state_filter(|o| in_ns(&o.metadata)),
+                ..routing::Objects::default()
+            },
+        };
+        observe::assemble(d, &reads, config, provider, &objects)
     }
 
     /// Whether the cache shows `written` now.
@@ -238,6 +286,8 @@ impl Caches {
             Kind::Candidate => version_in(&self.candidates, ns, name),
             Kind::VirtualService => version_in(&self.virtual_services, ns, name),
             Kind::DestinationRule => version_in(&self.destination_rules, ns, name),
+            Kind::HttpRoute => version_in(&self.http_routes, ns, name),
+            Kind::Service => version_in(&self.services, ns, name),
         };
         match meta {
             None => written.deleted,
@@ -277,6 +327,8 @@ mod tests {
         services: Writer<Service>,
         virtual_services: Writer<VirtualService>,
         destination_rules: Writer<DestinationRule>,
+        http_routes: Writer<HttpRoute>,
+        slices: Writer<EndpointSlice>,
     }
 
     fn writers() -> (Writers, Caches) {
@@ -288,6 +340,8 @@ mod tests {
             services: Writer::default(),
             virtual_services: Writer::default(),
             destination_rules: Writer::default(),
+            http_routes: Writer::default(),
+            slices: Writer::default(),
         };
         let caches = Caches {
             namespaces: w.namespaces.as_reader(),
@@ -297,6 +351,8 @@ mod tests {
             services: w.services.as_reader(),
             virtual_services: w.virtual_services.as_reader(),
             destination_rules: w.destination_rules.as_reader(),
+            http_routes: w.http_routes.as_reader(),
+            slices: w.slices.as_reader(),
         };
         (w, caches)
     }
@@ -394,19 +450,30 @@ mod tests {
 
         listed(&mut w.virtual_services, vec![virtual_service("7")]);
         listed(&mut w.destination_rules, vec![]);
-        let snap = caches.snapshot(&podinfo(), true);
+        let config = ReleaseConfig::default();
+        let snap = caches.snapshot(&podinfo(), &config, ProviderKind::Istio, true);
         assert_eq!(snap.hosts.len(), 1, "the Service that selects the pods");
-        let stored = snap.stored[0].0.as_ref().map(|vs| vs.metadata.resource_version.clone());
-        assert_eq!(stored, Some(Some("7".into())), "with the version a replace names");
-        assert!(snap.stored[0].1.is_none());
-        let without_istio = caches.snapshot(&podinfo(), false);
-        assert!(without_istio.stored[0].0.is_none());
+        let routing::Stored::Istio(stored) = &snap.stored[0] else {
+            panic!("{:?}", snap.stored[0])
+        };
+        let version = stored
+            .virtual_service
+            .as_ref()
+            .map(|vs| vs.metadata.resource_version.clone());
+        assert_eq!(version, Some(Some("7".into())), "with the version a replace names");
+        assert!(stored.destination_rule.is_none());
+        let without_istio = caches.snapshot(&podinfo(), &config, ProviderKind::Istio, false);
+        let routing::Stored::Istio(stored) = &without_istio.stored[0] else {
+            panic!("istio")
+        };
+        assert!(stored.virtual_service.is_none());
     }
 
     #[test]
     fn passes_read_from_the_caches_once_every_one_has_listed() {
         let (mut w, caches) = writers();
-        assert!(!caches.synced(false));
+        let (istio, gateway) = (ProviderKind::Istio, ProviderKind::GatewayApi);
+        assert!(!caches.synced(istio, false));
         listed(
             &mut w.namespaces,
             vec![object(json!({ "metadata": { "name": "shop" } }))],
@@ -414,13 +481,17 @@ mod tests {
         listed(&mut w.replica_sets, vec![]);
         listed(&mut w.candidates, vec![]);
         listed(&mut w.pods, vec![]);
-        assert!(!caches.synced(false), "the Services are not listed yet");
+        assert!(!caches.synced(istio, false), "the Services are not listed yet");
         listed(&mut w.services, vec![]);
-        assert!(caches.synced(false));
-        assert!(!caches.synced(true), "the Istio objects are not listed yet");
+        assert!(caches.synced(istio, false));
+        assert!(!caches.synced(istio, true), "the Istio objects are not listed yet");
         listed(&mut w.virtual_services, vec![]);
         listed(&mut w.destination_rules, vec![]);
-        assert!(caches.synced(true));
+        assert!(caches.synced(istio, true));
+        assert!(!caches.synced(gateway, true), "the HTTPRoutes are not listed yet");
+        listed(&mut w.http_routes, vec![]);
+        listed(&mut w.slices, vec![]);
+        assert!(caches.synced(gateway, true));
         assert!(caches.namespace("shop").is_some());
         assert!(caches.namespace("blog").is_none());
     }

@@ -16,6 +16,7 @@ pub mod cache;
 pub mod hooks;
 pub mod leader;
 pub mod observe;
+pub mod routing;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -41,7 +42,7 @@ use prometheus_client::registry::Registry;
 
 use crate::config::{self, HookKind, NoData, ReleaseConfig};
 use crate::names::{agent as agent_names, annotations, labels, values};
-use crate::release::{self, Action, DeploymentView, Millis, Observed, Phase};
+use crate::release::{self, Action, DeploymentView, Millis, Observed, Phase, ProviderKind};
 use hooks::Payload;
 
 /// Deployments reconciled at the same time.
@@ -93,6 +94,15 @@ pub struct Args {
     /// Further attempts after a hook call failed (`turnout.dev/hook-retries`).
     #[arg(long, env = "TURNOUT_HOOK_RETRIES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=10))]
     pub hook_retries: u32,
+    /// How releases move traffic: istio (VirtualService and DestinationRule) or gateway-api
+    /// (HTTPRoute and per-version Services). Without it, per namespace: an ambient namespace uses
+    /// gateway-api, else istio when its CRDs are installed, else gateway-api (`turnout.dev/provider`).
+    #[arg(long, env = "TURNOUT_PROVIDER", value_name = "PROVIDER", value_parser = parse_provider)]
+    pub provider: Option<ProviderKind>,
+}
+
+fn parse_provider(value: &str) -> Result<ProviderKind, String> {
+    ProviderKind::parse(value).ok_or_else(|| format!("{value:?} is not istio or gateway-api"))
 }
 
 fn parse_hook(value: &str) -> Result<(HookKind, String), String> {
@@ -126,6 +136,9 @@ impl Args {
             hooks: self.hooks.iter().cloned().collect(),
             hook_timeout: self.hook_timeout,
             hook_retries: self.hook_retries,
+            provider: self.provider,
+            gateway: None,
+            hostnames: Vec::new(),
         }
     }
 }
@@ -180,6 +193,7 @@ pub struct AgentMetrics {
     duration: Histogram,
     reconcile: Histogram,
     istio: Gauge,
+    gateway_api: Gauge,
     leader: Gauge,
     unheld: Counter,
     hooks: Family<HookLabels, Counter>,
@@ -207,6 +221,7 @@ impl AgentMetrics {
             duration: Histogram::new(exponential_buckets(10.0, 2.0, 12)),
             reconcile: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             istio: Gauge::default(),
+            gateway_api: Gauge::default(),
             leader: Gauge::default(),
             unheld: Counter::default(),
             hooks: Family::default(),
@@ -264,6 +279,11 @@ impl AgentMetrics {
             "1 when the VirtualService and DestinationRule CRDs are installed",
             m.istio.clone(),
         );
+        registry.register(
+            "turnout_gateway_api_crds_present",
+            "1 when the Gateway API HTTPRoute CRD (gateway.networking.k8s.io/v1) is installed",
+            m.gateway_api.clone(),
+        );
         m
     }
 }
@@ -274,6 +294,7 @@ struct Context {
     analyser: analysis::Analyser,
     metrics: Arc<AgentMetrics>,
     istio: AtomicBool,
+    gateway_api: AtomicBool,
     started: Mutex<HashMap<(String, String, u64), Instant>>,
     /// Unheld rollouts already reported: (Deployment uid, generation).
     unheld: Mutex<std::collections::HashSet<(String, i64)>>,
@@ -315,14 +336,15 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
     let d = &fresh;
     // A candidate's labels never change: the cached check above stands for the fresh object too.
     let ns_name = d.namespace().unwrap_or_default();
-    let istio = ctx.istio.load(Ordering::Relaxed);
-    // Read from the watch caches once they have listed; from the API server until then.
+    let installed = routing::Installed {
+        istio: ctx.istio.load(Ordering::Relaxed),
+        gateway_api: ctx.gateway_api.load(Ordering::Relaxed),
+    };
     let caches = ctx
         .caches
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
-        .filter(|c| c.synced(istio));
+        .clone();
     let ns = match caches.as_ref().and_then(|c| c.namespace(&ns_name)) {
         Some(ns) => ns,
         None => match Api::<Namespace>::all(ctx.client.clone()).get_opt(&ns_name).await? {
@@ -338,9 +360,13 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
         return Ok(Requeue::await_change());
     }
     let (config, problems) = config::resolve(&ctx.defaults, ns.annotations(), d.annotations());
+    let (provider, unavailable) = routing::select(&config, &ns, installed);
+    let has_crds = unavailable.is_none();
+    // Read from the watch caches once they have listed; from the API server until then.
+    let caches = caches.filter(|c| c.synced(provider, has_crds));
     let snap = match &caches {
-        Some(c) => c.snapshot(d, istio),
-        None => observe::snapshot(&ctx.client, d, istio).await?,
+        Some(c) => c.snapshot(d, &config, provider, has_crds),
+        None => observe::snapshot(&ctx.client, d, &config, provider, has_crds).await?,
     };
     let source = if caches.is_some() { "cache" } else { "api" };
     ctx.metrics.reads.get_or_create(&SourceLabels { source }).inc();
@@ -357,10 +383,9 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
             stable_rs: snap.stable_rs.clone(),
             new_rs: snap.new_rs.clone(),
             candidates: snap.candidates.clone(),
+            provider,
             hosts: snap.hosts.clone(),
-            routing_unavailable: (!istio).then(|| {
-                "the Istio CRDs (VirtualService, DestinationRule) are not installed; traffic cannot be shifted".into()
-            }),
+            routing_unavailable: unavailable.clone().or_else(|| snap.refused.clone()),
             verdict: verdict.take(),
             opted_out,
         };
@@ -389,18 +414,22 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
             Action::Wait { until, reason } => {
                 tracing::debug!(namespace = %ns_name, deployment = %name, %reason, "waiting");
                 return Ok(match until {
-                    Some(at) => Requeue::requeue(Duration::from_millis(at.saturating_sub(now_millis()).max(50))),
+                    Some(at) => {
+                        Requeue::requeue(Duration::from_millis(at.saturating_sub(now_millis()).clamp(50, 30_000)))
+                    }
                     None => Requeue::requeue(Duration::from_secs(30)),
                 });
             }
             action => {
                 tracing::info!(namespace = %ns_name, deployment = %name, ?action, "release step");
-                let written = act::apply(&ctx.client, d, &snap, action, now).await?;
-                // The next pass plans from the caches: they must show this write first.
-                if let (Some(c), Some(w)) = (&caches, &written)
-                    && !c.caught_up(w, Duration::from_secs(2)).await
-                {
-                    tracing::debug!(namespace = %ns_name, deployment = %name, ?w, "the cache does not show the write yet");
+                let written = act::apply(&ctx.client, d, &config, &snap, action, now).await?;
+                // The next pass plans from the caches: they must show these writes first.
+                if let Some(c) = &caches {
+                    for w in &written {
+                        if !c.caught_up(w, Duration::from_secs(2)).await {
+                            tracing::debug!(namespace = %ns_name, deployment = %name, ?w, "the cache does not show the write yet");
+                        }
+                    }
                 }
                 let mut view = snap.deployment.clone();
                 if let Action::Status(p) = action {
@@ -559,33 +588,41 @@ fn error_policy(d: Arc<Deployment>, error: &Error, _ctx: Arc<Context>) -> Requeu
     Requeue::requeue(Duration::from_secs(2))
 }
 
-/// Checks for the Istio CRDs now and every 30 s; says so loudly when they are missing.
-async fn watch_istio(ctx: Arc<Context>) {
+/// Checks for the providers' CRDs now and every 30 s; says so loudly when neither is installed.
+async fn watch_crds(ctx: Arc<Context>) {
     let crds: Api<CustomResourceDefinition> = Api::all(ctx.client.clone());
     let mut last = None;
     loop {
-        let present = match (
-            crds.get_opt("virtualservices.networking.istio.io").await,
-            crds.get_opt("destinationrules.networking.istio.io").await,
-        ) {
-            (Ok(vs), Ok(dr)) => Some(vs.is_some() && dr.is_some()),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "cannot check for the Istio CRDs");
-                None
-            }
+        let found = async {
+            let istio = crds.get_opt("virtualservices.networking.istio.io").await?.is_some()
+                && crds.get_opt("destinationrules.networking.istio.io").await?.is_some();
+            let gateway_api = crds.get_opt("httproutes.gateway.networking.k8s.io").await?.is_some();
+            Ok::<_, kube::Error>(routing::Installed { istio, gateway_api })
         };
-        if let Some(present) = present {
-            ctx.istio.store(present, Ordering::Relaxed);
-            ctx.metrics.istio.set(i64::from(present));
-            if !present && last != Some(false) {
-                tracing::error!(
-                    "the Istio CRDs virtualservices.networking.istio.io and destinationrules.networking.istio.io \
-                     are not installed: releases cannot shift traffic and will fail until Istio is installed"
-                );
-            } else if present && last == Some(false) {
-                tracing::info!("the Istio CRDs are installed now");
+        match found.await {
+            Ok(installed) => {
+                ctx.istio.store(installed.istio, Ordering::Relaxed);
+                ctx.gateway_api.store(installed.gateway_api, Ordering::Relaxed);
+                ctx.metrics.istio.set(i64::from(installed.istio));
+                ctx.metrics.gateway_api.set(i64::from(installed.gateway_api));
+                if last != Some(installed) {
+                    if !installed.istio && !installed.gateway_api {
+                        tracing::error!(
+                            "neither the Istio CRDs (virtualservices and destinationrules.networking.istio.io) nor \
+                             the Gateway API's (httproutes.gateway.networking.k8s.io) are installed: releases cannot \
+                             shift traffic and will fail until one is"
+                        );
+                    } else {
+                        tracing::info!(
+                            istio = installed.istio,
+                            gateway_api = installed.gateway_api,
+                            "routing providers installed"
+                        );
+                    }
+                }
+                last = Some(installed);
             }
-            last = Some(present);
+            Err(e) => tracing::warn!(error = %e, "cannot check for the routing providers' CRDs"),
         }
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
@@ -618,11 +655,12 @@ where
         analyser: analysis::Analyser::default(),
         metrics,
         istio: AtomicBool::new(true),
+        gateway_api: AtomicBool::new(false),
         started: Mutex::new(HashMap::new()),
         unheld: Mutex::new(std::collections::HashSet::new()),
         caches: std::sync::RwLock::new(None),
     });
-    let istio_task = tokio::spawn(watch_istio(ctx.clone()));
+    let istio_task = tokio::spawn(watch_crds(ctx.clone()));
     tracing::info!(defaults = ?args.defaults(), "agent running");
     let stop = stop.shared();
     let mut elector = election
@@ -665,6 +703,7 @@ async fn controller(
     let deployments: Api<Deployment> = Api::all(client.clone());
     let controller = Controller::new(deployments, watcher::Config::default());
     let (caches, streams) = cache::start(&client);
+    let services = caches.services.clone();
     *ctx.caches.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches);
     let in_flight = controller.store();
     // Ready once the Deployments have been listed: until then the agent knows of no release.
@@ -701,11 +740,19 @@ async fn controller(
                 .map(|d| ObjectRef::from_obj(&*d))
                 .collect::<Vec<_>>()
         })
-        // A VirtualService or DestinationRule changed (istiod's status, someone else's edit): the
+        // A routing object changed (the implementation's status, someone else's edit): the
         // Deployments that own it look again.
         .watches_stream(streams.virtual_services, |vs| owners_of(&vs))
         .watches_stream(streams.destination_rules, |dr| owners_of(&dr))
-        .watches_stream(streams.services, |_| None)
+        .watches_stream(streams.http_routes, |r| owners_of(&r))
+        // A per-version Service's endpoints became ready: the Deployment owning the Service.
+        .watches_stream(streams.slices, move |slice| {
+            let ns = slice.namespace()?;
+            let service = slice.labels().get("kubernetes.io/service-name")?;
+            let owner = services.get(&ObjectRef::new(service).within(&ns))?;
+            owners_of(&*owner).into_iter().next()
+        })
+        .watches_stream(streams.services, |svc| owners_of(&svc))
         // Bounded so that a burst (start-up, a namespace opting in) costs memory in proportion to the
         // workers, not to the number of Deployments.
         .with_config(kube::runtime::controller::Config::default().concurrency(WORKERS))

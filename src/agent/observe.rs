@@ -1,5 +1,6 @@
-//! Reading a release's state from the cluster into [`Observed`]: the user Deployment, its ReplicaSets,
-//! the candidates and their pods, the Services that select its pods, and their Istio objects.
+//! Reading a release's state from the cluster into [`Observed`](crate::release::Observed): the user
+//! Deployment, its ReplicaSets, the candidates and their pods, the Services that select its pods, and
+//! their routing objects (read by the provider, `agent::routing`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,13 +10,12 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
+use super::routing::{self, Objects, Stored};
 use crate::admission::template::{Stamps, strip, template_labels};
-use crate::istio::destination_rule::DestinationRule;
-use crate::istio::virtual_service::VirtualService;
+use crate::config::ReleaseConfig;
 use crate::names::{agent, annotations, conditions, labels, values};
 use crate::release::{
-    CandidateView, DeploymentView, DestinationRuleView, HostView, Managed, Millis, Phase, ReplicaSetView, Request,
-    Route, StatusView, Subset, VirtualServiceView, Weighted,
+    CandidateView, DeploymentView, HostRouting, Millis, Phase, ProviderKind, ReplicaSetView, Request, StatusView,
 };
 
 /// What the agent read, with what it needs to write back (resource versions, owners).
@@ -25,9 +25,13 @@ pub struct Snapshot {
     pub stable_rs: Option<ReplicaSetView>,
     pub new_rs: Option<ReplicaSetView>,
     pub candidates: Vec<CandidateView>,
-    pub hosts: Vec<HostView>,
-    /// The stored VirtualService and DestinationRule of each host, for replace.
-    pub stored: Vec<(Option<VirtualService>, Option<DestinationRule>)>,
+    /// The provider that read the routing.
+    pub provider: ProviderKind,
+    pub hosts: Vec<HostRouting>,
+    /// The stored routing objects of each host, for writes.
+    pub stored: Vec<Stored>,
+    /// The implementation refuses a route of ours, and why.
+    pub refused: Option<String>,
     /// Two of the Deployment's ReplicaSets carry the same `turnout.dev/revision` label for different
     /// templates: its template changed without the webhook stamping a new revision.
     pub unstamped_change: bool,
@@ -124,34 +128,36 @@ pub fn selecting(d: &Deployment, services: &[Arc<Service>]) -> Vec<String> {
         .collect()
 }
 
-/// The stored VirtualService and DestinationRule of a Service, by its name.
-pub type Routing = (String, Option<VirtualService>, Option<DestinationRule>);
-
-/// Reads everything about `d` from the API server: four LISTs, and a GET of the VirtualService and
-/// DestinationRule of each Service that selects its pods (none without Istio).
+/// Reads everything about `d` from the API server: four LISTs, and `provider`'s objects in the
+/// namespace when its CRDs are `installed`.
 ///
 /// # Errors
 ///
 /// A request fails.
-pub async fn snapshot(client: &Client, d: &Deployment, istio: bool) -> Result<Snapshot, Error> {
+pub async fn snapshot(
+    client: &Client,
+    d: &Deployment,
+    config: &ReleaseConfig,
+    provider: ProviderKind,
+    installed: bool,
+) -> Result<Snapshot, Error> {
     let reads = Reads::list(client, d).await?;
-    let ns = d.namespace().unwrap_or_default();
-    let mut routing = Vec::new();
-    for service in selecting(d, &reads.services) {
-        let (vs, dr) = if istio {
-            let vs_api: Api<VirtualService> = Api::namespaced(client.clone(), &ns);
-            let dr_api: Api<DestinationRule> = Api::namespaced(client.clone(), &ns);
-            (vs_api.get_opt(&service).await?, dr_api.get_opt(&service).await?)
-        } else {
-            (None, None)
-        };
-        routing.push((service, vs, dr));
-    }
-    Ok(assemble(d, &reads, routing))
+    let objects = if installed {
+        Objects::list(client, &d.namespace().unwrap_or_default(), provider).await?
+    } else {
+        Objects::default()
+    };
+    Ok(assemble(d, &reads, config, provider, &objects))
 }
 
-/// The snapshot of `d` from what was read: `routing` for each Service that selects its pods.
-pub fn assemble(d: &Deployment, reads: &Reads, routing: Vec<Routing>) -> Snapshot {
+/// The snapshot of `d` from what was read, its hosts routed by `provider`.
+pub fn assemble(
+    d: &Deployment,
+    reads: &Reads,
+    config: &ReleaseConfig,
+    provider: ProviderKind,
+    objects: &Objects,
+) -> Snapshot {
     let deployment = deployment_view(d);
     let rs_list = &reads.replica_sets;
     let uid = d.uid().unwrap_or_default();
@@ -170,29 +176,23 @@ pub fn assemble(d: &Deployment, reads: &Reads, routing: Vec<Routing>) -> Snapsho
         .filter_map(|rs| Some((template_revision(rs), hash_of(rs)?)))
         .any(|(revision, hash)| hashes.insert(revision, hash.clone()).is_some_and(|other| other != hash));
     let candidates = candidates(&d.name_any(), &reads.candidates, rs_list, &reads.pods);
-    let mut hosts = Vec::new();
-    let mut stored = Vec::new();
-    for (service, vs, dr) in routing {
-        hosts.push(host_view(service, vs.as_ref(), dr.as_ref()));
-        stored.push((vs, dr));
-    }
+    let (hosts, stored, refused) = routing::observe(
+        provider,
+        config,
+        selecting(d, &reads.services),
+        &reads.services,
+        objects,
+    );
     Snapshot {
         deployment,
         stable_rs,
         new_rs,
         candidates,
+        provider,
         hosts,
         stored,
+        refused,
         unstamped_change,
-    }
-}
-
-/// Routing of one Service as the release machine sees it.
-pub fn host_view(service: String, vs: Option<&VirtualService>, dr: Option<&DestinationRule>) -> HostView {
-    HostView {
-        service,
-        virtual_service: managed(vs, virtual_service_view),
-        destination_rule: managed(dr, destination_rule_view),
     }
 }
 
@@ -353,121 +353,6 @@ fn candidates(
     out
 }
 
-fn managed<T: kube::Resource, V>(obj: Option<&T>, view: impl Fn(&T) -> V) -> Managed<V> {
-    match obj {
-        None => Managed::Absent,
-        Some(o)
-            if o.meta()
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(agent::MANAGED_BY))
-                .map(String::as_str)
-                == Some(agent::TURNOUT) =>
-        {
-            Managed::Ours(view(o))
-        }
-        Some(o) => Managed::Foreign(format!(
-            "{}/{}",
-            o.meta().namespace.clone().unwrap_or_default(),
-            o.meta().name.clone().unwrap_or_default()
-        )),
-    }
-}
-
-fn changed_at(meta: &kube::api::ObjectMeta) -> Millis {
-    meta.annotations
-        .as_ref()
-        .and_then(|a| a.get(agent::CHANGED_AT))
-        .and_then(|v| v.parse::<k8s_openapi::jiff::Timestamp>().ok())
-        .map_or(0, |t| millis(&t))
-}
-
-/// Whether istiod reports this generation pushed to every proxy: condition `Reconciled=True` and the
-/// status's `observedGeneration` equal to the object's generation. (istiod writes it only with its
-/// status feature enabled; otherwise turnout relies on the propagation delay.)
-fn reconciled(
-    meta: &kube::api::ObjectMeta,
-    conditions: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
-    observed: Option<&k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
-) -> bool {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    let observed = match observed {
-        Some(IntOrString::Int(n)) => Some(i64::from(*n)),
-        Some(IntOrString::String(s)) => s.parse().ok(),
-        None => None,
-    };
-    observed.is_some()
-        && observed == meta.generation
-        && conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Reconciled" && c.status == "True"))
-}
-
-/// A managed VirtualService: its first HTTP route.
-fn virtual_service_view(vs: &VirtualService) -> VirtualServiceView {
-    let route = vs
-        .spec
-        .http
-        .as_ref()
-        .and_then(|h| h.first())
-        .and_then(|r| r.route.as_ref())
-        .map_or(Route::Host, |dests| {
-            if dests.iter().all(|d| d.destination.subset.is_none()) {
-                Route::Host
-            } else {
-                Route::Split(
-                    dests
-                        .iter()
-                        .map(|d| Weighted {
-                            subset: d.destination.subset.clone().unwrap_or_default(),
-                            weight: u8::try_from(d.weight.unwrap_or(0).clamp(0, 100)).unwrap_or(0),
-                        })
-                        .collect(),
-                )
-            }
-        });
-    let status = vs.status.as_ref();
-    VirtualServiceView {
-        route,
-        changed_at: changed_at(&vs.metadata),
-        reconciled: reconciled(
-            &vs.metadata,
-            status.and_then(|s| s.conditions.as_deref()),
-            status.and_then(|s| s.observed_generation.as_ref()),
-        ),
-    }
-}
-
-fn destination_rule_view(dr: &DestinationRule) -> DestinationRuleView {
-    let subsets = dr
-        .spec
-        .subsets
-        .as_ref()
-        .map(|subsets| {
-            subsets
-                .iter()
-                .map(|s| Subset {
-                    name: s.name.clone(),
-                    hash: s
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(agent::POD_TEMPLATE_HASH))
-                        .cloned()
-                        .unwrap_or_default(),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let status = dr.status.as_ref();
-    DestinationRuleView {
-        subsets,
-        changed_at: changed_at(&dr.metadata),
-        reconciled: reconciled(
-            &dr.metadata,
-            status.and_then(|s| s.conditions.as_deref()),
-            status.and_then(|s| s.observed_generation.as_ref()),
-        ),
-    }
-}
-
 /// A Kubernetes timestamp in milliseconds since the epoch.
 pub fn millis(t: &k8s_openapi::jiff::Timestamp) -> Millis {
     u64::try_from(t.as_millisecond()).unwrap_or(0)
@@ -581,52 +466,5 @@ mod tests {
             ("podinfo-v2", 1, true),
             "an orphan's pods still count"
         );
-    }
-
-    #[test]
-    fn a_change_istio_reports_reconciled_counts_as_propagated() {
-        let vs = |generation: i64, observed: serde_json::Value, status: &str| -> VirtualService {
-            serde_json::from_value(json!({
-                "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
-                "metadata": { "name": "podinfo", "namespace": "shop", "generation": generation,
-                              "labels": { "app.kubernetes.io/managed-by": "turnout" },
-                              "annotations": { "turnout.dev/changed-at": "2026-11-22T00:00:00.000Z" } },
-                "spec": {},
-                "status": { "observedGeneration": observed, "conditions": [{
-                    "type": "Reconciled", "status": status, "reason": "", "message": "",
-                    "lastTransitionTime": "2026-11-22T00:00:01Z" }] }
-            }))
-            .unwrap()
-        };
-        let view = |v: &VirtualService| match host_view("podinfo".into(), Some(v), None).virtual_service {
-            Managed::Ours(v) => v,
-            other => panic!("{other:?}"),
-        };
-        let reported = view(&vs(3, json!(3), "True"));
-        assert!(reported.reconciled);
-        assert_eq!(reported.propagated(5_000), reported.changed_at);
-        assert!(
-            !view(&vs(3, json!("2"), "True")).reconciled,
-            "an older generation says nothing"
-        );
-        assert!(
-            view(&vs(3, json!("3"), "True")).reconciled,
-            "Istio writes it as a string too"
-        );
-        let pending = view(&vs(3, json!(3), "False"));
-        assert!(!pending.reconciled);
-        assert_eq!(pending.propagated(5_000), pending.changed_at + 5_000);
-    }
-
-    #[test]
-    fn istio_objects_without_turnout_s_label_are_foreign() {
-        let vs: VirtualService = serde_json::from_value(json!({
-            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
-            "metadata": { "name": "podinfo", "namespace": "shop" }, "spec": {}
-        }))
-        .unwrap();
-        let view = host_view("podinfo".into(), Some(&vs), None);
-        assert_eq!(view.virtual_service, Managed::Foreign("shop/podinfo".into()));
-        assert_eq!(view.destination_rule, Managed::Absent);
     }
 }

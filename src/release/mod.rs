@@ -11,15 +11,17 @@
 //! ```
 //!
 //! Nothing is remembered between calls: everything the machine needs is in the cluster (the
-//! Deployment's annotations, the candidate, the VirtualService and DestinationRule with their
-//! `changed-at` annotation). An agent that restarts at any point carries on from there, and one action
+//! Deployment's annotations, the candidate, the routing objects with their `changed-at` annotation:
+//! [`routing`]). An agent that restarts at any point carries on from there, and one action
 //! per call means a crash between two writes loses nothing.
 
 mod plan;
+pub mod routing;
 #[cfg(test)]
 mod sim;
 
 pub use plan::{admissible, plan};
+pub use routing::{Applied, Backend, Caps, HostRouting, Managed, ProviderKind, Route, RoutingAction, Synced, Weighted};
 
 use crate::config::ReleaseConfig;
 
@@ -114,9 +116,11 @@ pub struct Observed<'a> {
     pub new_rs: Option<ReplicaSetView>,
     /// Candidate Deployments of this Deployment (normally at most one).
     pub candidates: Vec<CandidateView>,
+    /// How traffic is moved for this Deployment.
+    pub provider: ProviderKind,
     /// Routing for each Service that selects the Deployment's pods.
-    pub hosts: Vec<HostView>,
-    /// Why routing cannot be managed (Istio CRDs missing), if so.
+    pub hosts: Vec<HostRouting>,
+    /// Why routing cannot be managed (the provider's CRDs missing), if so.
     pub routing_unavailable: Option<String>,
     /// The result of the analysis the previous call asked for ([`Action::Analyse`]).
     pub verdict: Option<Verdict>,
@@ -249,104 +253,6 @@ pub struct CandidateView {
     pub template_hash: Option<String>,
 }
 
-/// Routing for one Service.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HostView {
-    /// The Service's name; the VirtualService and DestinationRule are named after it.
-    pub service: String,
-    pub virtual_service: Managed<VirtualServiceView>,
-    pub destination_rule: Managed<DestinationRuleView>,
-}
-
-/// An Istio object for a host, as far as turnout may touch it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Managed<T> {
-    /// None exists: turnout creates one when it needs it.
-    Absent,
-    /// turnout manages it.
-    Ours(T),
-    /// Someone else's, named: left untouched, and the release cannot route.
-    Foreign(String),
-}
-
-/// A managed VirtualService.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VirtualServiceView {
-    pub route: Route,
-    pub changed_at: Millis,
-    /// Istio reports the current generation `Reconciled` (pushed to every proxy).
-    pub reconciled: bool,
-}
-
-impl VirtualServiceView {
-    /// When the last change reached every proxy: reported by Istio, or bounded by the delay `prop`.
-    pub fn propagated(&self, prop: Millis) -> Millis {
-        propagated(self.changed_at, self.reconciled, prop)
-    }
-}
-
-fn propagated(changed_at: Millis, reconciled: bool, prop: Millis) -> Millis {
-    if reconciled { changed_at } else { changed_at + prop }
-}
-
-/// A managed DestinationRule.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DestinationRuleView {
-    pub subsets: Vec<Subset>,
-    pub changed_at: Millis,
-    /// Istio reports the current generation `Reconciled` (pushed to every proxy).
-    pub reconciled: bool,
-}
-
-impl DestinationRuleView {
-    /// When the last change reached every proxy: reported by Istio, or bounded by the delay `prop`.
-    pub fn propagated(&self, prop: Millis) -> Millis {
-        propagated(self.changed_at, self.reconciled, prop)
-    }
-}
-
-/// Where a VirtualService sends the host's traffic.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
-    /// To the host, every ready pod of the Service (the state at rest).
-    Host,
-    /// To subsets with weights summing to 100.
-    Split(Vec<Weighted>),
-}
-
-impl Route {
-    /// Weight the route gives to `subset`.
-    pub fn weight_of(&self, subset: &str) -> u8 {
-        match self {
-            Route::Host => 0,
-            Route::Split(parts) => parts.iter().filter(|p| p.subset == subset).map(|p| p.weight).sum(),
-        }
-    }
-
-    /// Subsets the route names.
-    pub fn subsets(&self) -> impl Iterator<Item = &str> {
-        let parts: &[Weighted] = match self {
-            Route::Host => &[],
-            Route::Split(parts) => parts,
-        };
-        parts.iter().map(|p| p.subset.as_str())
-    }
-}
-
-/// One destination of a split route.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Weighted {
-    pub subset: String,
-    pub weight: u8,
-}
-
-/// A DestinationRule subset: a name and the `pod-template-hash` it selects.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Subset {
-    pub name: String,
-    pub hash: String,
-}
-
 /// The outcome of one analysis.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
@@ -365,10 +271,8 @@ pub struct Plan {
 /// One write, one analysis, or a wait.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Create or replace the DestinationRule of `hosts[host]` with these subsets.
-    PutDestinationRule { host: usize, subsets: Vec<Subset> },
-    /// Create or replace the VirtualService of `hosts[host]` with this route.
-    PutVirtualService { host: usize, route: Route },
+    /// A routing write, carried out by the provider.
+    Routing(RoutingAction),
     /// Create the candidate Deployment of the template's revision.
     CreateCandidate { revision: u64 },
     /// Delete a candidate Deployment (its pods go with it).

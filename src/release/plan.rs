@@ -3,20 +3,19 @@
 //! Each phase is a list of conditions to establish in order; the first one that does not hold yet
 //! gives the action. The same few helpers keep the invariants for every phase:
 //!
-//! - [`ensure_route`] adds subsets to the DestinationRule and waits for them to propagate before a
-//!   VirtualService names them (I1), changes one route at a time, and only writes weights summing to
-//!   100 (I4);
+//! - [`ensure_route`] defines backends and waits for them to propagate before a route names them
+//!   (I1), changes one route at a time, and only writes weights summing to 100 (I4);
 //! - [`remove_strays`] takes traffic off a candidate, waits the propagation delay and the drain window,
 //!   and only then deletes it (I3, I6);
-//! - [`to_rest`] removes subsets only once no route names them and that change has propagated (I2),
-//!   and routes to the host only when no candidate pod is left for it to select (I3).
+//! - [`to_rest`] removes backends only once no route names them and that change has propagated and
+//!   drained (I2), and routes to the host only when no candidate pod is left for it to select (I3).
 
 use super::{
-    Action, CandidateView, DeploymentView, Event, HostView, Intent, Managed, Millis, Observed, Phase, Plan, Request,
-    Rollout, Route, Stage, StatusPatch, Subset, Verb, Weighted,
+    Action, Backend, CandidateView, DeploymentView, Event, HostRouting, Intent, Managed, Millis, Observed, Phase, Plan,
+    Request, Rollout, Route, RoutingAction, Stage, StatusPatch, Verb, Weighted,
 };
 use crate::config::HookKind;
-use crate::names::{candidate_name, subsets};
+use crate::names::{backends, candidate_name};
 
 /// The next action for the Deployment described by `o`.
 pub fn plan(o: &Observed<'_>) -> Plan {
@@ -397,7 +396,7 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
             )),
         );
     };
-    if let Some(canary) = canary_subset(o, t) {
+    if let Some(canary) = canary_backend(o, t) {
         let weight = current_weight(o, &canary.name);
         if weight > 0 {
             // The first step is routed; the status follows.
@@ -408,7 +407,7 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
         return plan;
     }
     if let Some(until) = routes_settle(o, 0) {
-        return wait(Some(until), "waiting for the route to the stable subset to propagate");
+        return wait(Some(until), "waiting for the route to the stable backend to propagate");
     }
     let Some(candidate) = candidate_of(o, t) else {
         return Plan {
@@ -446,17 +445,17 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
             );
         }
     };
-    let canary = Subset {
-        name: subsets::canary(t),
+    let canary = Backend {
+        name: backends::canary(t),
         hash,
     };
     if held(o, t) {
         return wait(None, "paused on request before the first step");
     }
     match advance(o, &stable, &canary, first_step(o, t)) {
-        // The canary subset is defined and propagated first; the gate is asked only right before the
+        // The canary backend is defined and propagated first; the gate is asked only right before the
         // route changes, in the same pass.
-        Some(prepare) if !matches!(prepare.action, Action::PutVirtualService { .. }) => prepare,
+        Some(prepare) if !matches!(prepare.action, Action::Routing(RoutingAction::PutRoute { .. })) => prepare,
         step => pre_rollout(o, t)
             .or(step)
             .unwrap_or_else(|| wait(None, "routing the first step")),
@@ -468,7 +467,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
         return plan;
     }
     let d = &o.deployment;
-    let (Some((stable, _)), Some(canary)) = (baseline(o, Some(t)), canary_subset(o, t)) else {
+    let (Some((stable, _)), Some(canary)) = (baseline(o, Some(t)), canary_backend(o, t)) else {
         return fail(
             o,
             t,
@@ -566,7 +565,7 @@ fn promoting(o: &Observed<'_>, t: u64) -> Plan {
         return plan;
     }
     let d = &o.deployment;
-    let Some(canary) = canary_subset(o, t) else {
+    let Some(canary) = canary_backend(o, t) else {
         return fail(
             o,
             t,
@@ -635,8 +634,8 @@ fn finalising(o: &Observed<'_>, t: u64) -> Plan {
     if let Some(new_rs) = &o.new_rs
         && !o.hosts.is_empty()
     {
-        let own = Subset {
-            name: subsets::revision(t),
+        let own = Backend {
+            name: backends::revision(t),
             hash: new_rs.hash.clone(),
         };
         // Until the candidate is gone the route must stay on the Deployment's pods.
@@ -756,13 +755,13 @@ fn bypassed(o: &Observed<'_>, t: u64) -> Option<Plan> {
         "{}/{} was resumed before hand-off without turnout (webhook down or bypassed)",
         d.namespace, d.name
     );
-    let candidate = canary_subset(o, t).filter(|_| candidate_of(o, t).is_some_and(|c| c.available));
+    let candidate = canary_backend(o, t).filter(|_| candidate_of(o, t).is_some_and(|c| c.available));
     let moved = match &candidate {
         Some(canary) => ensure_route(o, &[(canary.clone(), 100)]),
         None => route_to_host(o),
     };
     if let Some(mut plan) = moved {
-        if matches!(plan.action, Action::PutVirtualService { .. }) {
+        if matches!(plan.action, Action::Routing(RoutingAction::PutRoute { .. })) {
             let to = if candidate.is_some() {
                 "the candidate"
             } else {
@@ -776,7 +775,7 @@ fn bypassed(o: &Observed<'_>, t: u64) -> Option<Plan> {
         o,
         t,
         Phase::HandingOff,
-        current_weight(o, &subsets::canary(t)),
+        current_weight(o, &backends::canary(t)),
         format!("{why}; {} is rolling out v{t}", d.name),
         false,
         Some(warning("Bypassed", format!("{why}; handing off"))),
@@ -785,19 +784,16 @@ fn bypassed(o: &Observed<'_>, t: u64) -> Option<Plan> {
 
 /// Routes every managed host to the plain host at once (its pods are the only ones sure to stay).
 fn route_to_host(o: &Observed<'_>) -> Option<Plan> {
-    o.hosts
-        .iter()
-        .enumerate()
-        .find_map(|(host, h)| match &h.virtual_service {
-            Managed::Ours(vs) if vs.route != Route::Host => Some(Plan {
-                action: Action::PutVirtualService {
-                    host,
-                    route: Route::Host,
-                },
-                event: None,
+    o.hosts.iter().enumerate().find_map(|(host, h)| match &h.route {
+        Managed::Ours(vs) if vs.value != Route::Host => Some(Plan {
+            action: Action::Routing(RoutingAction::PutRoute {
+                host,
+                route: Route::Host,
             }),
-            _ => None,
-        })
+            event: None,
+        }),
+        _ => None,
+    })
 }
 
 /// Rolls release `t` back: the status is written first (so `kubectl rollout status` fails at once),
@@ -840,12 +836,15 @@ fn remove_strays(o: &Observed<'_>, keep: Option<u64>, failed: Option<u64>) -> Op
         return None;
     }
     let exposed = |route: &Route| {
-        *route == Route::Host || strays.iter().any(|c| route.weight_of(&subsets::canary(c.revision)) > 0)
+        *route == Route::Host
+            || strays
+                .iter()
+                .any(|c| route.weight_of(&backends::canary(c.revision)) > 0)
     };
-    let any_exposed = o.hosts.iter().any(|h| match &h.virtual_service {
+    let any_exposed = o.hosts.iter().any(|h| match &h.route {
         Managed::Absent => true,
-        Managed::Ours(vs) => exposed(&vs.route),
-        Managed::Foreign(_) => false,
+        Managed::Ours(vs) => exposed(&vs.value),
+        Managed::Foreign { .. } => false,
     });
     if any_exposed {
         let Some((stable, _)) = base.filter(|(_, from)| from.is_some() || stable_ready(o)) else {
@@ -874,58 +873,70 @@ fn remove_strays(o: &Observed<'_>, keep: Option<u64>, failed: Option<u64>) -> Op
     Some(wait(None, "waiting for the candidate's pods to terminate"))
 }
 
-/// Back to rest once no candidate is left: unused subsets removed, route to the host, no subsets.
+/// Back to rest once no candidate is left: unused backends removed, route to the host, then no
+/// backends (each gone only after no route has named it for the propagation delay and the drain
+/// window: a per-version Service may still be in a proxy's configuration until then).
 fn to_rest(o: &Observed<'_>) -> Option<Plan> {
     if !o.candidates.is_empty() {
         return None;
     }
     let prop = ms(o.config.propagation_delay);
+    let drain = ms(o.config.drain);
     for (host, h) in o.hosts.iter().enumerate() {
-        let (Managed::Ours(vs), dr) = (&h.virtual_service, &h.destination_rule) else {
+        let (Managed::Ours(route), defs) = (&h.route, &h.backends) else {
             continue;
         };
-        if vs.route == Route::Host {
+        if route.value == Route::Host {
             continue;
         }
-        let Managed::Ours(dr) = dr else {
-            // No rule of ours defines the subsets: the route cannot be serving; back to the host.
-            if vs.propagated(prop) > o.now {
-                return Some(wait(Some(vs.propagated(prop)), "waiting for the route to propagate"));
+        let Managed::Ours(defs) = defs else {
+            // No backends of ours are defined: the route cannot be serving; back to the host.
+            if route.propagated(prop) > o.now {
+                return Some(wait(Some(route.propagated(prop)), "waiting for the route to propagate"));
             }
             return Some(Plan {
-                action: Action::PutVirtualService {
+                action: Action::Routing(RoutingAction::PutRoute {
                     host,
                     route: Route::Host,
-                },
+                }),
                 event: None,
             });
         };
-        let used: Vec<Subset> = dr
-            .subsets
+        let used: Vec<Backend> = defs
+            .value
             .iter()
-            .filter(|s| vs.route.weight_of(&s.name) > 0)
+            .filter(|b| route.value.weight_of(&b.name) > 0)
             .cloned()
             .collect();
-        // Write the rule once after the last candidate is gone (pruning what no route uses): the
-        // route to the host waits for that write to propagate, as the candidate's endpoints do.
-        if used != dr.subsets || dr.changed_at < vs.changed_at {
-            if vs.propagated(prop) > o.now {
-                return Some(wait(Some(vs.propagated(prop)), "waiting for the route to propagate"));
+        // Write the backends once after the last candidate is gone (pruning what no route uses): the
+        // route to the host waits for that write to propagate, as the candidate's endpoints do. A
+        // backend leaves only once no route has named it for the delay and the drain window.
+        if used != defs.value || defs.changed_at < route.changed_at {
+            let until = if used.len() < defs.value.len() {
+                route.changed_at.saturating_add(prop).saturating_add(drain)
+            } else {
+                route.propagated(prop)
+            };
+            if until > o.now {
+                return Some(wait(Some(until), "waiting for the route to propagate and drain"));
             }
             return Some(Plan {
-                action: Action::PutDestinationRule { host, subsets: used },
+                action: Action::Routing(RoutingAction::PutBackends { host, backends: used }),
                 event: None,
             });
         }
-        // The delay, not Istio's report: it also covers the candidate's endpoints going away.
-        if dr.changed_at + prop > o.now {
-            return Some(wait(Some(dr.changed_at + prop), "waiting for the subsets to propagate"));
+        // The delay, not a report: it also covers the candidate's endpoints going away.
+        if defs.changed_at + prop > o.now {
+            return Some(wait(
+                Some(defs.changed_at + prop),
+                "waiting for the backends to propagate",
+            ));
         }
         return Some(Plan {
-            action: Action::PutVirtualService {
+            action: Action::Routing(RoutingAction::PutRoute {
                 host,
                 route: Route::Host,
-            },
+            }),
             event: Some(info(
                 "Routing",
                 format!(
@@ -936,24 +947,24 @@ fn to_rest(o: &Observed<'_>) -> Option<Plan> {
         });
     }
     for (host, h) in o.hosts.iter().enumerate() {
-        let Managed::Ours(dr) = &h.destination_rule else {
+        let Managed::Ours(defs) = &h.backends else {
             continue;
         };
-        if dr.subsets.is_empty() {
+        if defs.value.is_empty() {
             continue;
         }
-        let vs_at = match &h.virtual_service {
-            Managed::Ours(vs) => vs.propagated(prop),
+        let unnamed_for = match &h.route {
+            Managed::Ours(route) => route.changed_at.saturating_add(prop).saturating_add(drain),
             _ => 0,
         };
-        if vs_at > o.now {
-            return Some(wait(Some(vs_at), "waiting for the route to the host to propagate"));
+        if unnamed_for > o.now {
+            return Some(wait(Some(unnamed_for), "draining the backends before removing them"));
         }
         return Some(Plan {
-            action: Action::PutDestinationRule {
+            action: Action::Routing(RoutingAction::PutBackends {
                 host,
-                subsets: Vec::new(),
-            },
+                backends: Vec::new(),
+            }),
             event: None,
         });
     }
@@ -961,14 +972,14 @@ fn to_rest(o: &Observed<'_>) -> Option<Plan> {
 }
 
 /// Moves the canary to `weight` (the rest on `stable`), with an Event.
-fn advance(o: &Observed<'_>, stable: &Subset, canary: &Subset, weight: u8) -> Option<Plan> {
+fn advance(o: &Observed<'_>, stable: &Backend, canary: &Backend, weight: u8) -> Option<Plan> {
     let weight = weight.min(100);
     let mut want = vec![(canary.clone(), weight)];
     if weight < 100 {
         want.insert(0, (stable.clone(), 100 - weight));
     }
     let mut plan = ensure_route(o, &want)?;
-    if matches!(plan.action, Action::PutVirtualService { .. }) {
+    if matches!(plan.action, Action::Routing(RoutingAction::PutRoute { .. })) {
         let d = &o.deployment;
         plan.event = Some(info(
             "Advance",
@@ -979,10 +990,10 @@ fn advance(o: &Observed<'_>, stable: &Subset, canary: &Subset, weight: u8) -> Op
 }
 
 /// In `Finalising`: route to the Deployment's own pods, unless the release already reached rest.
-fn ensure_route_unless_at_rest(o: &Observed<'_>, want: &[(Subset, u8)]) -> Option<Plan> {
+fn ensure_route_unless_at_rest(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
     let at_rest = o.candidates.is_empty()
-        && o.hosts.iter().all(|h| match &h.virtual_service {
-            Managed::Ours(vs) => vs.route == Route::Host || vs.route.weight_of(&want[0].0.name) == 100,
+        && o.hosts.iter().all(|h| match &h.route {
+            Managed::Ours(vs) => vs.value == Route::Host || vs.value.weight_of(&want[0].0.name) == 100,
             _ => true,
         });
     if at_rest {
@@ -991,24 +1002,24 @@ fn ensure_route_unless_at_rest(o: &Observed<'_>, want: &[(Subset, u8)]) -> Optio
     ensure_route(o, want)
 }
 
-/// Makes every managed host route `want` (I1: subsets first, propagated; one change at a time).
-fn ensure_route(o: &Observed<'_>, want: &[(Subset, u8)]) -> Option<Plan> {
+/// Makes every managed host route `want` (I1: backends first, propagated; one change at a time).
+fn ensure_route(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
     debug_assert_eq!(want.iter().map(|(_, w)| u32::from(*w)).sum::<u32>(), 100);
     let route = Route::Split(
         want.iter()
             .filter(|(_, w)| *w > 0)
             .map(|(s, w)| Weighted {
-                subset: s.name.clone(),
+                backend: s.name.clone(),
                 weight: *w,
             })
             .collect(),
     );
     let prop = ms(o.config.propagation_delay);
     for (host, h) in o.hosts.iter().enumerate() {
-        let (current, routed) = match &h.virtual_service {
+        let (current, routed) = match &h.route {
             Managed::Absent => (&Route::Host, 0),
-            Managed::Ours(vs) => (&vs.route, vs.propagated(prop)),
-            Managed::Foreign(_) => continue,
+            Managed::Ours(vs) => (&vs.value, vs.propagated(prop)),
+            Managed::Foreign { .. } => continue,
         };
         if *current == route {
             continue;
@@ -1016,59 +1027,56 @@ fn ensure_route(o: &Observed<'_>, want: &[(Subset, u8)]) -> Option<Plan> {
         if routed > o.now {
             return Some(wait(Some(routed), "waiting for the previous route change to propagate"));
         }
-        let (defined, defined_at) = match &h.destination_rule {
-            Managed::Ours(dr) => (dr.subsets.as_slice(), dr.propagated(prop)),
+        let (defined, defined_at) = match &h.backends {
+            Managed::Ours(defs) => (defs.value.as_slice(), defs.propagated(prop)),
             Managed::Absent => (&[][..], 0),
-            Managed::Foreign(_) => continue,
+            Managed::Foreign { .. } => continue,
         };
-        let missing: Vec<Subset> = want
+        let missing: Vec<Backend> = want
             .iter()
             .filter(|(s, w)| *w > 0 && !defined.iter().any(|d| d.name == s.name))
             .map(|(s, _)| s.clone())
             .collect();
         if !missing.is_empty() {
-            let mut subsets = defined.to_vec();
-            subsets.extend(missing);
+            let mut backends = defined.to_vec();
+            backends.extend(missing);
             return Some(Plan {
-                action: Action::PutDestinationRule { host, subsets },
+                action: Action::Routing(RoutingAction::PutBackends { host, backends }),
                 event: None,
             });
         }
         if defined_at > o.now {
-            return Some(wait(Some(defined_at), "waiting for the new subset to propagate"));
+            return Some(wait(Some(defined_at), "waiting for the new backend to propagate"));
         }
         return Some(Plan {
-            action: Action::PutVirtualService {
+            action: Action::Routing(RoutingAction::PutRoute {
                 host,
                 route: route.clone(),
-            },
+            }),
             event: None,
         });
     }
     None
 }
 
-/// Why this release cannot route: a VirtualService or DestinationRule that is not turnout's, or no
-/// Istio at all.
+/// Why this release cannot route: a routing object that is not turnout's, or the provider not
+/// installed.
 fn unroutable(o: &Observed<'_>) -> Option<String> {
     if let Some(why) = &o.routing_unavailable
         && !o.hosts.is_empty()
     {
         return Some(why.clone());
     }
-    o.hosts.iter().find_map(|h: &HostView| {
-        let foreign = |kind: &str, name: &String| {
-            Some(format!(
-                "{kind} {name} for Service {} is not managed by turnout; it was left untouched (label it \
-                 app.kubernetes.io/managed-by=turnout or delete it to let turnout manage the host)",
-                h.service
-            ))
+    o.hosts.iter().find_map(|h: &HostRouting| {
+        let ((Managed::Foreign { kind, name }, _) | (_, Managed::Foreign { kind, name })) = (&h.route, &h.backends)
+        else {
+            return None;
         };
-        match (&h.virtual_service, &h.destination_rule) {
-            (Managed::Foreign(name), _) => foreign("VirtualService", name),
-            (_, Managed::Foreign(name)) => foreign("DestinationRule", name),
-            _ => None,
-        }
+        Some(format!(
+            "{kind} {name} routes Service {} and is not managed by turnout; it was left untouched (label it \
+             app.kubernetes.io/managed-by=turnout or delete it to let turnout manage the host)",
+            h.service
+        ))
     })
 }
 
@@ -1076,26 +1084,26 @@ fn stable_revision(o: &Observed<'_>) -> u64 {
     o.deployment.stable_revision.unwrap_or(o.deployment.template_revision)
 }
 
-/// The subset of the stable ReplicaSet, when it has pods.
-fn stable_subset(o: &Observed<'_>) -> Option<Subset> {
+/// The backend of the stable ReplicaSet, when it has pods.
+fn stable_backend(o: &Observed<'_>) -> Option<Backend> {
     let rs = o.stable_rs.as_ref().filter(|rs| rs.ready > 0)?;
     if o.hosts.is_empty() {
         return None;
     }
-    Some(Subset {
-        name: subsets::revision(stable_revision(o)),
+    Some(Backend {
+        name: backends::revision(stable_revision(o)),
         hash: rs.hash.clone(),
     })
 }
 
-/// The subset a release moves traffic from and an abort moves it back to, and the candidate revision
+/// The backend a release moves traffic from and an abort moves it back to, and the candidate revision
 /// it belongs to if it is one. Normally the stable ReplicaSet; when that one no longer has its pods (a
 /// release superseded during hand-off, after the Deployment replaced some of them), the previous
 /// candidate, which carried the traffic then and is kept until the new release no longer needs a way
 /// back. The candidate of release `not` never qualifies.
-fn baseline(o: &Observed<'_>, not: Option<u64>) -> Option<(Subset, Option<u64>)> {
+fn baseline(o: &Observed<'_>, not: Option<u64>) -> Option<(Backend, Option<u64>)> {
     if stable_ready(o)
-        && let Some(s) = stable_subset(o)
+        && let Some(s) = stable_backend(o)
     {
         return Some((s, None));
     }
@@ -1104,20 +1112,20 @@ fn baseline(o: &Observed<'_>, not: Option<u64>) -> Option<(Subset, Option<u64>)>
         .iter()
         .filter(|c| Some(c.revision) != not && c.available && !c.deleting)
         .filter_map(|c| {
-            let weight = current_weight(o, &subsets::canary(c.revision));
+            let weight = current_weight(o, &backends::canary(c.revision));
             Some((weight, c.revision, c.hash.clone()?))
         })
         .max_by_key(|(weight, revision, _)| (*weight, *revision));
     if let Some((_, revision, hash)) = carrying {
         return Some((
-            Subset {
-                name: subsets::canary(revision),
+            Backend {
+                name: backends::canary(revision),
                 hash,
             },
             Some(revision),
         ));
     }
-    stable_subset(o).map(|s| (s, None))
+    stable_backend(o).map(|s| (s, None))
 }
 
 /// The stable ReplicaSet can take all the traffic back.
@@ -1131,10 +1139,10 @@ fn candidate_of<'o>(o: &'o Observed<'_>, t: u64) -> Option<&'o CandidateView> {
     o.candidates.iter().find(|c| c.revision == t && !c.deleting)
 }
 
-fn canary_subset(o: &Observed<'_>, t: u64) -> Option<Subset> {
+fn canary_backend(o: &Observed<'_>, t: u64) -> Option<Backend> {
     let c = candidate_of(o, t)?;
-    Some(Subset {
-        name: subsets::canary(t),
+    Some(Backend {
+        name: backends::canary(t),
         hash: c.hash.clone()?,
     })
 }
@@ -1143,8 +1151,8 @@ fn canary_subset(o: &Observed<'_>, t: u64) -> Option<Subset> {
 fn current_weight(o: &Observed<'_>, canary: &str) -> u8 {
     o.hosts
         .iter()
-        .find_map(|h| match &h.virtual_service {
-            Managed::Ours(vs) => Some(vs.route.weight_of(canary)),
+        .find_map(|h| match &h.route {
+            Managed::Ours(vs) => Some(vs.value.weight_of(canary)),
             _ => None,
         })
         .unwrap_or(0)
@@ -1153,7 +1161,7 @@ fn current_weight(o: &Observed<'_>, canary: &str) -> u8 {
 fn last_route_change(o: &Observed<'_>) -> Millis {
     o.hosts
         .iter()
-        .filter_map(|h| match &h.virtual_service {
+        .filter_map(|h| match &h.route {
             Managed::Ours(vs) => Some(vs.changed_at),
             _ => None,
         })
@@ -1166,7 +1174,7 @@ fn last_propagation(o: &Observed<'_>) -> Millis {
     let prop = ms(o.config.propagation_delay);
     o.hosts
         .iter()
-        .filter_map(|h| match &h.virtual_service {
+        .filter_map(|h| match &h.route {
             Managed::Ours(vs) => Some(vs.propagated(prop)),
             _ => None,
         })

@@ -69,8 +69,12 @@ struct Scenario {
     flake_rate: f64,
     /// Longest time a candidate takes to be available; `None`: candidates never become available.
     candidate_ready_ms: Option<Millis>,
-    /// Istio reports `Reconciled` once a change reached every proxy.
-    istio_status: bool,
+    /// The routing provider modelled: what reports propagation (Istio: both objects; Gateway API: the
+    /// route, never the per-version Services).
+    provider: ProviderKind,
+    /// The implementation reports a change once it reached every proxy (Istio `Reconciled`,
+    /// HTTPRoute `Accepted`/`ResolvedRefs`).
+    route_status: bool,
     /// `pre-rollout` and `confirm-promotion` hooks are configured (they pass or fail like checks).
     gates: bool,
     events: Vec<(Millis, UserAction)>,
@@ -85,7 +89,7 @@ struct Seen<T> {
 
 struct Proxy {
     routes: Vec<Seen<Route>>,
-    rules: Vec<Seen<Vec<Subset>>>,
+    rules: Vec<Seen<Vec<Backend>>>,
 }
 
 impl Proxy {
@@ -99,7 +103,7 @@ impl Proxy {
     fn route(&self, at: Millis) -> Route {
         Self::view(&self.routes, at, Route::Host)
     }
-    fn rules(&self, at: Millis) -> Vec<Subset> {
+    fn rules(&self, at: Millis) -> Vec<Backend> {
         Self::view(&self.rules, at, Vec::new())
     }
     /// Whether this proxy sends traffic to pods with `hash` at `at`.
@@ -111,7 +115,7 @@ impl Proxy {
                 parts
                     .iter()
                     .filter(|p| p.weight > 0)
-                    .any(|p| rules.iter().any(|s| s.name == p.subset && s.hash == hash))
+                    .any(|p| rules.iter().any(|s| s.name == p.backend && s.hash == hash))
             }
         }
     }
@@ -140,8 +144,10 @@ struct World {
     counter: u64,
     rs: ReplicaSets,
     candidates: Vec<Candidate>,
-    vs: Option<VirtualServiceView>,
-    dr: Option<DestinationRuleView>,
+    vs: Option<Applied<Route>>,
+    dr: Option<Applied<Vec<Backend>>>,
+    /// When each backend was last named by a route write (for the drain before its removal).
+    last_named: BTreeMap<String, Millis>,
     proxies: Vec<Proxy>,
     bad: BTreeMap<u64, bool>,
     checks: u32,
@@ -219,6 +225,7 @@ impl World {
             candidates: Vec::new(),
             vs: None,
             dr: None,
+            last_named: BTreeMap::new(),
             bad: BTreeMap::new(),
             checks: 0,
             actions: 0,
@@ -254,22 +261,33 @@ impl World {
             stable_rs: rs_view(d.stable_revision.unwrap_or(d.template_revision)),
             new_rs: rs_view(d.template_revision),
             candidates: self.candidates.iter().map(|c| c.view.clone()).collect(),
-            hosts: vec![HostView {
+            provider: self.sc.provider,
+            hosts: vec![HostRouting {
                 service: SERVICE.into(),
-                virtual_service: self.vs.clone().map_or(Managed::Absent, |mut vs| {
-                    vs.reconciled = self.sc.istio_status
-                        && self
-                            .proxies
-                            .iter()
-                            .all(|p| p.routes.last().is_none_or(|s| s.at <= self.now));
+                route: self.vs.clone().map_or(Managed::Absent, |mut vs| {
+                    let everywhere = self
+                        .proxies
+                        .iter()
+                        .all(|p| p.routes.last().is_none_or(|s| s.at <= self.now));
+                    vs.synced = if self.sc.route_status && everywhere {
+                        Synced::Reported
+                    } else {
+                        Synced::Unknown
+                    };
                     Managed::Ours(vs)
                 }),
-                destination_rule: self.dr.clone().map_or(Managed::Absent, |mut dr| {
-                    dr.reconciled = self.sc.istio_status
-                        && self
-                            .proxies
-                            .iter()
-                            .all(|p| p.rules.last().is_none_or(|s| s.at <= self.now));
+                backends: self.dr.clone().map_or(Managed::Absent, |mut dr| {
+                    let everywhere = self
+                        .proxies
+                        .iter()
+                        .all(|p| p.rules.last().is_none_or(|s| s.at <= self.now));
+                    // Per-version Services have no status: only Istio reports a rule pushed.
+                    let reports = self.sc.route_status && self.sc.provider == ProviderKind::Istio;
+                    dr.synced = if reports && everywhere {
+                        Synced::Reported
+                    } else {
+                        Synced::Unknown
+                    };
                     Managed::Ours(dr)
                 }),
             }],
@@ -449,32 +467,50 @@ impl World {
             );
         }
         match action {
-            Action::PutDestinationRule { host, subsets } => {
+            Action::Routing(RoutingAction::PutBackends { host, backends }) => {
                 assert_eq!(host, 0);
                 if let Some(vs) = &self.vs
-                    && let Route::Split(parts) = &vs.route
-                    && let Some(p) = parts.iter().find(|p| !subsets.iter().any(|s| s.name == p.subset))
+                    && let Route::Split(parts) = &vs.value
+                    && let Some(p) = parts.iter().find(|p| !backends.iter().any(|s| s.name == p.backend))
                 {
-                    self.fail(format!("I2: subset {} removed while the route names it", p.subset));
+                    self.fail(format!("I2: backend {} removed while the route names it", p.backend));
+                }
+                let removed: Vec<String> = self.dr.as_ref().map_or(Vec::new(), |dr| {
+                    dr.value
+                        .iter()
+                        .filter(|old| !backends.iter().any(|b| b.name == old.name))
+                        .map(|old| old.name.clone())
+                        .collect()
+                });
+                let drained = self.sc.propagation_ms + self.sc.drain_ms;
+                for name in removed {
+                    if let Some(at) = self.last_named.get(&name)
+                        && at + drained > self.now
+                    {
+                        self.fail(format!(
+                            "I2: backend {name} removed {} ms after a route last named it (propagation + drain: {drained} ms)",
+                            self.now - at
+                        ));
+                    }
                 }
                 let changed = self.dr.as_ref().and_then(|dr| {
-                    dr.subsets
+                    dr.value
                         .iter()
-                        .find(|old| subsets.iter().any(|s| s.name == old.name && s.hash != old.hash))
+                        .find(|old| backends.iter().any(|s| s.name == old.name && s.hash != old.hash))
                         .map(|old| old.name.clone())
                 });
                 if let Some(name) = changed {
-                    self.fail(format!("subset {name} changed its selector"));
+                    self.fail(format!("backend {name} changed its selector"));
                 }
                 let histories = self.proxies.iter_mut().map(|p| &mut p.rules).collect();
-                Self::propagate(&mut self.rng, self.sc.propagation_ms, self.now, histories, &subsets);
-                self.dr = Some(DestinationRuleView {
-                    subsets,
+                Self::propagate(&mut self.rng, self.sc.propagation_ms, self.now, histories, &backends);
+                self.dr = Some(Applied {
+                    value: backends,
                     changed_at: self.now,
-                    reconciled: false,
+                    synced: Synced::Unknown,
                 });
             }
-            Action::PutVirtualService { host, route } => {
+            Action::Routing(RoutingAction::PutRoute { host, route }) => {
                 assert_eq!(host, 0);
                 if let Route::Split(parts) = &route {
                     let sum: u32 = parts.iter().map(|p| u32::from(p.weight)).sum();
@@ -484,10 +520,19 @@ impl World {
                 }
                 let histories = self.proxies.iter_mut().map(|p| &mut p.routes).collect();
                 Self::propagate(&mut self.rng, self.sc.propagation_ms, self.now, histories, &route);
-                self.vs = Some(VirtualServiceView {
-                    route,
+                // The backends the route named until now were named until this write.
+                if let Some(before) = &self.vs {
+                    for name in before.value.backends() {
+                        self.last_named.insert(name.to_owned(), self.now);
+                    }
+                }
+                for name in route.backends() {
+                    self.last_named.insert(name.to_owned(), self.now);
+                }
+                self.vs = Some(Applied {
+                    value: route,
                     changed_at: self.now,
-                    reconciled: false,
+                    synced: Synced::Unknown,
                 });
             }
             Action::CreateCandidate { revision } => {
@@ -648,17 +693,17 @@ impl World {
         self.fail("no wait after 20 actions in one pass".into());
     }
 
-    /// I1 and I2 as every proxy sees them: a route only names subsets its rules define.
+    /// I1 and I2 as every proxy sees them: a route only names backends defined for it.
     fn check_proxies(&mut self) {
         let now = self.now;
         let mut broken = None;
         for (i, p) in self.proxies.iter().enumerate() {
             if let Route::Split(parts) = p.route(now) {
                 let rules = p.rules(now);
-                if let Some(part) = parts.iter().find(|part| !rules.iter().any(|s| s.name == part.subset)) {
+                if let Some(part) = parts.iter().find(|part| !rules.iter().any(|s| s.name == part.backend)) {
                     broken = Some(format!(
-                        "I1/I2: proxy {i} routes to subset {} it does not know",
-                        part.subset
+                        "I1/I2: proxy {i} routes to backend {} it does not know",
+                        part.backend
                     ));
                 }
             }
@@ -711,8 +756,8 @@ impl World {
         let d = &self.deployment;
         let failed = d.status.phase == Some(Phase::Failed);
         let at_rest = self.candidates.is_empty()
-            && self.vs.as_ref().is_none_or(|vs| vs.route == Route::Host)
-            && self.dr.as_ref().is_none_or(|dr| dr.subsets.is_empty())
+            && self.vs.as_ref().is_none_or(|vs| vs.value == Route::Host)
+            && self.dr.as_ref().is_none_or(|dr| dr.value.is_empty())
             && self
                 .proxies
                 .iter()
@@ -728,10 +773,10 @@ impl World {
     fn on_baseline(&self) -> Option<u64> {
         let [c] = self.candidates.as_slice() else { return None };
         let all = Route::Split(vec![Weighted {
-            subset: crate::names::subsets::canary(c.view.revision),
+            backend: crate::names::backends::canary(c.view.revision),
             weight: 100,
         }]);
-        let routed = self.vs.as_ref().is_some_and(|vs| vs.route == all);
+        let routed = self.vs.as_ref().is_some_and(|vs| vs.value == all);
         (c.view.available && routed && self.proxies.iter().all(|p| p.route(self.now) == all)).then_some(c.view.revision)
     }
 }
@@ -770,7 +815,7 @@ fn check_end(w: &World) -> Result<(), String> {
                 return Err("failed release left the Deployment unpaused".into());
             }
             if let Some(baseline) = w.on_baseline() {
-                // I6 with the previous candidate as the stable subset: the failed candidate is gone.
+                // I6 with the previous candidate as the stable backend: the failed candidate is gone.
                 if Some(baseline) == d.status.release {
                     return Err(format!("traffic left on the failed candidate v{baseline}"));
                 }
@@ -822,7 +867,12 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             prop_oneof![3 => Just(0.0), 1 => 0.0f64..0.3],
         ),
         prop_oneof![10 => (0u64..=50).prop_map(|t| Some(t * TICK)), 1 => Just(None)],
-        (events, any::<bool>(), any::<bool>()),
+        (
+            events,
+            any::<bool>(),
+            any::<bool>(),
+            prop::sample::select(ProviderKind::ALL.to_vec()),
+        ),
     )
         .prop_map(
             |(
@@ -831,7 +881,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 (threshold, steps, proxies),
                 (crash_rate, flake_rate),
                 ready,
-                (events, istio_status, gates),
+                (events, route_status, gates, provider),
             )| {
                 Scenario {
                     seed,
@@ -844,7 +894,8 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     crash_rate,
                     flake_rate,
                     candidate_ready_ms: ready,
-                    istio_status,
+                    provider,
+                    route_status,
                     gates,
                     events,
                 }
@@ -879,7 +930,8 @@ fn single(bad: bool) -> Scenario {
         crash_rate: 0.0,
         flake_rate: 0.0,
         candidate_ready_ms: Some(1_000),
-        istio_status: false,
+        provider: ProviderKind::Istio,
+        route_status: false,
         gates: false,
         events: vec![(0, UserAction::SetImage { bad })],
     }
@@ -942,7 +994,7 @@ fn a_candidate_that_never_becomes_available_fails_at_the_deadline() {
 fn with_istio_s_reports_a_release_waits_only_as_long_as_the_proxies_take() {
     let slow = World::new(single(false)).run().unwrap();
     let mut sc = single(false);
-    sc.istio_status = true;
+    sc.route_status = true;
     let reported = World::new(sc).run().unwrap();
     check_end(&reported).unwrap();
     assert_eq!(reported.deployment.status.phase, Some(Phase::Succeeded));
@@ -1055,7 +1107,7 @@ fn a_pause_holds_the_weight_until_resumed() {
     let d = &w.deployment;
     assert!(d.status.paused);
     assert_eq!((d.status.phase, d.status.weight), (Some(Phase::Progressing), 10));
-    assert_eq!(w.vs.as_ref().unwrap().route.weight_of("v2-canary"), 10);
+    assert_eq!(w.vs.as_ref().unwrap().value.weight_of("v2-canary"), 10);
     assert_eq!(w.analysed_while_paused, 0);
     assert!(w.checks <= 1, "{} analyses", w.checks);
 
@@ -1140,6 +1192,7 @@ fn requests_the_release_cannot_take_are_refused_with_the_reason() {
         stable_rs: None,
         new_rs: None,
         candidates: Vec::new(),
+        provider: ProviderKind::Istio,
         hosts: Vec::new(),
         routing_unavailable: None,
         verdict: None,
@@ -1215,5 +1268,5 @@ fn gates_run_before_the_first_step_and_before_100_percent() {
         [Stage::PreRollout, Stage::PreRollout],
         "a failing gate counts as failed checks: no traffic ever reached the candidate"
     );
-    assert!(w.vs.as_ref().unwrap().route.weight_of("v2-canary") == 0);
+    assert!(w.vs.as_ref().unwrap().value.weight_of("v2-canary") == 0);
 }

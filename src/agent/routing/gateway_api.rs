@@ -1,0 +1,652 @@
+//! The Gateway API provider: an HTTPRoute per host, named after the Service, whose one rule carries
+//! the weights on `backendRefs`; and per-version Services (the backends: an HTTPRoute has no
+//! subsets), each selecting one ReplicaSet by `pod-template-hash`, named `<service>-<backend>`.
+//!
+//! The route attaches to the Service itself (GAMMA: Istio ambient waypoints, Linkerd, Cilium's mesh)
+//! or, with `turnout.dev/gateway`, to a Gateway with the hostnames of `turnout.dev/hostnames`
+//! (north-south). At rest it sends everything to the plain Service. Propagation is read from
+//! `status.parents[].conditions` (`Accepted` and `ResolvedRefs` for the current generation on every
+//! parent) when the implementation writes them; otherwise the propagation delay bounds it. Services
+//! report nothing, so a backend is usable the propagation delay after it was created and once its
+//! EndpointSlice lists a ready endpoint.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use super::{Written, changed_at, is_ours, managed_meta, rfc3339, timestamp};
+use crate::agent::cache::Kind;
+use crate::config::ReleaseConfig;
+use crate::gateway::http_route::{
+    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs, HttpRouteSpec,
+};
+use crate::names::{agent, backends};
+use crate::release::{Applied, Backend, HostRouting, Managed, Millis, Route, RoutingAction, Synced, Weighted};
+
+/// The API group of the Gateway API.
+pub const GROUP: &str = "gateway.networking.k8s.io";
+/// The label on a per-version Service naming the Service it is a backend of.
+pub const BACKEND_OF: &str = "turnout.dev/backend-of";
+/// The annotation on a per-version Service naming its backend (`v3-canary`).
+pub const BACKEND: &str = "turnout.dev/backend";
+/// The annotation on the HTTPRoute: when its backends last changed (a per-version Service deleted
+/// leaves no object to carry the time).
+pub const BACKENDS_CHANGED_AT: &str = "turnout.dev/backends-changed-at";
+
+/// What is stored for a host, for writes.
+#[derive(Clone, Debug, Default)]
+pub struct Stored {
+    /// The plain Service (its ports and selector are the per-version Services').
+    pub service: Option<Service>,
+    pub route: Option<HttpRoute>,
+    /// turnout's per-version Services of this host.
+    pub backends: Vec<Service>,
+}
+
+/// What the provider reads of a namespace.
+#[derive(Clone, Debug, Default)]
+pub struct Objects<'a> {
+    pub services: &'a [Arc<Service>],
+    pub http_routes: &'a [Arc<HttpRoute>],
+    /// EndpointSlices of turnout's per-version Services.
+    pub slices: &'a [Arc<EndpointSlice>],
+}
+
+/// The routing of Service `service`, what is stored for it, and why the implementation refuses the
+/// route, if it does.
+pub fn observe(service: &str, config: &ReleaseConfig, objects: &Objects<'_>) -> (HostRouting, Stored, Option<String>) {
+    let plain = objects.services.iter().find(|s| s.name_any() == service);
+    let ns = plain.and_then(|s| s.namespace()).unwrap_or_default();
+    let route = objects.http_routes.iter().find(|r| r.name_any() == service);
+    let own: Vec<Service> = objects
+        .services
+        .iter()
+        .filter(|s| s.labels().get(BACKEND_OF).map(String::as_str) == Some(service) && is_ours(&s.metadata))
+        .map(|s| (**s).clone())
+        .collect();
+    let stored = Stored {
+        service: plain.map(|s| (**s).clone()),
+        route: route.map(|r| (**r).clone()),
+        backends: own,
+    };
+    let parent = parent_of(service, config);
+    let conflict = objects
+        .http_routes
+        .iter()
+        .filter(|r| r.name_any() != service && !is_ours(&r.metadata))
+        .find(|r| attaches_like(r, &parent, &ns, config));
+    let route_view = match (route, conflict) {
+        (_, Some(other)) => Managed::Foreign {
+            kind: "HTTPRoute",
+            name: format!("{ns}/{}", other.name_any()),
+        },
+        (None, None) => Managed::Absent,
+        (Some(r), None) if !is_ours(&r.metadata) => Managed::Foreign {
+            kind: "HTTPRoute",
+            name: format!("{ns}/{}", r.name_any()),
+        },
+        (Some(r), None) => Managed::Ours(route_of(r, service, &stored.backends)),
+    };
+    let backends_view = backends_of(route, &stored.backends, objects.slices);
+    let refused = route.filter(|r| is_ours(&r.metadata)).and_then(|r| refused(r));
+    let host = HostRouting {
+        service: service.to_owned(),
+        backends: backends_view,
+        route: route_view,
+    };
+    (host, stored, refused)
+}
+
+/// The parentRef of a host's route: the Gateway named in the configuration, else the Service.
+fn parent_of(service: &str, config: &ReleaseConfig) -> HttpRouteParentRefs {
+    match &config.gateway {
+        Some(gw) => HttpRouteParentRefs {
+            group: Some(GROUP.into()),
+            kind: Some("Gateway".into()),
+            name: gw.name.clone(),
+            namespace: gw.namespace.clone(),
+            ..HttpRouteParentRefs::default()
+        },
+        None => HttpRouteParentRefs {
+            group: Some(String::new()),
+            kind: Some("Service".into()),
+            name: service.to_owned(),
+            ..HttpRouteParentRefs::default()
+        },
+    }
+}
+
+/// Whether route `r` attaches to the same parent as `parent` (and, on a Gateway, shares a hostname
+/// with the configured ones, or either has none): two routes would then compete for the same requests.
+fn attaches_like(r: &HttpRoute, parent: &HttpRouteParentRefs, ns: &str, config: &ReleaseConfig) -> bool {
+    let same = |p: &HttpRouteParentRefs| {
+        let group = |g: &Option<String>| g.clone().unwrap_or_else(|| GROUP.into());
+        let kind = |k: &Option<String>| k.clone().unwrap_or_else(|| "Gateway".into());
+        let pns = |n: &Option<String>, own: &str| n.clone().unwrap_or_else(|| own.to_owned());
+        group(&p.group) == group(&parent.group)
+            && kind(&p.kind) == kind(&parent.kind)
+            && p.name == parent.name
+            && pns(&p.namespace, &r.namespace().unwrap_or_default()) == pns(&parent.namespace, ns)
+    };
+    if !r.spec.parent_refs.iter().flatten().any(same) {
+        return false;
+    }
+    if config.gateway.is_none() {
+        return true;
+    }
+    let theirs = r.spec.hostnames.clone().unwrap_or_default();
+    theirs.is_empty() || config.hostnames.is_empty() || theirs.iter().any(|h| config.hostnames.contains(h))
+}
+
+/// The route of a managed HTTPRoute: its first rule's `backendRefs`, by backend name.
+fn route_of(r: &HttpRoute, service: &str, own: &[Service]) -> Applied<Route> {
+    let refs: Vec<&HttpRouteRulesBackendRefs> = r
+        .spec
+        .rules
+        .iter()
+        .flatten()
+        .next()
+        .and_then(|rule| rule.backend_refs.as_ref())
+        .map(|refs| refs.iter().collect())
+        .unwrap_or_default();
+    let to_host = refs.is_empty() || refs.iter().all(|b| b.name == service);
+    let value = if to_host {
+        Route::Host
+    } else {
+        Route::Split(
+            refs.iter()
+                .map(|b| Weighted {
+                    backend: backend_name(&b.name, service, own),
+                    weight: u8::try_from(b.weight.unwrap_or(1).clamp(0, 100)).unwrap_or(0),
+                })
+                .collect(),
+        )
+    };
+    Applied {
+        value,
+        changed_at: changed_at(&r.metadata),
+        synced: if accepted(r) { Synced::Reported } else { Synced::Unknown },
+    }
+}
+
+/// The backend a per-version Service stands for: its annotation, else its name without the prefix.
+fn backend_name(svc: &str, service: &str, own: &[Service]) -> String {
+    own.iter()
+        .find(|s| s.name_any() == svc)
+        .and_then(|s| s.annotations().get(BACKEND).cloned())
+        .or_else(|| svc.strip_prefix(&format!("{service}-")).map(str::to_owned))
+        .unwrap_or_else(|| svc.to_owned())
+}
+
+/// Every parent reports the current generation `Accepted` and `ResolvedRefs`.
+fn accepted(r: &HttpRoute) -> bool {
+    let generation = r.metadata.generation;
+    let parents = r.status.as_ref().map(|s| s.parents.as_slice()).unwrap_or_default();
+    !parents.is_empty()
+        && parents.iter().all(|p| {
+            ["Accepted", "ResolvedRefs"].iter().all(|t| {
+                p.conditions
+                    .iter()
+                    .any(|c| c.type_ == *t && c.status == "True" && c.observed_generation == generation)
+            })
+        })
+}
+
+/// An implementation refuses the current generation of the route (`Accepted=False`), with its reason.
+fn refused(r: &HttpRoute) -> Option<String> {
+    let generation = r.metadata.generation;
+    r.status.as_ref()?.parents.iter().find_map(|p| {
+        let c = p
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Accepted" && c.status == "False" && c.observed_generation == generation)?;
+        Some(format!(
+            "HTTPRoute {}/{} is not accepted by {} for parent {}: {} ({})",
+            r.namespace().unwrap_or_default(),
+            r.name_any(),
+            p.controller_name,
+            p.parent_ref.name,
+            c.message,
+            c.reason
+        ))
+    })
+}
+
+/// The backends: turnout's per-version Services. They changed when the newest was created or when
+/// the route's annotation says (a deletion). Until a Service created after the route last changed
+/// has a ready endpoint, nothing may name it.
+fn backends_of(
+    route: Option<&Arc<HttpRoute>>,
+    own: &[Service],
+    slices: &[Arc<EndpointSlice>],
+) -> Managed<Applied<Vec<Backend>>> {
+    let route_ours = route.filter(|r| is_ours(&r.metadata));
+    if own.is_empty() && route_ours.is_none() {
+        return Managed::Absent;
+    }
+    let removed_at = route_ours
+        .and_then(|r| r.annotations().get(BACKENDS_CHANGED_AT).map(|v| timestamp(v)))
+        .unwrap_or(0);
+    let routed_at = route_ours.map_or(0, |r| changed_at(&r.metadata));
+    let mut value: Vec<Backend> = own
+        .iter()
+        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .filter_map(|s| {
+            Some(Backend {
+                name: s.annotations().get(BACKEND)?.clone(),
+                hash: s
+                    .spec
+                    .as_ref()?
+                    .selector
+                    .as_ref()?
+                    .get(agent::POD_TEMPLATE_HASH)?
+                    .clone(),
+            })
+        })
+        .collect();
+    value.sort();
+    let created = own.iter().map(|s| changed_at(&s.metadata)).max().unwrap_or(0);
+    let not_yet = own
+        .iter()
+        .filter(|s| changed_at(&s.metadata) >= routed_at)
+        .any(|s| !has_ready_endpoint(&s.name_any(), slices));
+    Managed::Ours(Applied {
+        value,
+        changed_at: created.max(removed_at),
+        synced: if not_yet { Synced::NotYet } else { Synced::Unknown },
+    })
+}
+
+fn has_ready_endpoint(service: &str, slices: &[Arc<EndpointSlice>]) -> bool {
+    slices
+        .iter()
+        .filter(|s| s.labels().get("kubernetes.io/service-name").map(String::as_str) == Some(service))
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .any(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+}
+
+/// Carries out `action` on the host's per-version Services or HTTPRoute.
+pub async fn apply(
+    client: &Client,
+    d: &Deployment,
+    config: &ReleaseConfig,
+    host: &HostRouting,
+    stored: &Stored,
+    action: &RoutingAction,
+    now: Millis,
+) -> kube::Result<Vec<Written>> {
+    let ns = d.namespace().unwrap_or_default();
+    let service = &host.service;
+    let mut written = Vec::new();
+    match action {
+        RoutingAction::PutBackends { backends: want, .. } => {
+            let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+            let Some(plain) = &stored.service else {
+                return Err(missing(&ns, service));
+            };
+            for b in want {
+                let name = backends::service(service, &b.name);
+                if stored.backends.iter().any(|s| s.name_any() == name) {
+                    continue;
+                }
+                let svc = per_version(d, plain, service, b, now);
+                match services.create(&PostParams::default(), &svc).await {
+                    Ok(_) => written.push(Written::of(Kind::Service, &ns, &name, None)),
+                    Err(kube::Error::Api(mut e)) if e.code == 409 => {
+                        e.message = format!(
+                            "cannot create the per-version Service {ns}/{name}: a Service of that name exists \
+                             that turnout does not manage"
+                        );
+                        return Err(kube::Error::Api(e));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            // The time of the change goes on the route before anything is deleted: a crash in between
+            // leaves a later time, which only waits longer.
+            if let Some(route) = stored.route.as_ref().filter(|r| is_ours(&r.metadata)) {
+                let routes: Api<HttpRoute> = Api::namespaced(client.clone(), &ns);
+                let body = json!({ "metadata": { "annotations": { BACKENDS_CHANGED_AT: rfc3339(now) } } });
+                routes
+                    .patch(service, &PatchParams::default(), &Patch::Merge(&body))
+                    .await?;
+                written.push(Written::of(Kind::HttpRoute, &ns, service, Some(&route.metadata)));
+            }
+            for old in &stored.backends {
+                let keep = want
+                    .iter()
+                    .any(|b| backends::service(service, &b.name) == old.name_any());
+                if keep {
+                    continue;
+                }
+                match services.delete(&old.name_any(), &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e),
+                }
+                let mut w = Written::of(Kind::Service, &ns, &old.name_any(), Some(&old.metadata));
+                w.deleted = true;
+                written.push(w);
+            }
+        }
+        RoutingAction::PutRoute { route, .. } => {
+            let Some(plain) = &stored.service else {
+                return Err(missing(&ns, service));
+            };
+            let api: Api<HttpRoute> = Api::namespaced(client.clone(), &ns);
+            let before = stored.route.as_ref().map(|o| &o.metadata);
+            let mut r = HttpRoute::new(service, route_spec(service, plain, config, route));
+            r.metadata = managed_meta(d, service, before, now);
+            if before.is_some() {
+                api.replace(service, &PostParams::default(), &r).await?;
+            } else {
+                api.create(&PostParams::default(), &r).await?;
+            }
+            written.push(Written::of(Kind::HttpRoute, &ns, service, before));
+        }
+    }
+    Ok(written)
+}
+
+fn missing(ns: &str, service: &str) -> kube::Error {
+    kube::Error::Api(
+        kube::core::Status::failure(&format!("Service {ns}/{service} is gone"), "NotFound")
+            .with_code(404)
+            .boxed(),
+    )
+}
+
+/// The port routes use: the plain Service's first.
+fn port_of(plain: &Service) -> Option<i32> {
+    plain.spec.as_ref()?.ports.as_ref()?.first().map(|p| p.port)
+}
+
+/// The per-version Service of backend `b`: the plain Service's ports, its selector narrowed to one
+/// ReplicaSet by `pod-template-hash`, labelled as turnout's, owned by the Deployment.
+pub fn per_version(d: &Deployment, plain: &Service, service: &str, b: &Backend, now: Millis) -> Service {
+    let spec = plain.spec.clone().unwrap_or_default();
+    let mut selector = spec.selector.clone().unwrap_or_default();
+    selector.insert(agent::POD_TEMPLATE_HASH.into(), b.hash.clone());
+    let ports = spec.ports.map(|ports| {
+        ports
+            .into_iter()
+            .map(|p| ServicePort { node_port: None, ..p })
+            .collect()
+    });
+    let name = backends::service(service, &b.name);
+    let mut meta = managed_meta(d, &name, None, now);
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(BACKEND_OF.into(), service.to_owned());
+    meta.annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(BACKEND.into(), b.name.clone());
+    Service {
+        metadata: ObjectMeta {
+            namespace: d.namespace(),
+            ..meta
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports,
+            type_: Some("ClusterIP".into()),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The HTTPRoute of a host: attached to its parent, one rule whose `backendRefs` carry the weights.
+fn route_spec(service: &str, plain: &Service, config: &ReleaseConfig, route: &Route) -> HttpRouteSpec {
+    let port = port_of(plain);
+    let mut parent = parent_of(service, config);
+    if config.gateway.is_none() {
+        parent.port = port;
+    }
+    let backend_ref = |name: String, weight: i32| HttpRouteRulesBackendRefs {
+        group: Some(String::new()),
+        kind: Some("Service".into()),
+        name,
+        port,
+        weight: Some(weight),
+        ..HttpRouteRulesBackendRefs::default()
+    };
+    let refs = match route {
+        Route::Host => vec![backend_ref(service.to_owned(), 1)],
+        Route::Split(parts) => parts
+            .iter()
+            .map(|p| backend_ref(backends::service(service, &p.backend), i32::from(p.weight)))
+            .collect(),
+    };
+    HttpRouteSpec {
+        hostnames: (config.gateway.is_some() && !config.hostnames.is_empty()).then(|| config.hostnames.clone()),
+        parent_refs: Some(vec![parent]),
+        rules: Some(vec![HttpRouteRules {
+            name: Some("turnout".into()),
+            backend_refs: Some(refs),
+            ..HttpRouteRules::default()
+        }]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::GatewayRef;
+
+    fn plain() -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": { "name": "podinfo", "namespace": "shop" },
+                "spec": { "selector": { "app": "podinfo" }, "ports": [{ "name": "http", "port": 9898, "targetPort": 9898 }] }
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn deployment() -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": { "name": "podinfo", "namespace": "shop", "uid": "u1" },
+            "spec": { "selector": { "matchLabels": { "app": "podinfo" } }, "template": {} }
+        }))
+        .unwrap()
+    }
+
+    fn slice(service: &str, ready: bool) -> Arc<EndpointSlice> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": { "name": format!("{service}-x"), "namespace": "shop",
+                              "labels": { "kubernetes.io/service-name": service } },
+                "addressType": "IPv4",
+                "endpoints": [{ "addresses": ["10.244.0.9"], "conditions": { "ready": ready } }]
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn route_at(route: &Route, config: &ReleaseConfig, at: Millis) -> HttpRoute {
+        let mut r = HttpRoute::new("podinfo", route_spec("podinfo", &plain(), config, route));
+        r.metadata = managed_meta(&deployment(), "podinfo", None, at);
+        r.metadata.namespace = Some("shop".into());
+        r.metadata.generation = Some(2);
+        r
+    }
+
+    #[test]
+    fn weights_go_on_backend_refs_to_per_version_services_and_read_back() {
+        let config = ReleaseConfig::default();
+        let split = Route::Split(vec![
+            Weighted {
+                backend: "v1".into(),
+                weight: 90,
+            },
+            Weighted {
+                backend: "v2-canary".into(),
+                weight: 10,
+            },
+        ]);
+        let r = route_at(&split, &config, 1_000);
+        let rule = &r.spec.rules.as_ref().unwrap()[0];
+        let refs: Vec<(&str, Option<i32>, Option<i32>)> = rule
+            .backend_refs
+            .iter()
+            .flatten()
+            .map(|b| (b.name.as_str(), b.weight, b.port))
+            .collect();
+        assert_eq!(
+            refs,
+            [
+                ("podinfo-v1", Some(90), Some(9898)),
+                ("podinfo-v2-canary", Some(10), Some(9898))
+            ]
+        );
+        let parent = &r.spec.parent_refs.as_ref().unwrap()[0];
+        assert_eq!(
+            (parent.kind.as_deref(), parent.name.as_str(), parent.port),
+            (Some("Service"), "podinfo", Some(9898)),
+            "GAMMA: attached to the Service"
+        );
+        assert_eq!(route_of(&r, "podinfo", &[]).value, split);
+        let at_rest = route_at(&Route::Host, &config, 1_000);
+        assert_eq!(route_of(&at_rest, "podinfo", &[]).value, Route::Host);
+    }
+
+    #[test]
+    fn a_gateway_attachment_names_the_gateway_and_the_hostnames() {
+        let config = ReleaseConfig {
+            gateway: Some(GatewayRef {
+                namespace: Some("infra".into()),
+                name: "public".into(),
+            }),
+            hostnames: vec!["shop.example.com".into()],
+            ..ReleaseConfig::default()
+        };
+        let r = route_at(&Route::Host, &config, 0);
+        let parent = &r.spec.parent_refs.as_ref().unwrap()[0];
+        assert_eq!(
+            (
+                parent.group.as_deref(),
+                parent.kind.as_deref(),
+                parent.namespace.as_deref(),
+                parent.name.as_str()
+            ),
+            (Some(GROUP), Some("Gateway"), Some("infra"), "public")
+        );
+        assert_eq!(r.spec.hostnames.as_deref(), Some(&["shop.example.com".to_owned()][..]));
+    }
+
+    #[test]
+    fn the_route_is_reported_propagated_only_when_every_parent_accepts_this_generation() {
+        let config = ReleaseConfig::default();
+        let with_status = |conditions: serde_json::Value| {
+            let mut r = route_at(&Route::Host, &config, 5_000);
+            r.status = Some(
+                serde_json::from_value(json!({ "parents": [{
+                    "parentRef": { "name": "podinfo", "kind": "Service", "group": "" },
+                    "controllerName": "example.com/mesh", "conditions": conditions }] }))
+                .unwrap(),
+            );
+            r
+        };
+        let cond = |t: &str, s: &str, g: i64| {
+            json!({ "type": t, "status": s, "observedGeneration": g, "reason": "R", "message": "m",
+                    "lastTransitionTime": "2026-12-07T00:00:00Z" })
+        };
+        let ok = with_status(json!([cond("Accepted", "True", 2), cond("ResolvedRefs", "True", 2)]));
+        assert_eq!(route_of(&ok, "podinfo", &[]).synced, Synced::Reported);
+        let old = with_status(json!([cond("Accepted", "True", 1), cond("ResolvedRefs", "True", 1)]));
+        assert_eq!(route_of(&old, "podinfo", &[]).synced, Synced::Unknown);
+        let unresolved = with_status(json!([cond("Accepted", "True", 2), cond("ResolvedRefs", "False", 2)]));
+        assert_eq!(route_of(&unresolved, "podinfo", &[]).synced, Synced::Unknown);
+        let refused_route = with_status(json!([cond("Accepted", "False", 2)]));
+        assert_eq!(
+            refused(&refused_route).as_deref(),
+            Some("HTTPRoute shop/podinfo is not accepted by example.com/mesh for parent podinfo: m (R)")
+        );
+        assert_eq!(refused(&ok), None);
+    }
+
+    #[test]
+    fn a_new_per_version_service_is_not_usable_before_it_has_a_ready_endpoint() {
+        let config = ReleaseConfig::default();
+        let d = deployment();
+        let backend = Backend {
+            name: "v2-canary".into(),
+            hash: "abc".into(),
+        };
+        let svc = per_version(&d, &plain(), "podinfo", &backend, 2_000);
+        assert_eq!(svc.metadata.name.as_deref(), Some("podinfo-v2-canary"));
+        let selector = svc.spec.as_ref().unwrap().selector.clone().unwrap();
+        assert_eq!(
+            selector,
+            BTreeMap::from([
+                ("app".into(), "podinfo".into()),
+                ("pod-template-hash".into(), "abc".into())
+            ])
+        );
+        let route = Arc::new(route_at(&Route::Host, &config, 1_000));
+        let services = vec![plain(), Arc::new(svc)];
+        let routes = vec![route];
+        let view = |slices: &[Arc<EndpointSlice>]| {
+            let objects = Objects {
+                services: &services,
+                http_routes: &routes,
+                slices,
+            };
+            observe("podinfo", &config, &objects).0.backends
+        };
+        let Managed::Ours(waiting) = view(&[slice("podinfo-v2-canary", false)]) else {
+            panic!("ours")
+        };
+        assert_eq!(waiting.value, std::slice::from_ref(&backend));
+        assert_eq!(waiting.synced, Synced::NotYet);
+        let Managed::Ours(ready) = view(&[slice("podinfo-v2-canary", true)]) else {
+            panic!("ours")
+        };
+        assert_eq!((ready.synced, ready.changed_at), (Synced::Unknown, 2_000));
+    }
+
+    #[test]
+    fn a_route_of_someone_else_for_the_same_service_is_reported_not_touched() {
+        let config = ReleaseConfig::default();
+        let theirs: HttpRoute = serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": { "name": "podinfo-canary", "namespace": "shop" },
+            "spec": { "parentRefs": [{ "group": "", "kind": "Service", "name": "podinfo" }],
+                      "rules": [{ "backendRefs": [{ "name": "podinfo", "port": 9898 }] }] }
+        }))
+        .unwrap();
+        let services = vec![plain()];
+        let routes = vec![Arc::new(theirs)];
+        let objects = Objects {
+            services: &services,
+            http_routes: &routes,
+            slices: &[],
+        };
+        let (host, _, _) = observe("podinfo", &config, &objects);
+        assert_eq!(
+            host.route,
+            Managed::Foreign {
+                kind: "HTTPRoute",
+                name: "shop/podinfo-canary".into()
+            }
+        );
+        let elsewhere = ReleaseConfig {
+            gateway: Some(GatewayRef {
+                namespace: None,
+                name: "public".into(),
+            }),
+            ..ReleaseConfig::default()
+        };
+        let (host, _, _) = observe("podinfo", &elsewhere, &objects);
+        assert_eq!(host.route, Managed::Absent, "attached elsewhere: no conflict");
+    }
+}

@@ -1,0 +1,314 @@
+//! The Istio provider: a DestinationRule per host whose subsets select ReplicaSets by
+//! `pod-template-hash` (the backends), and a VirtualService per host whose first HTTP route carries
+//! the weights (the route). Propagation is read from istiod's `Reconciled` condition when its status
+//! feature is on.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use super::{Written, changed_at, managed, managed_meta};
+use crate::agent::cache::Kind;
+use crate::istio::destination_rule::{DestinationRule, DestinationRuleSpec, DestinationRuleSubsets};
+use crate::istio::virtual_service::{
+    VirtualService, VirtualServiceHttp, VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination, VirtualServiceSpec,
+};
+use crate::names::agent;
+use crate::release::{Applied, Backend, HostRouting, Millis, Route, RoutingAction, Synced, Weighted};
+
+/// What is stored for a host, for replace.
+#[derive(Clone, Debug, Default)]
+pub struct Stored {
+    pub virtual_service: Option<VirtualService>,
+    pub destination_rule: Option<DestinationRule>,
+}
+
+/// The routing of Service `service` from its VirtualService and DestinationRule (named after it).
+pub fn observe(service: &str, stored: &Stored) -> HostRouting {
+    HostRouting {
+        service: service.to_owned(),
+        route: managed("VirtualService", stored.virtual_service.as_ref(), route_of),
+        backends: managed("DestinationRule", stored.destination_rule.as_ref(), backends_of),
+    }
+}
+
+/// Carries out `action` on the host's VirtualService or DestinationRule.
+pub async fn apply(
+    client: &Client,
+    d: &Deployment,
+    host: &HostRouting,
+    stored: &Stored,
+    action: &RoutingAction,
+    now: Millis,
+) -> kube::Result<Vec<Written>> {
+    let ns = d.namespace().unwrap_or_default();
+    let service = &host.service;
+    match action {
+        RoutingAction::PutBackends { backends, .. } => {
+            let api: Api<DestinationRule> = Api::namespaced(client.clone(), &ns);
+            let before = stored.destination_rule.as_ref().map(|o| &o.metadata);
+            let mut dr = DestinationRule::new(service, destination_rule_spec(service, &ns, backends));
+            dr.metadata = managed_meta(d, service, before, now);
+            write(&api, service, dr, before.is_some()).await?;
+            Ok(vec![Written::of(Kind::DestinationRule, &ns, service, before)])
+        }
+        RoutingAction::PutRoute { route, .. } => {
+            let api: Api<VirtualService> = Api::namespaced(client.clone(), &ns);
+            let before = stored.virtual_service.as_ref().map(|o| &o.metadata);
+            let mut vs = VirtualService::new(service, virtual_service_spec(service, &ns, route));
+            vs.metadata = managed_meta(d, service, before, now);
+            write(&api, service, vs, before.is_some()).await?;
+            Ok(vec![Written::of(Kind::VirtualService, &ns, service, before)])
+        }
+    }
+}
+
+async fn write<K>(api: &Api<K>, name: &str, obj: K, exists: bool) -> kube::Result<()>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if exists {
+        api.replace(name, &PostParams::default(), &obj).await?;
+    } else {
+        api.create(&PostParams::default(), &obj).await?;
+    }
+    Ok(())
+}
+
+/// Whether istiod reports this generation pushed to every proxy: condition `Reconciled=True` and the
+/// status's `observedGeneration` equal to the object's generation. (istiod writes it only with its
+/// status feature enabled; otherwise turnout relies on the propagation delay.)
+fn reconciled(
+    meta: &ObjectMeta,
+    conditions: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+    observed: Option<&k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+) -> Synced {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let observed = match observed {
+        Some(IntOrString::Int(n)) => Some(i64::from(*n)),
+        Some(IntOrString::String(s)) => s.parse().ok(),
+        None => None,
+    };
+    let reported = observed.is_some()
+        && observed == meta.generation
+        && conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Reconciled" && c.status == "True"));
+    if reported { Synced::Reported } else { Synced::Unknown }
+}
+
+/// A managed VirtualService: its first HTTP route.
+fn route_of(vs: &VirtualService) -> Applied<Route> {
+    let route = vs
+        .spec
+        .http
+        .as_ref()
+        .and_then(|h| h.first())
+        .and_then(|r| r.route.as_ref())
+        .map_or(Route::Host, |dests| {
+            if dests.iter().all(|d| d.destination.subset.is_none()) {
+                Route::Host
+            } else {
+                Route::Split(
+                    dests
+                        .iter()
+                        .map(|d| Weighted {
+                            backend: d.destination.subset.clone().unwrap_or_default(),
+                            weight: u8::try_from(d.weight.unwrap_or(0).clamp(0, 100)).unwrap_or(0),
+                        })
+                        .collect(),
+                )
+            }
+        });
+    let status = vs.status.as_ref();
+    Applied {
+        value: route,
+        changed_at: changed_at(&vs.metadata),
+        synced: reconciled(
+            &vs.metadata,
+            status.and_then(|s| s.conditions.as_deref()),
+            status.and_then(|s| s.observed_generation.as_ref()),
+        ),
+    }
+}
+
+fn backends_of(dr: &DestinationRule) -> Applied<Vec<Backend>> {
+    let backends = dr
+        .spec
+        .subsets
+        .iter()
+        .flatten()
+        .map(|s| Backend {
+            name: s.name.clone(),
+            hash: s
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(agent::POD_TEMPLATE_HASH))
+                .cloned()
+                .unwrap_or_default(),
+        })
+        .collect();
+    let status = dr.status.as_ref();
+    Applied {
+        value: backends,
+        changed_at: changed_at(&dr.metadata),
+        synced: reconciled(
+            &dr.metadata,
+            status.and_then(|s| s.conditions.as_deref()),
+            status.and_then(|s| s.observed_generation.as_ref()),
+        ),
+    }
+}
+
+/// `<service>.<namespace>.svc.cluster.local`.
+pub fn fqdn(service: &str, ns: &str) -> String {
+    format!("{service}.{ns}.svc.cluster.local")
+}
+
+fn destination_rule_spec(service: &str, ns: &str, backends: &[Backend]) -> DestinationRuleSpec {
+    DestinationRuleSpec {
+        host: fqdn(service, ns),
+        subsets: (!backends.is_empty()).then(|| {
+            backends
+                .iter()
+                .map(|s| DestinationRuleSubsets {
+                    name: s.name.clone(),
+                    labels: Some(BTreeMap::from([(agent::POD_TEMPLATE_HASH.into(), s.hash.clone())])),
+                    ..DestinationRuleSubsets::default()
+                })
+                .collect()
+        }),
+        ..DestinationRuleSpec::default()
+    }
+}
+
+fn virtual_service_spec(service: &str, ns: &str, route: &Route) -> VirtualServiceSpec {
+    let host = fqdn(service, ns);
+    let destinations = match route {
+        Route::Host => vec![VirtualServiceHttpRoute {
+            destination: VirtualServiceHttpRouteDestination {
+                host: host.clone(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }],
+        Route::Split(parts) => parts
+            .iter()
+            .map(|p| VirtualServiceHttpRoute {
+                destination: VirtualServiceHttpRouteDestination {
+                    host: host.clone(),
+                    subset: Some(p.backend.clone()),
+                    ..Default::default()
+                },
+                weight: Some(i32::from(p.weight)),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    VirtualServiceSpec {
+        hosts: Some(vec![host]),
+        http: Some(vec![VirtualServiceHttp {
+            name: Some("turnout".into()),
+            route: Some(destinations),
+            ..Default::default()
+        }]),
+        ..VirtualServiceSpec::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::release::Managed;
+
+    #[test]
+    fn a_change_istio_reports_reconciled_counts_as_propagated() {
+        let vs = |generation: i64, observed: serde_json::Value, status: &str| -> VirtualService {
+            serde_json::from_value(json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                "metadata": { "name": "podinfo", "namespace": "shop", "generation": generation,
+                              "labels": { "app.kubernetes.io/managed-by": "turnout" },
+                              "annotations": { "turnout.dev/changed-at": "2026-11-22T00:00:00.000Z" } },
+                "spec": {},
+                "status": { "observedGeneration": observed, "conditions": [{
+                    "type": "Reconciled", "status": status, "reason": "", "message": "",
+                    "lastTransitionTime": "2026-11-22T00:00:01Z" }] }
+            }))
+            .unwrap()
+        };
+        let view = |v: VirtualService| {
+            let stored = Stored {
+                virtual_service: Some(v),
+                destination_rule: None,
+            };
+            match observe("podinfo", &stored).route {
+                Managed::Ours(v) => v,
+                other => panic!("{other:?}"),
+            }
+        };
+        let reported = view(vs(3, json!(3), "True"));
+        assert_eq!(reported.synced, Synced::Reported);
+        assert_eq!(reported.propagated(5_000), reported.changed_at);
+        assert_eq!(
+            view(vs(3, json!("2"), "True")).synced,
+            Synced::Unknown,
+            "an older generation says nothing"
+        );
+        assert_eq!(
+            view(vs(3, json!("3"), "True")).synced,
+            Synced::Reported,
+            "Istio writes it as a string too"
+        );
+        let pending = view(vs(3, json!(3), "False"));
+        assert_eq!(pending.synced, Synced::Unknown);
+        assert_eq!(pending.propagated(5_000), pending.changed_at + 5_000);
+    }
+
+    #[test]
+    fn istio_objects_without_turnout_s_label_are_foreign() {
+        let vs: VirtualService = serde_json::from_value(json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": { "name": "podinfo", "namespace": "shop" }, "spec": {}
+        }))
+        .unwrap();
+        let stored = Stored {
+            virtual_service: Some(vs),
+            destination_rule: None,
+        };
+        let view = observe("podinfo", &stored);
+        assert_eq!(
+            view.route,
+            Managed::Foreign {
+                kind: "VirtualService",
+                name: "shop/podinfo".into()
+            }
+        );
+        assert_eq!(view.backends, Managed::Absent);
+    }
+
+    #[test]
+    fn weights_and_subsets_round_trip_through_the_objects() {
+        let route = Route::Split(vec![
+            Weighted {
+                backend: "v1".into(),
+                weight: 75,
+            },
+            Weighted {
+                backend: "v2-canary".into(),
+                weight: 25,
+            },
+        ]);
+        let vs = VirtualService::new("podinfo", virtual_service_spec("podinfo", "shop", &route));
+        assert_eq!(route_of(&vs).value, route);
+        let host = VirtualService::new("podinfo", virtual_service_spec("podinfo", "shop", &Route::Host));
+        assert_eq!(route_of(&host).value, Route::Host);
+        let backends = vec![Backend {
+            name: "v1".into(),
+            hash: "abc".into(),
+        }];
+        let dr = DestinationRule::new("podinfo", destination_rule_spec("podinfo", "shop", &backends));
+        assert_eq!(backends_of(&dr).value, backends);
+    }
+}

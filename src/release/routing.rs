@@ -1,0 +1,218 @@
+//! The routing layer as the release machine sees it: who gets what share of a Service's requests, in
+//! terms that do not depend on how the traffic is routed. A *provider* (`agent::routing`) turns these
+//! into its own objects and reads back whether a change has propagated:
+//!
+//! | provider      | a [`Backend`] is                                   | the [`Route`] is                  |
+//! |---------------|----------------------------------------------------|-----------------------------------|
+//! | `istio`       | a DestinationRule subset (`pod-template-hash`)     | the VirtualService's weights      |
+//! | `gateway-api` | a per-version Service (`pod-template-hash`)        | the HTTPRoute's `backendRefs`     |
+//!
+//! The invariants (DESIGN §5) are kept by the plan once for every provider: a backend is defined and
+//! propagated before a route names it (I1), a route names only defined backends with weights summing
+//! to 100 (I4), and a backend leaves only once no route has named it for the propagation delay and
+//! the drain window (I2). A provider that cannot do what a release asks says so ([`Caps`],
+//! [`Observed::routing_unavailable`](super::Observed)) and the release fails with the reason — never a
+//! silent no-op.
+
+use super::Millis;
+
+/// How a release moves traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ProviderKind {
+    /// Istio VirtualService and DestinationRule subsets (sidecar meshes).
+    #[default]
+    Istio,
+    /// Gateway API HTTPRoute with per-version Services (ambient waypoints, Linkerd, any gateway).
+    GatewayApi,
+}
+
+impl ProviderKind {
+    pub const ALL: [ProviderKind; 2] = [ProviderKind::Istio, ProviderKind::GatewayApi];
+
+    /// The value of `turnout.dev/provider`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Istio => "istio",
+            ProviderKind::GatewayApi => "gateway-api",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ProviderKind> {
+        ProviderKind::ALL.into_iter().find(|p| p.as_str() == s.trim())
+    }
+
+    /// What the provider can do.
+    pub fn caps(self) -> Caps {
+        match self {
+            ProviderKind::Istio | ProviderKind::GatewayApi => Caps { weights: true },
+        }
+    }
+
+    /// The kinds of the objects the provider writes, for messages.
+    pub fn objects(self) -> &'static str {
+        match self {
+            ProviderKind::Istio => "VirtualService and DestinationRule",
+            ProviderKind::GatewayApi => "HTTPRoute and per-version Services",
+        }
+    }
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a provider can express.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// Weighted splits between backends.
+    pub weights: bool,
+}
+
+/// A set of pods a route can name: one ReplicaSet, by its `pod-template-hash`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Backend {
+    /// Its name in the route: `v<N>` (a revision of the Deployment) or `v<N>-canary` (a candidate).
+    pub name: String,
+    pub hash: String,
+}
+
+/// Where a host's traffic goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// To the plain Service, every ready pod it selects (the state at rest).
+    Host,
+    /// To backends with weights summing to 100.
+    Split(Vec<Weighted>),
+}
+
+impl Route {
+    /// Weight the route gives to `backend`.
+    pub fn weight_of(&self, backend: &str) -> u8 {
+        match self {
+            Route::Host => 0,
+            Route::Split(parts) => parts.iter().filter(|p| p.backend == backend).map(|p| p.weight).sum(),
+        }
+    }
+
+    /// Backends the route names.
+    pub fn backends(&self) -> impl Iterator<Item = &str> {
+        let parts: &[Weighted] = match self {
+            Route::Host => &[],
+            Route::Split(parts) => parts,
+        };
+        parts.iter().map(|p| p.backend.as_str())
+    }
+}
+
+/// One destination of a split route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Weighted {
+    pub backend: String,
+    pub weight: u8,
+}
+
+/// Whether the implementation reports a change as propagated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Synced {
+    /// Reported applied for the current generation (Istio `Reconciled`; HTTPRoute `Accepted` and
+    /// `ResolvedRefs` on every parent).
+    Reported,
+    /// Known not to be usable yet (a per-version Service without ready endpoints): nothing may name it.
+    NotYet,
+    /// Nothing reported: the propagation delay bounds it.
+    Unknown,
+}
+
+/// A routing object's value, when it last changed, and whether that change is reported propagated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied<T> {
+    pub value: T,
+    pub changed_at: Millis,
+    pub synced: Synced,
+}
+
+impl<T> Applied<T> {
+    /// When the last change reached every proxy: reported, or bounded by the delay `prop`;
+    /// [`Millis::MAX`] while it cannot be used.
+    pub fn propagated(&self, prop: Millis) -> Millis {
+        match self.synced {
+            Synced::Reported => self.changed_at,
+            Synced::Unknown => self.changed_at.saturating_add(prop),
+            Synced::NotYet => Millis::MAX,
+        }
+    }
+}
+
+/// A routing object for a host, as far as turnout may touch it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Managed<T> {
+    /// None exists: turnout creates one when it needs it.
+    Absent,
+    /// turnout manages it.
+    Ours(T),
+    /// Someone else's: left untouched, and the release cannot route.
+    Foreign { kind: &'static str, name: String },
+}
+
+/// Routing for one Service that selects the Deployment's pods.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostRouting {
+    /// The Service's name; the routing objects are named after it.
+    pub service: String,
+    /// The backends defined for the host.
+    pub backends: Managed<Applied<Vec<Backend>>>,
+    /// The route of the host.
+    pub route: Managed<Applied<Route>>,
+}
+
+impl HostRouting {
+    /// A host with no routing object yet.
+    pub fn absent(service: impl Into<String>) -> Self {
+        Self {
+            service: service.into(),
+            backends: Managed::Absent,
+            route: Managed::Absent,
+        }
+    }
+}
+
+/// A routing write.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RoutingAction {
+    /// Define exactly these backends for `hosts[host]` (and stamp the change, even when they are the
+    /// same: the plan uses the write as the time the candidate's endpoints went away).
+    PutBackends { host: usize, backends: Vec<Backend> },
+    /// Route `hosts[host]` this way.
+    PutRoute { host: usize, route: Route },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_provider_name_parses_back() {
+        for p in ProviderKind::ALL {
+            assert_eq!(ProviderKind::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(ProviderKind::parse(" gateway-api "), Some(ProviderKind::GatewayApi));
+        assert_eq!(ProviderKind::parse("linkerd"), None);
+    }
+
+    #[test]
+    fn propagation_is_reported_bounded_by_the_delay_or_not_yet() {
+        let at = |synced| {
+            Applied {
+                value: (),
+                changed_at: 1_000,
+                synced,
+            }
+            .propagated(500)
+        };
+        assert_eq!(at(Synced::Reported), 1_000);
+        assert_eq!(at(Synced::Unknown), 1_500);
+        assert_eq!(at(Synced::NotYet), Millis::MAX);
+    }
+}
