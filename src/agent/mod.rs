@@ -608,8 +608,8 @@ async fn watch_crds(ctx: Arc<Context>) {
                 if last != Some(installed) {
                     if !installed.istio && !installed.gateway_api {
                         tracing::error!(
-                            "neither the Istio CRDs (virtualservices and destinationrules.networking.istio.io) nor \
-                             the Gateway API's (httproutes.gateway.networking.k8s.io) are installed: releases cannot \
+                            "the Istio CRDs (virtualservices and destinationrules.networking.istio.io) and the \
+                             Gateway API's (httproutes.gateway.networking.k8s.io) are not installed: releases cannot \
                              shift traffic and will fail until one is"
                         );
                     } else {

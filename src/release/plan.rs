@@ -1073,7 +1073,7 @@ fn unroutable(o: &Observed<'_>) -> Option<String> {
             return None;
         };
         Some(format!(
-            "{kind} {name} routes Service {} and is not managed by turnout; it was left untouched (label it \
+            "{kind} {name} for Service {} is not managed by turnout; it was left untouched (label it \
              app.kubernetes.io/managed-by=turnout or delete it to let turnout manage the host)",
             h.service
         ))
