@@ -36,13 +36,15 @@ pub mod annotations {
     pub const RELEASE: &str = "turnout.dev/release";
     /// Release status: `"true"` while the release is paused on request (`turnout pause`).
     pub const RELEASE_PAUSED: &str = "turnout.dev/release-paused";
+    /// Release status: the routing provider the release moves traffic with (`istio`, `gateway-api`).
+    pub const ROUTING: &str = "turnout.dev/routing";
     /// A person's request for the release in flight, `<verb>@<release>` (`abort@3`), written by
     /// `turnout promote|abort|retry|pause|resume` and removed by the agent once acted on or refused.
     pub const REQUEST: &str = "turnout.dev/request";
 
     /// Annotations only turnout writes. An update that drops or edits them gets them back from the
     /// stored object, so a `kubectl replace` or a GitOps sync cannot lose a release's state.
-    pub const OWNED: [&str; 10] = [
+    pub const OWNED: [&str; 11] = [
         REVISION,
         VERSION_STAMPED,
         STABLE_REVISION,
@@ -53,9 +55,10 @@ pub mod annotations {
         MESSAGE,
         RELEASE,
         RELEASE_PAUSED,
+        ROUTING,
     ];
     /// The annotations that describe a release in flight or its status; a CREATE starts without them.
-    pub const RELEASE_STATE: [&str; 9] = [
+    pub const RELEASE_STATE: [&str; 10] = [
         STABLE_REVISION,
         STABLE_HASH,
         PHASE,
@@ -64,6 +67,7 @@ pub mod annotations {
         MESSAGE,
         RELEASE,
         RELEASE_PAUSED,
+        ROUTING,
         REQUEST,
     ];
 }

@@ -13,6 +13,8 @@ use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 
+use crate::agent::routing::gateway_api;
+use crate::gateway::http_route::HttpRoute;
 use crate::istio::virtual_service::VirtualService;
 use crate::names::{agent, annotations};
 
@@ -55,7 +57,11 @@ pub struct Release {
     pub revision: Option<u64>,
     /// The stable revision while a release is recorded.
     pub stable: Option<u64>,
-    /// Weight per subset of the managed VirtualService's route; `host` when it routes to every pod.
+    /// The routing provider of the release (`turnout.dev/routing`), once it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing: Option<String>,
+    /// Weight per backend of the managed route (VirtualService or HTTPRoute); `host` when it routes to
+    /// every pod.
     pub weights: BTreeMap<String, u8>,
     pub failed_checks: u32,
     pub message: String,
@@ -144,14 +150,20 @@ pub async fn client(namespace: Option<&str>) -> Result<(Client, String), Error> 
 }
 
 async fn read(client: &Client, args: &Args, namespace: &str) -> Result<Vec<Release>, Error> {
-    let (deployments, services): (Api<Deployment>, Api<VirtualService>) = if args.all_namespaces {
-        (Api::all(client.clone()), Api::all(client.clone()))
-    } else {
-        (
-            Api::namespaced(client.clone(), namespace),
-            Api::namespaced(client.clone(), namespace),
-        )
-    };
+    let (deployments, services, http_routes): (Api<Deployment>, Api<VirtualService>, Api<HttpRoute>) =
+        if args.all_namespaces {
+            (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            )
+        } else {
+            (
+                Api::namespaced(client.clone(), namespace),
+                Api::namespaced(client.clone(), namespace),
+                Api::namespaced(client.clone(), namespace),
+            )
+        };
     let list = match &args.deployment {
         Some(name) => vec![get_deployment(&deployments, namespace, name).await?],
         None => deployments
@@ -164,12 +176,13 @@ async fn read(client: &Client, args: &Args, namespace: &str) -> Result<Vec<Relea
             .collect(),
     };
     let managed = ListParams::default().labels(&format!("{}={}", agent::MANAGED_BY, agent::TURNOUT));
-    // Without the Istio CRDs there are no weights to show; the rest still is.
+    // Without a provider's CRDs there are no weights of its to show; the rest still is.
     let routes = services.list(&managed).await.map(|l| l.items).unwrap_or_default();
+    let http_routes = http_routes.list(&managed).await.map(|l| l.items).unwrap_or_default();
     let mut releases: Vec<Release> = list
         .iter()
         .filter(|d| !d.labels().contains_key(agent::RELEASE_OF))
-        .map(|d| release(d, &routes))
+        .map(|d| release(d, &routes, &http_routes))
         .collect();
     if args.deployment.is_some()
         && let [one] = releases.as_mut_slice()
@@ -195,21 +208,42 @@ pub async fn get_deployment(api: &Api<Deployment>, namespace: &str, name: &str) 
         })
 }
 
-/// The release of `d`, with the weights of the managed VirtualService it owns.
-pub fn release(d: &Deployment, routes: &[VirtualService]) -> Release {
+/// The release of `d`, with the weights of the managed route it owns (a VirtualService or an
+/// HTTPRoute, whichever its provider writes).
+pub fn release(d: &Deployment, routes: &[VirtualService], http_routes: &[HttpRoute]) -> Release {
     let ann = d.annotations();
     let view = crate::agent::observe::deployment_view(d);
     let uid = d.uid().unwrap_or_default();
+    let owned = |o: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]| o.iter().any(|o| o.uid == uid);
     let mut weights = BTreeMap::new();
-    for vs in routes
-        .iter()
-        .filter(|vs| vs.owner_references().iter().any(|o| o.uid == uid))
-    {
+    for vs in routes.iter().filter(|vs| owned(vs.owner_references())) {
         let route = vs.spec.http.iter().flatten().next().and_then(|h| h.route.as_ref());
         for dest in route.into_iter().flatten() {
             let name = dest.destination.subset.clone().unwrap_or_else(|| "host".into());
             let weight = u8::try_from(dest.weight.unwrap_or(100).clamp(0, 100)).unwrap_or(0);
             *weights.entry(name).or_insert(0) += weight;
+        }
+    }
+    for r in http_routes.iter().filter(|r| owned(r.owner_references())) {
+        let service = r.name_any();
+        let refs = r
+            .spec
+            .rules
+            .iter()
+            .flatten()
+            .next()
+            .and_then(|rule| rule.backend_refs.as_ref());
+        let refs: Vec<_> = refs.into_iter().flatten().collect();
+        let total: i32 = refs.iter().map(|b| b.weight.unwrap_or(1).max(0)).sum();
+        for b in refs {
+            let name = if b.name == service {
+                "host".to_owned()
+            } else {
+                gateway_api::backend_of(&service, &b.name)
+            };
+            // Weights of an HTTPRoute are relative; shown in percent like the VirtualService's.
+            let share = (100 * b.weight.unwrap_or(1).max(0)).checked_div(total).unwrap_or(0);
+            *weights.entry(name).or_insert(0) += u8::try_from(share.clamp(0, 100)).unwrap_or(0);
         }
     }
     let template_revision = crate::agent::observe::template_revision_of(d);
@@ -219,6 +253,7 @@ pub fn release(d: &Deployment, routes: &[VirtualService]) -> Release {
         phase: ann.get(annotations::PHASE).cloned().unwrap_or_else(|| "-".into()),
         revision: view.status.release.or(template_revision),
         stable: view.stable_revision,
+        routing: ann.get(annotations::ROUTING).cloned(),
         weights,
         failed_checks: view.status.failed_checks,
         message: ann.get(annotations::MESSAGE).cloned().unwrap_or_default(),
@@ -268,7 +303,7 @@ pub fn table(releases: &[Release]) -> String {
     if releases.is_empty() {
         return "no Deployments managed by turnout here\n".into();
     }
-    let rows: Vec<[String; 7]> = releases
+    let rows: Vec<[String; 8]> = releases
         .iter()
         .map(|r| {
             let weights = if r.weights.is_empty() {
@@ -292,6 +327,7 @@ pub fn table(releases: &[Release]) -> String {
                 phase,
                 r.revision.map_or("-".into(), |v| format!("v{v}")),
                 r.stable.map_or("-".into(), |v| format!("v{v}")),
+                r.routing.clone().unwrap_or_else(|| "-".into()),
                 weights,
                 r.failed_checks.to_string(),
                 r.message.clone(),
@@ -303,6 +339,7 @@ pub fn table(releases: &[Release]) -> String {
         "PHASE",
         "RELEASE",
         "STABLE",
+        "ROUTING",
         "WEIGHTS",
         "FAILED",
         "MESSAGE",
@@ -350,6 +387,7 @@ mod tests {
             phase: phase.into(),
             revision: Some(2),
             stable: Some(1),
+            routing: Some("istio".into()),
             weights: weights.iter().map(|(s, w)| ((*s).to_owned(), *w)).collect(),
             failed_checks: 1,
             message: "Halt advancement: success rate 53.4% < 99%".into(),
@@ -366,11 +404,11 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "DEPLOYMENT    PHASE        RELEASE  STABLE  WEIGHTS             FAILED  MESSAGE"
+            "DEPLOYMENT    PHASE        RELEASE  STABLE  ROUTING  WEIGHTS             FAILED  MESSAGE"
         );
         assert_eq!(
             lines[1],
-            "shop/podinfo  Progressing  v2       v1      v1=80,v2-canary=20  1       Halt advancement: success rate 53.4% < 99%"
+            "shop/podinfo  Progressing  v2       v1      istio    v1=80,v2-canary=20  1       Halt advancement: success rate 53.4% < 99%"
         );
         assert_eq!(lines[3], "Events:");
         assert!(lines[4].contains("canary weight 20"));

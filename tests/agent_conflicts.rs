@@ -27,6 +27,7 @@ fn status() -> Action {
         rollout: Rollout::Keep,
         paused: false,
         clear_request: false,
+        provider: ProviderKind::Istio,
     })
 }
 

@@ -21,6 +21,7 @@ async fn status(cluster: &Cluster, args: &[&str]) -> Output {
 async fn status_shows_phase_weights_and_events_with_exit_codes_scripts_can_use() {
     let cluster = Cluster::start().await;
     cluster.istio_crds().await;
+    cluster.gateway_api_crds().await;
     for ns in ["shop", "blog"] {
         cluster.namespace(ns, false).await;
         cluster.podinfo(ns).await;
@@ -58,6 +59,39 @@ spec:
     - route:
         - {{destination: {{host: podinfo.shop.svc.cluster.local, subset: v1}}, weight: 80}}
         - {{destination: {{host: podinfo.shop.svc.cluster.local, subset: v2-canary}}, weight: 20}}
+"
+        ))
+        .await;
+    // blog's release moves traffic with Gateway API: the weights come from its HTTPRoute.
+    let blog = cluster.get("blog", "deployment/podinfo").await;
+    let blog_uid = blog["metadata"]["uid"].as_str().unwrap();
+    cluster
+        .ok(&[
+            "annotate",
+            "-n",
+            "blog",
+            "deployment/podinfo",
+            "turnout.dev/phase=Progressing",
+            "turnout.dev/release=2",
+            "turnout.dev/stable-revision=1",
+            "turnout.dev/routing=gateway-api",
+        ])
+        .await;
+    cluster
+        .apply(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: podinfo
+  namespace: blog
+  labels: {{app.kubernetes.io/managed-by: turnout}}
+  ownerReferences: [{{apiVersion: apps/v1, kind: Deployment, name: podinfo, uid: {blog_uid}}}]
+spec:
+  parentRefs: [{{group: '', kind: Service, name: podinfo}}]
+  rules:
+    - backendRefs:
+        - {{name: podinfo-v1, port: 9898, weight: 75}}
+        - {{name: podinfo-v2-canary, port: 9898, weight: 25}}
 "
         ))
         .await;
@@ -107,8 +141,16 @@ source: {{component: turnout}}
         .iter()
         .map(|r| format!("{}/{} {}", r["namespace"], r["name"], r["phase"]))
         .collect();
-    assert_eq!(names, [r#""blog"/"podinfo" "-""#, r#""shop"/"podinfo" "Progressing""#]);
+    assert_eq!(
+        names,
+        [r#""blog"/"podinfo" "Progressing""#, r#""shop"/"podinfo" "Progressing""#]
+    );
     assert_eq!(all[1]["weights"]["v2-canary"], 20);
+    assert_eq!(all[0]["routing"], "gateway-api");
+    assert_eq!(all[0]["weights"], serde_json::json!({"v1": 75, "v2-canary": 25}));
+    let blog = status(&cluster, &["-n", "blog"]).await;
+    let text = String::from_utf8(blog.stdout).unwrap();
+    assert!(text.contains("gateway-api  v1=75,v2-canary=25"), "{text}");
     assert_eq!(all[1]["failed_checks"], 1);
 
     let missing = status(&cluster, &["nope", "-n", "shop"]).await;

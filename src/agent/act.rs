@@ -126,6 +126,7 @@ async fn status(client: &Client, d: &Deployment, p: &StatusPatch) -> kube::Resul
     ann.insert(annotations::WEIGHT.into(), json!(p.weight.to_string()));
     ann.insert(annotations::FAILED_CHECKS.into(), json!(p.failed_checks.to_string()));
     ann.insert(annotations::MESSAGE.into(), json!(p.message));
+    ann.insert(annotations::ROUTING.into(), json!(p.provider.as_str()));
     let paused = p.paused.then_some(values::TRUE);
     ann.insert(annotations::RELEASE_PAUSED.into(), json!(paused));
     if p.clear_request {

@@ -315,6 +315,8 @@ pub struct StatusPatch {
     pub paused: bool,
     /// Remove the request annotation: this write acts on it.
     pub clear_request: bool,
+    /// The routing provider the release uses (shown by `turnout status`).
+    pub provider: ProviderKind,
 }
 
 /// A change to the Deployment's `Progressing` status condition, which `kubectl rollout status` reads.

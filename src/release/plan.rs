@@ -366,7 +366,7 @@ fn start(o: &Observed<'_>, t: u64) -> Plan {
         action: Action::Status(patch(o, t, Phase::Pending, 0, 0, message.clone())),
         event: Some(info(
             if superseded.is_some() { "Superseded" } else { "Started" },
-            format!("{}/{}: {message}", d.namespace, d.name),
+            format!("{}/{}: {message} (routing: {})", d.namespace, d.name, o.provider),
         )),
     }
 }
@@ -1231,6 +1231,7 @@ fn patch(o: &Observed<'_>, t: u64, phase: Phase, weight: u8, failed_checks: u32,
         rollout: Rollout::Keep,
         paused: d.status.paused && d.status.release == Some(t) && phase.before_hand_off(),
         clear_request: false,
+        provider: o.provider,
     }
 }
 

@@ -338,13 +338,37 @@ impl Cluster {
 
     /// Applies the real Istio CRDs and waits until they are served.
     pub async fn istio_crds(&self) {
-        let dir = format!("{}/../shared/crds/istio", env!("CARGO_MANIFEST_DIR"));
-        self.ok(&["apply", "-f", &dir]).await;
+        self.crds(
+            "istio",
+            &[
+                "virtualservices.networking.istio.io",
+                "destinationrules.networking.istio.io",
+            ],
+        )
+        .await;
+    }
+
+    /// Applies the real Gateway API CRDs and waits until they are served.
+    pub async fn gateway_api_crds(&self) {
+        self.crds(
+            "gateway-api",
+            &[
+                "gatewayclasses.gateway.networking.k8s.io",
+                "gateways.gateway.networking.k8s.io",
+                "httproutes.gateway.networking.k8s.io",
+            ],
+        )
+        .await;
+    }
+
+    /// Applies the CRDs of `../shared/crds/<dir>` and waits until `names` are served.
+    async fn crds(&self, dir: &str, names: &[&str]) {
+        let dir = format!("{}/../shared/crds/{dir}", env!("CARGO_MANIFEST_DIR"));
+        // Server-side: the Gateway API CRDs are too large for the last-applied annotation.
+        self.ok(&["apply", "--server-side", "--force-conflicts", "-f", &dir])
+            .await;
         // Polled rather than `kubectl wait`, which fails when it reads a CRD before it has conditions.
-        for crd in [
-            "virtualservices.networking.istio.io",
-            "destinationrules.networking.istio.io",
-        ] {
+        for crd in names {
             eventually(Duration::from_secs(60), &format!("{crd} established"), || async {
                 let out = self
                     .kubectl(

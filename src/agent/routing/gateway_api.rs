@@ -175,13 +175,21 @@ fn route_of(r: &HttpRoute, service: &str, own: &[Service]) -> Applied<Route> {
     }
 }
 
+/// The backend per-version Service `svc` of Service `service` stands for, by its name (`podinfo-v3-canary`
+/// → `v3-canary`).
+pub fn backend_of(service: &str, svc: &str) -> String {
+    svc.strip_prefix(service)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .unwrap_or(svc)
+        .to_owned()
+}
+
 /// The backend a per-version Service stands for: its annotation, else its name without the prefix.
 fn backend_name(svc: &str, service: &str, own: &[Service]) -> String {
     own.iter()
         .find(|s| s.name_any() == svc)
         .and_then(|s| s.annotations().get(BACKEND).cloned())
-        .or_else(|| svc.strip_prefix(&format!("{service}-")).map(str::to_owned))
-        .unwrap_or_else(|| svc.to_owned())
+        .unwrap_or_else(|| backend_of(service, svc))
 }
 
 /// Every parent reports the current generation `Accepted` and `ResolvedRefs`.
