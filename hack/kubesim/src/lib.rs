@@ -3,7 +3,7 @@
 //! ```text
 //!  cluster: etcd, kube-apiserver, kube-controller-manager (built by hack/k8s/build.sh), PKI, kubeconfigs
 //!  node:    a node agent as a client of the API server (pods bound, given IPs and status, deleted)
-//!  mesh:    proxies routing by VirtualService/DestinationRule, fed by watches ──▶ simulated pods; metrics
+//!  mesh:    proxies routing by VirtualService/DestinationRule/HTTPRoute, fed by watches ──▶ simulated pods; metrics
 //!  testbed: the three together
 //! ```
 

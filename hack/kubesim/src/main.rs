@@ -6,8 +6,8 @@ use clap::{Parser, Subcommand};
 
 /// kubesim: turnout's test bed. The real Kubernetes control plane (etcd, kube-apiserver,
 /// kube-controller-manager built from the Kubernetes Go modules by hack/k8s/build.sh), with a node agent
-/// that binds and runs pods and a mesh data plane that routes by the applied Istio objects, both as
-/// clients of the API server.
+/// that binds and runs pods and a mesh data plane that routes by the applied Istio objects and Gateway
+/// API HTTPRoutes, both as clients of the API server.
 #[derive(Debug, Parser)]
 #[command(name = "kubesim", version)]
 struct Cli {
@@ -46,6 +46,10 @@ enum Command {
         /// How many simulated client proxies route mesh requests (each adopts changes after its own delay).
         #[arg(long, env = "KUBESIM_PROXIES", default_value_t = 4)]
         proxies: usize,
+        /// Write HTTPRoute status (status.parents, controller kubesim.turnout.dev/mesh) once every proxy
+        /// has adopted a route's generation, as a Gateway API implementation does; false: write none.
+        #[arg(long, env = "KUBESIM_ROUTE_STATUS", default_value_t = true, action = clap::ArgAction::Set)]
+        route_status: bool,
         /// Write the API server's audit log (one JSON line per request, with its user) to DIR/logs/audit.log.
         #[arg(long, env = "KUBESIM_AUDIT")]
         audit: bool,
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
             mesh_port,
             metrics_port,
             proxies,
+            route_status,
             audit,
         } => {
             let mut config = kubesim::testbed::config(&dir);
@@ -134,6 +139,7 @@ fn main() -> ExitCode {
                 proxies,
                 max_propagation_delay,
                 seed: None,
+                route_status,
             };
             rt.block_on(up(config))
         }

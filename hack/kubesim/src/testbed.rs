@@ -1,7 +1,7 @@
 //! The test bed: the real control plane ([`crate::cluster`]) with what needs machines we do not have
 //! simulated as its clients: the node agent ([`crate::node`]: pods bound, run and terminated) and the
 //! mesh data plane ([`crate::mesh`]: pods answering HTTP, proxies routing by the applied
-//! VirtualServices and DestinationRules, Istio metrics).
+//! VirtualServices and DestinationRules or Gateway API HTTPRoutes, Istio metrics, HTTPRoute status).
 //!
 //! ```text
 //!  kubectl / turnout ──▶ kube-apiserver ◀── kube-controller-manager

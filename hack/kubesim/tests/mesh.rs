@@ -1,6 +1,7 @@
 //! The mesh end to end on the test bed (the real control plane, the node agent, the mesh following the
-//! API server): pods answering HTTP, proxies routing by VirtualService/DestinationRule after their
-//! propagation delay, stale endpoints failing with 503, and Istio metrics.
+//! API server): pods answering HTTP, proxies routing by VirtualService/DestinationRule or Gateway API
+//! HTTPRoute after their propagation delay, HTTPRoute status, stale endpoints failing with 503, and
+//! Istio metrics.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -11,6 +12,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use kubesim::testbed::{self, Testbed};
@@ -58,6 +60,11 @@ async fn poll<T, F: Future<Output = Option<T>>>(within: Duration, what: &str, ch
 /// A test bed of its own (proxies up to `max_propagation_delay` behind), the Istio CRDs, namespace
 /// `test` and Service `podinfo`.
 async fn start(max_propagation_delay: Duration) -> Bed {
+    start_with(max_propagation_delay, true).await
+}
+
+/// [`start`], writing HTTPRoute status or not.
+async fn start_with(max_propagation_delay: Duration, route_status: bool) -> Bed {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let turn = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
@@ -65,6 +72,7 @@ async fn start(max_propagation_delay: Duration) -> Bed {
     testbed::ensure_built(&config.control_plane.bin_dir).expect("the control plane builds (hack/k8s/build.sh)");
     config.node.pod_ready_delay = Duration::from_millis(100);
     config.mesh.max_propagation_delay = max_propagation_delay;
+    config.mesh.route_status = route_status;
     let bed = Testbed::start(&config).await.expect("the test bed starts");
     let client = bed.control_plane.client().await.unwrap();
     let bed = Bed {
@@ -115,6 +123,40 @@ async fn install_istio_crds(bed: &Bed) {
     }
 }
 
+/// The real Gateway API CRDs (GatewayClass, Gateway, HTTPRoute), applied with the pinned kubectl, then
+/// established and served.
+async fn install_gateway_api_crds(bed: &Bed) {
+    let crds = format!("{}/../../../shared/crds/gateway-api", env!("CARGO_MANIFEST_DIR"));
+    let kubectl = bed.bed.control_plane.bin_dir.join("kubectl");
+    let out = tokio::process::Command::new(kubectl)
+        .args(["apply", "--server-side", "-f", &crds])
+        .env("KUBECONFIG", bed.bed.control_plane.dir.join("kubeconfig"))
+        .output()
+        .await
+        .expect("kubectl runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let crds: Api<CustomResourceDefinition> = Api::all(bed.client.clone());
+    for name in ["gatewayclasses", "gateways", "httproutes"] {
+        let name = format!("{name}.gateway.networking.k8s.io");
+        poll(Duration::from_secs(30), &format!("{name} Established"), || async {
+            let crd = crds.get_opt(&name).await.ok().flatten()?;
+            let conditions = crd.status?.conditions?;
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        })
+        .await;
+    }
+    for kind in [GATEWAYS, HTTP_ROUTES] {
+        let api: Api<DynamicObject> = Api::namespaced_with(bed.client.clone(), NS, &resource(kind));
+        poll(Duration::from_secs(30), "the Gateway API served", || async {
+            api.list(&ListParams::default()).await.ok()
+        })
+        .await;
+    }
+}
+
 type Kind = (&'static str, &'static str, &'static str, &'static str);
 
 fn resource((group, version, kind, plural): Kind) -> ApiResource {
@@ -159,6 +201,9 @@ async fn update(bed: &Bed, kind: Kind, name: &str, edit: impl Fn(&mut Value)) ->
 const DEPLOYMENTS: Kind = ("apps", "v1", "Deployment", "deployments");
 const RULES: Kind = ("networking.istio.io", "v1", "DestinationRule", "destinationrules");
 const ROUTES: Kind = ("networking.istio.io", "v1", "VirtualService", "virtualservices");
+const SERVICES: Kind = ("", "v1", "Service", "services");
+const HTTP_ROUTES: Kind = ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes");
+const GATEWAYS: Kind = ("gateway.networking.k8s.io", "v1", "Gateway", "gateways");
 fn deployment(name: &str, version: &str, replicas: u32, env: Value) -> Value {
     json!({"metadata": {"name": name}, "spec": {"replicas": replicas,
         "selector": {"matchLabels": {"app": "podinfo", "version": version}},
@@ -169,8 +214,13 @@ fn deployment(name: &str, version: &str, replicas: u32, env: Value) -> Value {
 
 /// Waits until the Service has `n` ready endpoints (none of them pod `gone`) and every proxy knows it.
 async fn wait_ready_endpoints(bed: &Bed, n: usize, gone: &str) {
+    wait_service_endpoints(bed, "podinfo", n, gone).await;
+}
+
+/// [`wait_ready_endpoints`] for Service `service`.
+async fn wait_service_endpoints(bed: &Bed, service: &str, n: usize, gone: &str) {
     let slices: Api<EndpointSlice> = Api::namespaced(bed.client.clone(), NS);
-    let params = ListParams::default().labels("kubernetes.io/service-name=podinfo");
+    let params = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
     let rv = poll(Duration::from_secs(30), &format!("{n} ready endpoints"), || async {
         let list = slices.list(&params).await.ok()?;
         let slice = list.items.into_iter().next()?;
@@ -454,5 +504,202 @@ async fn a_proxy_with_stale_endpoints_fails_requests_to_a_pod_that_is_gone() {
         let a = send(&bed, "podinfo.test", "/", Some(proxy)).await;
         assert_eq!(a.status, 200, "{}", a.text);
         assert_ne!(a.body["pod"], pod.as_str());
+    }
+}
+
+/// A Service `name` for the pods of one version.
+fn version_service(name: &str, version: &str) -> Value {
+    json!({"metadata": {"name": name}, "spec": {"selector": {"app": "podinfo", "version": version},
+        "ports": [{"name": "http", "port": 80, "targetPort": 9898}]}})
+}
+
+/// Rules sending everything to `podinfo-a` and `podinfo-b` with these weights.
+fn backend_weights(a: u32, b: u32) -> Value {
+    json!([{"backendRefs": [{"name": "podinfo-a", "port": 80, "weight": a},
+                            {"name": "podinfo-b", "port": 80, "weight": b}]}])
+}
+
+/// The HTTPRoute `name` as the API server holds it.
+async fn get_route(bed: &Bed, name: &str) -> Value {
+    let api: Api<DynamicObject> = Api::namespaced_with(bed.client.clone(), NS, &resource(HTTP_ROUTES));
+    serde_json::to_value(api.get(name).await.unwrap()).unwrap()
+}
+
+/// The mesh's `status.parents` entry for the route's parentRef named `parent`, once its conditions
+/// observe the route's current generation.
+async fn current_route_status(bed: &Bed, route: &str, parent: &str) -> Value {
+    poll(
+        Duration::from_secs(10),
+        &format!("HTTPRoute {route} status for its generation"),
+        || async {
+            let object = get_route(bed, route).await;
+            let generation = object["metadata"]["generation"].clone();
+            let entry = object["status"]["parents"]
+                .as_array()?
+                .iter()
+                .find(|p| p["controllerName"] == "kubesim.turnout.dev/mesh" && p["parentRef"]["name"] == parent)?
+                .clone();
+            let conditions = entry["conditions"].as_array()?;
+            (conditions.len() == 2 && conditions.iter().all(|c| c["observedGeneration"] == generation)).then_some(entry)
+        },
+    )
+    .await
+}
+
+fn route_condition<'a>(entry: &'a Value, kind: &str) -> (&'a str, &'a str) {
+    let c = entry["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}: {entry}"));
+    assert!(c["lastTransitionTime"].is_string(), "{c}");
+    (c["status"].as_str().unwrap(), c["reason"].as_str().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_follows_http_route_weights_and_the_mesh_writes_route_status() {
+    let bed = start(Duration::from_millis(200)).await;
+    install_gateway_api_crds(&bed).await;
+    create(&bed, SERVICES, version_service("podinfo-a", "v1")).await;
+    create(&bed, SERVICES, version_service("podinfo-b", "v2")).await;
+    create(&bed, DEPLOYMENTS, deployment("podinfo", "v1", 1, json!([]))).await;
+    create(&bed, DEPLOYMENTS, deployment("podinfo-v2", "v2", 1, json!([]))).await;
+    wait_service_endpoints(&bed, "podinfo-a", 1, "").await;
+    wait_service_endpoints(&bed, "podinfo-b", 1, "").await;
+    wait_ready_endpoints(&bed, 2, "").await;
+
+    // No routing object: the plain Service spreads over both versions.
+    let answers = batch(&bed, 40).await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert_eq!(versions(&answers), BTreeSet::from(["v1".into(), "v2".into()]));
+
+    // (a) An HTTPRoute on Service podinfo, 100/0: only podinfo-a's pods, once every proxy holds it.
+    let rv = create(
+        &bed,
+        HTTP_ROUTES,
+        json!({"metadata": {"name": "podinfo"}, "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "podinfo", "port": 80}],
+            "rules": backend_weights(100, 0)}}),
+    )
+    .await;
+    assert!(bed.bed.mesh.converged("httproutes", rv).await);
+    let answers = batch(&bed, 24).await;
+    assert!(
+        answers.iter().all(|a| a.status == 200 && a.version() == "v1"),
+        "{:?}",
+        answers.iter().map(|a| (a.status, a.version())).collect::<Vec<_>>()
+    );
+    let entry = current_route_status(&bed, "podinfo", "podinfo").await;
+    assert_eq!(route_condition(&entry, "Accepted"), ("True", "Accepted"));
+    assert_eq!(route_condition(&entry, "ResolvedRefs"), ("True", "ResolvedRefs"));
+    assert_eq!(
+        (&entry["parentRef"]["kind"], &entry["parentRef"]["port"]),
+        (&json!("Service"), &json!(80))
+    );
+
+    // (b) 0/100: only podinfo-b's; the status follows the new generation.
+    let rv = update(&bed, HTTP_ROUTES, "podinfo", |r| {
+        r["spec"]["rules"] = backend_weights(0, 100);
+    })
+    .await;
+    eventually(&bed, "all podinfo-b", |a| a.status == 200 && a.version() == "v2").await;
+    assert!(bed.bed.mesh.converged("httproutes", rv).await);
+    let answers = batch(&bed, 24).await;
+    assert!(answers.iter().all(|a| a.status == 200 && a.version() == "v2"));
+    let entry = current_route_status(&bed, "podinfo", "podinfo").await;
+    assert_eq!(entry["conditions"][0]["observedGeneration"], 2);
+    assert_eq!(route_condition(&entry, "Accepted").0, "True");
+
+    // Istio's metrics name the backend Service used and the pod's workload and version, on both sides.
+    let text = metrics(&bed).await;
+    for reporter in ["source", "destination"] {
+        let routed = sample(
+            &text,
+            "istio_requests_total",
+            &[
+                &format!(r#"reporter="{reporter}""#),
+                r#"destination_service="podinfo-b.test.svc.cluster.local""#,
+                r#"destination_service_name="podinfo-b""#,
+                r#"destination_workload="podinfo-v2""#,
+                r#"destination_version="v2""#,
+                r#"response_code="200""#,
+            ],
+        );
+        assert!(routed.is_some_and(|n| n >= 24.0), "{reporter}: {routed:?}\n{text}");
+    }
+
+    // (c) A backend Service that does not exist: 500, and ResolvedRefs False.
+    let rv = update(&bed, HTTP_ROUTES, "podinfo", |r| {
+        r["spec"]["rules"] = json!([{"backendRefs": [{"name": "podinfo-c", "port": 80}]}]);
+    })
+    .await;
+    assert!(bed.bed.mesh.converged("httproutes", rv).await);
+    for a in batch(&bed, 8).await {
+        assert_eq!((a.status, a.flags.as_str()), (500, "NC"), "{}", a.text);
+    }
+    let entry = current_route_status(&bed, "podinfo", "podinfo").await;
+    assert_eq!(route_condition(&entry, "ResolvedRefs"), ("False", "BackendNotFound"));
+    assert_eq!(route_condition(&entry, "Accepted"), ("True", "Accepted"));
+
+    // (d) North-south: a Gateway and a route for a host that is no Service.
+    let gw_rv = create(
+        &bed,
+        GATEWAYS,
+        json!({"metadata": {"name": "web"}, "spec": {"gatewayClassName": "kubesim",
+            "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}}),
+    )
+    .await;
+    let rv = create(
+        &bed,
+        HTTP_ROUTES,
+        json!({"metadata": {"name": "web"}, "spec": {"parentRefs": [{"name": "web"}],
+            "hostnames": ["podinfo.example.com"],
+            "rules": [{"backendRefs": [{"name": "podinfo-a", "port": 80}]}]}}),
+    )
+    .await;
+    assert!(bed.bed.mesh.converged("gateways", gw_rv).await);
+    assert!(bed.bed.mesh.converged("httproutes", rv).await);
+    let a = send(&bed, "podinfo.example.com", "/", None).await;
+    assert_eq!((a.status, a.version()), (200, "v1"), "{}", a.text);
+    let entry = current_route_status(&bed, "web", "web").await;
+    assert_eq!(route_condition(&entry, "Accepted"), ("True", "Accepted"));
+    assert_eq!(entry["parentRef"]["kind"], "Gateway");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_with_route_status_off_routes_by_http_routes_and_writes_no_status() {
+    let bed = start_with(Duration::from_millis(100), false).await;
+    install_gateway_api_crds(&bed).await;
+    create(&bed, SERVICES, version_service("podinfo-a", "v1")).await;
+    create(&bed, DEPLOYMENTS, deployment("podinfo", "v1", 1, json!([]))).await;
+    create(&bed, DEPLOYMENTS, deployment("podinfo-v2", "v2", 1, json!([]))).await;
+    wait_service_endpoints(&bed, "podinfo-a", 1, "").await;
+    wait_ready_endpoints(&bed, 2, "").await;
+    let rv = create(
+        &bed,
+        HTTP_ROUTES,
+        json!({"metadata": {"name": "podinfo"}, "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "podinfo"}],
+            "rules": [{"backendRefs": [{"name": "podinfo-a", "port": 80}]}]}}),
+    )
+    .await;
+    assert!(bed.bed.mesh.converged("httproutes", rv).await);
+    let answers = batch(&bed, 16).await;
+    assert!(
+        answers.iter().all(|a| a.status == 200 && a.version() == "v1"),
+        "the route is served"
+    );
+    // Absence can only be watched for: a mesh writing status writes within moments of every proxy
+    // holding the route (above); watch twenty times the propagation delay.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let object = get_route(&bed, "podinfo").await;
+        assert!(
+            object["status"]["parents"].as_array().is_none_or(Vec::is_empty),
+            "status written: {}",
+            object["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -18,7 +18,8 @@ pub type ResourceKey = (String, String);
 /// One thing the mesh learns.
 #[derive(Debug)]
 pub enum Fed {
-    /// Every object of `resource` as it is now; `rv`: changes at or before it are already in (0: unknown).
+    /// Every object of `resource` as it is now; `rv`: changes at or before it are already in (0: unknown;
+    /// from an API server, the newest resourceVersion among the objects listed).
     Reset {
         resource: ResourceKey,
         objects: Vec<Arc<Value>>,
@@ -34,17 +35,19 @@ pub enum Fed {
 }
 
 /// The resources the mesh follows: (group, version, kind, plural).
-pub const FOLLOWED: [(&str, &str, &str, &str); 6] = [
+pub const FOLLOWED: [(&str, &str, &str, &str); 8] = [
     ("", "v1", "Service", "services"),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
     ("", "v1", "Pod", "pods"),
     ("networking.istio.io", "v1", "VirtualService", "virtualservices"),
     ("networking.istio.io", "v1", "DestinationRule", "destinationrules"),
     ("apps", "v1", "ReplicaSet", "replicasets"),
+    ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+    ("gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
 ];
 
-/// Retries a failed watch at a steady pace: a resource whose CRD is installed later (Istio's) is seen
-/// within this delay, as istiod would.
+/// Retries a failed watch at a steady pace: a resource whose CRD is installed later (Istio's, the
+/// Gateway API's) is seen within this delay, as istiod would.
 struct Steady(Duration);
 
 impl Iterator for Steady {
@@ -85,10 +88,13 @@ pub fn from_api(client: kube::Client, retry: Duration) -> mpsc::UnboundedReceive
                     }
                     Ok(watcher::Event::InitDone) => {
                         synced = true;
+                        // The list holds every change up to its own version, so at least up to the
+                        // newest object in it: an object written before the watch started is seen.
+                        let rv = listing.iter().map(|o| rv_of(o)).max().unwrap_or_default();
                         Fed::Reset {
                             resource: key.clone(),
                             objects: std::mem::take(&mut listing),
-                            rv: 0,
+                            rv,
                         }
                     }
                     Ok(watcher::Event::Apply(o)) => match value_of(o, group, version, kind) {
@@ -122,11 +128,15 @@ pub fn from_api(client: kube::Client, retry: Duration) -> mpsc::UnboundedReceive
     rx
 }
 
-fn change(resource: &ResourceKey, deleted: bool, object: Arc<Value>) -> Fed {
-    let rv = object["metadata"]["resourceVersion"]
+fn rv_of(object: &Value) -> u64 {
+    object["metadata"]["resourceVersion"]
         .as_str()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+fn change(resource: &ResourceKey, deleted: bool, object: Arc<Value>) -> Fed {
+    let rv = rv_of(&object);
     Fed::Change {
         resource: resource.clone(),
         deleted,

@@ -1,11 +1,14 @@
 //! The mesh data plane: simulated pods that answer HTTP, client proxies that route by the applied
-//! VirtualServices and DestinationRules and adopt changes after their own delay, and Istio metrics.
+//! VirtualServices and DestinationRules or Gateway API HTTPRoutes and adopt changes after their own
+//! delay, Istio metrics, and the HTTPRoutes' status.
 //!
 //! ```text
 //!  watch events ──▶ controller ──▶ pod servers (podIP:containerPort, started/stopped with the pods)
 //!                        │
-//!                        └─ snapshot (Services+EndpointSlices, pods, VirtualServices, DestinationRules)
+//!                        └─ snapshot (Services+EndpointSlices, pods, VirtualServices, DestinationRules,
+//!                              │       HTTPRoutes, Gateways)
 //!                              │  each proxy adopts it after its own delay in [0, max]
+//!                              ├──▶ once every proxy holds it: HTTPRoute status.parents (status.rs)
 //!                              ▼
 //!  HTTP (Host: svc.ns) ──▶ entry ──▶ proxy N: route() ──▶ connect podIP:port, forward ──▶ pod
 //!                                        └─ istio_requests_total / _duration (reporter="source")
@@ -15,12 +18,14 @@
 //! Routing is a pure function ([`route::route`]) over a [`snapshot::Snapshot`]; the rest is IO.
 
 pub mod feed;
+pub mod gateway;
 pub mod metrics;
 pub mod pod;
 pub mod proxy;
 pub mod rng;
 pub mod route;
 pub mod snapshot;
+pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
@@ -60,6 +65,10 @@ pub struct MeshConfig {
     pub max_propagation_delay: Duration,
     /// Seed of the random choices (delays, weights, endpoints, error rates); `None`: from the clock.
     pub seed: Option<u64>,
+    /// Write HTTPRoute `status.parents` (controller [`gateway::CONTROLLER_NAME`]) once every proxy has
+    /// adopted a route's generation, as a Gateway API implementation does; off: an implementation that
+    /// writes no status. Only for a mesh following an API server ([`Mesh::start_on_api`]).
+    pub route_status: bool,
 }
 
 impl Default for MeshConfig {
@@ -70,6 +79,7 @@ impl Default for MeshConfig {
             proxies: 4,
             max_propagation_delay: Duration::from_millis(500),
             seed: None,
+            route_status: true,
         }
     }
 }
@@ -113,14 +123,16 @@ impl std::fmt::Debug for Mesh {
 
 impl Mesh {
     /// Starts the mesh following an API server with watches (Services, EndpointSlices, pods,
-    /// ReplicaSets, VirtualServices, DestinationRules); it routes once every resource was listed.
+    /// ReplicaSets, VirtualServices, DestinationRules, HTTPRoutes, Gateways); it routes once every
+    /// resource was listed, and writes HTTPRoute status if `config.route_status`.
     ///
     /// # Errors
     ///
     /// An address cannot be bound.
     pub async fn start_on_api(client: kube::Client, config: &MeshConfig) -> Result<Self, MeshError> {
-        let fed = feed::from_api(client, Duration::from_millis(250));
-        let mesh = Self::start(fed, config).await?;
+        let fed = feed::from_api(client.clone(), Duration::from_millis(250));
+        let writer = config.route_status.then(|| status::api_writer(client));
+        let mesh = Self::start_writing_status(fed, config, writer).await?;
         let mut synced = mesh.synced.clone();
         let _ = synced.wait_for(|s| *s).await;
         Ok(mesh)
@@ -133,7 +145,16 @@ impl Mesh {
     /// # Errors
     ///
     /// An address cannot be bound.
-    pub async fn start(mut fed: mpsc::UnboundedReceiver<Fed>, config: &MeshConfig) -> Result<Self, MeshError> {
+    pub async fn start(fed: mpsc::UnboundedReceiver<Fed>, config: &MeshConfig) -> Result<Self, MeshError> {
+        Self::start_writing_status(fed, config, None).await
+    }
+
+    /// [`Self::start`], writing HTTPRoute status with `writer` (if given and `config.route_status`).
+    pub(crate) async fn start_writing_status(
+        mut fed: mpsc::UnboundedReceiver<Fed>,
+        config: &MeshConfig,
+        writer: Option<status::Writer>,
+    ) -> Result<Self, MeshError> {
         let bind_entry = |source| MeshError::BindEntry {
             addr: config.entry_addr,
             source,
@@ -154,6 +175,15 @@ impl Mesh {
 
         let (processed_tx, processed) = watch::channel(HashMap::new());
         let (synced_tx, synced) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let status = match writer.filter(|_| config.route_status) {
+            Some(writer) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tasks.push(AbortOnDrop(tokio::spawn(status::run(rx, writer))));
+                Some(tx)
+            }
+            None => None,
+        };
         let mut controller = Controller {
             shared: shared.clone(),
             objects: HashMap::new(),
@@ -167,6 +197,7 @@ impl Mesh {
             processed: processed_tx,
             synced: synced_tx,
             seeds,
+            status,
         };
         // Take in what is already told, as the state every proxy starts with.
         let mut seen = HashMap::new();
@@ -177,12 +208,13 @@ impl Mesh {
         controller.processed.send_replace(seen);
         controller.current = (1, Arc::new(controller.next.clone()));
         shared.proxies.install(&controller.current);
+        controller.report_status(Instant::now());
 
-        let tasks = vec![
+        tasks.extend([
             AbortOnDrop(tokio::spawn(controller.run(fed))),
             AbortOnDrop(tokio::spawn(proxy::serve(entry, shared.clone()))),
             AbortOnDrop(tokio::spawn(serve_metrics(metrics_listener, shared.clone()))),
-        ];
+        ]);
         tracing::info!(entry = %entry_addr, metrics = %metrics_addr, proxies = shared.proxies.len(), "mesh is up");
         Ok(Self {
             entry_addr,
@@ -247,6 +279,8 @@ const PODS: usize = 2;
 const VIRTUAL_SERVICES: usize = 3;
 const DESTINATION_RULES: usize = 4;
 const REPLICA_SETS: usize = 5;
+const HTTP_ROUTES: usize = 6;
+const GATEWAYS: usize = 7;
 
 fn key(i: usize) -> ResourceKey {
     (feed::FOLLOWED[i].0.to_owned(), feed::FOLLOWED[i].3.to_owned())
@@ -289,6 +323,8 @@ struct Controller {
     /// Every followed resource has been listed.
     synced: watch::Sender<bool>,
     seeds: Rng,
+    /// Where published configurations go for HTTPRoute status (`None`: no status written).
+    status: Option<mpsc::UnboundedSender<status::Work>>,
 }
 
 impl Controller {
@@ -432,6 +468,14 @@ impl Controller {
                 let parsed = snapshot::destination_rules(self.all(DESTINATION_RULES));
                 self.next.set_destination_rules(parsed)
             }
+            HTTP_ROUTES => {
+                let parsed = gateway::routes(self.all(HTTP_ROUTES));
+                self.next.set_http_routes(parsed)
+            }
+            GATEWAYS => {
+                let parsed = gateway::gateways(self.all(GATEWAYS));
+                self.next.set_gateways(parsed)
+            }
             // A pod's workload is read from its ReplicaSet when the pod is first seen.
             REPLICA_SETS => false,
             _ => false,
@@ -546,6 +590,8 @@ impl Controller {
                 .collect(),
             virtual_services: self.all(VIRTUAL_SERVICES),
             destination_rules: self.all(DESTINATION_RULES),
+            http_routes: self.all(HTTP_ROUTES),
+            gateways: self.all(GATEWAYS),
         })
     }
 
@@ -557,6 +603,23 @@ impl Controller {
         self.current = (self.current.0 + 1, Arc::new(self.next.clone()));
         tracing::debug!(generation = self.current.0, "mesh: configuration changed");
         self.shared.proxies.publish(&self.current, Instant::now());
+        self.report_status(self.shared.proxies.settled_at());
+    }
+
+    /// Hands the current configuration to the status writer, to be reported once every proxy holds it
+    /// (at `settled_at`).
+    fn report_status(&self, settled_at: Instant) {
+        let Some(status) = &self.status else { return };
+        let routes = self
+            .objects
+            .get(&key(HTTP_ROUTES))
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        let _ = status.send(status::Work {
+            settled_at,
+            snapshot: self.current.1.clone(),
+            routes,
+        });
     }
 }
 
@@ -726,12 +789,14 @@ mod tests {
     /// The snapshot of what `objects` holds, built from scratch (pods without addresses: no listeners).
     fn from_scratch(store: &Objects) -> Snapshot {
         let list = |group: &str, plural: &str| store.list(&res(group, plural));
-        let (services, slices, pods, vss, drs) = (
+        let (services, slices, pods, vss, drs, routes, gateways) = (
             list("", "services"),
             list("discovery.k8s.io", "endpointslices"),
             list("", "pods"),
             list("networking.istio.io", "virtualservices"),
             list("networking.istio.io", "destinationrules"),
+            list("gateway.networking.k8s.io", "httproutes"),
+            list("gateway.networking.k8s.io", "gateways"),
         );
         let rs = res("apps", "replicasets");
         snapshot::build(snapshot::Objects {
@@ -747,6 +812,8 @@ mod tests {
                 .collect(),
             virtual_services: vss.iter().map(AsRef::as_ref).collect(),
             destination_rules: drs.iter().map(AsRef::as_ref).collect(),
+            http_routes: routes.iter().map(AsRef::as_ref).collect(),
+            gateways: gateways.iter().map(AsRef::as_ref).collect(),
         })
     }
 
@@ -766,7 +833,7 @@ mod tests {
             for _ in 0..25 {
                 let ns = ["a", "b"][pick(2) as usize];
                 let n = pick(4);
-                let (resource, object) = match pick(5) {
+                let (resource, object) = match pick(7) {
                     0 => (
                         res("", "services"),
                         json!({"metadata": {"name": format!("svc-{n}"), "namespace": ns},
@@ -792,6 +859,21 @@ mod tests {
                         json!({"metadata": {"name": format!("vs-{n}"), "namespace": ns},
                             "spec": {"hosts": [format!("svc-{}", pick(4))],
                                 "http": [{"route": [{"destination": {"host": "svc-0", "subset": "v1"}, "weight": pick(101)}]}]}}),
+                    ),
+                    5 => (
+                        res("gateway.networking.k8s.io", "httproutes"),
+                        json!({"metadata": {"name": format!("route-{n}"), "namespace": ns, "generation": pick(3) + 1,
+                                "creationTimestamp": format!("2024-01-0{}T00:00:00Z", pick(3) + 1)},
+                            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": format!("svc-{}", pick(4))},
+                                    {"name": format!("gw-{}", pick(2))}],
+                                "hostnames": [format!("h{}.example.com", pick(2))],
+                                "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": format!("/p{}", pick(3))}}],
+                                    "backendRefs": [{"name": format!("svc-{}", pick(4)), "port": 80, "weight": pick(3)}]}]}}),
+                    ),
+                    6 => (
+                        res("gateway.networking.k8s.io", "gateways"),
+                        json!({"metadata": {"name": format!("gw-{n}"), "namespace": ns},
+                            "spec": {"gatewayClassName": "kubesim"}}),
                     ),
                     _ => (
                         res("networking.istio.io", "destinationrules"),
@@ -887,6 +969,194 @@ mod tests {
             text.contains(r#"destination_workload="web-0""#),
             "a bare pod is its own workload"
         );
+        // The plain Service's requests carry the pod's workload and version, as both sides report them.
+        for reporter in ["source", "destination"] {
+            let line = text.lines().find(|l| {
+                l.starts_with("istio_requests_total{")
+                    && [
+                        format!(r#"reporter="{reporter}""#),
+                        r#"destination_service="web.demo.svc.cluster.local""#.to_owned(),
+                        r#"destination_workload="web-0""#.to_owned(),
+                        r#"destination_version="v7""#.to_owned(),
+                        r#"response_code="200""#.to_owned(),
+                    ]
+                    .iter()
+                    .all(|want| l.contains(want.as_str()))
+            });
+            assert!(line.is_some_and(|l| l.ends_with(" 1")), "{reporter}:\n{text}");
+        }
         assert!(text.contains(r#"kubesim_mesh_proxy_generation{proxy="3"} 3"#), "{text}");
+    }
+
+    /// Sends `GET path` with `Host: host` through the mesh; (status, body, flags).
+    async fn request(mesh: &Mesh, host: &str, path: &str) -> (u16, String, String) {
+        let request = http::Request::get(path)
+            .header("host", host)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = proxy::handle(&mesh.shared, request).await;
+        let flags = response.headers()[proxy::FLAGS_HEADER].to_str().unwrap().to_owned();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned(), flags)
+    }
+
+    type Writes = mpsc::UnboundedReceiver<(Id, Value, Instant)>;
+
+    /// A status writer that hands every write to the test.
+    fn recording_writer() -> (status::Writer, Writes) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer: status::Writer = Arc::new(move |id, patch| {
+            let _ = tx.send((id, patch, Instant::now()));
+            Box::pin(async { Ok(()) })
+        });
+        (writer, rx)
+    }
+
+    async fn next_write(writes: &mut Writes) -> (Id, Value, Instant) {
+        tokio::time::timeout(Duration::from_secs(10), writes.recv())
+            .await
+            .expect("a status write within 10 s")
+            .expect("the writer is alive")
+    }
+
+    fn condition<'a>(patch: &'a Value, kind: &str) -> &'a Value {
+        let parents = patch["status"]["parents"].as_array().unwrap();
+        assert_eq!(parents.len(), 1, "{patch}");
+        assert_eq!(parents[0]["controllerName"], gateway::CONTROLLER_NAME);
+        parents[0]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} in {patch}"))
+    }
+
+    fn demo_route(generation: i64, backend: &str) -> Value {
+        json!({"metadata": {"name": "web", "namespace": "demo", "uid": "r1", "generation": generation},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": [{"backendRefs": [{"name": backend, "port": 80}]}]}})
+    }
+
+    #[tokio::test]
+    async fn http_routes_route_to_backend_services_and_get_status_once_every_proxy_holds_them() {
+        let (mut store, fed) = Objects::new();
+        let service = |name: &str| {
+            json!({"metadata": {"name": name, "namespace": "demo"},
+                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 18081}]}})
+        };
+        store.put(&res("", "services"), service("web"));
+        store.put(&res("", "services"), service("web-a"));
+        store.put(
+            &res("discovery.k8s.io", "endpointslices"),
+            json!({"metadata": {"name": "web-a-slice", "namespace": "demo", "labels": {"kubernetes.io/service-name": "web-a"}},
+                "endpoints": [{"addresses": ["127.77.0.2"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "a-0"}}],
+                "ports": [{"name": "http", "port": 18081}]}),
+        );
+        store.put(
+            &res("", "pods"),
+            json!({"metadata": {"name": "a-0", "namespace": "demo", "uid": "ua", "labels": {"app": "web", "version": "v1"}},
+                "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 18081}]}]},
+                "status": {"podIP": "127.77.0.2"}}),
+        );
+        let routes = res("gateway.networking.k8s.io", "httproutes");
+        store.put(&routes, demo_route(1, "web-a"));
+        let config = MeshConfig {
+            max_propagation_delay: Duration::from_millis(300),
+            seed: Some(5),
+            ..MeshConfig::default()
+        };
+        let (writer, mut writes) = recording_writer();
+        let mesh = Mesh::start_writing_status(fed, &config, Some(writer)).await.unwrap();
+
+        // The route holds at start: the backend Service's pod answers, and the status follows at once.
+        let (status, body, flags) = request(&mesh, "web.demo", "/x").await;
+        assert_eq!((status, flags.as_str()), (200, "-"), "{body}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["pod"], "a-0");
+        let (id, patch, _) = next_write(&mut writes).await;
+        assert_eq!(id, ("demo".to_owned(), "web".to_owned()));
+        for kind in ["Accepted", "ResolvedRefs"] {
+            let c = condition(&patch, kind);
+            assert_eq!(
+                (&c["status"], &c["reason"], &c["observedGeneration"]),
+                (&json!("True"), &json!(kind), &json!(1))
+            );
+        }
+        assert_eq!(
+            patch["status"]["parents"][0]["parentRef"],
+            json!({"group": "", "kind": "Service", "name": "web", "port": 80})
+        );
+        let text = mesh.metrics_text();
+        for reporter in ["source", "destination"] {
+            let routed = [
+                format!(r#"reporter="{reporter}""#),
+                r#"destination_service="web-a.demo.svc.cluster.local""#.to_owned(),
+                r#"destination_service_name="web-a""#.to_owned(),
+                r#"destination_workload="a-0""#.to_owned(),
+                r#"destination_version="v1""#.to_owned(),
+                r#"response_code="200""#.to_owned(),
+            ];
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with("istio_requests_total{") && routed.iter().all(|w| l.contains(w.as_str()))),
+                "{reporter}:\n{text}"
+            );
+        }
+
+        // A new generation naming a missing backend: reported only once every proxy holds it.
+        let rv = store.put(&routes, demo_route(2, "web-b"));
+        assert!(mesh.seen("httproutes", rv).await);
+        let settled_at = mesh.shared.proxies.settled_at();
+        let (_, patch, written_at) = next_write(&mut writes).await;
+        assert!(written_at >= settled_at, "written before every proxy held the route");
+        assert!(mesh.generations().iter().all(|&g| g == 2), "{:?}", mesh.generations());
+        let resolved = condition(&patch, "ResolvedRefs");
+        assert_eq!(
+            (
+                &resolved["status"],
+                &resolved["reason"],
+                &resolved["observedGeneration"]
+            ),
+            (&json!("False"), &json!("BackendNotFound"), &json!(2))
+        );
+        assert_eq!(condition(&patch, "Accepted")["observedGeneration"], 2);
+        let (status, body, flags) = request(&mesh, "web.demo", "/").await;
+        assert_eq!((status, flags.as_str()), (500, "NC"), "{body}");
+
+        // The backend appears: the same generation resolves.
+        let rv = store.put(&res("", "services"), service("web-b"));
+        assert!(mesh.converged("services", rv).await);
+        let (_, patch, _) = next_write(&mut writes).await;
+        let resolved = condition(&patch, "ResolvedRefs");
+        assert_eq!(
+            (&resolved["status"], &resolved["observedGeneration"]),
+            (&json!("True"), &json!(2))
+        );
+
+        // The parent Service goes: not accepted.
+        let rv = store.delete(&res("", "services"), "demo", "web").unwrap();
+        assert!(mesh.converged("services", rv).await);
+        let (_, patch, _) = next_write(&mut writes).await;
+        let accepted = condition(&patch, "Accepted");
+        assert_eq!(
+            (&accepted["status"], &accepted["reason"]),
+            (&json!("False"), &json!("NoMatchingParent"))
+        );
+        assert!(writes.try_recv().is_err(), "one write per change");
+    }
+
+    #[tokio::test]
+    async fn a_mesh_with_route_status_off_writes_none() {
+        let (mut store, fed) = Objects::new();
+        store.put(&res("gateway.networking.k8s.io", "httproutes"), demo_route(1, "web-a"));
+        let config = MeshConfig {
+            route_status: false,
+            max_propagation_delay: Duration::from_millis(5),
+            ..MeshConfig::default()
+        };
+        let (writer, mut writes) = recording_writer();
+        let _mesh = Mesh::start_writing_status(fed, &config, Some(writer)).await.unwrap();
+        // The writer was dropped unused: nothing can ever be written.
+        assert!(writes.recv().await.is_none());
     }
 }

@@ -1,11 +1,16 @@
 //! The routing decision of one proxy, as a pure function: a snapshot and a request in, the pod to send it
 //! to (or why there is none, with Envoy's status, body and response flag) out.
+//!
+//! A host's routing object, in order: a VirtualService covering it; else, for a Service's host, the
+//! HTTPRoutes attached to that Service (GAMMA); else, for any other host, the HTTPRoutes attached to a
+//! Gateway whose hostnames cover it; else the plain Service.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::HeaderMap;
 
+use super::gateway::{self, RefKind};
 use super::rng::Rng;
 use super::snapshot::{
     DestinationRule, HttpRoute, Id, MatchRequest, Service, ServicePort, Snapshot, VirtualService, WeightedDestination,
@@ -42,6 +47,8 @@ pub struct Upstream {
     pub timeout: Option<Duration>,
     /// The VirtualService that decided, as `namespace/name`.
     pub virtual_service: Option<String>,
+    /// The HTTPRoute that decided, as `namespace/name`.
+    pub http_route: Option<String>,
 }
 
 /// Why a request gets no upstream. Each is answered locally by the proxy, as Envoy would.
@@ -68,6 +75,13 @@ pub enum Refusal {
     /// No ready endpoint (in the subset) (Envoy: `UH`).
     #[error("no healthy upstream")]
     NoHealthyUpstream { service: Id, subset: Option<String> },
+    /// HTTPRoutes are attached to the Service or host, but no rule of them matches (404, `NR`).
+    #[error("no rule of the HTTPRoutes attached to {target} matches the request")]
+    NoHttpRouteRule { target: String },
+    /// The chosen backendRef is invalid (no such Service or port, not a Service), the rule has none,
+    /// or all of its weights are 0: the Gateway API prescribes 500 (Envoy: no cluster, `NC`).
+    #[error("HTTPRoute {http_route}: {reason}")]
+    InvalidBackend { http_route: String, reason: String },
 }
 
 impl Refusal {
@@ -77,7 +91,9 @@ impl Refusal {
             Refusal::UnknownHost { .. }
             | Refusal::UnknownPort { .. }
             | Refusal::NoRoute { .. }
-            | Refusal::NoDestination { .. } => 404,
+            | Refusal::NoDestination { .. }
+            | Refusal::NoHttpRouteRule { .. } => 404,
+            Refusal::InvalidBackend { .. } => 500,
             Refusal::UnknownService { .. } | Refusal::UnknownSubset { .. } | Refusal::NoHealthyUpstream { .. } => 503,
         }
     }
@@ -88,8 +104,9 @@ impl Refusal {
             Refusal::UnknownHost { .. }
             | Refusal::UnknownPort { .. }
             | Refusal::NoRoute { .. }
-            | Refusal::NoDestination { .. } => "NR",
-            Refusal::UnknownService { .. } | Refusal::UnknownSubset { .. } => "NC",
+            | Refusal::NoDestination { .. }
+            | Refusal::NoHttpRouteRule { .. } => "NR",
+            Refusal::UnknownService { .. } | Refusal::UnknownSubset { .. } | Refusal::InvalidBackend { .. } => "NC",
             Refusal::NoHealthyUpstream { .. } => "UH",
         }
     }
@@ -102,7 +119,9 @@ impl Refusal {
             | Refusal::UnknownPort { .. }
             | Refusal::NoRoute { .. }
             | Refusal::NoDestination { .. }
-            | Refusal::UnknownService { .. } => None,
+            | Refusal::UnknownService { .. }
+            | Refusal::NoHttpRouteRule { .. }
+            | Refusal::InvalidBackend { .. } => None,
         }
     }
 }
@@ -131,6 +150,11 @@ pub fn route(snapshot: &Snapshot, request: &Request<'_>, rng: &mut Rng) -> Resul
     let service = service_of(&host).filter(|id| snapshot.service(id).is_some());
     let vs = virtual_service_for(snapshot, &host, service.as_ref());
     let Some(vs) = vs else {
+        // A VirtualService for the host takes precedence over HTTPRoutes (as when Istio's own API and the
+        // Gateway API both configure a host); without one, the HTTPRoutes attached to it decide.
+        if let Some(decision) = by_http_route(snapshot, request, raw_host, port, service.as_ref(), rng) {
+            return decision;
+        }
         let Some(service) = service else {
             return Err(Refusal::UnknownHost {
                 host: raw_host.to_owned(),
@@ -167,6 +191,113 @@ pub fn route(snapshot: &Snapshot, request: &Request<'_>, rng: &mut Rng) -> Resul
         chosen.port = port;
     }
     destination(snapshot, &chosen, target, Some(vs_name), http.timeout, rng)
+}
+
+/// Routes by the HTTPRoutes attached to the request's Service (GAMMA: a `parentRef` to the Service, in
+/// its namespace, on its port if one is named) or, for a host that names no Service, to an existing
+/// Gateway with `hostnames` covering it (the most specific hostname first). `None`: no HTTPRoute applies.
+fn by_http_route(
+    snapshot: &Snapshot,
+    request: &Request<'_>,
+    raw_host: &str,
+    port: Option<u16>,
+    service: Option<&Id>,
+    rng: &mut Rng,
+) -> Option<Result<Upstream, Refusal>> {
+    if snapshot.http_routes.is_empty() {
+        return None;
+    }
+    let routes = snapshot.http_routes.iter().enumerate();
+    let (candidates, target): (Vec<(usize, &gateway::Route)>, String) = match service {
+        Some(id) => {
+            // No such port: the plain Service answers that.
+            let service_port = service_port(snapshot.service(id)?, port)?.port;
+            let attached = routes
+                .filter(|(_, r)| r.attaches_to_service(id, service_port))
+                .collect();
+            (attached, format!("Service {}/{}", id.0, id.1))
+        }
+        None => {
+            let host = raw_host.trim_end_matches('.').to_ascii_lowercase();
+            let covering: Vec<_> = routes
+                .filter(|(_, r)| r.attaches_to_gateway(&snapshot.gateways))
+                .filter_map(|(i, r)| Some((i, r, r.hostname_specificity(&host)?)))
+                .collect();
+            let best = covering.iter().map(|(_, _, s)| *s).max()?;
+            let attached = covering
+                .into_iter()
+                .filter(|(_, _, s)| *s == best)
+                .map(|(i, r, _)| (i, r))
+                .collect();
+            (attached, format!("host {host}"))
+        }
+    };
+    if candidates.is_empty() {
+        return None;
+    }
+    let (path, query) = request
+        .path_and_query
+        .split_once('?')
+        .unwrap_or((request.path_and_query, ""));
+    let headers = request.headers;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let Some((route, rule)) = gateway::decide(candidates, request.method, path, query, header) else {
+        return Some(Err(Refusal::NoHttpRouteRule { target }));
+    };
+    Some(to_backend(snapshot, route, rule, rng))
+}
+
+/// Picks one of the rule's backendRefs by weight and an endpoint of its Service.
+fn to_backend(
+    snapshot: &Snapshot,
+    route: &gateway::Route,
+    rule: &gateway::Rule,
+    rng: &mut Rng,
+) -> Result<Upstream, Refusal> {
+    let invalid = |reason: String| Refusal::InvalidBackend {
+        http_route: route.key(),
+        reason,
+    };
+    let total: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
+    if rule.backends.is_empty() {
+        return Err(invalid("the matching rule has no backendRefs".into()));
+    }
+    if total == 0 {
+        return Err(invalid("every backendRef of the matching rule has weight 0".into()));
+    }
+    let mut at = rng.below(total);
+    let backend = rule
+        .backends
+        .iter()
+        .find(|b| {
+            let w = u64::from(b.weight);
+            if at < w {
+                return true;
+            }
+            at -= w;
+            false
+        })
+        .ok_or_else(|| invalid("no backendRef picked".into()))?;
+    if let RefKind::Other(_) = backend.kind {
+        return Err(invalid(format!("backendRef {} is not a Service", backend.describe())));
+    }
+    let Some(service) = snapshot.service(&backend.id) else {
+        return Err(invalid(format!("backendRef {} does not exist", backend.describe())));
+    };
+    if let Some(p) = backend.port
+        && !service.ports.iter().any(|sp| sp.port == p)
+    {
+        return Err(invalid(format!("backendRef {} has no port {p}", backend.describe())));
+    }
+    let dest = WeightedDestination {
+        host: backend.host(),
+        subset: None,
+        port: backend.port,
+        weight: None,
+    };
+    let mut upstream = destination(snapshot, &dest, backend.id.clone(), None, rule.timeout, rng)?;
+    upstream.http_route = Some(route.key());
+    Ok(upstream)
 }
 
 /// The VirtualService for a host: one applying to sidecars whose hosts cover it, preferring the Service's
@@ -257,6 +388,7 @@ fn destination(
         addr,
         timeout,
         virtual_service,
+        http_route: None,
         service: service_id,
     })
 }
@@ -407,6 +539,7 @@ mod tests {
                 .collect(),
             virtual_services: vss.iter().collect(),
             destination_rules: drs.iter().collect(),
+            ..Objects::default()
         })
     }
 
@@ -671,5 +804,316 @@ mod tests {
             send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap().addr,
             moved
         );
+    }
+
+    // HTTPRoutes: two per-version Services beside `podinfo`, selecting the same pods by version.
+
+    fn version_service(name: &str, endpoints: &[(&str, &str, bool)]) -> (Value, Value) {
+        let mut svc = service();
+        svc["metadata"]["name"] = json!(name);
+        let mut sl = slice(endpoints);
+        sl["metadata"]["name"] = json!(format!("{name}-slice"));
+        sl["metadata"]["labels"]["kubernetes.io/service-name"] = json!(name);
+        (svc, sl)
+    }
+
+    /// `cluster()` plus Services `podinfo-a` (a-1, a-2) and `podinfo-b` (b-1; b-2 unready), HTTPRoutes,
+    /// Gateways and VirtualServices.
+    fn routed(routes: &[Value], gateways: &[Value], vss: &[Value], drs: &[Value]) -> Snapshot {
+        let base = service();
+        let all = slice(&[
+            ("a-1", "127.1.0.1", true),
+            ("a-2", "127.1.0.2", true),
+            ("b-1", "127.1.0.3", true),
+            ("b-2", "127.1.0.4", false),
+        ]);
+        let (a, a_slice) = version_service("podinfo-a", &[("a-1", "127.1.0.1", true), ("a-2", "127.1.0.2", true)]);
+        let (b, b_slice) = version_service("podinfo-b", &[("b-1", "127.1.0.3", true), ("b-2", "127.1.0.4", false)]);
+        let pods = [pod("a-1", "v1"), pod("a-2", "v1"), pod("b-1", "v2"), pod("b-2", "v2")];
+        build(Objects {
+            services: vec![&base, &a, &b],
+            slices: vec![&all, &a_slice, &b_slice],
+            pods: pods
+                .iter()
+                .map(|p| {
+                    let v = p["metadata"]["labels"]["version"].as_str().unwrap();
+                    (p, format!("podinfo-{v}"), BTreeMap::new())
+                })
+                .collect(),
+            virtual_services: vss.iter().collect(),
+            destination_rules: drs.iter().collect(),
+            http_routes: routes.iter().collect(),
+            gateways: gateways.iter().collect(),
+        })
+    }
+
+    fn backend(name: &str, weight: u32) -> Value {
+        json!({"name": name, "port": 80, "weight": weight})
+    }
+
+    /// An HTTPRoute `name` attached to Service podinfo with `rules`.
+    fn http_route(name: &str, created: &str, rules: Value) -> Value {
+        json!({"metadata": {"name": name, "namespace": "test", "generation": 1, "creationTimestamp": created},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "podinfo", "port": 80}], "rules": rules}})
+    }
+
+    fn split(a: u32, b: u32) -> Value {
+        json!([{"backendRefs": [backend("podinfo-a", a), backend("podinfo-b", b)]}])
+    }
+
+    const T0: &str = "2024-01-01T00:00:00Z";
+
+    #[test]
+    fn an_http_route_on_a_service_sends_each_request_to_a_backend_service_by_weight() {
+        let all_a = routed(&[http_route("podinfo", T0, split(100, 0))], &[], &[], &[]);
+        for host in ["podinfo.test", "podinfo.test.svc.cluster.local:80"] {
+            assert_eq!(
+                spread(&all_a, host, 200).keys().collect::<Vec<_>>(),
+                ["a-1", "a-2"],
+                "{host}"
+            );
+        }
+        let all_b = routed(&[http_route("podinfo", T0, split(0, 100))], &[], &[], &[]);
+        assert_eq!(spread(&all_b, "podinfo.test", 200).keys().collect::<Vec<_>>(), ["b-1"]);
+        let up = send(&all_b, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap();
+        assert_eq!(
+            up.service,
+            ("test".to_owned(), "podinfo-b".to_owned()),
+            "the backend Service"
+        );
+        assert_eq!(up.service_host, "podinfo-b.test.svc.cluster.local");
+        assert_eq!((up.workload.as_str(), up.version.as_str()), ("podinfo-v2", "v2"));
+        assert_eq!(up.http_route.as_deref(), Some("test/podinfo"));
+        assert_eq!(up.addr.port(), 9898);
+
+        let quarter = routed(&[http_route("podinfo", T0, split(3, 1))], &[], &[], &[]);
+        let counts = spread(&quarter, "podinfo.test", 4000);
+        let b = counts.get("b-1").copied().unwrap_or_default();
+        assert!((850..1150).contains(&b), "{counts:?}");
+        let unweighted = routed(
+            &[http_route(
+                "podinfo",
+                T0,
+                json!([{"backendRefs": [{"name": "podinfo-a"}, {"name": "podinfo-b"}]}]),
+            )],
+            &[],
+            &[],
+            &[],
+        );
+        let counts = spread(&unweighted, "podinfo.test", 3000);
+        assert!(
+            counts["b-1"] > 1300 && counts["b-1"] < 1700,
+            "weight 1 each: {counts:?}"
+        );
+    }
+
+    #[test]
+    fn the_most_specific_match_decides_then_the_oldest_route_then_the_first_rule() {
+        let to = |service: &str, matches: Value| json!({"matches": matches, "backendRefs": [backend(service, 1)]});
+        let rules = json!([
+            to("podinfo-a", json!([{"path": {"type": "PathPrefix", "value": "/"}}])),
+            to("podinfo-b", json!([{"path": {"type": "PathPrefix", "value": "/api"}}])),
+            to("podinfo-a", json!([{"path": {"type": "Exact", "value": "/api/info"}}])),
+            to(
+                "podinfo-a",
+                json!([{"path": {"type": "PathPrefix", "value": "/api"},
+                "headers": [{"name": "x-canary", "value": "no"}]}])
+            ),
+            to(
+                "podinfo-b",
+                json!([{"path": {"type": "PathPrefix", "value": "/"}, "method": "POST"}])
+            ),
+            to(
+                "podinfo-b",
+                json!([{"path": {"type": "PathPrefix", "value": "/"},
+                "queryParams": [{"type": "RegularExpression", "name": "v", "value": "b|two"}]}])
+            ),
+        ]);
+        let s = routed(&[http_route("podinfo", T0, rules)], &[], &[], &[]);
+        let version = |method: &str, path: &str, headers: &[(&'static str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (k, v) in headers {
+                map.insert(*k, v.parse().unwrap());
+            }
+            let request = Request {
+                authority: "podinfo.test",
+                method,
+                path_and_query: path,
+                headers: &map,
+            };
+            route(&s, &request, &mut Rng::new(5)).unwrap().version
+        };
+        assert_eq!(version("GET", "/", &[]), "v1");
+        assert_eq!(version("GET", "/api/x", &[]), "v2", "the longer prefix");
+        assert_eq!(version("GET", "/apix", &[]), "v1", "prefixes match whole path elements");
+        assert_eq!(version("GET", "/api/info", &[]), "v1", "an exact path first");
+        assert_eq!(version("GET", "/api/x", &[("x-canary", "no")]), "v1", "more headers");
+        assert_eq!(version("POST", "/x", &[]), "v2", "a method");
+        assert_eq!(version("GET", "/x?v=two", &[]), "v2", "more query parameters");
+        assert_eq!(version("GET", "/x?v=three", &[]), "v1");
+
+        // Equal matches in two routes: the older route; equally old, the first by namespace/name; then
+        // the first rule.
+        let older = http_route("zeta", "2023-01-01T00:00:00Z", split(1, 0));
+        let newer = http_route("alpha", T0, split(0, 1));
+        let s = routed(&[newer.clone(), older], &[], &[], &[]);
+        let up = send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap();
+        assert_eq!(up.http_route.as_deref(), Some("test/zeta"));
+        let same_age = http_route("beta", T0, split(1, 0));
+        let s = routed(&[same_age, newer], &[], &[], &[]);
+        let up = send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap();
+        assert_eq!(
+            (up.http_route.as_deref(), up.version.as_str()),
+            (Some("test/alpha"), "v2")
+        );
+        let two_rules = json!([{"backendRefs": [backend("podinfo-b", 1)]}, {"backendRefs": [backend("podinfo-a", 1)]}]);
+        let s = routed(&[http_route("podinfo", T0, two_rules)], &[], &[], &[]);
+        assert_eq!(
+            send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap().version,
+            "v2"
+        );
+    }
+
+    #[test]
+    fn a_request_no_rule_matches_is_not_found() {
+        let rules = json!([{"matches": [{"path": {"type": "Exact", "value": "/only"}}],
+            "backendRefs": [backend("podinfo-a", 1)]}]);
+        let s = routed(&[http_route("podinfo", T0, rules)], &[], &[], &[]);
+        assert!(send(&s, "podinfo.test", "/only?x=1", &[], &mut Rng::new(1)).is_ok());
+        let err = send(&s, "podinfo.test", "/other", &[], &mut Rng::new(1)).unwrap_err();
+        assert_eq!((err.status(), err.flags()), (404, "NR"));
+        assert!(matches!(err, Refusal::NoHttpRouteRule { .. }), "{err:?}");
+        assert!(err.to_string().contains("Service test/podinfo"), "{err}");
+    }
+
+    #[test]
+    fn invalid_backends_and_zero_weights_answer_500() {
+        let zero = routed(&[http_route("podinfo", T0, split(0, 0))], &[], &[], &[]);
+        let err = send(&zero, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap_err();
+        assert_eq!((err.status(), err.flags()), (500, "NC"));
+        assert!(err.to_string().contains("weight 0"), "{err}");
+
+        let missing = json!([{"backendRefs": [backend("podinfo-a", 1), backend("podinfo-c", 1)]}]);
+        let s = routed(&[http_route("podinfo", T0, missing)], &[], &[], &[]);
+        let mut rng = Rng::new(2);
+        let outcomes: Vec<u16> = (0..2000)
+            .map(|_| match send(&s, "podinfo.test", "/", &[], &mut rng) {
+                Ok(up) => {
+                    assert_eq!(up.service.1, "podinfo-a");
+                    200
+                }
+                Err(err) => {
+                    assert!(err.to_string().contains("podinfo-c does not exist"), "{err}");
+                    err.status()
+                }
+            })
+            .collect();
+        let failed = outcomes.iter().filter(|&&s| s == 500).count();
+        assert!(
+            (850..1150).contains(&failed),
+            "the missing backend's share fails: {failed}"
+        );
+
+        for rules in [
+            json!([{"backendRefs": [{"name": "podinfo-a", "port": 8080}]}]),
+            json!([{"backendRefs": [{"group": "example.com", "kind": "Bucket", "name": "podinfo-a"}]}]),
+            json!([{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}]),
+        ] {
+            let s = routed(&[http_route("podinfo", T0, rules.clone())], &[], &[], &[]);
+            let err = send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap_err();
+            assert_eq!(err.status(), 500, "{rules}: {err}");
+        }
+
+        // A backend without ready endpoints: Envoy's 503.
+        let (c, c_slice) = version_service("podinfo-c", &[("b-2", "127.1.0.4", false)]);
+        let mut s = routed(&[http_route("podinfo", T0, split(0, 0))], &[], &[], &[]);
+        let mut svc = crate::mesh::snapshot::service(&c);
+        crate::mesh::snapshot::with_slice(&mut svc, &c_slice);
+        s.set_service(&("test".into(), "podinfo-c".into()), Some(svc));
+        s.set_http_routes(crate::mesh::gateway::routes(vec![&http_route(
+            "podinfo",
+            T0,
+            json!([{"backendRefs": [backend("podinfo-c", 1)]}]),
+        )]));
+        let err = send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap_err();
+        assert_eq!((err.status(), err.flags()), (503, "UH"));
+    }
+
+    #[test]
+    fn a_virtual_service_for_the_host_wins_over_an_http_route() {
+        let d = dr(&[("v1", "v1"), ("v2", "v2")]);
+        let route = http_route("podinfo", T0, split(100, 0));
+        let s = routed(std::slice::from_ref(&route), &[], &[vs(weights(0, 100))], &[d]);
+        let up = send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap();
+        assert_eq!(
+            (
+                up.virtual_service.as_deref(),
+                up.http_route.as_deref(),
+                up.version.as_str()
+            ),
+            (Some("test/podinfo"), None, "v2")
+        );
+        let s = routed(&[route], &[], &[], &[]);
+        let up = send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap();
+        assert_eq!((up.virtual_service, up.version.as_str()), (None, "v1"));
+    }
+
+    #[test]
+    fn routes_attach_to_a_service_only_from_its_namespace_and_on_its_port() {
+        let mut consumer = http_route("podinfo", T0, split(0, 1));
+        consumer["metadata"]["namespace"] = json!("clients");
+        consumer["spec"]["parentRefs"][0]["namespace"] = json!("test");
+        consumer["spec"]["rules"][0]["backendRefs"][0]["namespace"] = json!("test");
+        consumer["spec"]["rules"][0]["backendRefs"][1]["namespace"] = json!("test");
+        let s = routed(&[consumer], &[], &[], &[]);
+        assert_eq!(spread(&s, "podinfo.test", 300).len(), 3, "the plain Service");
+        let mut other_port = http_route("podinfo", T0, split(0, 1));
+        other_port["spec"]["parentRefs"][0]["port"] = json!(8080);
+        let s = routed(&[other_port], &[], &[], &[]);
+        assert_eq!(spread(&s, "podinfo.test", 300).len(), 3, "the plain Service");
+        let mut any_port = http_route("podinfo", T0, split(0, 1));
+        any_port["spec"]["parentRefs"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("port");
+        let s = routed(&[any_port], &[], &[], &[]);
+        assert_eq!(spread(&s, "podinfo.test", 100).keys().collect::<Vec<_>>(), ["b-1"]);
+    }
+
+    #[test]
+    fn a_host_that_is_no_service_is_routed_by_the_routes_of_an_existing_gateway() {
+        let gateway =
+            json!({"metadata": {"name": "web", "namespace": "edge"}, "spec": {"gatewayClassName": "kubesim"}});
+        let on_gateway = |name: &str, hostnames: Value, to: &str| {
+            json!({"metadata": {"name": name, "namespace": "test", "creationTimestamp": T0},
+                "spec": {"parentRefs": [{"name": "web", "namespace": "edge"}], "hostnames": hostnames,
+                    "rules": [{"backendRefs": [backend(to, 1)]}]}})
+        };
+        let routes = [
+            on_gateway("exact", json!(["podinfo.example.com"]), "podinfo-a"),
+            on_gateway("wildcard", json!(["*.example.com"]), "podinfo-b"),
+        ];
+        let s = routed(&routes, std::slice::from_ref(&gateway), &[], &[]);
+        let version = |host: &str| send(&s, host, "/", &[], &mut Rng::new(1)).map(|u| u.version);
+        assert_eq!(version("podinfo.example.com").unwrap(), "v1");
+        assert_eq!(version("PodInfo.Example.com:8080").unwrap(), "v1");
+        assert_eq!(version("other.example.com").unwrap(), "v2");
+        assert_eq!(version("a.b.example.com").unwrap(), "v2");
+        let err = version("example.com").unwrap_err();
+        assert!(matches!(err, Refusal::UnknownHost { .. }), "{err:?}");
+        // A Service's host is the Service's, whatever a Gateway's route covers.
+        let everything = on_gateway("everything", json!([]), "podinfo-b");
+        let s = routed(&[everything], std::slice::from_ref(&gateway), &[], &[]);
+        assert_eq!(
+            send(&s, "anything.example.org", "/", &[], &mut Rng::new(1))
+                .unwrap()
+                .version,
+            "v2"
+        );
+        assert_eq!(spread(&s, "podinfo.test", 300).len(), 3);
+        // No such Gateway: nothing attached.
+        let s = routed(&routes, &[], &[], &[]);
+        let err = send(&s, "podinfo.example.com", "/", &[], &mut Rng::new(1)).unwrap_err();
+        assert_eq!((err.status(), err.flags()), (404, "NR"));
     }
 }

@@ -1,12 +1,14 @@
-//! The routing configuration a proxy holds — Services and their endpoints, pods, VirtualServices and
-//! DestinationRules — parsed from API objects into plain data.
+//! The routing configuration a proxy holds — Services and their endpoints, pods, VirtualServices,
+//! DestinationRules, HTTPRoutes and Gateways — parsed from API objects into plain data.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+
+use super::gateway;
 
 /// The cluster's DNS suffix for Services.
 pub const CLUSTER_SUFFIX: &str = "svc.cluster.local";
@@ -31,6 +33,10 @@ pub struct Snapshot {
     pub virtual_services: Arc<Vec<VirtualService>>,
     /// In precedence order, as `virtual_services`.
     pub destination_rules: Arc<Vec<DestinationRule>>,
+    /// Gateway API HTTPRoutes, in precedence order (oldest first, then namespace and name).
+    pub http_routes: Arc<Vec<gateway::Route>>,
+    /// The Gateways that exist (HTTPRoutes attach to them).
+    pub gateways: Arc<BTreeSet<Id>>,
 }
 
 impl PartialEq for Snapshot {
@@ -41,6 +47,8 @@ impl PartialEq for Snapshot {
                 || self.virtual_services == other.virtual_services)
             && (Arc::ptr_eq(&self.destination_rules, &other.destination_rules)
                 || self.destination_rules == other.destination_rules)
+            && (Arc::ptr_eq(&self.http_routes, &other.http_routes) || self.http_routes == other.http_routes)
+            && (Arc::ptr_eq(&self.gateways, &other.gateways) || self.gateways == other.gateways)
     }
 }
 
@@ -134,6 +142,24 @@ impl Snapshot {
             return false;
         }
         self.destination_rules = Arc::new(destination_rules);
+        true
+    }
+
+    /// Replaces the HTTPRoutes (in precedence order); returns whether the snapshot changed.
+    pub fn set_http_routes(&mut self, http_routes: Vec<gateway::Route>) -> bool {
+        if *self.http_routes == http_routes {
+            return false;
+        }
+        self.http_routes = Arc::new(http_routes);
+        true
+    }
+
+    /// Replaces the set of Gateways; returns whether the snapshot changed.
+    pub fn set_gateways(&mut self, gateways: BTreeSet<Id>) -> bool {
+        if *self.gateways == gateways {
+            return false;
+        }
+        self.gateways = Arc::new(gateways);
         true
     }
 }
@@ -253,7 +279,7 @@ impl StringMatch {
         match self {
             StringMatch::Exact(s) => value == s,
             StringMatch::Prefix(s) => value.starts_with(s.as_str()),
-            StringMatch::Regex(p) => p.0.is_match(value),
+            StringMatch::Regex(p) => p.is_match(value),
             StringMatch::Present => true,
         }
     }
@@ -282,6 +308,16 @@ impl Pattern {
     /// An invalid expression.
     pub fn new(expression: &str) -> Result<Self, regex::Error> {
         regex::Regex::new(&format!("^(?:{expression})$")).map(Self)
+    }
+
+    /// Whether the whole of `value` matches.
+    pub fn is_match(&self, value: &str) -> bool {
+        self.0.is_match(value)
+    }
+
+    /// The expression (anchored).
+    pub fn source(&self) -> &str {
+        self.0.as_str()
     }
 }
 
@@ -631,6 +667,8 @@ pub struct Objects<'a> {
     pub pods: Vec<(&'a Value, String, BTreeMap<u16, SocketAddr>)>,
     pub virtual_services: Vec<&'a Value>,
     pub destination_rules: Vec<&'a Value>,
+    pub http_routes: Vec<&'a Value>,
+    pub gateways: Vec<&'a Value>,
 }
 
 /// A Service object with its EndpointSlices (those labelled with its name, in its namespace), in the
@@ -685,6 +723,8 @@ pub fn build(objects: Objects<'_>) -> Snapshot {
     }
     snapshot.set_virtual_services(virtual_services(objects.virtual_services));
     snapshot.set_destination_rules(destination_rules(objects.destination_rules));
+    snapshot.set_http_routes(gateway::routes(objects.http_routes));
+    snapshot.set_gateways(gateway::gateways(objects.gateways));
     snapshot
 }
 
