@@ -609,7 +609,7 @@ mod tests {
         assert_eq!(
             reasons,
             [
-                "turnout.dev/provider: not one of istio, gateway-api",
+                "turnout.dev/provider: not one of istio, gateway-api, none",
                 "turnout.dev/gateway: not a Gateway name or namespace/name",
                 "turnout.dev/hostnames: \"shop..example\" is not a hostname (lower-case DNS names, an optional leading *.)",
             ]

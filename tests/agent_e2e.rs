@@ -182,13 +182,20 @@ async fn prometheus(cluster: &Cluster) -> (Process, String) {
 }
 
 impl Env {
-    /// A cluster with turnout installed; `istio`: the Istio CRDs and a Prometheus scraping the mesh.
+    /// A cluster with turnout installed; `istio`: the Istio and Gateway API CRDs and a Prometheus
+    /// scraping the mesh.
     async fn start(istio: bool) -> Self {
+        Self::start_with(istio, istio).await
+    }
+
+    /// A cluster with turnout installed; `crds`: the Istio and Gateway API CRDs (without, neither);
+    /// `prometheus`: a Prometheus scraping the mesh (its pods' metrics, without a mesh).
+    async fn start_with(istio: bool, with_prometheus: bool) -> Self {
         let cluster = Cluster::exclusive().await;
         let dir = cluster.dir.path().to_owned();
 
         // Prometheus scraping the mesh every second.
-        let (prometheus, prometheus_url) = if istio {
+        let (prometheus, prometheus_url) = if with_prometheus {
             let (p, url) = prometheus(&cluster).await;
             (Some(p), url)
         } else {
@@ -203,18 +210,23 @@ impl Env {
         let admin = free_port();
         // Installed before it starts, as on a cluster: the agent's watches find their RBAC in place.
         cluster.install(bundle.ca_pem.as_bytes(), listen).await;
+        // With `istio`, both providers are installed (a release uses Istio unless it asks for
+        // gateway-api); without, neither is.
         if istio {
             cluster.istio_crds().await;
+            cluster.gateway_api_crds().await;
         } else {
-            cluster
-                .ok(&[
-                    "delete",
-                    "--ignore-not-found",
-                    "--wait",
-                    "-f",
-                    &format!("{}/../shared/crds/istio", env!("CARGO_MANIFEST_DIR")),
-                ])
-                .await;
+            for crds in ["istio", "gateway-api"] {
+                cluster
+                    .ok(&[
+                        "delete",
+                        "--ignore-not-found",
+                        "--wait",
+                        "-f",
+                        &format!("{}/../shared/crds/{crds}", env!("CARGO_MANIFEST_DIR")),
+                    ])
+                    .await;
+            }
         }
         let turnout = spawn_turnout(&cluster, listen, admin, &prometheus_url, 1).await;
         Self {
@@ -433,7 +445,8 @@ async fn rollout_status(env: &Env, ns: &str) -> common::Out {
     .await
 }
 
-/// At rest: only D's pods of `revision`, no candidate, the VirtualService on the host, no subsets.
+/// At rest: only D's pods of `revision`, no candidate, the route on the host, no backends left (no
+/// subsets; no per-version Services).
 async fn assert_at_rest(env: &Env, ns: &str, revision: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -463,6 +476,29 @@ async fn at_rest(env: &Env, ns: &str, revision: &str) -> Result<(), String> {
     if names != ["podinfo"] {
         return Err(format!("Deployments {names:?}: the candidate is still there"));
     }
+    let routing = env.annotation(ns, "turnout.dev/routing").await;
+    if routing.as_deref() == Some("none") {
+        // No routing objects without a mesh: the pods and Deployments above are all there is.
+        return Ok(());
+    }
+    if routing.as_deref() == Some("gateway-api") {
+        let route = env.get(ns, "httproute/podinfo").await;
+        let refs = &route["spec"]["rules"][0]["backendRefs"];
+        if refs.as_array().map(Vec::len) != Some(1) || refs[0]["name"] != "podinfo" {
+            return Err(format!("the HTTPRoute does not route to the plain Service: {refs}"));
+        }
+        let services = env.get(ns, "services").await;
+        let names: Vec<&str> = services["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["metadata"]["name"].as_str().unwrap())
+            .collect();
+        if names != ["podinfo"] {
+            return Err(format!("per-version Services left: {names:?}"));
+        }
+        return Ok(());
+    }
     let vs = env.get(ns, "virtualservice/podinfo").await;
     let route = &vs["spec"]["http"][0]["route"];
     if route.as_array().map(Vec::len) != Some(1) || !route[0]["destination"]["subset"].is_null() {
@@ -480,31 +516,35 @@ const CANARY_RPS: &str = r#"check.turnout.dev/canary-rps={"query": "sum(rate(ist
 /// The same query, with a range no canary that gets traffic can meet.
 const NO_CANARY_TRAFFIC: &str = r#"check.turnout.dev/no-traffic={"query": "sum(rate(istio_requests_total{reporter=\"destination\",destination_workload_namespace=\"{{ namespace }}\",destination_workload=\"{{ candidate }}\"}[{{ interval }}]))", "max": 0}"#;
 
-async fn healthy_release(env: &Env) -> Stats {
-    let ns = "a";
-    let load = env.prepare(ns, true, &[CANARY_RPS]).await;
+/// The annotation that makes a release use Gateway API (both providers are installed).
+const GATEWAY_API: &str = "turnout.dev/provider=gateway-api";
+
+async fn healthy_release(env: &Env, ns: &str, annotations: &[&str]) -> Stats {
+    let mut annotations = annotations.to_vec();
+    annotations.push(CANARY_RPS);
+    let load = env.prepare(ns, true, &annotations).await;
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
     let status = rollout_status(env, ns).await;
     assert!(
         status.ok,
-        "a: rollout status fails: {}\n{}",
+        "{ns}: rollout status fails: {}\n{}",
         status.stdout, status.stderr
     );
     env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
     assert_at_rest(env, ns, "2").await;
     let stats = load.finish().await;
-    assert_eq!(stats.failed, 0, "a: zero failed requests: {stats:?}");
+    assert_eq!(stats.failed, 0, "{ns}: zero failed requests: {stats:?}");
     assert!(
         stats.versions.get("v2").is_some_and(|n| *n > 0),
-        "a: v2 served: {stats:?}"
+        "{ns}: v2 served: {stats:?}"
     );
     let events = env.events(ns).await.join("\n");
     for expected in [
-        "Advance a/podinfo canary weight 20",
+        &format!("Advance {ns}/podinfo canary weight 20"),
         "canary weight 50",
         "Promotion completed",
     ] {
-        assert!(events.contains(expected), "a: event {expected:?} in:\n{events}");
+        assert!(events.contains(expected), "{ns}: event {expected:?} in:\n{events}");
     }
     let d = env.get(ns, "deployment/podinfo").await;
     assert!(
@@ -558,43 +598,77 @@ async fn rolled_back(env: &Env, ns: &str, annotations: &[&str], change: &str, re
     stats
 }
 
-async fn reverted(env: &Env) -> Stats {
-    let ns = "d";
+async fn reverted(env: &Env, ns: &str, annotations: &[&str]) -> Stats {
     // Analysis an hour away: a rollback that happens at all happened without one.
-    let load = env.prepare(ns, true, &["turnout.dev/interval=1h"]).await;
+    let mut annotations = annotations.to_vec();
+    annotations.push("turnout.dev/interval=1h");
+    let load = env.prepare(ns, true, &annotations).await;
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
     env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
     let out = env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V1]).await;
-    assert!(out.stderr.contains("is back to stable v1"), "d: {}", out.stderr);
+    assert!(out.stderr.contains("is back to stable v1"), "{ns}: {}", out.stderr);
     env.wait_phase(ns, "RolledBack", Duration::from_secs(30)).await;
     assert_at_rest(env, ns, "1").await;
     let status = rollout_status(env, ns).await;
-    assert!(status.ok, "d: {}", status.stderr);
+    assert!(status.ok, "{ns}: {}", status.stderr);
     let stats = load.finish().await;
-    assert_eq!(stats.failed, 0, "d: {stats:?}");
+    assert_eq!(stats.failed, 0, "{ns}: {stats:?}");
     stats
 }
 
-async fn superseded(env: &Env) -> Stats {
-    let ns = "e";
-    let load = env.prepare(ns, true, &["turnout.dev/threshold=zero"]).await;
+async fn superseded(env: &Env, ns: &str, annotations: &[&str]) -> Stats {
+    let mut annotations = annotations.to_vec();
+    annotations.push("turnout.dev/threshold=zero");
+    let load = env.prepare(ns, true, &annotations).await;
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
     env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V3]).await;
     let status = rollout_status(env, ns).await;
-    assert!(status.ok, "e: {}", status.stderr);
+    assert!(status.ok, "{ns}: {}", status.stderr);
     env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
     assert_eq!(env.annotation(ns, "turnout.dev/release").await.as_deref(), Some("3"));
     assert_at_rest(env, ns, "3").await;
     let events = env.events(ns).await.join("\n");
-    assert!(events.contains("release v3 supersedes v2"), "e: {events}");
+    assert!(events.contains("release v3 supersedes v2"), "{ns}: {events}");
     assert!(
         events.contains(r#"Warning InvalidConfiguration: ignoring deployment annotation turnout.dev/threshold="zero""#),
-        "e: an invalid value is reported: {events}"
+        "{ns}: an invalid value is reported: {events}"
     );
     let stats = load.finish().await;
-    assert_eq!(stats.failed, 0, "e: {stats:?}");
+    assert_eq!(stats.failed, 0, "{ns}: {stats:?}");
     stats
+}
+
+/// An HTTPRoute turnout does not manage, attached to the same Service: left untouched, the release
+/// fails saying why.
+async fn foreign_route(env: &Env) {
+    let ns = "gw-g";
+    let load = env.prepare(ns, true, &[GATEWAY_API]).await;
+    env.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: podinfo-mine\n  namespace: {ns}\nspec:\n  \
+         parentRefs: [{{group: '', kind: Service, name: podinfo, port: 9898}}]\n  rules:\n    - backendRefs: [{{name: podinfo, port: 9898}}]\n"
+    ))
+    .await;
+    let before = env.get(ns, "httproute/podinfo-mine").await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    let status = rollout_status(env, ns).await;
+    assert!(!status.ok, "{ns}: rollout status must fail");
+    let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "HTTPRoute {ns}/podinfo-mine for Service podinfo is not managed by turnout"
+        )),
+        "{ns}: {message}"
+    );
+    let after = env.get(ns, "httproute/podinfo-mine").await;
+    assert_eq!(after["spec"], before["spec"], "{ns}: the HTTPRoute is untouched");
+    assert_eq!(after["metadata"]["labels"], before["metadata"]["labels"]);
+    assert!(
+        env.pods(ns).await.iter().all(|(_, r, c)| r == "1" && !c),
+        "{ns}: no candidate"
+    );
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{ns}: {stats:?}");
 }
 
 /// A VirtualService turnout does not manage: left untouched, the release fails saying why.
@@ -762,12 +836,12 @@ async fn requests(env: &Env) -> Stats {
 async fn releases_end_to_end() {
     let env = Env::start(true).await;
     let (a, b, c, h, d, e, f, ()) = tokio::join!(
-        healthy_release(&env),
+        healthy_release(&env, "a", &[]),
         rolled_back(&env, "b", &[], "KUBESIM_ERROR_RATE=0.5", "success rate"),
         rolled_back(&env, "c", &[], "KUBESIM_LATENCY_MS=400", "P99 latency"),
         rolled_back(&env, "h", &[NO_CANARY_TRAFFIC], "GREETING=hello", "no-traffic "),
-        reverted(&env),
-        superseded(&env),
+        reverted(&env, "d", &[]),
+        superseded(&env, "e", &[]),
         native(&env),
         foreign(&env),
     );
@@ -788,6 +862,56 @@ async fn releases_end_to_end() {
     line("d (turnout, reverted)", &d);
     line("e (turnout, superseded)", &e);
     line("f (native rolling update)", &f);
+}
+
+/// The same releases with the Gateway API provider: an HTTPRoute attached to the Service (GAMMA, as
+/// Istio ambient waypoints and Linkerd apply it) and per-version Services, side by side with a
+/// native rolling update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_releases_end_to_end() {
+    let env = Env::start(true).await;
+    let (a, b, d, e, f, ()) = tokio::join!(
+        healthy_release(&env, "gw-a", &[GATEWAY_API]),
+        rolled_back(&env, "gw-b", &[GATEWAY_API], "KUBESIM_ERROR_RATE=0.5", "success rate"),
+        reverted(&env, "gw-d", &[GATEWAY_API]),
+        superseded(&env, "gw-e", &[GATEWAY_API]),
+        native(&env),
+        foreign_route(&env),
+    );
+    // The route was written by turnout and accepted by the mesh for its last generation.
+    let route = env.get("gw-a", "httproute/podinfo").await;
+    assert_eq!(route["metadata"]["labels"]["app.kubernetes.io/managed-by"], "turnout");
+    let parents = route["status"]["parents"].as_array().cloned().unwrap_or_default();
+    assert!(
+        parents.iter().any(|p| p["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Accepted"
+                && c["status"] == "True"
+                && c["observedGeneration"] == route["metadata"]["generation"])),
+        "{route}"
+    );
+    let events = env.events("gw-a").await.join("\n");
+    assert!(events.contains("(routing: gateway-api)"), "gw-a: {events}");
+    let status = env.turnout(&["status", "podinfo", "-n", "gw-a"]).await;
+    assert!(status.stdout.contains("gateway-api"), "{}", status.stdout);
+    for (name, s) in [
+        ("gw-a (gateway-api, healthy)", &a),
+        ("gw-b (gateway-api, erroring)", &b),
+        ("gw-d (gateway-api, reverted)", &d),
+        ("gw-e (gateway-api, superseded)", &e),
+        ("f (native rolling update)", &f),
+    ] {
+        eprintln!(
+            "{name}: {} requests, {} failed ({:.2} %), by version {:?}, sample failures {:?}",
+            s.ok + s.failed,
+            s.failed,
+            100.0 * s.failed as f64 / (s.ok + s.failed).max(1) as f64,
+            s.versions,
+            s.samples
+        );
+    }
 }
 
 /// A hook receiver: records every call and answers each kind with the status set for it (200 unless
@@ -969,9 +1093,13 @@ async fn without_istio_releases_fail_with_the_reason() {
             .filter(|(_, body)| body.contains("turnout_istio_crds_present 0"))
     })
     .await;
+    // Istio asked for by name: without its CRDs the release fails saying so (with no provider named,
+    // it would run without a mesh).
     let ns = "no-istio";
     env.namespace(ns, true).await;
     env.podinfo(ns).await;
+    env.ok(&["annotate", "-n", ns, "deployment/podinfo", "turnout.dev/provider=istio"])
+        .await;
     env.apply(&format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: podinfo\n  namespace: {ns}\nspec:\n  selector:\n    app: podinfo\n  \
          ports:\n    - port: 9898\n"
@@ -1012,23 +1140,128 @@ async fn without_istio_releases_fail_with_the_reason() {
     );
 }
 
+/// A release without a mesh under load: the candidate scaled step by step to its share of the
+/// Service's pods, the stable side kept at its size, the hand-off as with a mesh. `graceful`: the pods
+/// keep serving for 1.5 s after SIGTERM (longer than any proxy takes to drop their endpoints), as a
+/// preStop sleep makes them.
+async fn no_mesh_release(env: &Env, ns: &str, graceful: bool) -> Stats {
+    env.namespace(ns, false).await;
+    env.podinfo(ns).await;
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: podinfo\n  namespace: {ns}\nspec:\n  selector:\n    app: podinfo\n  \
+         ports:\n    - name: http\n      port: 9898\n      targetPort: 9898\n"
+    ))
+    .await;
+    env.ok(&["scale", "-n", ns, "deployment/podinfo", "--replicas=2"]).await;
+    if graceful {
+        env.ok(&[
+            "set",
+            "env",
+            "-n",
+            ns,
+            "deployment/podinfo",
+            "KUBESIM_SHUTDOWN_DELAY_MS=1500",
+        ])
+        .await;
+    }
+    env.ok(&["rollout", "status", "-n", ns, "deployment/podinfo", "--timeout=60s"])
+        .await;
+    env.ok(&["annotate", "-n", ns, "deployment/podinfo", CANARY_RPS]).await;
+    env.ok(&["label", "namespace", ns, "turnout.dev/rollout=enabled", "--overwrite"])
+        .await;
+    let load = Load::start(env.mesh(), ns);
+    eventually(Duration::from_secs(20), &format!("{ns}: answers"), || async {
+        (load.stats().ok > 20).then_some(())
+    })
+    .await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    // At the first step (20 %) the candidate has one pod beside the two stable ones.
+    let sizes = eventually(Duration::from_secs(60), &format!("{ns}: the first step"), || async {
+        let c = env.get(ns, "deployment/podinfo-v2").await;
+        (c["metadata"]["annotations"]["turnout.dev/weight"] == "20").then(|| c["spec"]["replicas"].clone())
+    })
+    .await;
+    assert_eq!(sizes, 1, "{ns}: one candidate pod at 20 %");
+    let stable: Vec<String> = env
+        .pods(ns)
+        .await
+        .into_iter()
+        .filter(|(_, r, c)| r == "1" && !c)
+        .map(|(name, ..)| name)
+        .collect();
+    assert_eq!(stable.len(), 2, "{ns}: the stable side keeps its size: {stable:?}");
+    let status = rollout_status(env, ns).await;
+    assert!(status.ok, "{ns}: {}\n{}", status.stdout, status.stderr);
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
+    assert_at_rest(env, ns, "2").await;
+    assert_eq!(env.annotation(ns, "turnout.dev/routing").await.as_deref(), Some("none"));
+    let events = env.events(ns).await.join("\n");
+    for expected in [
+        "(routing: none)",
+        &format!("Advance {ns}/podinfo canary weight 20"),
+        "Promotion completed",
+    ] {
+        assert!(events.contains(expected), "{ns}: event {expected:?} in:\n{events}");
+    }
+    let stats = load.finish().await;
+    assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{ns}: {stats:?}");
+    stats
+}
+
+/// Without a mesh (no Istio, no Gateway API): releases move traffic by replica counts, roll back on
+/// failed analysis of the candidate's own pods' metrics, and are measured beside native rolling
+/// updates, with pods that shut down at once and with graceful ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_mesh_releases_move_traffic_by_replica_counts() {
+    let env = Env::start_with(false, true).await;
+    let (graceful, abrupt, b, f) = tokio::join!(
+        no_mesh_release(&env, "nm-a", true),
+        no_mesh_release(&env, "nm-c", false),
+        rolled_back(&env, "nm-b", &[], "KUBESIM_ERROR_RATE=0.5", "success rate"),
+        native(&env),
+    );
+    assert_eq!(graceful.failed, 0, "nm-a: pods that drain lose nothing: {graceful:?}");
+    for (name, s) in [
+        ("nm-a (no mesh, graceful pods)", &graceful),
+        ("nm-c (no mesh, pods exit at once)", &abrupt),
+        ("nm-b (no mesh, erroring, rolled back)", &b),
+        ("f (native rolling update, pods exit at once)", &f),
+    ] {
+        eprintln!(
+            "{name}: {} requests, {} failed ({:.2} %), by version {:?}, sample failures {:?}",
+            s.ok + s.failed,
+            s.failed,
+            100.0 * s.failed as f64 / (s.ok + s.failed).max(1) as f64,
+            s.versions,
+            s.samples
+        );
+    }
+}
+
 /// The agent killed (SIGKILL) and started again at several points of a release under load: the release
 /// carries on from what is in the cluster and completes without a failed request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_survives_the_agent_being_killed_at_every_phase() {
     let mut env = Env::start(true).await;
-    let ns = "restarts";
-    let load = env.prepare(ns, true, &[]).await;
+    // The Istio release's phases time the kills; the Gateway API release beside it is hit wherever
+    // it is then.
+    let (ns, gw) = ("restarts", "restarts-gw");
+    let (load, gw_load) = tokio::join!(env.prepare(ns, true, &[]), env.prepare(gw, true, &[GATEWAY_API]));
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    env.ok(&["set", "image", "-n", gw, "deployment/podinfo", V2]).await;
     for phase in ["Pending", "Progressing", "HandingOff", "Finalising"] {
         env.wait_phase(ns, phase, Duration::from_secs(90)).await;
         env.restart().await;
     }
-    env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
-    assert_at_rest(&env, ns, "2").await;
-    let stats = load.finish().await;
-    assert_eq!(stats.failed, 0, "{stats:?}");
-    assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{stats:?}");
+    for ns in [ns, gw] {
+        env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
+        assert_at_rest(&env, ns, "2").await;
+    }
+    for (ns, load) in [(ns, load), (gw, gw_load)] {
+        let stats = load.finish().await;
+        assert_eq!(stats.failed, 0, "{ns}: {stats:?}");
+        assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{ns}: {stats:?}");
+    }
     assert_eq!(env.starts, 5);
 }
 

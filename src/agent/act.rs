@@ -37,10 +37,36 @@ pub async fn apply(
         Action::Routing(routing) => {
             super::routing::apply(client, d, config, &snap.hosts, &snap.stored, routing, now).await
         }
-        Action::CreateCandidate { revision } => {
+        Action::CreateCandidate { revision, replicas } => {
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-            let created = api.create(&PostParams::default(), &candidate(d, *revision)).await?;
+            let mut c = candidate(d, *revision);
+            if let Some(replicas) = replicas {
+                // Without a mesh: sized by the steps, starting empty.
+                c.spec.replicas = Some(*replicas);
+                let ann = c.metadata.annotations.get_or_insert_with(BTreeMap::new);
+                ann.insert(annotations::WEIGHT.into(), "0".into());
+                ann.insert(agent::CHANGED_AT.into(), super::routing::rfc3339(now));
+            }
+            let created = api.create(&PostParams::default(), &c).await?;
             Ok(vec![Written::of(Kind::Candidate, &ns, &created.name_any(), None)])
+        }
+        Action::ScaleCandidate { name, replicas, weight } => {
+            let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+            let before = api.get_opt(name).await?;
+            let body = json!({
+                "metadata": { "annotations": {
+                    annotations::WEIGHT: weight.to_string(),
+                    agent::CHANGED_AT: super::routing::rfc3339(now),
+                } },
+                "spec": { "replicas": replicas },
+            });
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&body)).await?;
+            Ok(vec![Written::of(
+                Kind::Candidate,
+                &ns,
+                name,
+                before.as_ref().map(|b| &b.metadata),
+            )])
         }
         Action::DeleteCandidate { name } => {
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);

@@ -335,6 +335,7 @@ mod tests {
             created_at: 0,
             deleting: false,
             template_hash: None,
+            scale: None,
         }
     }
 

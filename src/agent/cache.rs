@@ -214,6 +214,7 @@ impl Caches {
             || match provider {
                 ProviderKind::Istio => ready(&self.virtual_services) && ready(&self.destination_rules),
                 ProviderKind::GatewayApi => ready(&self.http_routes) && ready(&self.slices),
+                ProviderKind::None => true,
             };
         ready(&self.namespaces)
             && ready(&self.replica_sets)
@@ -264,7 +265,7 @@ impl Caches {
         let ns = d.namespace().unwrap_or_default();
         let in_ns = |meta: &kube::api::ObjectMeta| meta.namespace.as_deref() == Some(ns.as_str());
         let objects = match (installed, provider) {
-            (false, _) => routing::Objects::default(),
+            (false, _) | (_, ProviderKind::None) => routing::Objects::default(),
             (true, ProviderKind::Istio) => routing::Objects {
                 virtual_services: self.virtual_services.state_filter(|o| in_ns(&o.metadata)),
                 destination_rules: self.destination_rules.state_filter(|o| in_ns(&o.metadata)),

@@ -94,15 +94,16 @@ pub struct Args {
     /// Further attempts after a hook call failed (`turnout.dev/hook-retries`).
     #[arg(long, env = "TURNOUT_HOOK_RETRIES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=10))]
     pub hook_retries: u32,
-    /// How releases move traffic: istio (VirtualService and DestinationRule) or gateway-api
-    /// (HTTPRoute and per-version Services). Without it, per namespace: an ambient namespace uses
-    /// gateway-api, else istio when its CRDs are installed, else gateway-api (`turnout.dev/provider`).
+    /// How releases move traffic: istio (VirtualService and DestinationRule), gateway-api (HTTPRoute
+    /// and per-version Services) or none (no mesh: the candidate's share of the pods). Without it, per
+    /// namespace: an ambient namespace uses gateway-api, else istio when its CRDs are installed, else
+    /// gateway-api when its CRDs are, else none (`turnout.dev/provider`).
     #[arg(long, env = "TURNOUT_PROVIDER", value_name = "PROVIDER", value_parser = parse_provider)]
     pub provider: Option<ProviderKind>,
 }
 
 fn parse_provider(value: &str) -> Result<ProviderKind, String> {
-    ProviderKind::parse(value).ok_or_else(|| format!("{value:?} is not istio or gateway-api"))
+    ProviderKind::parse(value).ok_or_else(|| format!("{value:?} is not istio, gateway-api or none"))
 }
 
 fn parse_hook(value: &str) -> Result<(HookKind, String), String> {

@@ -15,7 +15,7 @@ use crate::admission::template::{Stamps, strip, template_labels};
 use crate::config::ReleaseConfig;
 use crate::names::{agent, annotations, conditions, labels, values};
 use crate::release::{
-    CandidateView, DeploymentView, HostRouting, Millis, Phase, ProviderKind, ReplicaSetView, Request, StatusView,
+    CandidateView, DeploymentView, HostRouting, Millis, Phase, ProviderKind, ReplicaSetView, Request, Scale, StatusView,
 };
 
 /// What the agent read, with what it needs to write back (resource versions, owners).
@@ -317,6 +317,14 @@ fn candidates(
             created_at: c.metadata.creation_timestamp.as_ref().map_or(0, |t| millis(&t.0)),
             deleting: c.metadata.deletion_timestamp.is_some(),
             template_hash: c.annotations().get(agent::TEMPLATE_HASH).cloned(),
+            scale: c
+                .annotations()
+                .get(annotations::WEIGHT)
+                .and_then(|w| w.parse().ok())
+                .map(|weight| Scale {
+                    weight,
+                    at: routing::changed_at(&c.metadata),
+                }),
         });
     }
     // Pods count against their candidate, also once the candidate Deployment itself is gone.
@@ -343,6 +351,7 @@ fn candidates(
                     created_at: 0,
                     deleting: true,
                     template_hash: None,
+                    scale: None,
                 });
                 out.last_mut().expect("just pushed")
             }

@@ -21,7 +21,10 @@ pub mod routing;
 mod sim;
 
 pub use plan::{admissible, plan};
-pub use routing::{Applied, Backend, Caps, HostRouting, Managed, ProviderKind, Route, RoutingAction, Synced, Weighted};
+pub use routing::{
+    Applied, Backend, Caps, HostRouting, Managed, ProviderKind, Route, RoutingAction, Synced, Weighted,
+    candidate_replicas,
+};
 
 use crate::config::ReleaseConfig;
 
@@ -251,6 +254,16 @@ pub struct CandidateView {
     pub deleting: bool,
     /// The hash of the user Deployment's template it was made from (`turnout.dev/template-hash`).
     pub template_hash: Option<String>,
+    /// Without a mesh: the canary weight its replica count stands for (`turnout.dev/weight` on the
+    /// candidate), and when it was last scaled.
+    pub scale: Option<Scale>,
+}
+
+/// A candidate's size without a mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scale {
+    pub weight: u8,
+    pub at: Millis,
 }
 
 /// The outcome of one analysis.
@@ -273,8 +286,11 @@ pub struct Plan {
 pub enum Action {
     /// A routing write, carried out by the provider.
     Routing(RoutingAction),
-    /// Create the candidate Deployment of the template's revision.
-    CreateCandidate { revision: u64 },
+    /// Create the candidate Deployment of the template's revision, with `replicas` (`None`: the
+    /// Deployment's; without a mesh it starts empty and each step scales it).
+    CreateCandidate { revision: u64, replicas: Option<i32> },
+    /// Without a mesh: scale a candidate to `replicas`, its share of the pods for canary `weight`.
+    ScaleCandidate { name: String, replicas: i32, weight: u8 },
     /// Delete a candidate Deployment (its pods go with it).
     DeleteCandidate { name: String },
     /// Write the release status (and possibly unpause, clear the intent, mark the rollout failed).

@@ -12,7 +12,7 @@
 
 use super::{
     Action, Backend, CandidateView, DeploymentView, Event, HostRouting, Intent, Managed, Millis, Observed, Phase, Plan,
-    Request, Rollout, Route, RoutingAction, Stage, StatusPatch, Verb, Weighted,
+    Request, Rollout, Route, RoutingAction, Stage, StatusPatch, Verb, Weighted, candidate_replicas,
 };
 use crate::config::HookKind;
 use crate::names::{backends, candidate_name};
@@ -411,7 +411,12 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
     }
     let Some(candidate) = candidate_of(o, t) else {
         return Plan {
-            action: Action::CreateCandidate { revision: t },
+            // Without a mesh its pods get traffic as soon as they are ready: it starts empty, and the
+            // first step (after the pre-rollout gate) scales it.
+            action: Action::CreateCandidate {
+                revision: t,
+                replicas: (!weighted(o)).then_some(0),
+            },
             event: Some(info(
                 "Candidate",
                 format!(
@@ -455,7 +460,7 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
     match advance(o, &stable, &canary, first_step(o, t)) {
         // The canary backend is defined and propagated first; the gate is asked only right before the
         // route changes, in the same pass.
-        Some(prepare) if !matches!(prepare.action, Action::Routing(RoutingAction::PutRoute { .. })) => prepare,
+        Some(prepare) if !moves_traffic(&prepare.action) => prepare,
         step => pre_rollout(o, t)
             .or(step)
             .unwrap_or_else(|| wait(None, "routing the first step")),
@@ -463,7 +468,7 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
 }
 
 fn progressing(o: &Observed<'_>, t: u64) -> Plan {
-    if let Some(plan) = before_routing(o, t) {
+    if let Some(plan) = before_routing(o, t).or_else(|| stalled(o, t)) {
         return plan;
     }
     let d = &o.deployment;
@@ -490,7 +495,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     if promote && weight < 100 {
         return advance(o, &stable, &canary, 100).unwrap_or_else(|| wait(None, "promoting"));
     }
-    if let Some(until) = routes_settle(o, 0) {
+    if let Some(until) = step_settles(o) {
         return wait(Some(until), &format!("waiting for canary weight {weight} to propagate"));
     }
     if promote {
@@ -561,7 +566,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
 }
 
 fn promoting(o: &Observed<'_>, t: u64) -> Plan {
-    if let Some(plan) = before_routing(o, t) {
+    if let Some(plan) = before_routing(o, t).or_else(|| stalled(o, t)) {
         return plan;
     }
     let d = &o.deployment;
@@ -979,7 +984,7 @@ fn advance(o: &Observed<'_>, stable: &Backend, canary: &Backend, weight: u8) -> 
         want.insert(0, (stable.clone(), 100 - weight));
     }
     let mut plan = ensure_route(o, &want)?;
-    if matches!(plan.action, Action::Routing(RoutingAction::PutRoute { .. })) {
+    if moves_traffic(&plan.action) {
         let d = &o.deployment;
         plan.event = Some(info(
             "Advance",
@@ -1005,6 +1010,9 @@ fn ensure_route_unless_at_rest(o: &Observed<'_>, want: &[(Backend, u8)]) -> Opti
 /// Makes every managed host route `want` (I1: backends first, propagated; one change at a time).
 fn ensure_route(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
     debug_assert_eq!(want.iter().map(|(_, w)| u32::from(*w)).sum::<u32>(), 100);
+    if !weighted(o) {
+        return scale_to(o, want);
+    }
     let route = Route::Split(
         want.iter()
             .filter(|(_, w)| *w > 0)
@@ -1147,8 +1155,18 @@ fn canary_backend(o: &Observed<'_>, t: u64) -> Option<Backend> {
     })
 }
 
-/// The canary's weight on the first managed host (all hosts move together).
+/// The canary's weight on the first managed host (all hosts move together); without a mesh, the
+/// weight its candidate was scaled for.
 fn current_weight(o: &Observed<'_>, canary: &str) -> u8 {
+    if !weighted(o) {
+        return o
+            .candidates
+            .iter()
+            .filter(|c| !c.deleting && backends::canary(c.revision) == canary)
+            .map(scaled_weight)
+            .max()
+            .unwrap_or(0);
+    }
     o.hosts
         .iter()
         .find_map(|h| match &h.route {
@@ -1159,6 +1177,14 @@ fn current_weight(o: &Observed<'_>, canary: &str) -> u8 {
 }
 
 fn last_route_change(o: &Observed<'_>) -> Millis {
+    if !weighted(o) {
+        return o
+            .candidates
+            .iter()
+            .filter_map(|c| c.scale.map(|s| s.at))
+            .max()
+            .unwrap_or(0);
+    }
     o.hosts
         .iter()
         .filter_map(|h| match &h.route {
@@ -1172,6 +1198,10 @@ fn last_route_change(o: &Observed<'_>) -> Millis {
 /// When every route change has reached every proxy (reported by Istio or bounded by the delay).
 fn last_propagation(o: &Observed<'_>) -> Millis {
     let prop = ms(o.config.propagation_delay);
+    if !weighted(o) {
+        // Endpoints of new pods reach every node within the delay; nothing reports it.
+        return last_route_change(o) + prop;
+    }
     o.hosts
         .iter()
         .filter_map(|h| match &h.route {
@@ -1192,6 +1222,102 @@ fn routes_settle(o: &Observed<'_>, extra: Millis) -> Option<Millis> {
         last_route_change(o) + ms(o.config.propagation_delay) + extra
     };
     (o.now < until).then_some(until)
+}
+
+/// The routing is written by a provider (a mesh or gateway), else the share is set by replica counts.
+fn weighted(o: &Observed<'_>) -> bool {
+    o.provider.caps().weights
+}
+
+/// A write that changes who gets traffic: a route, or (without a mesh) a candidate's size.
+fn moves_traffic(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::Routing(RoutingAction::PutRoute { .. }) | Action::ScaleCandidate { .. }
+    )
+}
+
+/// The weight a candidate's size stands for (one made at full size, by a mesh provider: 100).
+fn scaled_weight(c: &CandidateView) -> u8 {
+    c.scale.map_or(100, |s| s.weight)
+}
+
+/// Without a mesh, the route is the candidates' sizes: each named in `want` gets its weight's share of
+/// the pods, one change at a time; a step up waits for the previous one's pods and endpoints, a step
+/// down (an abort) does not. A candidate not named is left as it is: its pods serve as long as they
+/// exist, so taking traffic off it means deleting it ([`remove_strays`]). A candidate on the stable
+/// side of a step (the first of two: a previous candidate as the baseline) keeps its full size, as the
+/// stable ReplicaSet does (I5).
+fn scale_to(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
+    let stable = o.deployment.replicas;
+    for c in o.candidates.iter().filter(|c| !c.deleting) {
+        let name = backends::canary(c.revision);
+        let position = want.iter().position(|(b, _)| b.name == name);
+        let target = match position {
+            None => continue,
+            Some(0) if want.len() == 2 => 100,
+            Some(i) => want[i].1,
+        };
+        let current = scaled_weight(c);
+        if current == target {
+            continue;
+        }
+        if target > current
+            && let Some(until) = step_settles(o)
+        {
+            return Some(wait(Some(until), "waiting for the previous step's pods to be ready"));
+        }
+        return Some(Plan {
+            action: Action::ScaleCandidate {
+                name: c.name.clone(),
+                replicas: candidate_replicas(stable, target),
+                weight: target,
+            },
+            event: None,
+        });
+    }
+    None
+}
+
+/// When the last step has taken effect: its route change propagated, and without a mesh the pods of a
+/// candidate scaled up ready.
+fn step_settles(o: &Observed<'_>) -> Option<Millis> {
+    pods_starting(o).or_else(|| routes_settle(o, 0))
+}
+
+/// Without a mesh: a candidate scaled up whose pods are not all ready yet (they take their share of
+/// the traffic as they become ready), and until when that may take.
+fn pods_starting(o: &Observed<'_>) -> Option<Millis> {
+    if weighted(o) {
+        return None;
+    }
+    let deadline = ms(o.config.progress_deadline);
+    o.candidates
+        .iter()
+        .filter(|c| !c.deleting && !c.available)
+        .filter_map(|c| c.scale)
+        .filter(|s| s.weight > 0)
+        .map(|s| (s.at + deadline).max(o.now + 1_000))
+        .min()
+}
+
+/// Without a mesh: the candidate of release `t` was scaled and its pods did not all become ready
+/// within the progress deadline.
+fn stalled(o: &Observed<'_>, t: u64) -> Option<Plan> {
+    let c = candidate_of(o, t).filter(|c| !weighted(o) && !c.available)?;
+    let at = c.scale?.at;
+    (o.now >= at + ms(o.config.progress_deadline)).then(|| {
+        fail(
+            o,
+            t,
+            o.deployment.status.failed_checks,
+            format!(
+                "candidate {} not available within {} of being scaled",
+                c.name,
+                humantime::format_duration(o.config.progress_deadline)
+            ),
+        )
+    })
 }
 
 fn status(

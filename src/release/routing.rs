@@ -6,6 +6,11 @@
 //! |---------------|----------------------------------------------------|-----------------------------------|
 //! | `istio`       | a DestinationRule subset (`pod-template-hash`)     | the VirtualService's weights      |
 //! | `gateway-api` | a per-version Service (`pod-template-hash`)        | the HTTPRoute's `backendRefs`     |
+//! | `none`        | —                                                  | the candidate's share of the pods |
+//!
+//! Without a mesh (`none`) the Service spreads requests over its ready pods, so there is no route to
+//! write: a step scales the candidate to about its weight's share of the pods, the stable side kept
+//! at its size (I5), and the plan's route writes become candidate scalings (`Action::ScaleCandidate`).
 //!
 //! The invariants (DESIGN §5) are kept by the plan once for every provider: a backend is defined and
 //! propagated before a route names it (I1), a route names only defined backends with weights summing
@@ -24,16 +29,19 @@ pub enum ProviderKind {
     Istio,
     /// Gateway API HTTPRoute with per-version Services (ambient waypoints, Linkerd, any gateway).
     GatewayApi,
+    /// No mesh: the traffic share is the candidate's share of the Service's ready pods.
+    None,
 }
 
 impl ProviderKind {
-    pub const ALL: [ProviderKind; 2] = [ProviderKind::Istio, ProviderKind::GatewayApi];
+    pub const ALL: [ProviderKind; 3] = [ProviderKind::Istio, ProviderKind::GatewayApi, ProviderKind::None];
 
     /// The value of `turnout.dev/provider`.
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::Istio => "istio",
             ProviderKind::GatewayApi => "gateway-api",
+            ProviderKind::None => "none",
         }
     }
 
@@ -45,6 +53,7 @@ impl ProviderKind {
     pub fn caps(self) -> Caps {
         match self {
             ProviderKind::Istio | ProviderKind::GatewayApi => Caps { weights: true },
+            ProviderKind::None => Caps { weights: false },
         }
     }
 
@@ -53,6 +62,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Istio => "VirtualService and DestinationRule",
             ProviderKind::GatewayApi => "HTTPRoute and per-version Services",
+            ProviderKind::None => "candidate replica counts",
         }
     }
 }
@@ -66,8 +76,26 @@ impl std::fmt::Display for ProviderKind {
 /// What a provider can express.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Caps {
-    /// Weighted splits between backends.
+    /// Weighted splits between backends (else the share is set by replica counts).
     pub weights: bool,
+}
+
+/// Without a mesh: the candidate's replicas for canary `weight` next to `stable` replicas, so that its
+/// share of the ready pods, `c / (c + stable)`, is the nearest to the weight (at least one pod for any
+/// weight above 0; the stable side's size at 100).
+pub fn candidate_replicas(stable: i32, weight: u8) -> i32 {
+    let n = stable.max(1);
+    match weight {
+        0 => 0,
+        100.. => n,
+        w => {
+            let exact = f64::from(w) * f64::from(n) / f64::from(100 - w);
+            // At most a few hundred replicas: the conversion is exact.
+            #[allow(clippy::cast_possible_truncation)]
+            let c = exact.round() as i32;
+            c.clamp(1, n)
+        }
+    }
 }
 
 /// A set of pods a route can name: one ReplicaSet, by its `pod-template-hash`.
@@ -199,6 +227,25 @@ mod tests {
         }
         assert_eq!(ProviderKind::parse(" gateway-api "), Some(ProviderKind::GatewayApi));
         assert_eq!(ProviderKind::parse("linkerd"), None);
+    }
+
+    #[test]
+    fn without_a_mesh_the_candidate_gets_its_weight_s_share_of_the_pods() {
+        assert_eq!(candidate_replicas(4, 0), 0);
+        assert_eq!(candidate_replicas(4, 20), 1, "1 of 5 pods");
+        assert_eq!(candidate_replicas(4, 50), 4, "half of the pods");
+        assert_eq!(candidate_replicas(4, 100), 4, "the stable side's size");
+        assert_eq!(candidate_replicas(2, 10), 1, "at least one pod");
+        assert_eq!(candidate_replicas(10, 25), 3, "3 of 13 pods, 23 %");
+        assert_eq!(candidate_replicas(10, 75), 10, "never above the stable side");
+        for n in 1..20 {
+            let mut last = 0;
+            for w in 0..=100u8 {
+                let c = candidate_replicas(n, w);
+                assert!(c >= last && c <= n, "monotonic and bounded: n={n} w={w}");
+                last = c;
+            }
+        }
     }
 
     #[test]

@@ -262,34 +262,38 @@ impl World {
             new_rs: rs_view(d.template_revision),
             candidates: self.candidates.iter().map(|c| c.view.clone()).collect(),
             provider: self.sc.provider,
-            hosts: vec![HostRouting {
-                service: SERVICE.into(),
-                route: self.vs.clone().map_or(Managed::Absent, |mut vs| {
-                    let everywhere = self
-                        .proxies
-                        .iter()
-                        .all(|p| p.routes.last().is_none_or(|s| s.at <= self.now));
-                    vs.synced = if self.sc.route_status && everywhere {
-                        Synced::Reported
-                    } else {
-                        Synced::Unknown
-                    };
-                    Managed::Ours(vs)
-                }),
-                backends: self.dr.clone().map_or(Managed::Absent, |mut dr| {
-                    let everywhere = self
-                        .proxies
-                        .iter()
-                        .all(|p| p.rules.last().is_none_or(|s| s.at <= self.now));
-                    // Per-version Services have no status: only Istio reports a rule pushed.
-                    let reports = self.sc.route_status && self.sc.provider == ProviderKind::Istio;
-                    dr.synced = if reports && everywhere {
-                        Synced::Reported
-                    } else {
-                        Synced::Unknown
-                    };
-                    Managed::Ours(dr)
-                }),
+            hosts: vec![if self.sc.provider == ProviderKind::None {
+                HostRouting::absent(SERVICE)
+            } else {
+                HostRouting {
+                    service: SERVICE.into(),
+                    route: self.vs.clone().map_or(Managed::Absent, |mut vs| {
+                        let everywhere = self
+                            .proxies
+                            .iter()
+                            .all(|p| p.routes.last().is_none_or(|s| s.at <= self.now));
+                        vs.synced = if self.sc.route_status && everywhere {
+                            Synced::Reported
+                        } else {
+                            Synced::Unknown
+                        };
+                        Managed::Ours(vs)
+                    }),
+                    backends: self.dr.clone().map_or(Managed::Absent, |mut dr| {
+                        let everywhere = self
+                            .proxies
+                            .iter()
+                            .all(|p| p.rules.last().is_none_or(|s| s.at <= self.now));
+                        // Per-version Services have no status: only Istio reports a rule pushed.
+                        let reports = self.sc.route_status && self.sc.provider == ProviderKind::Istio;
+                        dr.synced = if reports && everywhere {
+                            Synced::Reported
+                        } else {
+                            Synced::Unknown
+                        };
+                        Managed::Ours(dr)
+                    }),
+                }
             }],
             routing_unavailable: None,
             verdict,
@@ -369,6 +373,12 @@ impl World {
     /// Pods of ReplicaSet `hash` stop serving now: no proxy may have routed to them within the drain
     /// window (I3).
     fn terminate(&mut self, hash: &str, what: &str) {
+        if self.sc.provider == ProviderKind::None {
+            // Without a mesh the Service selects every ready pod: a terminating pod leaves the
+            // endpoints only as it terminates, so I3 cannot hold (the README says so); the model checks
+            // the rest.
+            return;
+        }
         let from = self.now.saturating_sub(self.sc.drain_ms);
         let mut at = from;
         while at <= self.now {
@@ -535,7 +545,13 @@ impl World {
                     synced: Synced::Unknown,
                 });
             }
-            Action::CreateCandidate { revision } => {
+            Action::CreateCandidate { revision, replicas } => {
+                if replicas.is_some() != (self.sc.provider == ProviderKind::None) {
+                    self.fail(format!(
+                        "candidate sized {replicas:?} with provider {}",
+                        self.sc.provider
+                    ));
+                }
                 if revision != self.deployment.template_revision {
                     self.fail(format!(
                         "candidate v{revision} created for template v{}",
@@ -547,10 +563,18 @@ impl World {
                     self.fail(format!("candidate {name} created twice"));
                     return;
                 }
-                let available_at = self
-                    .sc
-                    .candidate_ready_ms
-                    .map(|max| self.now + TICK + self.rng.delay(max));
+                let available_at = match replicas {
+                    // No pods to wait for.
+                    Some(0) => Some(self.now + TICK),
+                    _ => self
+                        .sc
+                        .candidate_ready_ms
+                        .map(|max| self.now + TICK + self.rng.delay(max)),
+                };
+                let scale = replicas.map(|_| Scale {
+                    weight: 0,
+                    at: self.now,
+                });
                 self.candidates.push(Candidate {
                     view: CandidateView {
                         name,
@@ -562,10 +586,39 @@ impl World {
                         created_at: self.now,
                         deleting: false,
                         template_hash: Some(self.deployment.template_hash.clone()),
+                        scale,
                     },
                     available_at,
                     gone_at: None,
                 });
+            }
+            Action::ScaleCandidate { name, replicas, weight } => {
+                if self.sc.provider != ProviderKind::None {
+                    self.fail(format!("{name} scaled with provider {}", self.sc.provider));
+                }
+                if replicas != candidate_replicas(self.deployment.replicas, weight) || replicas > REPLICAS {
+                    self.fail(format!("{name} scaled to {replicas} for weight {weight}"));
+                }
+                if weight != 0 && weight != 100 && !self.config.steps.contains(&weight) {
+                    self.fail(format!("{name} scaled for weight {weight}, not a step"));
+                }
+                let Some(i) = self.candidates.iter().position(|c| c.view.name == name) else {
+                    self.fail(format!("scaled {name}, which does not exist"));
+                    return;
+                };
+                let ready_ms = self.sc.candidate_ready_ms;
+                let delay = ready_ms.map(|max| self.now + TICK + self.rng.delay(max));
+                if self.candidates[i].view.deleting {
+                    self.fail(format!("scaled {name} while it is being deleted"));
+                }
+                let c = &mut self.candidates[i];
+                let before = c.view.scale.map_or(100, |s| s.weight);
+                c.view.scale = Some(Scale { weight, at: self.now });
+                if weight > before {
+                    // New pods: available once they are ready (never, for a candidate that fails to start).
+                    c.view.available = false;
+                    c.available_at = delay;
+                }
             }
             Action::DeleteCandidate { name } => {
                 let Some(i) = self.candidates.iter().position(|c| c.view.name == name) else {
@@ -603,6 +656,24 @@ impl World {
                         self.fail(format!(
                             "handed off template {} while the candidate ran {ran:?}",
                             d.template_hash
+                        ));
+                    }
+                    // Without a mesh the stable pods keep serving until they are replaced: a promoted
+                    // candidate is at full size and ready by then, to carry the traffic they leave.
+                    let promoted = patch.phase == Phase::HandingOff && !self.bypassed && !self.bypass_seen;
+                    let revision = self.deployment.template_revision;
+                    let unready = self
+                        .candidates
+                        .iter()
+                        .find(|c| c.view.revision == revision)
+                        .filter(|c| !c.view.available || c.view.scale.is_none_or(|s| s.weight < 100))
+                        .map(|c| c.view.clone());
+                    if self.sc.provider == ProviderKind::None
+                        && promoted
+                        && let Some(c) = unready
+                    {
+                        self.fail(format!(
+                            "handed off while the candidate is not ready at full size: {c:?}"
                         ));
                     }
                 }
@@ -772,6 +843,11 @@ impl World {
     /// The one candidate left when every proxy sends all traffic to it.
     fn on_baseline(&self) -> Option<u64> {
         let [c] = self.candidates.as_slice() else { return None };
+        if self.sc.provider == ProviderKind::None {
+            // Without a mesh: the candidate at full size next to the stable side.
+            let full = c.view.scale.is_some_and(|s| s.weight == 100);
+            return (c.view.available && full).then_some(c.view.revision);
+        }
         let all = Route::Split(vec![Weighted {
             backend: crate::names::backends::canary(c.view.revision),
             weight: 100,
@@ -945,6 +1021,41 @@ fn a_healthy_release_is_promoted_through_every_step() {
     assert_eq!(w.deployment.template_revision, 2);
     assert_eq!(w.checks, 3, "one analysis per step");
     assert!(!w.deployment.paused);
+}
+
+#[test]
+fn without_a_mesh_each_step_scales_the_candidate_and_the_stable_side_stays() {
+    for bad in [false, true] {
+        let mut sc = single(bad);
+        sc.provider = ProviderKind::None;
+        let mut w = World::new(sc);
+        let mut sizes = Vec::new();
+        let mut stable_min = i32::MAX;
+        while w.now < 120_000 && !w.quiet() {
+            w.run_to(Some(w.now + TICK)).unwrap();
+            stable_min = stable_min.min(w.rs.ready.get(&1).copied().unwrap_or(0));
+            if let Some(s) = w.candidates.first().and_then(|c| c.view.scale)
+                && sizes.last() != Some(&s.weight)
+            {
+                sizes.push(s.weight);
+            }
+            if w.deployment.paused {
+                assert!(
+                    stable_min >= REPLICAS,
+                    "I5: the stable side keeps its size before hand-off"
+                );
+            }
+        }
+        check_end(&w).unwrap();
+        if bad {
+            assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+            assert_eq!(sizes, [0, 10], "rolled back at the first step, then deleted");
+            assert!(w.candidates.is_empty(), "I6: the candidate is gone");
+        } else {
+            assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+            assert_eq!(sizes, [0, 10, 50, 100], "one size per step");
+        }
+    }
 }
 
 #[test]

@@ -5,8 +5,9 @@
 //!
 //! Which provider a Deployment uses ([`select`]): `turnout.dev/provider` on the Deployment or its
 //! namespace; else an ambient namespace (`istio.io/dataplane-mode: ambient`) uses Gateway API; else
-//! Istio when its CRDs are installed, else Gateway API when its CRDs are. A provider whose CRDs are
-//! missing fails the release with the reason.
+//! Istio when its CRDs are installed, else Gateway API when its CRDs are, else no mesh (`none`: the
+//! plan scales the candidate instead of writing routes). A provider whose CRDs are missing fails the
+//! release with the reason.
 
 pub mod gateway_api;
 pub mod istio;
@@ -44,6 +45,7 @@ impl Installed {
         match provider {
             ProviderKind::Istio => self.istio,
             ProviderKind::GatewayApi => self.gateway_api,
+            ProviderKind::None => true,
         }
     }
 }
@@ -57,8 +59,9 @@ pub fn select(config: &ReleaseConfig, ns: &Namespace, installed: Installed) -> (
             ProviderKind::GatewayApi,
             format!("namespace {} is ambient ({DATAPLANE_MODE}=ambient)", ns.name_any()),
         ),
-        None if installed.istio || !installed.gateway_api => (ProviderKind::Istio, String::new()),
-        None => (ProviderKind::GatewayApi, String::new()),
+        None if installed.istio => (ProviderKind::Istio, String::new()),
+        None if installed.gateway_api => (ProviderKind::GatewayApi, String::new()),
+        None => (ProviderKind::None, String::new()),
     };
     if installed.has(provider) {
         return (provider, None);
@@ -66,13 +69,12 @@ pub fn select(config: &ReleaseConfig, ns: &Namespace, installed: Installed) -> (
     let missing = match provider {
         ProviderKind::Istio => "the Istio CRDs (VirtualService, DestinationRule) are not installed",
         ProviderKind::GatewayApi => "the Gateway API CRD (HTTPRoute, gateway.networking.k8s.io/v1) is not installed",
+        ProviderKind::None => unreachable!("no mesh needs no CRD"),
     };
-    let message = if why.is_empty() {
-        format!("{missing} (nor the Gateway API's); traffic cannot be shifted")
-    } else {
-        format!("{why} but {missing}; traffic cannot be shifted")
-    };
-    (provider, Some(message))
+    (
+        provider,
+        Some(format!("{why} but {missing}; traffic cannot be shifted")),
+    )
 }
 
 /// What the providers read of a namespace, from the caches or the API server.
@@ -109,6 +111,7 @@ impl Objects {
                 ),
                 ..Objects::default()
             },
+            ProviderKind::None => Objects::default(),
             ProviderKind::GatewayApi => {
                 let backends = ListParams::default().labels(gateway_api::BACKEND_OF);
                 let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns)
@@ -134,6 +137,8 @@ fn arcs<K>(items: Vec<K>) -> Vec<Arc<K>> {
 pub enum Stored {
     Istio(Box<istio::Stored>),
     GatewayApi(Box<gateway_api::Stored>),
+    /// No mesh: no routing objects.
+    None,
 }
 
 /// The routing of each of `hosts` with `provider`; a reason the implementation refuses a route, if it
@@ -169,6 +174,10 @@ pub fn observe(
                 views.push(view);
                 stored.push(Stored::GatewayApi(Box::new(s)));
             }
+            ProviderKind::None => {
+                views.push(HostRouting::absent(service));
+                stored.push(Stored::None);
+            }
         }
     }
     (views, stored, refused)
@@ -195,6 +204,8 @@ pub async fn apply(
     match &stored[*host] {
         Stored::Istio(s) => istio::apply(client, d, &hosts[*host], s, action, now).await,
         Stored::GatewayApi(s) => gateway_api::apply(client, d, config, &hosts[*host], s, action, now).await,
+        // The plan scales candidates instead; nothing to write.
+        Stored::None => Ok(Vec::new()),
     }
 }
 
@@ -296,7 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn the_provider_is_asked_for_else_ambient_else_istio_else_gateway_api() {
+    fn the_provider_is_asked_for_else_ambient_else_istio_else_gateway_api_else_none() {
         let both = Installed {
             istio: true,
             gateway_api: true,
@@ -329,9 +340,25 @@ mod tests {
         let (p, why) = select(&default, &ambient, none);
         assert_eq!(p, ProviderKind::GatewayApi);
         assert!(why.unwrap().starts_with("namespace shop is ambient"));
-        let (p, why) = select(&default, &plain, none);
+        assert_eq!(select(&default, &plain, none), (ProviderKind::None, None), "no mesh");
+        let istio = ReleaseConfig {
+            provider: Some(ProviderKind::Istio),
+            ..ReleaseConfig::default()
+        };
+        let (p, why) = select(&istio, &plain, gw_only);
         assert_eq!(p, ProviderKind::Istio);
-        assert!(why.unwrap().contains("nor the Gateway API's"));
+        assert_eq!(
+            why.as_deref(),
+            Some(
+                "turnout.dev/provider is istio but the Istio CRDs (VirtualService, DestinationRule) are not \
+                 installed; traffic cannot be shifted"
+            )
+        );
+        let nomesh = ReleaseConfig {
+            provider: Some(ProviderKind::None),
+            ..ReleaseConfig::default()
+        };
+        assert_eq!(select(&nomesh, &plain, both), (ProviderKind::None, None));
     }
 
     #[test]
