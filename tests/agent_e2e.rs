@@ -322,8 +322,37 @@ impl Env {
 
     /// A namespace with podinfo (2 replicas) behind a Service, rolled out, under load.
     async fn prepare(&self, ns: &str, opted_in: bool, annotations: &[&str]) -> Load {
+        self.prepare_as(ns, opted_in, annotations, false).await
+    }
+
+    /// As [`Env::prepare`]; `graceful`: podinfo's pods keep serving for 1.5 s after SIGTERM (longer
+    /// than any proxy takes to drop their endpoints), as a preStop sleep makes them.
+    async fn prepare_as(&self, ns: &str, opted_in: bool, annotations: &[&str], graceful: bool) -> Load {
         self.namespace(ns, opted_in).await;
-        self.podinfo(ns).await;
+        if graceful {
+            let sample = format!(
+                "{}/../shared/fixtures/podinfo/deployment.yaml",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let manifest = self
+                .ok(&[
+                    "set",
+                    "env",
+                    "--local",
+                    "-f",
+                    &sample,
+                    "KUBESIM_SHUTDOWN_DELAY_MS=1500",
+                    "-o",
+                    "yaml",
+                ])
+                .await;
+            let applied = self
+                .kubectl(&["apply", "-n", ns, "-f", "-"], Some(&manifest.stdout))
+                .await;
+            assert!(applied.ok, "{}", applied.stderr);
+        } else {
+            self.podinfo(ns).await;
+        }
         self.apply(&format!(
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: podinfo\n  namespace: {ns}\nspec:\n  selector:\n    app: podinfo\n  \
              ports:\n    - name: http\n      port: 9898\n      targetPort: 9898\n"
@@ -555,7 +584,12 @@ async fn healthy_release(env: &Env, ns: &str, annotations: &[&str]) -> Stats {
 }
 
 async fn rolled_back(env: &Env, ns: &str, annotations: &[&str], change: &str, reason: &str) -> Stats {
-    let load = env.prepare(ns, true, annotations).await;
+    // Analysis 3 s after each step (not 2): a candidate's error series must have been scraped twice
+    // (every second) before a rate over it exists; one scrape short, a failing candidate reads as
+    // 100 % successful and passes its first analysis.
+    let mut annotations = annotations.to_vec();
+    annotations.insert(0, "turnout.dev/interval=3s");
+    let load = env.prepare(ns, true, &annotations).await;
     let stable: Vec<String> = env.pods(ns).await.into_iter().map(|(name, ..)| name).collect();
     env.ok(&["set", "env", "-n", ns, "deployment/podinfo", change]).await;
     let status = rollout_status(env, ns).await;
@@ -598,11 +632,11 @@ async fn rolled_back(env: &Env, ns: &str, annotations: &[&str], change: &str, re
     stats
 }
 
-async fn reverted(env: &Env, ns: &str, annotations: &[&str]) -> Stats {
+async fn reverted(env: &Env, ns: &str, annotations: &[&str], graceful: bool) -> Stats {
     // Analysis an hour away: a rollback that happens at all happened without one.
     let mut annotations = annotations.to_vec();
     annotations.push("turnout.dev/interval=1h");
-    let load = env.prepare(ns, true, &annotations).await;
+    let load = env.prepare_as(ns, true, &annotations, graceful).await;
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
     env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
     let out = env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V1]).await;
@@ -616,10 +650,10 @@ async fn reverted(env: &Env, ns: &str, annotations: &[&str]) -> Stats {
     stats
 }
 
-async fn superseded(env: &Env, ns: &str, annotations: &[&str]) -> Stats {
+async fn superseded(env: &Env, ns: &str, annotations: &[&str], graceful: bool) -> Stats {
     let mut annotations = annotations.to_vec();
     annotations.push("turnout.dev/threshold=zero");
-    let load = env.prepare(ns, true, &annotations).await;
+    let load = env.prepare_as(ns, true, &annotations, graceful).await;
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
     env.wait_phase(ns, "Progressing", Duration::from_secs(60)).await;
     env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V3]).await;
@@ -840,8 +874,8 @@ async fn releases_end_to_end() {
         rolled_back(&env, "b", &[], "KUBESIM_ERROR_RATE=0.5", "success rate"),
         rolled_back(&env, "c", &[], "KUBESIM_LATENCY_MS=400", "P99 latency"),
         rolled_back(&env, "h", &[NO_CANARY_TRAFFIC], "GREETING=hello", "no-traffic "),
-        reverted(&env, "d", &[]),
-        superseded(&env, "e", &[]),
+        reverted(&env, "d", &[], false),
+        superseded(&env, "e", &[], false),
         native(&env),
         foreign(&env),
     );
@@ -873,8 +907,8 @@ async fn gateway_api_releases_end_to_end() {
     let (a, b, d, e, f, ()) = tokio::join!(
         healthy_release(&env, "gw-a", &[GATEWAY_API]),
         rolled_back(&env, "gw-b", &[GATEWAY_API], "KUBESIM_ERROR_RATE=0.5", "success rate"),
-        reverted(&env, "gw-d", &[GATEWAY_API]),
-        superseded(&env, "gw-e", &[GATEWAY_API]),
+        reverted(&env, "gw-d", &[GATEWAY_API], false),
+        superseded(&env, "gw-e", &[GATEWAY_API], false),
         native(&env),
         foreign_route(&env),
     );
@@ -1224,9 +1258,13 @@ async fn no_mesh_release(env: &Env, ns: &str, graceful: bool) -> Stats {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_mesh_releases_move_traffic_by_replica_counts() {
     let env = Env::start_with(false, true).await;
-    let (graceful, abrupt, b, f) = tokio::join!(
+    // Without a mesh a pod that goes is dropped from the endpoints only as it shuts down: the revert
+    // and the supersede, which delete a candidate, run with pods that drain.
+    let (graceful, abrupt, b, d, e, f) = tokio::join!(
         no_mesh_release(&env, "nm-a", true),
         no_mesh_release(&env, "nm-c", false),
+        reverted(&env, "nm-d", &[], true),
+        superseded(&env, "nm-e", &[], true),
         // One pod in three is the candidate's at the first step: one failed check rolls it back.
         rolled_back(
             &env,
@@ -1242,6 +1280,8 @@ async fn without_a_mesh_releases_move_traffic_by_replica_counts() {
         ("nm-a (no mesh, graceful pods)", &graceful),
         ("nm-c (no mesh, pods exit at once)", &abrupt),
         ("nm-b (no mesh, erroring, rolled back)", &b),
+        ("nm-d (no mesh, reverted, graceful pods)", &d),
+        ("nm-e (no mesh, superseded, graceful pods)", &e),
         ("f (native rolling update, pods exit at once)", &f),
     ] {
         eprintln!(
@@ -1260,21 +1300,26 @@ async fn without_a_mesh_releases_move_traffic_by_replica_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_survives_the_agent_being_killed_at_every_phase() {
     let mut env = Env::start(true).await;
-    // The Istio release's phases time the kills; the Gateway API release beside it is hit wherever
-    // it is then.
-    let (ns, gw) = ("restarts", "restarts-gw");
-    let (load, gw_load) = tokio::join!(env.prepare(ns, true, &[]), env.prepare(gw, true, &[GATEWAY_API]));
-    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
-    env.ok(&["set", "image", "-n", gw, "deployment/podinfo", V2]).await;
+    // The Istio release's phases time the kills; the Gateway API and no-mesh releases beside it are
+    // hit wherever they are then.
+    let (ns, gw, nm) = ("restarts", "restarts-gw", "restarts-nm");
+    let (load, gw_load, nm_load) = tokio::join!(
+        env.prepare(ns, true, &[]),
+        env.prepare(gw, true, &[GATEWAY_API]),
+        env.prepare_as(nm, true, &["turnout.dev/provider=none"], true),
+    );
+    for ns in [ns, gw, nm] {
+        env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    }
     for phase in ["Pending", "Progressing", "HandingOff", "Finalising"] {
         env.wait_phase(ns, phase, Duration::from_secs(90)).await;
         env.restart().await;
     }
-    for ns in [ns, gw] {
+    for ns in [ns, gw, nm] {
         env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
         assert_at_rest(&env, ns, "2").await;
     }
-    for (ns, load) in [(ns, load), (gw, gw_load)] {
+    for (ns, load) in [(ns, load), (gw, gw_load), (nm, nm_load)] {
         let stats = load.finish().await;
         assert_eq!(stats.failed, 0, "{ns}: {stats:?}");
         assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{ns}: {stats:?}");
