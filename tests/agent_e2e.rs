@@ -1260,7 +1260,7 @@ async fn without_a_mesh_releases_move_traffic_by_replica_counts() {
     let env = Env::start_with(false, true).await;
     // Without a mesh a pod that goes is dropped from the endpoints only as it shuts down: the revert
     // and the supersede, which delete a candidate, run with pods that drain.
-    let (graceful, abrupt, b, d, e, f) = tokio::join!(
+    let (graceful, abrupt, d, e, b, f) = tokio::join!(
         no_mesh_release(&env, "nm-a", true),
         no_mesh_release(&env, "nm-c", false),
         reverted(&env, "nm-d", &[], true),
