@@ -394,9 +394,13 @@ struct Load {
 
 impl Load {
     fn start(mesh: SocketAddr, ns: &str) -> Self {
+        Self::start_for(mesh, format!("podinfo.{ns}"))
+    }
+
+    /// Load on `host` (a Service as `name.namespace`, or a hostname a Gateway's routes name).
+    fn start_for(mesh: SocketAddr, host: String) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(Stats::default()));
-        let host = format!("podinfo.{ns}");
         let (stop2, stats2) = (stop.clone(), stats.clone());
         tokio::spawn(async move {
             let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -673,6 +677,50 @@ async fn superseded(env: &Env, ns: &str, annotations: &[&str], graceful: bool) -
     stats
 }
 
+/// North-south: the route attached to a Gateway with a hostname. turnout creates it at rest (the Gateway
+/// lets in only what a route names), then a release moves the weights on it, under load on the hostname.
+async fn north_south(env: &Env) -> Stats {
+    let ns = "gw-n";
+    env.namespace(ns, true).await;
+    env.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: public\n  namespace: {ns}\nspec:\n  \
+         gatewayClassName: kubesim\n  listeners: [{{name: http, port: 80, protocol: HTTP}}]\n"
+    ))
+    .await;
+    let service_load = env
+        .prepare(
+            ns,
+            true,
+            &[
+                GATEWAY_API,
+                "turnout.dev/gateway=public",
+                "turnout.dev/hostnames=podinfo.example.com",
+            ],
+        )
+        .await;
+    let load = Load::start_for(env.mesh(), "podinfo.example.com".into());
+    eventually(
+        Duration::from_secs(30),
+        "gw-n: answers on podinfo.example.com through the Gateway",
+        || async { (load.stats().ok > 20).then_some(()) },
+    )
+    .await;
+    // East-west requests (to the Service itself) are not this route's: no load on them through the release.
+    service_load.finish().await;
+    let route = env.get(ns, "httproute/podinfo").await;
+    assert_eq!(route["spec"]["parentRefs"][0]["kind"], "Gateway", "{route}");
+    assert_eq!(route["spec"]["hostnames"][0], "podinfo.example.com", "{route}");
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    let status = rollout_status(env, ns).await;
+    assert!(status.ok, "{ns}: {}", status.stderr);
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
+    assert_at_rest(env, ns, "2").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{ns}: {stats:?}");
+    assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{ns}: {stats:?}");
+    stats
+}
+
 /// An HTTPRoute turnout does not manage, attached to the same Service: left untouched, the release
 /// fails saying why.
 async fn foreign_route(env: &Env) {
@@ -904,13 +952,14 @@ async fn releases_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_api_releases_end_to_end() {
     let env = Env::start(true).await;
-    let (a, b, d, e, f, ()) = tokio::join!(
+    let (a, b, d, e, f, (), n) = tokio::join!(
         healthy_release(&env, "gw-a", &[GATEWAY_API]),
         rolled_back(&env, "gw-b", &[GATEWAY_API], "KUBESIM_ERROR_RATE=0.5", "success rate"),
         reverted(&env, "gw-d", &[GATEWAY_API], false),
         superseded(&env, "gw-e", &[GATEWAY_API], false),
         native(&env),
         foreign_route(&env),
+        north_south(&env),
     );
     // The route was written by turnout and accepted by the mesh for its last generation.
     let route = env.get("gw-a", "httproute/podinfo").await;
@@ -935,6 +984,7 @@ async fn gateway_api_releases_end_to_end() {
         ("gw-b (gateway-api, erroring)", &b),
         ("gw-d (gateway-api, reverted)", &d),
         ("gw-e (gateway-api, superseded)", &e),
+        ("gw-n (gateway-api on a Gateway, north-south)", &n),
         ("f (native rolling update)", &f),
     ] {
         eprintln!(

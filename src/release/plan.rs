@@ -321,7 +321,32 @@ fn held(o: &Observed<'_>, t: u64) -> bool {
 fn at_rest(o: &Observed<'_>) -> Plan {
     remove_strays(o, None, None)
         .or_else(|| to_rest(o))
+        .or_else(|| route_at_rest(o))
         .unwrap_or_else(|| wait(None, "at rest: no release in flight"))
+}
+
+/// A host whose route must exist at rest (attached to a gateway) and does not yet: created, to every
+/// pod of the Service.
+fn route_at_rest(o: &Observed<'_>) -> Option<Plan> {
+    let d = &o.deployment;
+    let (host, h) = o
+        .hosts
+        .iter()
+        .enumerate()
+        .find(|(_, h)| h.route_at_rest && h.route == Managed::Absent)?;
+    Some(Plan {
+        action: Action::Routing(RoutingAction::PutRoute {
+            host,
+            route: Route::Host,
+        }),
+        event: Some(info(
+            "Routing",
+            format!(
+                "{}/{}: {} is routed through {} at rest",
+                d.namespace, d.name, h.service, o.provider
+            ),
+        )),
+    })
 }
 
 /// The template is the stable one again: unwind without analysis, then record the rollback.

@@ -193,6 +193,9 @@ pub struct HostRouting {
     pub backends: Managed<Applied<Vec<Backend>>>,
     /// The route of the host.
     pub route: Managed<Applied<Route>>,
+    /// The route must exist even at rest: a gateway routes only what a route names (a route on the
+    /// Service itself, or a mesh's default, routes to every pod without one).
+    pub route_at_rest: bool,
 }
 
 impl HostRouting {
@@ -202,6 +205,7 @@ impl HostRouting {
             service: service.into(),
             backends: Managed::Absent,
             route: Managed::Absent,
+            route_at_rest: false,
         }
     }
 }

@@ -267,6 +267,7 @@ impl World {
             } else {
                 HostRouting {
                     service: SERVICE.into(),
+                    route_at_rest: false,
                     route: self.vs.clone().map_or(Managed::Absent, |mut vs| {
                         let everywhere = self
                             .proxies
@@ -1380,4 +1381,57 @@ fn gates_run_before_the_first_step_and_before_100_percent() {
         "a failing gate counts as failed checks: no traffic ever reached the candidate"
     );
     assert!(w.vs.as_ref().unwrap().value.weight_of("v2-canary") == 0);
+}
+
+#[test]
+fn a_route_a_gateway_needs_is_created_at_rest_and_only_then() {
+    let config = ReleaseConfig::default();
+    let d = DeploymentView {
+        namespace: "shop".into(),
+        name: "podinfo".into(),
+        replicas: 2,
+        template_revision: 1,
+        ..DeploymentView::default()
+    };
+    let observed = |host: HostRouting| Observed {
+        now: 1_000,
+        config: &config,
+        deployment: d.clone(),
+        stable_rs: None,
+        new_rs: None,
+        candidates: Vec::new(),
+        provider: ProviderKind::GatewayApi,
+        hosts: vec![host],
+        routing_unavailable: None,
+        verdict: None,
+        opted_out: false,
+    };
+    let mut gateway = HostRouting::absent(SERVICE);
+    gateway.route_at_rest = true;
+    let p = plan(&observed(gateway.clone()));
+    assert_eq!(
+        p.action,
+        Action::Routing(RoutingAction::PutRoute {
+            host: 0,
+            route: Route::Host
+        })
+    );
+    assert_eq!(
+        p.event.unwrap().message,
+        "shop/podinfo: podinfo is routed through gateway-api at rest"
+    );
+    gateway.route = Managed::Ours(Applied {
+        value: Route::Host,
+        changed_at: 0,
+        synced: Synced::Unknown,
+    });
+    assert!(matches!(
+        plan(&observed(gateway)).action,
+        Action::Wait { until: None, .. }
+    ));
+    // A route on the Service itself is not needed at rest: without one, requests reach every pod.
+    assert!(matches!(
+        plan(&observed(HostRouting::absent(SERVICE))).action,
+        Action::Wait { until: None, .. }
+    ));
 }

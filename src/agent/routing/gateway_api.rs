@@ -99,6 +99,8 @@ pub fn observe(service: &str, config: &ReleaseConfig, objects: &Objects<'_>) -> 
         service: service.to_owned(),
         backends: backends_view,
         route: route_view,
+        // Attached to a Gateway, the route is what lets requests in at all.
+        route_at_rest: config.gateway.is_some(),
     };
     (host, stored, refused)
 }

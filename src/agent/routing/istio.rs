@@ -31,6 +31,7 @@ pub fn observe(service: &str, stored: &Stored) -> HostRouting {
         service: service.to_owned(),
         route: managed("VirtualService", stored.virtual_service.as_ref(), route_of),
         backends: managed("DestinationRule", stored.destination_rule.as_ref(), backends_of),
+        route_at_rest: false,
     }
 }
 
