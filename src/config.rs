@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::agent::notify::Severity;
 use crate::release::ProviderKind;
 
 /// Annotation keys of the release configuration.
@@ -24,9 +25,11 @@ pub mod keys {
     pub const PROVIDER: &str = "turnout.dev/provider";
     pub const GATEWAY: &str = "turnout.dev/gateway";
     pub const HOSTNAMES: &str = "turnout.dev/hostnames";
+    pub const NOTIFY: &str = "turnout.dev/notify";
+    pub const NOTIFY_SEVERITY: &str = "turnout.dev/notify-severity";
 
     /// Every key, for documentation and for tests that keep the docs in step with the code.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         STEPS,
         INTERVAL,
         THRESHOLD,
@@ -42,6 +45,8 @@ pub mod keys {
         PROVIDER,
         GATEWAY,
         HOSTNAMES,
+        NOTIFY,
+        NOTIFY_SEVERITY,
     ];
 }
 
@@ -171,6 +176,10 @@ pub struct ReleaseConfig {
     pub gateway: Option<GatewayRef>,
     /// Gateway API: the hostnames of a route attached to a Gateway.
     pub hostnames: Vec<String>,
+    /// The Secret (in the Deployment's namespace) with the chat webhook URLs to notify.
+    pub notify: Option<String>,
+    /// The least severity notified.
+    pub notify_severity: Severity,
 }
 
 /// A Gateway named by `turnout.dev/gateway`: `name` or `namespace/name`.
@@ -282,6 +291,8 @@ impl Default for ReleaseConfig {
             provider: None,
             gateway: None,
             hostnames: Vec::new(),
+            notify: None,
+            notify_severity: Severity::Info,
         }
     }
 }
@@ -432,6 +443,20 @@ fn apply(config: &mut ReleaseConfig, key: &str, value: &str) -> Result<(), Strin
         }
         keys::GATEWAY => config.gateway = Some(parse_gateway(value)?),
         keys::HOSTNAMES => config.hostnames = parse_hostnames(value)?,
+        keys::NOTIFY => {
+            // A Secret's name: a DNS subdomain. An empty value turns off the level below's.
+            let valid = value.len() <= 253
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+            if !valid {
+                return Err("not a Secret name".into());
+            }
+            config.notify = (!value.is_empty()).then(|| value.to_owned());
+        }
+        keys::NOTIFY_SEVERITY => {
+            config.notify_severity = Severity::parse(value).ok_or("not info or warning")?;
+        }
         _ => return Err("unknown key".into()),
     }
     Ok(())

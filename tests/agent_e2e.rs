@@ -1050,6 +1050,186 @@ impl Hooks {
     }
 }
 
+/// A chat receiver: records each request's path and JSON body; `/broken` answers 500.
+#[derive(Clone, Default)]
+struct Chat {
+    got: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+impl Chat {
+    async fn start(&self) -> String {
+        use hyper::body::Incoming;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let chat = self.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let chat = chat.clone();
+                let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    let chat = chat.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let status = if path == "/broken" { 500 } else { 200 };
+                        chat.got
+                            .lock()
+                            .unwrap()
+                            .push((path, serde_json::from_slice(&body).unwrap_or_default()));
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(http_body_util::Full::new(Bytes::from_static(b"ok")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        base
+    }
+
+    fn at(&self, path: &str) -> Vec<Value> {
+        let got = self.got.lock().unwrap();
+        got.iter().filter(|(p, _)| p == path).map(|(_, b)| b.clone()).collect()
+    }
+}
+
+impl Env {
+    /// A Secret `chat` of webhook URLs in `ns`, readable by turnout there (the documented RoleBinding),
+    /// named by the namespace's `turnout.dev/notify`.
+    async fn chat_secret(&self, ns: &str, urls: &[(&str, String)], annotations: &[&str]) {
+        let mut args = vec!["create", "secret", "generic", "chat", "-n", ns];
+        let literals: Vec<String> = urls.iter().map(|(k, u)| format!("--from-literal={k}={u}")).collect();
+        args.extend(literals.iter().map(String::as_str));
+        self.ok(&args).await;
+        self.ok(&[
+            "create",
+            "rolebinding",
+            "turnout-notify",
+            "-n",
+            ns,
+            "--clusterrole=turnout-notifications",
+            "--serviceaccount=turnout-system:turnout",
+        ])
+        .await;
+        let mut args = vec!["annotate", "namespace", ns, "turnout.dev/notify=chat"];
+        args.extend_from_slice(annotations);
+        self.ok(&args).await;
+    }
+}
+
+/// Notifications: a release's start and promotion reach Slack, Teams, Discord and a generic webhook,
+/// each in its own format; a minimum severity leaves out the good news; a delivery that fails is an
+/// Event (without the URL, a credential) and a metric, and the release goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_reach_each_chat_service() {
+    let env = Env::start(true).await;
+    let chat = Chat::default();
+    let base = chat.start().await;
+    let released = async {
+        let ns = "notify";
+        let load = env.prepare(ns, true, &[]).await;
+        let urls: Vec<(&str, String)> = ["slack", "teams", "discord", "webhook"]
+            .into_iter()
+            .map(|k| (k, format!("{base}/{k}")))
+            .collect();
+        env.chat_secret(ns, &urls, &[]).await;
+        env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+        env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
+        load.finish().await;
+    };
+    let quiet = async {
+        // Warnings only, and a release that fails: halted and rolled back, never started.
+        let ns = "notify-quiet";
+        let load = env.prepare(ns, true, &[]).await;
+        env.chat_secret(
+            ns,
+            &[("webhook", format!("{base}/quiet"))],
+            &["turnout.dev/notify-severity=warning"],
+        )
+        .await;
+        env.ok(&["set", "env", "-n", ns, "deployment/podinfo", "KUBESIM_ERROR_RATE=0.5"])
+            .await;
+        env.wait_phase(ns, "Failed", Duration::from_secs(90)).await;
+        load.finish().await;
+    };
+    let broken = async {
+        let ns = "notify-broken";
+        let load = env.prepare(ns, true, &[]).await;
+        env.chat_secret(ns, &[("webhook", format!("{base}/broken"))], &[]).await;
+        env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+        env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
+        load.finish().await;
+    };
+    tokio::join!(released, quiet, broken);
+
+    let chat = &chat;
+    let kinds = |path: &'static str| async move {
+        eventually(
+            Duration::from_secs(30),
+            "a started and a promoted notification",
+            || async {
+                let got = chat.at(path);
+                (got.len() >= 2).then_some(got)
+            },
+        )
+        .await
+    };
+    let slack = kinds("/slack").await;
+    assert_eq!(slack[0]["blocks"][0]["type"], "header", "{slack:?}");
+    assert_eq!(
+        slack[0]["blocks"][0]["text"]["text"],
+        "Release started: notify/podinfo v2"
+    );
+    assert_eq!(
+        slack[1]["blocks"][0]["text"]["text"],
+        "Release promoted: notify/podinfo v2"
+    );
+    let teams = kinds("/teams").await;
+    assert_eq!(
+        teams[0]["attachments"][0]["contentType"],
+        "application/vnd.microsoft.card.adaptive"
+    );
+    assert_eq!(teams[1]["attachments"][0]["content"]["type"], "AdaptiveCard");
+    let discord = kinds("/discord").await;
+    assert_eq!(discord[1]["embeds"][0]["title"], "Release promoted: notify/podinfo v2");
+    let webhook = kinds("/webhook").await;
+    let seen: Vec<&str> = webhook.iter().map(|b| b["kind"].as_str().unwrap()).collect();
+    assert_eq!(seen, ["started", "promoted"]);
+
+    let quiet = eventually(Duration::from_secs(30), "notify-quiet: rolled back", || async {
+        let got = chat.at("/quiet");
+        got.iter().any(|b| b["kind"] == "rolled-back").then_some(got)
+    })
+    .await;
+    assert!(
+        quiet.iter().all(|b| b["severity"] == "warning"),
+        "only warnings: {quiet:?}"
+    );
+
+    let failed = eventually(Duration::from_secs(30), "a NotificationFailed Event", || async {
+        env.events("notify-broken")
+            .await
+            .into_iter()
+            .find(|e| e.starts_with("Warning NotificationFailed"))
+    })
+    .await;
+    assert!(failed.contains("webhook of Secret chat"), "{failed}");
+    assert!(failed.contains("answered 500"), "{failed}");
+    assert!(!failed.contains(&base), "the URL is a credential: {failed}");
+    let metrics = format!("http://{}/metrics", env.admin);
+    eventually(Duration::from_secs(10), "turnout_notifications_total fail", || async {
+        http_get(&metrics)
+            .await
+            .filter(|(_, body)| body.contains(r#"turnout_notifications_total{service="webhook",result="fail"}"#))
+    })
+    .await;
+}
+
 /// Hooks configured by annotation: gates before traffic, at each step and before 100 %, and
 /// notifications; then a failing gate rolls a release back before any traffic reaches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -135,11 +135,22 @@ fn rbac_names_every_resource_and_verb() {
                     object["metadata"]["name"]
                 );
             }
+            // The one role with Secrets (get only) is for namespaces to bind for notifications.
+            let notifications = object["metadata"]["name"] == "turnout-notifications";
             assert!(
-                !rule["resources"].to_string().contains("secrets"),
-                "turnout reads no Secrets"
+                !rule["resources"].to_string().contains("secrets")
+                    || (notifications && rule["verbs"] == serde_json::json!(["get"])),
+                "turnout reads no Secrets but where a namespace grants it: {}",
+                object["metadata"]["name"]
             );
         }
+    }
+    // ... and no binding of the installation grants it.
+    for binding in render("deploy")
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRoleBinding" || o["kind"] == "RoleBinding")
+    {
+        assert_ne!(binding["roleRef"]["name"], "turnout-notifications", "{binding}");
     }
 }
 

@@ -132,7 +132,13 @@ impl Caller {
     ///
     /// What the last attempt got: no answer in time, no connection, or a non-2xx status with the
     /// start of its body.
-    pub async fn post(&self, url: &str, payload: &Payload, timeout: Duration, retries: u32) -> Result<String, String> {
+    pub async fn post<P: Serialize>(
+        &self,
+        url: &str,
+        payload: &P,
+        timeout: Duration,
+        retries: u32,
+    ) -> Result<String, String> {
         let body = Bytes::from(serde_json::to_vec(payload).map_err(|e| e.to_string())?);
         let mut last = String::new();
         for attempt in 0..=retries {

@@ -15,6 +15,7 @@ pub mod analysis;
 pub mod cache;
 pub mod hooks;
 pub mod leader;
+pub mod notify;
 pub mod observe;
 pub mod routing;
 
@@ -140,6 +141,8 @@ impl Args {
             provider: self.provider,
             gateway: None,
             hostnames: Vec::new(),
+            notify: None,
+            notify_severity: notify::Severity::Info,
         }
     }
 }
@@ -174,6 +177,12 @@ struct HookLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NotificationLabels {
+    service: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabels {
     source: &'static str,
 }
@@ -198,6 +207,7 @@ pub struct AgentMetrics {
     leader: Gauge,
     unheld: Counter,
     hooks: Family<HookLabels, Counter>,
+    notifications: Family<NotificationLabels, Counter>,
     reads: Family<SourceLabels, Counter>,
 }
 
@@ -226,6 +236,7 @@ impl AgentMetrics {
             leader: Gauge::default(),
             unheld: Counter::default(),
             hooks: Family::default(),
+            notifications: Family::default(),
             reads: Family::default(),
         };
         registry.register(
@@ -264,6 +275,11 @@ impl AgentMetrics {
             "turnout_hook_notifications",
             "Notification hooks sent (post-rollout, rollback, event), by hook and result (ok, fail)",
             m.hooks.clone(),
+        );
+        registry.register(
+            "turnout_notifications",
+            "Chat notifications sent (turnout.dev/notify), by service (slack, teams, discord, webhook) and result (ok, fail)",
+            m.notifications.clone(),
         );
         registry.register(
             "turnout_agent_reads",
@@ -511,6 +527,76 @@ async fn record(ctx: &Context, d: &Deployment, config: &ReleaseConfig, view: &De
         d,
         Payload::about(HookKind::Event, view, Some(event)),
     );
+    if let (Some(secret), Some(notice)) = (&config.notify, notify::Notice::of(event, view))
+        && notice.kind.severity() >= config.notify_severity
+    {
+        chat(ctx, config, d, secret.clone(), notice);
+    }
+}
+
+/// Sends `notice` to every chat service whose URL the Secret `secret` holds, in the background: it
+/// never holds a release. Each delivery is retried (three more attempts, growing pauses); one that
+/// still fails, or a Secret that cannot be read, is a Warning Event `NotificationFailed`, and every
+/// delivery is counted by service and result.
+fn chat(ctx: &Context, config: &ReleaseConfig, d: &Deployment, secret: String, notice: notify::Notice) {
+    let caller = ctx.analyser.hooks().clone();
+    let (client, d, timeout) = (ctx.client.clone(), d.clone(), config.hook_timeout);
+    let counter = ctx.metrics.notifications.clone();
+    tokio::spawn(async move {
+        let ns = d.namespace().unwrap_or_default();
+        let failed = |why: String| release::Event {
+            warning: true,
+            reason: "NotificationFailed",
+            message: format!("{ns}/{}: {why}", d.name_any()),
+        };
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+        let urls = match secrets.get_opt(&secret).await {
+            Ok(Some(s)) => s.data.unwrap_or_default(),
+            Ok(None) => {
+                let event = failed(format!("Secret {ns}/{secret} (turnout.dev/notify) not found"));
+                if let Err(e) = act::record(&client, &d, &event).await {
+                    tracing::warn!(error = %e, "could not record an Event");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %secret, "cannot read the notification Secret");
+                let event = failed(format!("cannot read Secret {ns}/{secret}: {e}"));
+                if let Err(e) = act::record(&client, &d, &event).await {
+                    tracing::warn!(error = %e, "could not record an Event");
+                }
+                return;
+            }
+        };
+        for service in notify::Service::ALL {
+            let Some(url) = urls.get(service.key()) else { continue };
+            let url = String::from_utf8_lossy(&url.0).trim().to_owned();
+            if url.is_empty() {
+                continue;
+            }
+            let result = caller.post(&url, &notice.payload(service), timeout, 3).await;
+            let outcome = if result.is_ok() { "ok" } else { "fail" };
+            counter
+                .get_or_create(&NotificationLabels {
+                    service: service.key(),
+                    result: outcome,
+                })
+                .inc();
+            if let Err(why) = result {
+                // The URL is a credential: the Event names the service and the Secret, not the URL.
+                let why = why.replace(&url, "<url>");
+                tracing::warn!(namespace = %ns, deployment = %d.name_any(), service = service.key(), "notification failed: {why}");
+                let event = failed(format!(
+                    "{} notification ({} of Secret {secret}) failed: {why}",
+                    notice.kind.as_str(),
+                    service.key()
+                ));
+                if let Err(e) = act::record(&client, &d, &event).await {
+                    tracing::warn!(error = %e, "could not record an Event");
+                }
+            }
+        }
+    });
 }
 
 /// Sends a notification hook (`post-rollout`, `rollback`, `event`) in the background, if configured:
