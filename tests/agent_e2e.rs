@@ -150,14 +150,15 @@ async fn http_get(url: &str) -> Option<(u16, String)> {
 }
 
 /// A real Prometheus scraping the mesh's metrics every second.
-async fn prometheus(cluster: &Cluster) -> (Process, String) {
+/// A Prometheus scraping the mesh and turnout's admin port (`admin`) every second.
+async fn prometheus(cluster: &Cluster, admin: SocketAddr) -> (Process, String) {
     let dir = cluster.dir.path().to_owned();
     let prometheus_addr = free_port();
     std::fs::write(
             dir.join("prometheus.yml"),
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: kubesim-mesh\n    \
-                 static_configs:\n      - targets: ['{}']\n",
+                 static_configs:\n      - targets: ['{}']\n  - job_name: turnout\n    static_configs:\n      - targets: ['{admin}']\n",
                 cluster.metrics_addr()
             ),
         )
@@ -194,9 +195,11 @@ impl Env {
         let cluster = Cluster::exclusive().await;
         let dir = cluster.dir.path().to_owned();
 
-        // Prometheus scraping the mesh every second.
+        let listen = free_port();
+        let admin = free_port();
+        // Prometheus scraping the mesh and turnout every second.
         let (prometheus, prometheus_url) = if with_prometheus {
-            let (p, url) = prometheus(&cluster).await;
+            let (p, url) = prometheus(&cluster, admin).await;
             (Some(p), url)
         } else {
             (None, "http://127.0.0.1:9".to_owned())
@@ -206,8 +209,6 @@ impl Env {
         let bundle =
             turnout::certs::generate(&["turnout-webhook.turnout-system.svc".into(), "127.0.0.1".into()]).unwrap();
         turnout::certs::write(&dir.join("certs"), &bundle, false).unwrap();
-        let listen = free_port();
-        let admin = free_port();
         // Installed before it starts, as on a cluster: the agent's watches find their RBAC in place.
         cluster.install(bundle.ca_pem.as_bytes(), listen).await;
         // With `istio`, both providers are installed (a release uses Istio unless it asks for
@@ -719,6 +720,70 @@ async fn north_south(env: &Env) -> Stats {
     assert_eq!(stats.failed, 0, "{ns}: {stats:?}");
     assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{ns}: {stats:?}");
     stats
+}
+
+/// The Grafana dashboard shipped in deploy/grafana: every panel's and annotation's PromQL, with the
+/// dashboard's variables set to a release in flight, returns data from the real Prometheus (the mesh's
+/// Istio metrics and turnout's own), and the requests panel shows both versions.
+async fn dashboard(env: &Env) {
+    let ns = "grafana";
+    let load = env
+        .prepare(ns, true, &["turnout.dev/interval=1h", "turnout.dev/steps=50,100"])
+        .await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    wait_weight(env, ns, "50").await;
+    let path = format!("{}/deploy/grafana/turnout-releases.json", env!("CARGO_MANIFEST_DIR"));
+    let board: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut queries: Vec<(String, String)> = board["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap().to_owned();
+            p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |t| (title.clone(), t["expr"].as_str().unwrap().to_owned()))
+        })
+        .collect();
+    for a in board["annotations"]["list"].as_array().unwrap() {
+        queries.push((
+            a["name"].as_str().unwrap().to_owned(),
+            a["expr"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(queries.len(), 6, "{queries:?}");
+    for (title, expr) in &queries {
+        let expr = expr
+            .replace("$namespace", ns)
+            .replace("$deployment", "podinfo")
+            .replace("$__rate_interval", "1m");
+        let url = format!(
+            "{}/api/v1/query?query={}",
+            env.prometheus_url,
+            turnout::agent::analysis::encode(&expr)
+        );
+        // The requests panel must show both versions: the stable pods and the candidate.
+        let versions = title.starts_with("Requests per second");
+        eventually(
+            Duration::from_secs(60),
+            &format!("dashboard panel {title:?}: {expr}"),
+            || async {
+                let (status, body) = http_get(&url).await?;
+                let answer: Value = serde_json::from_str(&body).ok()?;
+                let result = answer["data"]["result"].as_array()?.clone();
+                let workloads: std::collections::BTreeSet<&str> = result
+                    .iter()
+                    .filter_map(|s| s["metric"]["destination_workload"].as_str())
+                    .collect();
+                let both = workloads.contains("podinfo") && workloads.contains("podinfo-v2");
+                (status == 200 && !result.is_empty() && (both || !versions)).then_some(())
+            },
+        )
+        .await;
+    }
+    load.finish().await;
 }
 
 /// An HTTPRoute turnout does not manage, attached to the same Service: left untouched, the release
@@ -1340,7 +1405,8 @@ async fn hooks_gate_releases_and_are_told_how_they_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_steered_by_requests() {
     let env = Env::start(true).await;
-    let stats = requests(&env).await;
+    // The dashboard's queries run beside it (the busiest test, releases_end_to_end, has enough load).
+    let (stats, ()) = tokio::join!(requests(&env), dashboard(&env));
     eprintln!("r: {stats:?}");
 }
 

@@ -288,7 +288,7 @@ fn parse(body: &[u8]) -> Result<Option<f64>, String> {
 }
 
 /// Percent-encodes a query parameter.
-fn encode(s: &str) -> String {
+pub fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
