@@ -247,13 +247,27 @@ pub fn release(d: &Deployment, routes: &[VirtualService], http_routes: &[HttpRou
         }
     }
     let template_revision = crate::agent::observe::template_revision_of(d);
+    let routing = ann.get(annotations::ROUTING).cloned();
+    // Without a mesh there is no route to read: the step's weight is the candidate's share of the pods,
+    // shown while a release is before hand-off.
+    let in_flight = view.status.phase.is_some_and(crate::release::Phase::before_hand_off);
+    if weights.is_empty()
+        && routing.as_deref() == Some("none")
+        && in_flight
+        && let (Some(release), Some(stable)) = (view.status.release, view.stable_revision)
+    {
+        let weight = view.status.weight.min(100);
+        weights.insert(format!("v{stable}"), 100 - weight);
+        weights.insert(crate::names::backends::canary(release), weight);
+        weights.retain(|_, w| *w > 0);
+    }
     Release {
         namespace: d.namespace().unwrap_or_default(),
         name: d.name_any(),
         phase: ann.get(annotations::PHASE).cloned().unwrap_or_else(|| "-".into()),
         revision: view.status.release.or(template_revision),
         stable: view.stable_revision,
-        routing: ann.get(annotations::ROUTING).cloned(),
+        routing,
         weights,
         failed_checks: view.status.failed_checks,
         message: ann.get(annotations::MESSAGE).cloned().unwrap_or_default(),
@@ -420,5 +434,28 @@ mod tests {
         paused.held = true;
         paused.request = Some("promote@2".into());
         assert!(table(&[paused]).contains("  Progressing (paused) (promote@2 requested)  v2"));
+    }
+
+    #[test]
+    fn without_a_mesh_the_weights_are_the_step_s_share_of_the_pods() {
+        let d = |phase: &str, routing: &str| -> Deployment {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "podinfo", "namespace": "shop", "annotations": {
+                    "turnout.dev/phase": phase, "turnout.dev/release": "3", "turnout.dev/stable-revision": "2",
+                    "turnout.dev/weight": "20", "turnout.dev/routing": routing } },
+                "spec": { "selector": {}, "template": {} }
+            }))
+            .unwrap()
+        };
+        let weights = |phase, routing| super::release(&d(phase, routing), &[], &[]).weights;
+        assert_eq!(
+            weights("Progressing", "none"),
+            BTreeMap::from([("v2".to_owned(), 80), ("v3-canary".to_owned(), 20)])
+        );
+        assert!(weights("Succeeded", "none").is_empty(), "nothing in flight");
+        assert!(
+            weights("Progressing", "istio").is_empty(),
+            "a mesh's weights come from its route"
+        );
     }
 }

@@ -1519,6 +1519,15 @@ async fn no_mesh_release(env: &Env, ns: &str, graceful: bool) -> Stats {
     })
     .await;
     assert_eq!(sizes, 1, "{ns}: one {candidate} pod at 20 %");
+    eventually(
+        Duration::from_secs(30),
+        &format!("{ns}: turnout status shows the step"),
+        || async {
+            let out = env.turnout(&["status", "podinfo", "-n", ns]).await;
+            (out.stdout.contains("none     v0=80,v1-canary=20")).then_some(())
+        },
+    )
+    .await;
     let stable: Vec<String> = env
         .pods(ns)
         .await
