@@ -678,6 +678,32 @@ async fn superseded(env: &Env, ns: &str, annotations: &[&str], graceful: bool) -
     stats
 }
 
+/// A competing HTTPRoute appears in the middle of a release: the release fails saying so, and is unwound
+/// through turnout's own route (the competitor is older-second, ours keeps routing), losing nothing.
+async fn competitor_mid_release(env: &Env) -> Stats {
+    let ns = "gw-c";
+    let load = env.prepare(ns, true, &[GATEWAY_API, "turnout.dev/interval=1h"]).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    wait_weight(env, ns, "20").await;
+    env.apply(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: podinfo-mine\n  namespace: {ns}\nspec:\n  \
+         parentRefs: [{{group: '', kind: Service, name: podinfo, port: 9898}}]\n  rules:\n    - backendRefs: [{{name: podinfo, port: 9898}}]\n"
+    ))
+    .await;
+    env.wait_phase(ns, "Failed", Duration::from_secs(30)).await;
+    let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "HTTPRoute {ns}/podinfo-mine for Service podinfo is not managed by turnout"
+        )),
+        "{ns}: {message}"
+    );
+    assert_at_rest(env, ns, "1").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{ns}: unwound through our route: {stats:?}");
+    stats
+}
+
 /// North-south: the route attached to a Gateway with a hostname. turnout creates it at rest (the Gateway
 /// lets in only what a route names), then a release moves the weights on it, under load on the hostname.
 async fn north_south(env: &Env) -> Stats {
@@ -1017,7 +1043,7 @@ async fn releases_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_api_releases_end_to_end() {
     let env = Env::start(true).await;
-    let (a, b, d, e, f, (), n) = tokio::join!(
+    let (a, b, d, e, f, (), n, c) = tokio::join!(
         healthy_release(&env, "gw-a", &[GATEWAY_API]),
         rolled_back(&env, "gw-b", &[GATEWAY_API], "KUBESIM_ERROR_RATE=0.5", "success rate"),
         reverted(&env, "gw-d", &[GATEWAY_API], false),
@@ -1025,6 +1051,7 @@ async fn gateway_api_releases_end_to_end() {
         native(&env),
         foreign_route(&env),
         north_south(&env),
+        competitor_mid_release(&env),
     );
     // The route was written by turnout and accepted by the mesh for its last generation.
     let route = env.get("gw-a", "httproute/podinfo").await;
@@ -1050,6 +1077,7 @@ async fn gateway_api_releases_end_to_end() {
         ("gw-d (gateway-api, reverted)", &d),
         ("gw-e (gateway-api, superseded)", &e),
         ("gw-n (gateway-api on a Gateway, north-south)", &n),
+        ("gw-c (gateway-api, a competing route mid-release)", &c),
         ("f (native rolling update)", &f),
     ] {
         eprintln!(

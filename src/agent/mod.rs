@@ -377,7 +377,17 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
         return Ok(Requeue::await_change());
     }
     let (config, problems) = config::resolve(&ctx.defaults, ns.annotations(), d.annotations());
-    let (provider, unavailable) = routing::select(&config, &ns, installed);
+    // A release in flight keeps the provider it started with.
+    let pinned = d
+        .annotations()
+        .contains_key(annotations::STABLE_REVISION)
+        .then(|| {
+            d.annotations()
+                .get(annotations::ROUTING)
+                .and_then(|p| ProviderKind::parse(p))
+        })
+        .flatten();
+    let (provider, unavailable) = routing::select(&config, &ns, installed, pinned);
     let has_crds = unavailable.is_none();
     // Read from the watch caches once they have listed; from the API server until then.
     let caches = caches.filter(|c| c.synced(provider, has_crds));
@@ -742,7 +752,9 @@ where
         analyser: analysis::Analyser::default(),
         metrics,
         istio: AtomicBool::new(true),
-        gateway_api: AtomicBool::new(false),
+        // Until the first check answers, as if installed: a release is not failed for a CRD that
+        // has merely not been looked for yet (a read of a kind not served fails and is retried).
+        gateway_api: AtomicBool::new(true),
         started: Mutex::new(HashMap::new()),
         unheld: Mutex::new(std::collections::HashSet::new()),
         caches: std::sync::RwLock::new(None),

@@ -81,20 +81,35 @@ pub fn observe(service: &str, config: &ReleaseConfig, objects: &Objects<'_>) -> 
         .iter()
         .filter(|r| r.name_any() != service && !is_ours(&r.metadata))
         .find(|r| attaches_like(r, &parent, &ns, config));
+    // Our own route stays ours even when another one competes with it: the release fails with the
+    // reason, and is unwound through our route (taking traffic off the candidate, draining, then
+    // removing the backends once no route of ours names them).
     let route_view = match (route, conflict) {
-        (_, Some(other)) => Managed::Foreign {
+        (Some(r), _) if is_ours(&r.metadata) => Managed::Ours(route_of(r, service, &stored.backends)),
+        (Some(r), _) => Managed::Foreign {
+            kind: "HTTPRoute",
+            name: format!("{ns}/{}", r.name_any()),
+        },
+        (None, Some(other)) => Managed::Foreign {
             kind: "HTTPRoute",
             name: format!("{ns}/{}", other.name_any()),
         },
         (None, None) => Managed::Absent,
-        (Some(r), None) if !is_ours(&r.metadata) => Managed::Foreign {
-            kind: "HTTPRoute",
-            name: format!("{ns}/{}", r.name_any()),
-        },
-        (Some(r), None) => Managed::Ours(route_of(r, service, &stored.backends)),
     };
     let backends_view = backends_of(route, &stored.backends, objects.slices);
-    let refused = route.filter(|r| is_ours(&r.metadata)).and_then(|r| refused(r));
+    let competing = conflict
+        .filter(|_| matches!(route_view, Managed::Ours(_)))
+        .map(|other| {
+            format!(
+                "HTTPRoute {ns}/{} for Service {service} is not managed by turnout; it was left untouched (label it \
+             app.kubernetes.io/managed-by=turnout or delete it to let turnout manage the host)",
+                other.name_any()
+            )
+        });
+    let refused = route
+        .filter(|r| is_ours(&r.metadata))
+        .and_then(|r| refused(r))
+        .or(competing);
     let host = HostRouting {
         service: service.to_owned(),
         backends: backends_view,
@@ -658,5 +673,37 @@ mod tests {
         };
         let (host, _, _) = observe("podinfo", &elsewhere, &objects);
         assert_eq!(host.route, Managed::Absent, "attached elsewhere: no conflict");
+
+        // With our own route in place the conflict fails the release, but our route stays ours so
+        // that the release is unwound through it (never leaving its split pointing at deleted Services).
+        let ours = Arc::new(route_at(
+            &Route::Split(vec![
+                Weighted {
+                    backend: "v1".into(),
+                    weight: 80,
+                },
+                Weighted {
+                    backend: "v2-canary".into(),
+                    weight: 20,
+                },
+            ]),
+            &config,
+            1_000,
+        ));
+        let both = vec![ours, routes[0].clone()];
+        let objects = Objects {
+            services: &services,
+            http_routes: &both,
+            slices: &[],
+        };
+        let (host, _, why) = observe("podinfo", &config, &objects);
+        assert!(matches!(host.route, Managed::Ours(ref r) if r.value.weight_of("v2-canary") == 20));
+        assert_eq!(
+            why.as_deref(),
+            Some(
+                "HTTPRoute shop/podinfo-canary for Service podinfo is not managed by turnout; it was left untouched \
+                 (label it app.kubernetes.io/managed-by=turnout or delete it to let turnout manage the host)"
+            )
+        );
     }
 }

@@ -51,17 +51,26 @@ impl Installed {
 }
 
 /// The provider of a Deployment in namespace `ns`, and why it cannot route if its CRDs are missing.
-pub fn select(config: &ReleaseConfig, ns: &Namespace, installed: Installed) -> (ProviderKind, Option<String>) {
+/// `pinned`: the provider a release in flight uses (`turnout.dev/routing`); it keeps it to the end,
+/// whatever changes meanwhile (a namespace turned ambient, CRDs installed or removed, the annotation
+/// edited): another provider would not see, nor unwind, the routing objects the release has written.
+pub fn select(
+    config: &ReleaseConfig,
+    ns: &Namespace,
+    installed: Installed,
+    pinned: Option<ProviderKind>,
+) -> (ProviderKind, Option<String>) {
     let ambient = ns.labels().get(DATAPLANE_MODE).map(String::as_str) == Some("ambient");
-    let (provider, why) = match config.provider {
-        Some(p) => (p, format!("turnout.dev/provider is {p}")),
-        None if ambient => (
+    let (provider, why) = match (pinned, config.provider) {
+        (Some(p), _) => (p, format!("the release in flight routes with {p}")),
+        (None, Some(p)) => (p, format!("turnout.dev/provider is {p}")),
+        (None, None) if ambient => (
             ProviderKind::GatewayApi,
             format!("namespace {} is ambient ({DATAPLANE_MODE}=ambient)", ns.name_any()),
         ),
-        None if installed.istio => (ProviderKind::Istio, String::new()),
-        None if installed.gateway_api => (ProviderKind::GatewayApi, String::new()),
-        None => (ProviderKind::None, String::new()),
+        (None, None) if installed.istio => (ProviderKind::Istio, String::new()),
+        (None, None) if installed.gateway_api => (ProviderKind::GatewayApi, String::new()),
+        (None, None) => (ProviderKind::None, String::new()),
     };
     if installed.has(provider) {
         return (provider, None);
@@ -320,15 +329,18 @@ mod tests {
         let default = ReleaseConfig::default();
         let plain = ns(json!({}));
         let ambient = ns(json!({ "istio.io/dataplane-mode": "ambient" }));
-        assert_eq!(select(&default, &plain, both), (ProviderKind::Istio, None));
-        assert_eq!(select(&default, &ambient, both), (ProviderKind::GatewayApi, None));
-        assert_eq!(select(&default, &plain, gw_only), (ProviderKind::GatewayApi, None));
+        assert_eq!(select(&default, &plain, both, None), (ProviderKind::Istio, None));
+        assert_eq!(select(&default, &ambient, both, None), (ProviderKind::GatewayApi, None));
+        assert_eq!(
+            select(&default, &plain, gw_only, None),
+            (ProviderKind::GatewayApi, None)
+        );
         let asked = ReleaseConfig {
             provider: Some(ProviderKind::GatewayApi),
             ..ReleaseConfig::default()
         };
-        assert_eq!(select(&asked, &plain, both), (ProviderKind::GatewayApi, None));
-        let (p, why) = select(&asked, &plain, none);
+        assert_eq!(select(&asked, &plain, both, None), (ProviderKind::GatewayApi, None));
+        let (p, why) = select(&asked, &plain, none, None);
         assert_eq!(p, ProviderKind::GatewayApi);
         assert_eq!(
             why.as_deref(),
@@ -337,15 +349,19 @@ mod tests {
                  gateway.networking.k8s.io/v1) is not installed; traffic cannot be shifted"
             )
         );
-        let (p, why) = select(&default, &ambient, none);
+        let (p, why) = select(&default, &ambient, none, None);
         assert_eq!(p, ProviderKind::GatewayApi);
         assert!(why.unwrap().starts_with("namespace shop is ambient"));
-        assert_eq!(select(&default, &plain, none), (ProviderKind::None, None), "no mesh");
+        assert_eq!(
+            select(&default, &plain, none, None),
+            (ProviderKind::None, None),
+            "no mesh"
+        );
         let istio = ReleaseConfig {
             provider: Some(ProviderKind::Istio),
             ..ReleaseConfig::default()
         };
-        let (p, why) = select(&istio, &plain, gw_only);
+        let (p, why) = select(&istio, &plain, gw_only, None);
         assert_eq!(p, ProviderKind::Istio);
         assert_eq!(
             why.as_deref(),
@@ -358,7 +374,18 @@ mod tests {
             provider: Some(ProviderKind::None),
             ..ReleaseConfig::default()
         };
-        assert_eq!(select(&nomesh, &plain, both), (ProviderKind::None, None));
+        assert_eq!(select(&nomesh, &plain, both, None), (ProviderKind::None, None));
+        // A release in flight keeps its provider, whatever the namespace or the annotation says now.
+        assert_eq!(
+            select(&nomesh, &ambient, both, Some(ProviderKind::Istio)),
+            (ProviderKind::Istio, None)
+        );
+        let (p, why) = select(&default, &plain, gw_only, Some(ProviderKind::Istio));
+        assert_eq!(p, ProviderKind::Istio);
+        assert!(
+            why.unwrap()
+                .starts_with("the release in flight routes with istio but the Istio CRDs")
+        );
     }
 
     #[test]
