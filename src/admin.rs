@@ -1,4 +1,5 @@
-//! The admin port: `/live`, `/ready` and `/metrics`, plain HTTP, apart from the webhook port.
+//! The admin port: `/live`, `/ready`, `/metrics` and, with an agent, the release page (`/releases`),
+//! plain HTTP, apart from the webhook port.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -63,6 +64,8 @@ impl Health {
 pub struct AdminState {
     pub health: Arc<Health>,
     pub registry: Registry,
+    /// The agent's release page, in a process that runs an agent.
+    pub page: Option<Arc<crate::agent::page::Page>>,
 }
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
@@ -80,7 +83,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
+                async move { Ok::<_, Infallible>(route(&state, &req, peer).await) }
             });
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
@@ -92,11 +95,17 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     }
 }
 
-fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(state: &AdminState, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if let Some(page) = &state.page
+        && crate::agent::page::Page::owns(path)
+    {
+        return page.serve(path, req.uri().query(), peer.ip().is_loopback()).await;
+    }
+    match path {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" => match state.health.ready() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
@@ -110,6 +119,10 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             );
             response
         }
+        _ if state.page.is_some() => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /live, /ready, /metrics or /releases\n",
+        ),
         _ => text(StatusCode::NOT_FOUND, "not found: try /live, /ready or /metrics\n"),
     }
 }

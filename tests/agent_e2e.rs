@@ -1438,6 +1438,105 @@ async fn releases_steered_by_requests() {
     eprintln!("r: {stats:?}");
 }
 
+/// The release page in a real browser (Debian's chromium driven by Playwright): it shows a release in
+/// flight, follows its weights as they move without a reload, charts requests of both versions from
+/// Prometheus and shows the analysis values. The screenshots are kept in target/artifacts/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_page_follows_a_release_in_a_browser() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let setup = std::process::Command::new(format!("{root}/hack/browser/setup.sh"))
+        .status()
+        .expect("hack/browser/setup.sh runs");
+    assert!(setup.success(), "hack/browser/setup.sh: chromium and playwright-core");
+    let env = Env::start(true).await;
+    let ns = "page";
+    // Analysis 8 s after each step: the browser sees each weight for a while.
+    let load = env
+        .prepare(ns, true, &["turnout.dev/steps=20,60,100", "turnout.dev/interval=8s"])
+        .await;
+    // Served to loopback peers (as kubectl port-forward arrives), the default.
+    let (status, _) = http_get(&format!("http://{}/releases", env.admin)).await.unwrap();
+    assert_eq!(status, 200);
+    let (status, data) = http_get(&format!("http://{}/releases/data", env.admin)).await.unwrap();
+    assert_eq!(status, 200, "{data}");
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../artifacts");
+    let browser = tokio::process::Command::new("node")
+        .arg(format!("{root}/hack/browser/release-page.mjs"))
+        .arg(format!("http://{}/releases", env.admin))
+        .arg(format!("{ns}/podinfo"))
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    let seen = tokio::time::timeout(Duration::from_secs(240), browser.wait_with_output())
+        .await
+        .expect("the browser test ends")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&seen.stdout);
+    assert!(
+        seen.status.success(),
+        "the browser test: {stdout}\n{}",
+        String::from_utf8_lossy(&seen.stderr)
+    );
+    let line = |what: &str| -> Value {
+        let json = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{what} ")))
+            .unwrap_or_else(|| panic!("no {what:?} line in {stdout}"));
+        serde_json::from_str(json).unwrap()
+    };
+    let (first, moved, charted) = (line("seen"), line("moved"), line("charted"));
+    // The page showed a step's weight, then another one, both as the release set them.
+    let canary = |s: &Value| s["weights"]["v2-canary"].as_u64();
+    assert!(matches!(canary(&first), Some(20 | 60 | 100)), "first weights: {first}");
+    assert_ne!(
+        first["weights"], moved["weights"],
+        "the weights moved: {first} then {moved}"
+    );
+    // Requests of both versions on the chart, and the success rate measured against its bound.
+    let versions: Vec<&str> = charted["charted"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert!(
+        versions.contains(&"podinfo") && versions.contains(&"podinfo-v2"),
+        "charted: {charted}"
+    );
+    let checks = charted["checks"].as_array().unwrap();
+    assert!(
+        checks
+            .iter()
+            .any(|c| c[0] == "success-rate" && c[2] == ">= 99%" && c[3] == "pass"),
+        "checks: {charted}"
+    );
+    assert!(charted["events"].as_u64().unwrap() > 0, "Events shown: {charted}");
+    assert_eq!(line("done")["errors"], serde_json::json!([]), "no page errors");
+    for shot in ["release-page.png", "release-chart.png"] {
+        let png = std::fs::read(out.join(shot)).unwrap();
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 5_000, "{shot} is a picture");
+    }
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
+    // The ended release stays on the page, with its end.
+    let (_, data) = http_get(&format!("http://{}/releases/data", env.admin)).await.unwrap();
+    let data: Value = serde_json::from_str(&data).unwrap();
+    let row = data["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["namespace"] == ns)
+        .unwrap_or_else(|| panic!("the ended release is listed: {data}"));
+    assert_eq!(row["phase"], "Succeeded");
+    assert_eq!(row["in_flight"], false);
+    assert!(row["ended"].is_string(), "{row}");
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{stats:?}");
+}
+
 /// Without the Istio CRDs the agent keeps running, says so (log, metric), and fails each release with
 /// the reason instead of hanging. Then, with the webhook removed, an update that rolls out unheld is
 /// reported once.

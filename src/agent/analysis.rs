@@ -22,6 +22,23 @@ pub struct Check {
     pub name: &'static str,
     pub passed: bool,
     pub detail: String,
+    /// The value measured, for a metric check that had data.
+    pub value: Option<f64>,
+    /// What the value had to be, as shown beside it (`>= 99%`, `<= 500ms`), for a metric check.
+    pub bound: Option<String>,
+}
+
+impl Check {
+    /// A check without a measured value (readiness, a hook).
+    pub fn plain(name: &'static str, passed: bool, detail: String) -> Self {
+        Self {
+            name,
+            passed,
+            detail,
+            value: None,
+            bound: None,
+        }
+    }
 }
 
 /// Runs the checks against one Prometheus per release configuration.
@@ -81,11 +98,7 @@ impl Analyser {
                     Ok(answer) => (true, format!("hook {kind} {answer}")),
                     Err(why) => (false, why),
                 };
-                checks.push(Check {
-                    name: kind.as_str(),
-                    passed,
-                    detail,
-                });
+                checks.push(Check::plain(kind.as_str(), passed, detail));
             }
         }
         checks
@@ -102,11 +115,11 @@ impl Analyser {
         let mut checks = vec![readiness(candidate)];
         let Some(prometheus) = &config.prometheus else {
             if !config.checks.is_empty() {
-                checks.push(Check {
-                    name: "custom",
-                    passed: false,
-                    detail: "custom checks need a Prometheus (turnout.dev/prometheus or --prometheus)".into(),
-                });
+                checks.push(Check::plain(
+                    "custom",
+                    false,
+                    "custom checks need a Prometheus (turnout.dev/prometheus or --prometheus)".into(),
+                ));
             }
             return checks;
         };
@@ -123,30 +136,47 @@ impl Analyser {
         );
         let min = config.success_rate_min;
         checks.push(
-            self.metric(prometheus, "success-rate", &success, config.no_data, |v| {
-                if v >= min {
-                    Ok(format!("success rate {v:.1}%"))
-                } else {
-                    Err(format!("success rate {v:.1}% < {min}%"))
-                }
-            })
+            self.metric(
+                prometheus,
+                "success-rate",
+                &success,
+                config.no_data,
+                format!(">= {min}%"),
+                |v| {
+                    if v >= min {
+                        Ok(format!("success rate {v:.1}%"))
+                    } else {
+                        Err(format!("success rate {v:.1}% < {min}%"))
+                    }
+                },
+            )
             .await,
         );
         let max = config.latency_p99_max.as_secs_f64() * 1000.0;
         checks.push(
-            self.metric(prometheus, "latency-p99", &p99, config.no_data, |v| {
-                if v <= max {
-                    Ok(format!("P99 latency {v:.0}ms"))
-                } else {
-                    Err(format!("P99 latency {v:.0}ms > {max:.0}ms"))
-                }
-            })
+            self.metric(
+                prometheus,
+                "latency-p99",
+                &p99,
+                config.no_data,
+                format!("<= {max:.0}ms"),
+                |v| {
+                    if v <= max {
+                        Ok(format!("P99 latency {v:.0}ms"))
+                    } else {
+                        Err(format!("P99 latency {v:.0}ms > {max:.0}ms"))
+                    }
+                },
+            )
             .await,
         );
         for custom in &config.checks {
             let query = custom.render(ns, target, &candidate.name, &window);
             let judge = |v| within(&custom.name, v, custom.min, custom.max);
-            let mut check = self.metric(prometheus, "custom", &query, config.no_data, judge).await;
+            let bound = range_of(custom.min, custom.max);
+            let mut check = self
+                .metric(prometheus, "custom", &query, config.no_data, bound, judge)
+                .await;
             if !check.detail.starts_with(&custom.name) {
                 check.detail = format!("{}: {}", custom.name, check.detail);
             }
@@ -161,20 +191,31 @@ impl Analyser {
         name: &'static str,
         query: &str,
         no_data: NoData,
+        bound: String,
         judge: impl Fn(f64) -> Result<String, String>,
     ) -> Check {
+        let mut value = None;
         let (passed, detail) = match self.query(prometheus, query).await {
-            Ok(Some(v)) => match judge(v) {
-                Ok(d) => (true, d),
-                Err(d) => (false, d),
-            },
+            Ok(Some(v)) => {
+                value = Some(v);
+                match judge(v) {
+                    Ok(d) => (true, d),
+                    Err(d) => (false, d),
+                }
+            }
             Ok(None) => (
                 no_data == NoData::Pass,
                 format!("{name}: no data from Prometheus (no-data policy: {no_data:?})").to_lowercase(),
             ),
             Err(e) => (false, format!("{name}: {e}")),
         };
-        Check { name, passed, detail }
+        Check {
+            name,
+            passed,
+            detail,
+            value,
+            bound: Some(bound),
+        }
     }
 
     /// One instant query; `None` when the result is empty or not a number.
@@ -183,8 +224,38 @@ impl Analyser {
     ///
     /// Prometheus unreachable, slow, or answering something other than a vector.
     pub async fn query(&self, prometheus: &str, query: &str) -> Result<Option<f64>, String> {
-        let url = format!("{prometheus}/api/v1/query?query={}", encode(query));
-        let uri: http::Uri = url
+        let body = self
+            .get(prometheus, &format!("/api/v1/query?query={}", encode(query)))
+            .await?;
+        parse(&body).map_err(|e| format!("Prometheus at {prometheus}: {e}"))
+    }
+
+    /// One range query from `start` to `end` (seconds since the epoch) every `step` seconds: one
+    /// series per label set.
+    ///
+    /// # Errors
+    ///
+    /// As [`Analyser::query`].
+    pub async fn range(
+        &self,
+        prometheus: &str,
+        query: &str,
+        start: u64,
+        end: u64,
+        step: u64,
+    ) -> Result<Vec<Series>, String> {
+        let path = format!(
+            "/api/v1/query_range?query={}&start={start}&end={end}&step={}",
+            encode(query),
+            step.max(1)
+        );
+        let body = self.get(prometheus, &path).await?;
+        parse_matrix(&body).map_err(|e| format!("Prometheus at {prometheus}: {e}"))
+    }
+
+    /// GET `path` of `prometheus`: the body of a success, else why not, within the timeout.
+    async fn get(&self, prometheus: &str, path: &str) -> Result<Bytes, String> {
+        let uri: http::Uri = format!("{prometheus}{path}")
             .parse()
             .map_err(|e| format!("bad Prometheus URL {prometheus}: {e}"))?;
         if uri.scheme_str() != Some("http") {
@@ -209,7 +280,7 @@ impl Analyser {
                     String::from_utf8_lossy(&body).chars().take(200).collect::<String>()
                 ));
             }
-            parse(&body).map_err(|e| format!("Prometheus at {prometheus}: {e}"))
+            Ok(body)
         };
         tokio::time::timeout(self.timeout, request)
             .await
@@ -217,18 +288,68 @@ impl Analyser {
     }
 }
 
+/// One series of a range query: its labels and its points (seconds since the epoch, value).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Series {
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// The series of a range-query answer (`"resultType":"matrix"`); points that are not finite numbers
+/// are left out.
+fn parse_matrix(body: &[u8]) -> Result<Vec<Series>, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    if v["status"] != "success" {
+        return Err(format!(
+            "query failed: {}",
+            v["error"].as_str().unwrap_or("unknown error")
+        ));
+    }
+    let data = &v["data"];
+    if data["resultType"] != "matrix" {
+        return Err(format!("unexpected result type {}", data["resultType"]));
+    }
+    let series = data["result"].as_array().map(Vec::as_slice).unwrap_or_default();
+    Ok(series
+        .iter()
+        .map(|s| Series {
+            labels: s["metric"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect(),
+            points: s["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| {
+                    let t = p[0].as_f64()?;
+                    let v = p[1].as_str()?.parse::<f64>().ok().filter(|v| v.is_finite())?;
+                    Some((t, v))
+                })
+                .collect(),
+        })
+        .collect())
+}
+
 /// Whether `value` of check `name` lies within `[min, max]`, with the detail either way.
 fn within(name: &str, value: f64, min: Option<f64>, max: Option<f64>) -> Result<String, String> {
-    let range = match (min, max) {
-        (Some(lo), Some(hi)) => format!("[{lo}, {hi}]"),
-        (Some(lo), None) => format!(">= {lo}"),
-        (None, Some(hi)) => format!("<= {hi}"),
-        (None, None) => "any".to_owned(),
-    };
+    let range = range_of(min, max);
     if min.is_some_and(|lo| value < lo) || max.is_some_and(|hi| value > hi) {
         Err(format!("{name} {value:.3} not {range}"))
     } else {
         Ok(format!("{name} {value:.3}"))
+    }
+}
+
+/// `[min, max]`, `>= min`, `<= max` or `any`.
+fn range_of(min: Option<f64>, max: Option<f64>) -> String {
+    match (min, max) {
+        (Some(lo), Some(hi)) => format!("[{lo}, {hi}]"),
+        (Some(lo), None) => format!(">= {lo}"),
+        (None, Some(hi)) => format!("<= {hi}"),
+        (None, None) => "any".to_owned(),
     }
 }
 
@@ -240,11 +361,7 @@ fn readiness(c: &CandidateView) -> Check {
     } else {
         (true, format!("candidate {} ready", c.name))
     };
-    Check {
-        name: "readiness",
-        passed,
-        detail,
-    }
+    Check::plain("readiness", passed, detail)
 }
 
 /// The verdict of a set of checks: passed if all passed; the message lists the failures, or what passed.
@@ -317,6 +434,23 @@ mod tests {
         let error = br#"{"status":"error","errorType":"bad_data","error":"parse error at char 3"}"#;
         assert_eq!(parse(error), Err("query failed: parse error at char 3".into()));
         assert!(parse(b"<html>").unwrap_err().starts_with("not JSON"));
+    }
+
+    #[test]
+    fn range_answers_become_series_without_the_points_that_are_not_numbers() {
+        let body = br#"{"status":"success","data":{"resultType":"matrix","result":[
+            {"metric":{"destination_workload":"podinfo"},"values":[[10,"2.5"],[11,"NaN"],[12,"3"]]},
+            {"metric":{"destination_workload":"podinfo-v2"},"values":[[12,"0.5"]]}]}}"#;
+        let series = parse_matrix(body).unwrap();
+        assert_eq!(series.len(), 2);
+        assert_eq!(series[0].labels["destination_workload"], "podinfo");
+        assert_eq!(series[0].points, vec![(10.0, 2.5), (12.0, 3.0)]);
+        assert_eq!(series[1].points, vec![(12.0, 0.5)]);
+        assert!(parse_matrix(br#"{"status":"success","data":{"resultType":"vector","result":[]}}"#).is_err());
+        assert_eq!(
+            parse_matrix(br#"{"status":"error","error":"bad query"}"#),
+            Err("query failed: bad query".into())
+        );
     }
 
     #[test]
@@ -403,16 +537,8 @@ mod tests {
 
     #[test]
     fn a_verdict_passes_only_when_every_check_passes() {
-        let ok = Check {
-            name: "readiness",
-            passed: true,
-            detail: "ready".into(),
-        };
-        let bad = Check {
-            name: "success-rate",
-            passed: false,
-            detail: "success rate 50.0% < 99%".into(),
-        };
+        let ok = Check::plain("readiness", true, "ready".into());
+        let bad = Check::plain("success-rate", false, "success rate 50.0% < 99%".into());
         assert_eq!(verdict(std::slice::from_ref(&ok)).message, "ready");
         let v = verdict(&[ok, bad]);
         assert_eq!((v.passed, v.message.as_str()), (false, "success rate 50.0% < 99%"));

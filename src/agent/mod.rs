@@ -17,6 +17,7 @@ pub mod hooks;
 pub mod leader;
 pub mod notify;
 pub mod observe;
+pub mod page;
 pub mod routing;
 
 use std::collections::HashMap;
@@ -154,7 +155,9 @@ pub struct AgentCommand {
     pub release: Args,
     #[command(flatten)]
     pub election: leader::ElectionArgs,
-    /// Address of the plain-HTTP admin port (`/live`, `/ready`, `/metrics`).
+    #[command(flatten)]
+    pub page: page::Args,
+    /// Address of the plain-HTTP admin port (`/live`, `/ready`, `/metrics`, `/releases`).
     #[arg(long, env = "TURNOUT_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
     pub admin_listen: SocketAddr,
 }
@@ -317,6 +320,18 @@ struct Context {
     unheld: Mutex<std::collections::HashSet<(String, i64)>>,
     /// The watch caches of the running controller (none between leadership terms).
     caches: std::sync::RwLock<Option<cache::Caches>>,
+    /// The controller's Deployments, while it runs.
+    deployments: std::sync::RwLock<Option<kube::runtime::reflector::Store<Deployment>>>,
+    /// The last checks of each release, for the release page.
+    board: page::Board,
+}
+
+impl Context {
+    /// Drops what is kept of one Deployment (deleted, or no longer managed).
+    fn forget(&self, namespace: &str, deployment: &str) {
+        self.metrics.forget(namespace, deployment);
+        self.board.forget(namespace, deployment);
+    }
 }
 
 /// Errors of one pass; the pass is retried.
@@ -346,8 +361,7 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
     // Plan from a fresh read: the cache may not have seen the previous pass's write yet.
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
     let Some(fresh) = api.get_opt(&cached.name_any()).await? else {
-        ctx.metrics
-            .forget(&cached.namespace().unwrap_or_default(), &cached.name_any());
+        ctx.forget(&cached.namespace().unwrap_or_default(), &cached.name_any());
         return Ok(Requeue::await_change());
     };
     let d = &fresh;
@@ -373,7 +387,7 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
         || ns.labels().get(labels::ROLLOUT).map(String::as_str) != Some(values::ENABLED);
     // Opted out: nothing more to do unless a release is in flight, which must still end.
     if opted_out && !d.annotations().contains_key(annotations::STABLE_REVISION) {
-        ctx.metrics.forget(&ns_name, &d.name_any());
+        ctx.forget(&ns_name, &d.name_any());
         return Ok(Requeue::await_change());
     }
     let (config, problems) = config::resolve(&ctx.defaults, ns.annotations(), d.annotations());
@@ -434,6 +448,8 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
                         .get_or_create(&CheckLabels { check: c.name, result })
                         .inc();
                 }
+                ctx.board
+                    .checked(&ns_name, &name, *revision, &checks, SystemTime::now());
                 let v = analysis::verdict(&checks);
                 tracing::info!(namespace = %ns_name, deployment = %name, passed = v.passed, checks = %v.message, "analysis");
                 verdict = Some(v);
@@ -733,10 +749,11 @@ async fn watch_crds(ctx: Arc<Context>) {
 pub async fn run_agent<S>(
     args: &Args,
     election: &leader::ElectionArgs,
+    page_access: page::Access,
     registry: &mut Registry,
     health: Arc<crate::admin::Health>,
     stop: S,
-) -> anyhow::Result<impl Future<Output = ()> + use<S>>
+) -> anyhow::Result<(impl Future<Output = ()> + use<S>, Arc<page::Page>)>
 where
     S: Future<Output = ()> + Send + Sync + 'static,
 {
@@ -758,14 +775,17 @@ where
         started: Mutex::new(HashMap::new()),
         unheld: Mutex::new(std::collections::HashSet::new()),
         caches: std::sync::RwLock::new(None),
+        deployments: std::sync::RwLock::new(None),
+        board: page::Board::default(),
     });
+    let page = Arc::new(page::Page::new(ctx.clone(), page_access));
     let istio_task = tokio::spawn(watch_crds(ctx.clone()));
     tracing::info!(defaults = ?args.defaults(), "agent running");
     let stop = stop.shared();
     let mut elector = election
         .leader_elect
         .then(|| leader::Elector::new(client.clone(), election));
-    Ok(async move {
+    let agent = async move {
         match &mut elector {
             None => controller(client, ctx, health, stop).await,
             Some(elector) => loop {
@@ -785,11 +805,15 @@ where
                 }
                 // The controller is gone, and with it the watches that kept its caches current.
                 *ctx.caches.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                *ctx.deployments
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                 ctx.metrics.leader.set(0);
             },
         }
         istio_task.abort();
-    })
+    };
+    Ok((agent, page))
 }
 
 /// The controller, until `stop`.
@@ -805,6 +829,9 @@ async fn controller(
     let services = caches.services.clone();
     *ctx.caches.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches);
     let in_flight = controller.store();
+    *ctx.deployments
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(controller.store());
     // Ready once the Deployments have been listed: until then the agent knows of no release.
     let listed = controller.store();
     let synced = tokio::spawn(async move {
@@ -863,8 +890,7 @@ async fn controller(
                 match result {
                     // A Deployment deleted: its series go with it.
                     Err(kube::runtime::controller::Error::ObjectNotFound(gone)) => {
-                        ctx.metrics
-                            .forget(gone.namespace.as_deref().unwrap_or_default(), &gone.name);
+                        ctx.forget(gone.namespace.as_deref().unwrap_or_default(), &gone.name);
                     }
                     Err(e) => tracing::debug!(error = %e, "controller"),
                     Ok(_) => {}
@@ -914,9 +940,10 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     let health = Arc::new(crate::admin::Health::default());
     // No serving certificate in the agent alone.
     health.set_tls_loaded();
-    let agent = run_agent(
+    let (agent, page) = run_agent(
         &cmd.release,
         &cmd.election,
+        cmd.page.release_page,
         &mut registry,
         health.clone(),
         crate::signals::terminated(),
@@ -926,7 +953,11 @@ pub async fn run(cmd: AgentCommand) -> anyhow::Result<()> {
     tracing::info!(admin = %listener.local_addr()?, "admin serving");
     let admin = tokio::spawn(crate::admin::serve(
         listener,
-        Arc::new(crate::admin::AdminState { health, registry }),
+        Arc::new(crate::admin::AdminState {
+            health,
+            registry,
+            page: Some(page),
+        }),
     ));
     agent.await;
     admin.abort();
@@ -942,6 +973,8 @@ pub struct RunCommand {
     pub release: Args,
     #[command(flatten)]
     pub election: leader::ElectionArgs,
+    #[command(flatten)]
+    pub page: page::Args,
 }
 
 /// Runs `turnout run`.
@@ -956,15 +989,17 @@ pub async fn run_both(cmd: RunCommand) -> anyhow::Result<()> {
         let _ = rx.wait_for(|v| *v).await;
     };
     let health = Arc::new(crate::admin::Health::default());
-    let agent = run_agent(
+    let (agent, page) = run_agent(
         &cmd.release,
         &cmd.election,
+        cmd.page.release_page,
         &mut registry,
         health.clone(),
         stopped(stop_rx.clone()),
     )
     .await?;
-    let server = crate::webhook::Server::start_with(&cmd.webhook, stopped(stop_rx), registry, health).await?;
+    let server =
+        crate::webhook::Server::start_with(&cmd.webhook, stopped(stop_rx), registry, health, Some(page)).await?;
     tokio::spawn(async move {
         crate::signals::terminated().await;
         let _ = stop_tx.send(true);

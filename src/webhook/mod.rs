@@ -94,11 +94,11 @@ impl Server {
         stop: impl Future<Output = ()> + Send + 'static,
         registry: Registry,
     ) -> anyhow::Result<Self> {
-        Self::start_with(args, stop, registry, Arc::new(Health::default())).await
+        Self::start_with(args, stop, registry, Arc::new(Health::default()), None).await
     }
 
     /// As [`Server::start_with_registry`], with readiness from `health` (which an agent in the same
-    /// process also reports to).
+    /// process also reports to) and the agent's release page on the admin port.
     ///
     /// # Errors
     ///
@@ -108,6 +108,7 @@ impl Server {
         stop: impl Future<Output = ()> + Send + 'static,
         mut registry: Registry,
         health: Arc<Health>,
+        page: Option<Arc<crate::agent::page::Page>>,
     ) -> anyhow::Result<Self> {
         let store = CertStore::load(PairPaths {
             cert: args.tls_cert.clone(),
@@ -136,6 +137,7 @@ impl Server {
             Arc::new(AdminState {
                 health: health.clone(),
                 registry,
+                page,
             }),
         ));
         let (stop_watch_tx, stop_watch_rx) = tokio::sync::oneshot::channel::<()>();
