@@ -173,13 +173,15 @@ impl Notice {
     pub fn payload(&self, service: Service) -> Value {
         let headline = self.headline();
         match service {
+            // Slack's limits: a header's text 150 characters, a section's 3,000, a field's 2,000; its
+            // mrkdwn reads `&`, `<` and `>` as markup, so they are escaped.
             Service::Slack => json!({
-                "text": format!("{headline}: {}", self.message),
+                "text": clip(&format!("{headline}: {}", self.message), 3000),
                 "blocks": [
-                    { "type": "header", "text": { "type": "plain_text", "text": headline } },
-                    { "type": "section", "text": { "type": "mrkdwn", "text": self.message } },
+                    { "type": "header", "text": { "type": "plain_text", "text": clip(&headline, 150) } },
+                    { "type": "section", "text": { "type": "mrkdwn", "text": clip(&slack_escape(&self.message), 3000) } },
                     { "type": "section", "fields": self.facts().iter()
-                        .map(|(k, v)| json!({ "type": "mrkdwn", "text": format!("*{k}*\n{v}") }))
+                        .map(|(k, v)| json!({ "type": "mrkdwn", "text": clip(&format!("*{k}*\n{}", slack_escape(v)), 2000) }))
                         .collect::<Vec<_>>() },
                 ],
             }),
@@ -203,14 +205,15 @@ impl Notice {
                     },
                 }],
             }),
+            // Discord's limits: a title 256 characters, a description 4,096, a field's value 1,024.
             Service::Discord => json!({
                 "username": "turnout",
                 "embeds": [{
-                    "title": headline,
-                    "description": self.message,
+                    "title": clip(&headline, 256),
+                    "description": clip(&self.message, 4096),
                     "color": self.kind.colour(),
                     "fields": self.facts().iter()
-                        .map(|(k, v)| json!({ "name": k, "value": v, "inline": true }))
+                        .map(|(k, v)| json!({ "name": k, "value": clip(v, 1024), "inline": true }))
                         .collect::<Vec<_>>(),
                 }],
             }),
@@ -228,10 +231,44 @@ impl Notice {
     }
 }
 
+/// `text` cut to at most `max` characters, an ellipsis marking the cut.
+fn clip(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+/// `text` with the characters Slack's mrkdwn reads as markup escaped (`&`, `<`, `>`).
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::release::{Phase, StatusView};
+
+    #[test]
+    fn long_messages_are_cut_to_each_service_s_limits_and_slack_markup_is_escaped() {
+        let mut notice = rolled_back();
+        notice.message = format!("<!channel> a & b {}", "x".repeat(5000));
+        let slack = notice.payload(Service::Slack);
+        let section = slack["blocks"][1]["text"]["text"].as_str().unwrap();
+        assert!(section.starts_with("&lt;!channel&gt; a &amp; b"), "{section}");
+        assert_eq!(section.chars().count(), 3000);
+        assert!(section.ends_with('…'));
+        let discord = notice.payload(Service::Discord);
+        assert_eq!(
+            discord["embeds"][0]["description"].as_str().unwrap().chars().count(),
+            4096
+        );
+        // Untouched where nothing is over a limit.
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("ééé", 2), "é…");
+    }
 
     fn view() -> DeploymentView {
         DeploymentView {

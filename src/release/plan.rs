@@ -497,7 +497,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
         return plan;
     }
     let d = &o.deployment;
-    let (Some((stable, _)), Some(canary)) = (baseline(o, Some(t)), canary_backend(o, t)) else {
+    let (Some((stable, stable_candidate)), Some(canary)) = (baseline(o, Some(t)), canary_backend(o, t)) else {
         return fail(
             o,
             t,
@@ -520,7 +520,8 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     if promote && weight < 100 {
         return advance(o, &stable, &canary, 100).unwrap_or_else(|| wait(None, "promoting"));
     }
-    if let Some(until) = step_settles(o) {
+    let in_route: Vec<u64> = std::iter::once(t).chain(stable_candidate).collect();
+    if let Some(until) = step_settles(o, &in_route) {
         return wait(Some(until), &format!("waiting for canary weight {weight} to propagate"));
     }
     if promote {
@@ -1275,6 +1276,12 @@ fn scaled_weight(c: &CandidateView) -> u8 {
 /// stable ReplicaSet does (I5).
 fn scale_to(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
     let stable = o.deployment.replicas;
+    let in_route: Vec<u64> = o
+        .candidates
+        .iter()
+        .filter(|c| want.iter().any(|(b, _)| b.name == backends::canary(c.revision)))
+        .map(|c| c.revision)
+        .collect();
     for c in o.candidates.iter().filter(|c| !c.deleting) {
         let name = backends::canary(c.revision);
         let position = want.iter().position(|(b, _)| b.name == name);
@@ -1288,7 +1295,7 @@ fn scale_to(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
             continue;
         }
         if target > current
-            && let Some(until) = step_settles(o)
+            && let Some(until) = step_settles(o, &in_route)
         {
             return Some(wait(Some(until), "waiting for the previous step's pods to be ready"));
         }
@@ -1304,22 +1311,24 @@ fn scale_to(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
     None
 }
 
-/// When the last step has taken effect: its route change propagated, and without a mesh the pods of a
-/// candidate scaled up ready.
-fn step_settles(o: &Observed<'_>) -> Option<Millis> {
-    pods_starting(o).or_else(|| routes_settle(o, 0))
+/// When the last step has taken effect: its route change propagated, and without a mesh the pods of
+/// the candidates of the route (revisions `in_route`) scaled up ready.
+fn step_settles(o: &Observed<'_>, in_route: &[u64]) -> Option<Millis> {
+    pods_starting(o, in_route).or_else(|| routes_settle(o, 0))
 }
 
-/// Without a mesh: a candidate scaled up whose pods are not all ready yet (they take their share of
-/// the traffic as they become ready), and until when that may take.
-fn pods_starting(o: &Observed<'_>) -> Option<Millis> {
+/// Without a mesh: a candidate of the route (revisions `in_route`) scaled up whose pods are not all
+/// ready yet (they take their share of the traffic as they become ready), and until when that may
+/// take. Other candidates (a stray that crash-loops, say) hold nothing up: they are deleted, never
+/// scaled.
+fn pods_starting(o: &Observed<'_>, in_route: &[u64]) -> Option<Millis> {
     if weighted(o) {
         return None;
     }
     let deadline = ms(o.config.progress_deadline);
     o.candidates
         .iter()
-        .filter(|c| !c.deleting && !c.available)
+        .filter(|c| in_route.contains(&c.revision) && !c.deleting && !c.available)
         .filter_map(|c| c.scale)
         .filter(|s| s.weight > 0)
         .map(|s| (s.at + deadline).max(o.now + 1_000))
