@@ -1,7 +1,7 @@
 //! The mesh end to end on the test bed (the real control plane, the node agent, the mesh following the
 //! API server): pods answering HTTP, proxies routing by VirtualService/DestinationRule or Gateway API
-//! HTTPRoute after their propagation delay, HTTPRoute status, stale endpoints failing with 503, and
-//! Istio metrics.
+//! HTTPRoute after their propagation delay, HTTPRoute status, stale endpoints failing with 503, Istio
+//! metrics, and what release strategies use: mirrors, header changes and cookie matches.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -26,11 +26,21 @@ struct Answer {
     body: Value,
     text: String,
     flags: String,
+    headers: http::HeaderMap,
 }
 
 impl Answer {
     fn version(&self) -> &str {
         self.body["version"].as_str().unwrap_or("-")
+    }
+
+    /// Every value of header `name`, in order.
+    fn header(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?"))
+            .collect()
     }
 }
 
@@ -241,12 +251,20 @@ async fn wait_service_endpoints(bed: &Bed, service: &str, n: usize, gone: &str) 
 
 /// One request through the mesh entry, through proxy `proxy` if given.
 async fn send(bed: &Bed, host: &str, path: &str, proxy: Option<usize>) -> Answer {
+    send_with(bed, host, path, proxy, &[]).await
+}
+
+/// [`send`] with more request headers.
+async fn send_with(bed: &Bed, host: &str, path: &str, proxy: Option<usize>, headers: &[(&str, &str)]) -> Answer {
     let tcp = tokio::net::TcpStream::connect(bed.bed.mesh_addr()).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
     tokio::spawn(conn);
     let mut request = http::Request::get(path).header("host", host);
     if let Some(p) = proxy {
         request = request.header("x-kubesim-proxy", p.to_string());
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let response = sender
         .send_request(request.body(Empty::<Bytes>::new()).unwrap())
@@ -258,6 +276,7 @@ async fn send(bed: &Bed, host: &str, path: &str, proxy: Option<usize>) -> Answer
         .get("x-kubesim-response-flags")
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default();
+    let headers = response.headers().clone();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let text = String::from_utf8_lossy(&bytes).into_owned();
     Answer {
@@ -265,6 +284,7 @@ async fn send(bed: &Bed, host: &str, path: &str, proxy: Option<usize>) -> Answer
         body: serde_json::from_str(&text).unwrap_or(Value::Null),
         text,
         flags,
+        headers,
     }
 }
 
@@ -702,4 +722,231 @@ async fn a_mesh_with_route_status_off_routes_by_http_routes_and_writes_no_status
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A sticky canary's cookie match: the `canary=always` cookie among any others.
+const STICKY: &str = r"^(.*?;\s*)?canary=always(;.*)?$";
+
+/// Waits (at most 10 s) until every mirrored copy sent so far is answered, then reads the metrics.
+async fn metrics_after_mirrors(bed: &Bed) -> String {
+    tokio::time::timeout(Duration::from_secs(10), bed.bed.mesh.mirrors_done())
+        .await
+        .expect("the mirrored copies complete within 10 s");
+    metrics(bed).await
+}
+
+/// How many requests pods of `workload` answered 200 for Service `service` (`reporter="destination"`),
+/// and how many the proxies counted for them (`reporter="source"`).
+fn counted(text: &str, service: &str, workload: &str) -> (f64, f64) {
+    let count = |reporter: &str| {
+        sample(
+            text,
+            "istio_requests_total",
+            &[
+                &format!(r#"reporter="{reporter}""#),
+                &format!(r#"destination_service="{service}.test.svc.cluster.local""#),
+                &format!(r#"destination_workload="{workload}""#),
+                r#"response_code="200""#,
+            ],
+        )
+        .unwrap_or(0.0)
+    };
+    (count("destination"), count("source"))
+}
+
+/// `n` requests to `podinfo.test`, without cookie: every answer must be a 200 from v1 (the primary),
+/// whatever is mirrored.
+async fn primary_batch(bed: &Bed, n: usize) -> Vec<Answer> {
+    let answers = batch(bed, n).await;
+    let wrong: Vec<_> = answers
+        .iter()
+        .filter(|a| a.status != 200 || a.version() != "v1")
+        .map(|a| (a.status, a.version().to_owned(), a.text.clone()))
+        .collect();
+    assert!(wrong.is_empty(), "answers not from the primary: {wrong:?}");
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_service_mirrors_header_changes_and_cookie_matches_make_a_sticky_canary() {
+    let bed = start(Duration::from_millis(200)).await;
+    create(&bed, DEPLOYMENTS, deployment("podinfo", "v1", 1, json!([]))).await;
+    create(&bed, DEPLOYMENTS, deployment("podinfo-v2", "v2", 1, json!([]))).await;
+    wait_ready_endpoints(&bed, 2, "").await;
+    let rv = create(
+        &bed,
+        RULES,
+        json!({"metadata": {"name": "podinfo"}, "spec": {"host": "podinfo", "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}),
+    )
+    .await;
+    assert!(bed.bed.mesh.converged("destinationrules", rv).await);
+    let sticky = json!({"name": "sticky", "match": [{"headers": {"cookie": {"regex": STICKY}}}],
+        "route": [{"destination": {"host": "podinfo", "subset": "v2"}}],
+        "headers": {"response": {"set": {"x-route": "sticky"}}}});
+    let primary = |mirrors: Value| {
+        let mut route = json!({"name": "primary",
+            "route": [{"destination": {"host": "podinfo", "subset": "v1"},
+                "headers": {"response": {"add": {"set-cookie": "canary=never; Path=/"}, "set": {"x-level": "destination"}}}}],
+            "headers": {"response": {"add": {"x-level": "route"}, "remove": ["content-type"]}}});
+        for (k, v) in mirrors.as_object().unwrap() {
+            route[k] = v.clone();
+        }
+        json!([sticky, route])
+    };
+    let rv = create(
+        &bed,
+        ROUTES,
+        json!({"metadata": {"name": "podinfo"}, "spec": {"hosts": ["podinfo"],
+            "http": primary(json!({"mirror": {"host": "podinfo", "subset": "v2"}}))}}),
+    )
+    .await;
+    assert!(bed.bed.mesh.converged("virtualservices", rv).await);
+
+    // (a) `mirror`, 100 %: every answer from v1 with the headers of both levels (the destination's
+    // first); every request copied to v2, counted by v2's pod only, never by the proxy.
+    let answers = primary_batch(&bed, 40).await;
+    for a in &answers {
+        assert_eq!(a.header("set-cookie"), ["canary=never; Path=/"]);
+        assert_eq!(a.header("x-level"), ["destination", "route"]);
+        assert!(a.header("content-type").is_empty(), "removed: {:?}", a.headers);
+        assert!(a.header("x-route").is_empty());
+    }
+    let text = metrics_after_mirrors(&bed).await;
+    assert_eq!(
+        counted(&text, "podinfo", "podinfo-v2"),
+        (40.0, 0.0),
+        "mirrored:\n{text}"
+    );
+    assert_eq!(counted(&text, "podinfo", "podinfo"), (40.0, 40.0), "served:\n{text}");
+    assert!(text.contains("\nkubesim_mesh_mirrors_in_flight 0\n"), "{text}");
+
+    // (b) The sticky cookie, among others: always v2, by the first route, which mirrors nothing.
+    for cookie in ["canary=always", "session=1; canary=always", "a=1;canary=always; b=2"] {
+        for _ in 0..4 {
+            let a = send_with(&bed, "podinfo.test", "/", None, &[("cookie", cookie)]).await;
+            assert_eq!((a.status, a.version()), (200, "v2"), "{cookie}: {}", a.text);
+            assert_eq!(a.header("x-route"), ["sticky"]);
+            assert!(a.header("set-cookie").is_empty());
+            assert_eq!(a.header("content-type"), ["application/json"], "the pod's own");
+        }
+    }
+    let a = send_with(&bed, "podinfo.test", "/", None, &[("cookie", "canary=never")]).await;
+    assert_eq!(a.version(), "v1");
+    let text = metrics_after_mirrors(&bed).await;
+    // 40 + 12 copies and sticky requests, + the copy of the `canary=never` request.
+    assert_eq!(counted(&text, "podinfo", "podinfo-v2"), (53.0, 12.0), "{text}");
+
+    // (c) `mirrors`: 50 % to v2, and a copy to a host that is no Service, dropped.
+    let rv = update(&bed, ROUTES, "podinfo", |vs| {
+        vs["spec"]["http"] = primary(json!({"mirrors": [
+            {"destination": {"host": "podinfo", "subset": "v2"}, "percentage": {"value": 50.0}},
+            {"destination": {"host": "nothing"}}]}));
+    })
+    .await;
+    assert!(bed.bed.mesh.converged("virtualservices", rv).await);
+    let before = counted(&metrics_after_mirrors(&bed).await, "podinfo", "podinfo-v2");
+    primary_batch(&bed, 200).await;
+    let text = metrics_after_mirrors(&bed).await;
+    let after = counted(&text, "podinfo", "podinfo-v2");
+    let mirrored = after.0 - before.0;
+    assert!((60.0..=140.0).contains(&mirrored), "{mirrored} of 200 mirrored at 50 %");
+    assert_eq!(after.1, before.1, "copies are no source requests");
+    assert_eq!(counted(&text, "podinfo", "podinfo").1, 241.0, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_route_filters_mirror_and_change_headers_and_cookie_matches_select_a_rule() {
+    let bed = start(Duration::from_millis(200)).await;
+    install_gateway_api_crds(&bed).await;
+    create(&bed, SERVICES, version_service("podinfo-a", "v1")).await;
+    create(&bed, SERVICES, version_service("podinfo-b", "v2")).await;
+    create(&bed, DEPLOYMENTS, deployment("podinfo", "v1", 1, json!([]))).await;
+    create(&bed, DEPLOYMENTS, deployment("podinfo-v2", "v2", 1, json!([]))).await;
+    wait_service_endpoints(&bed, "podinfo-a", 1, "").await;
+    wait_service_endpoints(&bed, "podinfo-b", 1, "").await;
+    wait_ready_endpoints(&bed, 2, "").await;
+    let response_filter = |ops: Value| json!({"type": "ResponseHeaderModifier", "responseHeaderModifier": ops});
+    let sticky = json!({"matches": [{"headers": [{"type": "RegularExpression", "name": "Cookie", "value": STICKY}]}],
+        "backendRefs": [{"name": "podinfo-b", "port": 80}],
+        "filters": [response_filter(json!({"set": [{"name": "x-route", "value": "sticky"}]}))]});
+    let rules = |mirrors: Value| {
+        let mut filters = vec![response_filter(
+            json!({"add": [{"name": "x-level", "value": "rule"}], "remove": ["content-type"]}),
+        )];
+        filters.extend(mirrors.as_array().unwrap().iter().cloned());
+        json!([sticky, {"filters": filters, "backendRefs": [{"name": "podinfo-a", "port": 80, "filters": [
+            response_filter(json!({"add": [{"name": "Set-Cookie", "value": "canary=never; Path=/"}],
+                "set": [{"name": "x-level", "value": "backend"}]}))]}]}])
+    };
+    let mirror = |name: &str, share: Value| {
+        let mut filter = json!({"type": "RequestMirror", "requestMirror": {"backendRef": {"name": name, "port": 80}}});
+        for (k, v) in share.as_object().unwrap() {
+            filter["requestMirror"][k] = v.clone();
+        }
+        filter
+    };
+    let rv = create(
+        &bed,
+        HTTP_ROUTES,
+        json!({"metadata": {"name": "podinfo"}, "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "podinfo", "port": 80}],
+            "rules": rules(json!([mirror("podinfo-b", json!({}))]))}}),
+    )
+    .await;
+    assert!(bed.bed.mesh.converged("httproutes", rv).await);
+
+    // (a) A RequestMirror without a share: every request copied to podinfo-b, counted by its pod only;
+    // answers from podinfo-a with the backendRef's then the rule's response headers.
+    let answers = primary_batch(&bed, 40).await;
+    for a in &answers {
+        assert_eq!(a.header("set-cookie"), ["canary=never; Path=/"]);
+        assert_eq!(a.header("x-level"), ["backend", "rule"]);
+        assert!(a.header("content-type").is_empty(), "removed: {:?}", a.headers);
+    }
+    let text = metrics_after_mirrors(&bed).await;
+    assert_eq!(
+        counted(&text, "podinfo-b", "podinfo-v2"),
+        (40.0, 0.0),
+        "mirrored:\n{text}"
+    );
+    assert_eq!(counted(&text, "podinfo-a", "podinfo"), (40.0, 40.0), "served:\n{text}");
+    let entry = current_route_status(&bed, "podinfo", "podinfo").await;
+    assert_eq!(route_condition(&entry, "ResolvedRefs"), ("True", "ResolvedRefs"));
+
+    // (b) The sticky cookie selects the rule with the header match.
+    for cookie in ["canary=always", "session=1; canary=always"] {
+        for _ in 0..4 {
+            let a = send_with(&bed, "podinfo.test", "/", None, &[("cookie", cookie)]).await;
+            assert_eq!((a.status, a.version()), (200, "v2"), "{cookie}: {}", a.text);
+            assert_eq!(a.header("x-route"), ["sticky"]);
+            assert!(a.header("set-cookie").is_empty());
+        }
+    }
+    let a = send_with(&bed, "podinfo.test", "/", None, &[("cookie", "canary=alwaysx")]).await;
+    assert_eq!(a.version(), "v1");
+    let text = metrics_after_mirrors(&bed).await;
+    // 40 + 8 copies and sticky requests, + the copy of the `canary=alwaysx` request.
+    assert_eq!(counted(&text, "podinfo-b", "podinfo-v2"), (49.0, 8.0), "{text}");
+
+    // (c) Half the requests by `fraction`, and a mirror to a Service that does not exist: its copies
+    // are dropped, and the route's refs do not resolve.
+    let rv = update(&bed, HTTP_ROUTES, "podinfo", |r| {
+        r["spec"]["rules"] = rules(json!([
+            mirror("podinfo-b", json!({"fraction": {"numerator": 1, "denominator": 2}})),
+            mirror("podinfo-c", json!({"percent": 100}))
+        ]));
+    })
+    .await;
+    assert!(bed.bed.mesh.converged("httproutes", rv).await);
+    let before = counted(&metrics_after_mirrors(&bed).await, "podinfo-b", "podinfo-v2");
+    primary_batch(&bed, 200).await;
+    let text = metrics_after_mirrors(&bed).await;
+    let after = counted(&text, "podinfo-b", "podinfo-v2");
+    let mirrored = after.0 - before.0;
+    assert!((60.0..=140.0).contains(&mirrored), "{mirrored} of 200 mirrored at 1/2");
+    assert_eq!(after.1, before.1, "copies are no source requests");
+    assert_eq!(counted(&text, "podinfo-a", "podinfo").1, 241.0, "{text}");
+    let entry = current_route_status(&bed, "podinfo", "podinfo").await;
+    assert_eq!(route_condition(&entry, "ResolvedRefs"), ("False", "BackendNotFound"));
 }

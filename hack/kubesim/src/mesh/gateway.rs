@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use super::headers::{self, HeaderOps, Headers, Side};
 use super::snapshot::{CLUSTER_SUFFIX, Id, Pattern, Snapshot, StringMatch, parse_duration};
 
 /// The Gateway API's group.
@@ -59,6 +60,27 @@ pub struct Backend {
     pub port: Option<u16>,
     /// Default 1.
     pub weight: u32,
+    /// The backendRef's own `filters` (applied before the rule's).
+    pub filters: Filters,
+}
+
+/// The `filters` kubesim applies, of a rule or of a backendRef: `RequestHeaderModifier`,
+/// `ResponseHeaderModifier` and `RequestMirror` (the others — redirects, rewrites, CORS, extensions —
+/// are ignored).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Filters {
+    pub headers: Headers,
+    /// Every `RequestMirror`, in order.
+    pub mirrors: Vec<RequestMirror>,
+}
+
+/// A `RequestMirror` filter: where copies go and which share of requests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestMirror {
+    /// Its `backendRef` (weight and filters unused).
+    pub backend: Backend,
+    /// The share mirrored, in percent (0–100): `percent`, or `fraction`, else 100.
+    pub percent: f64,
 }
 
 impl Backend {
@@ -173,6 +195,8 @@ pub struct Rule {
     pub backends: Vec<Backend>,
     /// `timeouts.request` (absent or zero: none).
     pub timeout: Option<Duration>,
+    /// The rule's `filters` (applied after those of the chosen backendRef).
+    pub filters: Filters,
 }
 
 /// An HTTPRoute.
@@ -296,6 +320,44 @@ fn route_match(v: &Value) -> RouteMatch {
     m
 }
 
+/// A `backendRef` (of a rule or of a `RequestMirror`), with the API's defaults, without filters.
+fn backend_ref(b: &Value, namespace: &str) -> Backend {
+    Backend {
+        kind: RefKind::of(
+            b["group"].as_str().unwrap_or(""),
+            b["kind"].as_str().unwrap_or("Service"),
+        ),
+        id: ref_id(b, namespace),
+        port: port_of(&b["port"]),
+        weight: b["weight"].as_u64().map_or(1, |w| u32::try_from(w).unwrap_or(u32::MAX)),
+        filters: Filters::default(),
+    }
+}
+
+/// The filters kubesim applies among a `filters` list.
+fn filters(list: &Value, namespace: &str) -> Filters {
+    let mut out = Filters::default();
+    for f in list.as_array().into_iter().flatten() {
+        match f["type"].as_str().unwrap_or_default() {
+            "RequestHeaderModifier" => {
+                out.headers.request = HeaderOps::of(&f["requestHeaderModifier"], Side::Request);
+            }
+            "ResponseHeaderModifier" => {
+                out.headers.response = HeaderOps::of(&f["responseHeaderModifier"], Side::Response);
+            }
+            "RequestMirror" => {
+                let mirror = &f["requestMirror"];
+                out.mirrors.push(RequestMirror {
+                    backend: backend_ref(&mirror["backendRef"], namespace),
+                    percent: headers::gateway_percent(mirror),
+                });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// An HTTPRoute object.
 pub fn route(object: &Value) -> Route {
     let meta = &object["metadata"];
@@ -332,19 +394,15 @@ pub fn route(object: &Value) -> Route {
                     .into_iter()
                     .flatten()
                     .map(|b| Backend {
-                        kind: RefKind::of(
-                            b["group"].as_str().unwrap_or(""),
-                            b["kind"].as_str().unwrap_or("Service"),
-                        ),
-                        id: ref_id(b, &namespace),
-                        port: port_of(&b["port"]),
-                        weight: b["weight"].as_u64().map_or(1, |w| u32::try_from(w).unwrap_or(u32::MAX)),
+                        filters: filters(&b["filters"], &namespace),
+                        ..backend_ref(b, &namespace)
                     })
                     .collect(),
                 timeout: r["timeouts"]["request"]
                     .as_str()
                     .and_then(parse_gateway_duration)
                     .filter(|d| !d.is_zero()),
+                filters: filters(&r["filters"], &namespace),
             }
         })
         .collect();
@@ -488,24 +546,36 @@ pub fn parent_statuses(route: &Route, snapshot: &Snapshot) -> Vec<ParentStatus> 
         .collect()
 }
 
-/// The `ResolvedRefs` condition of a route.
+/// The `ResolvedRefs` condition of a route: every backendRef, of the rules and of their
+/// `RequestMirror` filters (which the API requires to be resolved too).
 fn resolved_refs(route: &Route, snapshot: &Snapshot) -> Condition {
-    for backend in route.rules.iter().flat_map(|r| &r.backends) {
+    fn mirrors(f: &Filters) -> impl Iterator<Item = (&'static str, &Backend)> {
+        f.mirrors.iter().map(|m| ("RequestMirror backendRef", &m.backend))
+    }
+    let refs = route.rules.iter().flat_map(|r| {
+        let mut refs: Vec<_> = mirrors(&r.filters).collect();
+        for b in &r.backends {
+            refs.push(("backendRef", b));
+            refs.extend(mirrors(&b.filters));
+        }
+        refs
+    });
+    for (what, backend) in refs {
         let (ns, name) = &backend.id;
         if let RefKind::Other(kind) = &backend.kind {
             return Condition {
                 kind: "ResolvedRefs",
                 status: false,
                 reason: "InvalidKind",
-                message: format!("backendRef {kind} {ns}/{name}: only Services are supported"),
+                message: format!("{what} {kind} {ns}/{name}: only Services are supported"),
             };
         }
         let problem = match snapshot.service(&backend.id) {
-            None => Some(format!("backendRef Service {ns}/{name} does not exist")),
+            None => Some(format!("{what} Service {ns}/{name} does not exist")),
             Some(s) => backend
                 .port
                 .filter(|port| !s.ports.iter().any(|sp| sp.port == *port))
-                .map(|port| format!("backendRef Service {ns}/{name} has no port {port}")),
+                .map(|port| format!("{what} Service {ns}/{name} has no port {port}")),
         };
         if let Some(message) = problem {
             return Condition {
@@ -695,5 +765,53 @@ mod tests {
         );
         assert_eq!(conditions[1]["lastTransitionTime"], "2025-01-01T00:00:00Z", "unchanged");
         assert_eq!(conditions[1]["observedGeneration"], 2);
+    }
+
+    #[test]
+    fn filters_are_read_at_rule_and_backend_level_and_mirror_refs_must_resolve() {
+        let object = json!({"metadata": {"name": "r", "namespace": "test", "generation": 1},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "podinfo"}],
+                "rules": [{
+                    "filters": [
+                        {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "shadow", "port": 80},
+                            "fraction": {"numerator": 1, "denominator": 3}}},
+                        {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                            "add": [{"name": "Set-Cookie", "value": "canary=always"}]}},
+                        {"type": "RequestRedirect", "requestRedirect": {"statusCode": 302}}],
+                    "backendRefs": [{"name": "podinfo", "port": 80, "filters": [
+                        {"type": "RequestHeaderModifier", "requestHeaderModifier": {"remove": ["x-debug"]}},
+                        {"type": "RequestMirror", "requestMirror": {
+                            "backendRef": {"name": "audit", "namespace": "other", "port": 8080}, "percent": 10}}]}]}]}});
+        let r = route(&object);
+        let rule = &r.rules[0];
+        assert_eq!(rule.filters.mirrors.len(), 1);
+        let m = &rule.filters.mirrors[0];
+        assert_eq!((m.backend.id.1.as_str(), m.backend.port), ("shadow", Some(80)));
+        assert!((m.percent - 100.0 / 3.0).abs() < 1e-9, "{}", m.percent);
+        assert_eq!(rule.filters.headers.response.add.len(), 1);
+        assert!(rule.filters.headers.request.is_empty());
+        let b = &rule.backends[0];
+        assert_eq!(b.filters.headers.request.remove, ["x-debug"]);
+        assert_eq!(
+            (b.filters.mirrors[0].backend.id.clone(), b.filters.mirrors[0].percent),
+            (("other".to_owned(), "audit".to_owned()), 10.0)
+        );
+
+        // ResolvedRefs checks the mirrors' backendRefs too.
+        let service = json!({"metadata": {"name": "podinfo", "namespace": "test"}, "spec": {"ports": [{"port": 80}]}});
+        let mut snapshot = Snapshot::default();
+        let id = |ns: &str, name: &str| (ns.to_owned(), name.to_owned());
+        snapshot.set_service(&id("test", "podinfo"), Some(super::super::snapshot::service(&service)));
+        let resolved = |s: &Snapshot| resolved_refs(&r, s);
+        let c = resolved(&snapshot);
+        assert_eq!((c.status, c.reason), (false, "BackendNotFound"));
+        assert_eq!(c.message, "RequestMirror backendRef Service test/shadow does not exist");
+        snapshot.set_service(&id("test", "shadow"), Some(super::super::snapshot::service(&service)));
+        let c = resolved(&snapshot);
+        assert_eq!(c.message, "RequestMirror backendRef Service other/audit does not exist");
+        let mut audit = service.clone();
+        audit["spec"]["ports"][0]["port"] = json!(8080);
+        snapshot.set_service(&id("other", "audit"), Some(super::super::snapshot::service(&audit)));
+        assert!(resolved(&snapshot).status);
     }
 }

@@ -11,7 +11,8 @@
 //!                              ├──▶ once every proxy holds it: HTTPRoute status.parents (status.rs)
 //!                              ▼
 //!  HTTP (Host: svc.ns) ──▶ entry ──▶ proxy N: route() ──▶ connect podIP:port, forward ──▶ pod
-//!                                        └─ istio_requests_total / _duration (reporter="source")
+//!                                        ├─ istio_requests_total / _duration (reporter="source")
+//!                                        └─ mirrored copies (Host: …-shadow), answers dropped ──▶ pod
 //!  GET /metrics ──▶ metrics server (pods report reporter="destination")
 //! ```
 //!
@@ -19,6 +20,7 @@
 
 pub mod feed;
 pub mod gateway;
+pub mod headers;
 pub mod metrics;
 pub mod pod;
 pub mod proxy;
@@ -269,6 +271,14 @@ impl Mesh {
         let seen = self.seen(resource, rv).await;
         self.settled().await;
         seen
+    }
+
+    /// Waits until every mirrored copy sent so far has been answered or has failed, so the
+    /// `reporter="destination"` metrics of the pods they reached count them. A copy is counted as sent
+    /// before the answer to its request leaves the proxy: once a client has its answers, this waits for
+    /// all of their copies.
+    pub async fn mirrors_done(&self) {
+        self.shared.mirrors_done().await;
     }
 }
 
@@ -631,6 +641,9 @@ fn render_metrics(shared: &Shared) -> String {
     for (i, g) in shared.proxies.generations().iter().enumerate() {
         let _ = writeln!(out, "kubesim_mesh_proxy_generation{{proxy=\"{i}\"}} {g}");
     }
+    out.push_str("# HELP kubesim_mesh_mirrors_in_flight Mirrored requests sent and not yet answered.\n");
+    out.push_str("# TYPE kubesim_mesh_mirrors_in_flight gauge\n");
+    let _ = writeln!(out, "kubesim_mesh_mirrors_in_flight {}", shared.mirrors_in_flight());
     out
 }
 

@@ -1,6 +1,7 @@
 //! The simulated client proxies: each adopts every configuration snapshot after its own random delay
 //! (never out of order), and routes the requests of the mesh entry with the snapshot it holds, forwarding
-//! them to the chosen pod as Envoy would (no retries), with Istio `source` metrics.
+//! them to the chosen pod as Envoy would (no retries), with Istio `source` metrics; the route's header
+//! changes are applied, and mirrored copies are sent beside the request without waiting for them.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -13,8 +14,10 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::headers;
 use super::metrics::{Labels, Metrics, Reporter};
 use super::pod::{AbortOnDrop, DESTINATION_SERVICE_HEADER};
 use super::rng::Rng;
@@ -163,6 +166,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub seed: u64,
     requests: AtomicU64,
+    /// Mirrored copies sent and not yet answered (or failed).
+    mirrors_in_flight: Arc<watch::Sender<u64>>,
 }
 
 impl Shared {
@@ -172,7 +177,36 @@ impl Shared {
             metrics,
             seed,
             requests: AtomicU64::new(0),
+            mirrors_in_flight: Arc::new(watch::channel(0).0),
         }
+    }
+
+    /// How many mirrored copies are on their way (sent, their answer not yet read).
+    pub fn mirrors_in_flight(&self) -> u64 {
+        *self.mirrors_in_flight.borrow()
+    }
+
+    /// Waits until no mirrored copy is on their way: every copy sent before has been answered (and so
+    /// counted by the pod that answered) or has failed.
+    pub async fn mirrors_done(&self) {
+        let mut in_flight = self.mirrors_in_flight.subscribe();
+        let _ = in_flight.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// Counts one mirrored copy in flight until dropped.
+struct InFlight(Arc<watch::Sender<u64>>);
+
+impl InFlight {
+    fn start(counter: &Arc<watch::Sender<u64>>) -> Self {
+        counter.send_modify(|n| *n += 1);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -280,19 +314,26 @@ where
             );
         }
     };
-    let forwarded = forward(&upstream, &parts.method, &path_and_query, &parts.headers, body);
-    let result = match upstream.timeout {
-        Some(limit) => tokio::time::timeout(limit, forwarded)
-            .await
-            .unwrap_or(Err(ForwardError::Timeout)),
-        None => forwarded.await,
-    };
+    let method = parts.method;
+    let mut request_headers = parts.headers;
+    headers::apply_all(&upstream.request_headers, &mut request_headers);
+    send_mirrors(
+        shared,
+        &upstream,
+        &method,
+        &path_and_query,
+        &authority,
+        &request_headers,
+        &body,
+    );
+    let result = forward_within(&upstream, &method, &path_and_query, &request_headers, body).await;
     let elapsed = started.elapsed();
     let mut labels = upstream_labels(&upstream);
     match result {
         Ok(mut response) => {
             labels.response_code = response.status().as_u16();
             shared.metrics.record(labels, elapsed);
+            headers::apply_all(&upstream.response_headers, response.headers_mut());
             if let Ok(v) = HeaderValue::from_str(&elapsed.as_millis().to_string()) {
                 response.headers_mut().insert("x-envoy-upstream-service-time", v);
             }
@@ -304,8 +345,66 @@ where
             labels.response_code = status.as_u16();
             labels.response_flags = error.flags();
             shared.metrics.record(labels, elapsed);
-            stamp(local_reply(status, &error.to_string()), error.flags())
+            // Envoy's own answer to a routed request gets the route's response headers too.
+            let mut reply = local_reply(status, &error.to_string());
+            headers::apply_all(&upstream.response_headers, reply.headers_mut());
+            stamp(reply, error.flags())
         }
+    }
+}
+
+/// [`forward`] within the route's timeout, if it has one.
+async fn forward_within(
+    upstream: &Upstream,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response<Full<Bytes>>, ForwardError> {
+    let forwarded = forward(upstream, method, path_and_query, headers, body);
+    match upstream.timeout {
+        Some(limit) => tokio::time::timeout(limit, forwarded)
+            .await
+            .unwrap_or(Err(ForwardError::Timeout)),
+        None => forwarded.await,
+    }
+}
+
+/// Sends the request's mirrored copies, each on its own task so the answer to the client never waits
+/// for them: the same method, path, (changed) headers and body, the authority suffixed `-shadow`, within
+/// the route's timeout. Their answers are dropped, and the proxy counts no `source` metric for them:
+/// only the pod that answers one counts it (`reporter="destination"`), as with Envoy's shadows. A copy
+/// with nowhere to go is dropped (debug log).
+fn send_mirrors(
+    shared: &Shared,
+    upstream: &Upstream,
+    method: &Method,
+    path_and_query: &str,
+    authority: &str,
+    request_headers: &HeaderMap,
+    body: &Bytes,
+) {
+    for mirror in &upstream.mirrors {
+        let target = match mirror {
+            Ok(target) => target.clone(),
+            Err(refusal) => {
+                tracing::debug!(reason = %refusal, flags = refusal.flags(), "mesh: mirrored copy dropped");
+                continue;
+            }
+        };
+        let mut copy_headers = request_headers.clone();
+        if let Ok(v) = HeaderValue::from_str(&headers::shadow_authority(authority)) {
+            copy_headers.insert(header::HOST, v);
+        }
+        let in_flight = InFlight::start(&shared.mirrors_in_flight);
+        let (method, path, body) = (method.clone(), path_and_query.to_owned(), body.clone());
+        tokio::spawn(async move {
+            let _in_flight = in_flight;
+            if let Err(error) = forward_within(&target, &method, &path, &copy_headers, body).await {
+                tracing::debug!(pod = %target.pod, addr = %target.addr, error = %crate::report(&error),
+                    "mesh: mirrored copy failed");
+            }
+        });
     }
 }
 
@@ -477,5 +576,158 @@ mod tests {
         assert_eq!(proxies.pick(&named), 2);
         let turns: Vec<usize> = (0..5).map(|_| proxies.pick(&HeaderMap::new())).collect();
         assert_eq!(turns, vec![0, 1, 2, 3, 0]);
+    }
+
+    /// What a recording server saw of one request.
+    #[derive(Debug)]
+    struct Seen {
+        method: String,
+        path: String,
+        headers: HeaderMap,
+        body: Bytes,
+    }
+
+    /// A server on `127.0.0.1` answering `status` with `body` and `set-cookie: session=1`, telling the
+    /// test each request, and answering only once `release` has a permit.
+    async fn recording_server(
+        status: u16,
+        body: &'static str,
+        release: Arc<tokio::sync::Semaphore>,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<Seen>,
+        AbortOnDrop,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(super::super::serve_http1(
+            listener,
+            "test",
+            move |req: Request<hyper::body::Incoming>| {
+                let (tx, release) = (tx.clone(), release.clone());
+                async move {
+                    let (parts, incoming) = req.into_parts();
+                    let body_bytes = incoming.collect().await.unwrap().to_bytes();
+                    let _ = tx.send(Seen {
+                        method: parts.method.to_string(),
+                        path: parts.uri.to_string(),
+                        headers: parts.headers,
+                        body: body_bytes,
+                    });
+                    release.acquire().await.unwrap().forget();
+                    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                    response
+                        .headers_mut()
+                        .insert("set-cookie", HeaderValue::from_static("session=1"));
+                    response
+                        .headers_mut()
+                        .insert("x-powered-by", HeaderValue::from_static("test"));
+                    response
+                }
+            },
+        ));
+        (addr, rx, AbortOnDrop(task))
+    }
+
+    fn values(headers: &HeaderMap, name: &str) -> Vec<String> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_mirrored_copy_goes_to_the_shadow_host_without_delaying_the_answer_and_headers_change() {
+        use serde_json::json;
+        let open = Arc::new(tokio::sync::Semaphore::new(1000));
+        let held = Arc::new(tokio::sync::Semaphore::new(0));
+        let (primary_addr, mut primary_seen, _primary) = recording_server(200, "primary", open).await;
+        let (mirror_addr, mut mirror_seen, _mirror) = recording_server(500, "mirror", held.clone()).await;
+        let service = |name: &str| {
+            json!({"metadata": {"name": name, "namespace": "demo"},
+                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+        };
+        let slice = |service: &str, pod: &str| {
+            json!({"metadata": {"name": format!("{service}-slice"), "namespace": "demo",
+                    "labels": {"kubernetes.io/service-name": service}},
+                "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true},
+                    "targetRef": {"kind": "Pod", "name": pod}}],
+                "ports": [{"name": "http", "port": 8080}]})
+        };
+        let pod = |name: &str| json!({"metadata": {"name": name, "namespace": "demo", "labels": {"app": "web"}}});
+        let vs = json!({"metadata": {"name": "web", "namespace": "demo"}, "spec": {"hosts": ["web"], "http": [{
+            "route": [{"destination": {"host": "web"},
+                "headers": {"response": {"add": {"set-cookie": "canary=always"}}}}],
+            "mirror": {"host": "web-shadow"},
+            "headers": {"request": {"set": {"x-route": "1"}, "remove": ["x-secret"]},
+                        "response": {"remove": ["x-powered-by"]}}}]}});
+        let (web, shadow) = (service("web"), service("web-shadow"));
+        let (web_slice, shadow_slice) = (slice("web", "web-0"), slice("web-shadow", "shadow-0"));
+        let (web_pod, shadow_pod) = (pod("web-0"), pod("shadow-0"));
+        let snapshot = crate::mesh::snapshot::build(crate::mesh::snapshot::Objects {
+            services: vec![&web, &shadow],
+            slices: vec![&web_slice, &shadow_slice],
+            pods: vec![
+                (&web_pod, "web".into(), [(8080, primary_addr)].into()),
+                (&shadow_pod, "web-shadow".into(), [(8080, mirror_addr)].into()),
+            ],
+            virtual_services: vec![&vs],
+            ..crate::mesh::snapshot::Objects::default()
+        });
+        let proxies = Proxies::new(1, Duration::ZERO, (1, Arc::new(snapshot)), 1);
+        let shared = Shared::new(proxies, Arc::new(Metrics::default()), 1);
+
+        let request = Request::post("/submit?x=1")
+            .header("host", "web.demo:80")
+            .header("x-secret", "s")
+            .body(Full::new(Bytes::from_static(b"hello")))
+            .unwrap();
+        // The mirror holds its answer: the client's answer comes anyway.
+        let response = tokio::time::timeout(Duration::from_secs(10), handle(&shared, request))
+            .await
+            .expect("the answer does not wait for the mirror");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(values(response.headers(), "set-cookie"), ["session=1", "canary=always"]);
+        assert!(response.headers().get("x-powered-by").is_none());
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "primary", "the answer is the primary's");
+        assert_eq!(shared.mirrors_in_flight(), 1);
+
+        let primary = primary_seen.recv().await.unwrap();
+        let copy = tokio::time::timeout(Duration::from_secs(10), mirror_seen.recv())
+            .await
+            .expect("the copy arrives")
+            .unwrap();
+        assert_eq!(values(&primary.headers, "host"), ["web.demo:80"]);
+        assert_eq!(values(&copy.headers, "host"), ["web.demo-shadow:80"]);
+        for seen in [&primary, &copy] {
+            assert_eq!((seen.method.as_str(), seen.path.as_str()), ("POST", "/submit?x=1"));
+            assert_eq!(seen.body, "hello");
+            assert_eq!(values(&seen.headers, "x-route"), ["1"], "request changes reach both");
+            assert!(seen.headers.get("x-secret").is_none());
+        }
+        assert_eq!(
+            values(&copy.headers, super::super::pod::DESTINATION_SERVICE_HEADER),
+            ["web-shadow.demo.svc.cluster.local"]
+        );
+        held.add_permits(1);
+        tokio::time::timeout(Duration::from_secs(10), shared.mirrors_done())
+            .await
+            .expect("the copy completes");
+        assert_eq!(shared.mirrors_in_flight(), 0);
+        // The proxy counts the request once, for its own destination; the copy is not a source request.
+        let text = shared.metrics.render();
+        let sources: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{") && l.contains(r#"reporter="source""#))
+            .collect();
+        assert_eq!(sources.len(), 1, "{text}");
+        assert!(
+            sources[0].contains(r#"destination_service="web.demo.svc.cluster.local""#) && sources[0].ends_with(" 1")
+        );
+        assert!(!text.contains("web-shadow"), "{text}");
     }
 }

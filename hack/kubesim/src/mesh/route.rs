@@ -11,10 +11,11 @@ use std::time::Duration;
 use http::HeaderMap;
 
 use super::gateway::{self, RefKind};
+use super::headers::{self, HeaderOps};
 use super::rng::Rng;
 use super::snapshot::{
-    DestinationRule, HttpRoute, Id, MatchRequest, Service, ServicePort, Snapshot, VirtualService, WeightedDestination,
-    host_matches, normalize_host, service_of,
+    DestinationRule, HttpRoute, Id, MatchRequest, Mirror, Service, ServicePort, Snapshot, VirtualService,
+    WeightedDestination, host_matches, normalize_host, service_of,
 };
 
 /// What routing looks at in a request.
@@ -49,6 +50,15 @@ pub struct Upstream {
     pub virtual_service: Option<String>,
     /// The HTTPRoute that decided, as `namespace/name`.
     pub http_route: Option<String>,
+    /// Changes to the forwarded request (and to its mirrored copies), level by level, most specific
+    /// first as Envoy applies them: the chosen destination's (backendRef's), then the route's (rule's) —
+    /// so for one name the route's `set` wins.
+    pub request_headers: Vec<HeaderOps>,
+    /// Changes to the answer, in the same order.
+    pub response_headers: Vec<HeaderOps>,
+    /// The copies of this request to send besides it: each mirror whose share drew this request, with
+    /// its endpoint picked, or why the copy is dropped (no such Service or subset, no ready endpoint).
+    pub mirrors: Vec<Result<Upstream, Refusal>>,
 }
 
 /// Why a request gets no upstream. Each is answered locally by the proxy, as Envoy would.
@@ -163,9 +173,8 @@ pub fn route(snapshot: &Snapshot, request: &Request<'_>, rng: &mut Rng) -> Resul
         // No VirtualService: the plain host, every ready endpoint of the Service.
         let plain = WeightedDestination {
             host: host.clone(),
-            subset: None,
             port,
-            weight: None,
+            ..WeightedDestination::default()
         };
         return destination(snapshot, &plain, service, None, None, rng);
     };
@@ -190,7 +199,36 @@ pub fn route(snapshot: &Snapshot, request: &Request<'_>, rng: &mut Rng) -> Resul
     if chosen.port.is_none() && chosen.host == host {
         chosen.port = port;
     }
-    destination(snapshot, &chosen, target, Some(vs_name), http.timeout, rng)
+    let mut upstream = destination(snapshot, &chosen, target, Some(vs_name.clone()), http.timeout, rng)?;
+    upstream.request_headers = headers::levels([&chosen.headers.request, &http.headers.request]);
+    upstream.response_headers = headers::levels([&chosen.headers.response, &http.headers.response]);
+    for m in &http.mirrors {
+        if headers::mirrored(m.percent, rng) {
+            let copy = mirror_to(snapshot, m, &host, port, &vs_name, http.timeout, rng);
+            upstream.mirrors.push(copy);
+        }
+    }
+    Ok(upstream)
+}
+
+/// Where a VirtualService's mirrored copy goes: its destination as a route's would be resolved.
+fn mirror_to(
+    snapshot: &Snapshot,
+    mirror: &Mirror,
+    host: &str,
+    port: Option<u16>,
+    vs_name: &str,
+    timeout: Option<Duration>,
+    rng: &mut Rng,
+) -> Result<Upstream, Refusal> {
+    let mut dest = mirror.destination.clone();
+    let Some(target) = service_of(&dest.host).filter(|id| snapshot.service(id).is_some()) else {
+        return Err(Refusal::UnknownService { host: dest.host });
+    };
+    if dest.port.is_none() && dest.host == host {
+        dest.port = port;
+    }
+    destination(snapshot, &dest, target, Some(vs_name.to_owned()), timeout, rng)
 }
 
 /// Routes by the HTTPRoutes attached to the request's Service (GAMMA: a `parentRef` to the Service, in
@@ -247,7 +285,8 @@ fn by_http_route(
     Some(to_backend(snapshot, route, rule, rng))
 }
 
-/// Picks one of the rule's backendRefs by weight and an endpoint of its Service.
+/// Picks one of the rule's backendRefs by weight and an endpoint of its Service; rolls the rule's and
+/// the backendRef's mirrors.
 fn to_backend(
     snapshot: &Snapshot,
     route: &gateway::Route,
@@ -278,24 +317,56 @@ fn to_backend(
             false
         })
         .ok_or_else(|| invalid("no backendRef picked".into()))?;
+    let mut upstream = to_service(snapshot, route, backend, "backendRef", rule.timeout, rng)?;
+    let (own, shared) = (&backend.filters, &rule.filters);
+    upstream.request_headers = headers::levels([&own.headers.request, &shared.headers.request]);
+    upstream.response_headers = headers::levels([&own.headers.response, &shared.headers.response]);
+    for m in shared.mirrors.iter().chain(&own.mirrors) {
+        if headers::mirrored(m.percent, rng) {
+            let copy = to_service(
+                snapshot,
+                route,
+                &m.backend,
+                "RequestMirror backendRef",
+                rule.timeout,
+                rng,
+            );
+            upstream.mirrors.push(copy);
+        }
+    }
+    Ok(upstream)
+}
+
+/// An endpoint of the Service a backendRef names (`what` names the reference in refusals).
+fn to_service(
+    snapshot: &Snapshot,
+    route: &gateway::Route,
+    backend: &gateway::Backend,
+    what: &str,
+    timeout: Option<Duration>,
+    rng: &mut Rng,
+) -> Result<Upstream, Refusal> {
+    let invalid = |reason: String| Refusal::InvalidBackend {
+        http_route: route.key(),
+        reason,
+    };
     if let RefKind::Other(_) = backend.kind {
-        return Err(invalid(format!("backendRef {} is not a Service", backend.describe())));
+        return Err(invalid(format!("{what} {} is not a Service", backend.describe())));
     }
     let Some(service) = snapshot.service(&backend.id) else {
-        return Err(invalid(format!("backendRef {} does not exist", backend.describe())));
+        return Err(invalid(format!("{what} {} does not exist", backend.describe())));
     };
     if let Some(p) = backend.port
         && !service.ports.iter().any(|sp| sp.port == p)
     {
-        return Err(invalid(format!("backendRef {} has no port {p}", backend.describe())));
+        return Err(invalid(format!("{what} {} has no port {p}", backend.describe())));
     }
     let dest = WeightedDestination {
         host: backend.host(),
-        subset: None,
         port: backend.port,
-        weight: None,
+        ..WeightedDestination::default()
     };
-    let mut upstream = destination(snapshot, &dest, backend.id.clone(), None, rule.timeout, rng)?;
+    let mut upstream = destination(snapshot, &dest, backend.id.clone(), None, timeout, rng)?;
     upstream.http_route = Some(route.key());
     Ok(upstream)
 }
@@ -390,6 +461,9 @@ fn destination(
         virtual_service,
         http_route: None,
         service: service_id,
+        request_headers: Vec::new(),
+        response_headers: Vec::new(),
+        mirrors: Vec::new(),
     })
 }
 
@@ -633,8 +707,8 @@ mod tests {
         let d = |w: Option<u32>| WeightedDestination {
             host: "h".into(),
             subset: Some(format!("{w:?}")),
-            port: None,
             weight: w,
+            ..WeightedDestination::default()
         };
         let route = [d(Some(10)), d(Some(0)), d(Some(30))];
         assert_eq!(
@@ -1115,5 +1189,243 @@ mod tests {
         let s = routed(&routes, &[], &[], &[]);
         let err = send(&s, "podinfo.example.com", "/", &[], &mut Rng::new(1)).unwrap_err();
         assert_eq!((err.status(), err.flags()), (404, "NR"));
+    }
+
+    // Mirrors and header changes.
+
+    const STICKY: &str = r"^(.*?;\s*)?canary=always(;.*)?$";
+
+    fn names(up: &Upstream) -> Vec<Result<(String, String), u16>> {
+        up.mirrors
+            .iter()
+            .map(|m| match m {
+                Ok(m) => Ok((m.service.1.clone(), m.version.clone())),
+                Err(e) => Err(e.status()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_virtual_service_mirror_copies_the_share_it_names_to_its_destination() {
+        let d = dr(&[("v1", "v1"), ("v2", "v2"), ("v3", "v3")]);
+        let with = |extra: Value| {
+            let mut http = weights(100, 0);
+            for (k, v) in extra.as_object().unwrap() {
+                http[0][k] = v.clone();
+            }
+            cluster(&[vs(http)], std::slice::from_ref(&d))
+        };
+        // `mirror` alone: every request, to the mirror's subset; the request itself is unchanged.
+        let s = with(json!({"mirror": {"host": "podinfo", "subset": "v2"}}));
+        let mut rng = Rng::new(4);
+        for _ in 0..50 {
+            let up = send(&s, "podinfo.test", "/", &[], &mut rng).unwrap();
+            assert_eq!(up.version, "v1");
+            assert_eq!(names(&up), [Ok(("podinfo".to_owned(), "v2".to_owned()))]);
+            let copy = up.mirrors[0].as_ref().unwrap();
+            assert_eq!((copy.pod.as_str(), copy.subset.as_deref()), ("b-1", Some("v2")));
+            assert_eq!(copy.virtual_service.as_deref(), Some("test/podinfo"));
+        }
+        // Its share: `mirrorPercentage`, else the deprecated integer fields; an explicit 0: none.
+        let share = |s: &Snapshot| {
+            let mut rng = Rng::new(8);
+            (0..4000)
+                .filter(|_| !send(s, "podinfo.test", "/", &[], &mut rng).unwrap().mirrors.is_empty())
+                .count()
+        };
+        let mirror = json!({"host": "podinfo", "subset": "v2"});
+        let n = share(&with(json!({"mirror": mirror, "mirrorPercentage": {"value": 25.0}})));
+        assert!((850..1150).contains(&n), "25 %: {n}");
+        let n = share(&with(json!({"mirror": mirror, "mirrorPercent": 50})));
+        assert!((1800..2200).contains(&n), "50 %: {n}");
+        assert_eq!(
+            share(&with(json!({"mirror": mirror, "mirrorPercentage": {"value": 0}}))),
+            0
+        );
+        assert_eq!(share(&with(json!({"mirror": mirror, "mirrorPercentage": {}}))), 0);
+
+        // `mirrors`: each entry drawn on its own; copies with nowhere to go are refused, not the request.
+        let s = with(json!({"mirrors": [
+            {"destination": {"host": "podinfo", "subset": "v2"}, "percentage": {"value": 50}},
+            {"destination": {"host": "nothing"}},
+            {"destination": {"host": "podinfo", "subset": "v3"}},
+            {"destination": {"host": "podinfo", "subset": "v9"}}]}));
+        let mut rng = Rng::new(6);
+        let mut to_v2 = 0;
+        for _ in 0..2000 {
+            let up = send(&s, "podinfo.test", "/", &[], &mut rng).unwrap();
+            assert_eq!(up.version, "v1");
+            let outcomes = names(&up);
+            let refused: Vec<_> = up.mirrors.iter().filter_map(|m| m.as_ref().err()).collect();
+            assert!(matches!(refused[0], Refusal::UnknownService { .. }), "{refused:?}");
+            assert!(matches!(refused[1], Refusal::NoHealthyUpstream { .. }), "{refused:?}");
+            assert!(matches!(refused[2], Refusal::UnknownSubset { .. }), "{refused:?}");
+            to_v2 += usize::from(outcomes.len() == 4);
+        }
+        assert!((850..1150).contains(&to_v2), "{to_v2}");
+
+        // A request that is refused sends no copy (Envoy shadows only what it forwards).
+        let s = cluster(
+            &[vs(
+                json!([{"route": [{"destination": {"host": "podinfo", "subset": "v3"}}],
+                "mirror": {"host": "podinfo", "subset": "v2"}}]),
+            )],
+            std::slice::from_ref(&d),
+        );
+        let err = send(&s, "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap_err();
+        assert_eq!(err.flags(), "UH");
+    }
+
+    #[test]
+    fn virtual_service_header_changes_come_destination_first_then_route() {
+        let d = dr(&[("v1", "v1"), ("v2", "v2")]);
+        let http = json!([{"route": [
+                {"destination": {"host": "podinfo", "subset": "v1"}, "weight": 50,
+                 "headers": {"response": {"add": {"set-cookie": "canary=never"}}}},
+                {"destination": {"host": "podinfo", "subset": "v2"}, "weight": 50,
+                 "headers": {"request": {"set": {"x-to": "v2"}},
+                             "response": {"add": {"set-cookie": "canary=always"}, "set": {"x-v": "dest"}}}}],
+            "headers": {"request": {"add": {"x-route": "1"}, "remove": ["x-secret"]},
+                        "response": {"set": {"x-v": "route"}, "remove": ["x-powered-by"]}}}]);
+        let s = cluster(&[vs(http)], &[d]);
+        let mut rng = Rng::new(2);
+        let mut seen = BTreeMap::new();
+        for _ in 0..100 {
+            let up = send(&s, "podinfo.test", "/", &[], &mut rng).unwrap();
+            let mut response = HeaderMap::new();
+            response.insert("x-powered-by", "podinfo".parse().unwrap());
+            headers::apply_all(&up.response_headers, &mut response);
+            let mut request = HeaderMap::new();
+            request.insert("x-secret", "s".parse().unwrap());
+            headers::apply_all(&up.request_headers, &mut request);
+            let get = |h: &HeaderMap, n: &str| {
+                h.get_all(n)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+            };
+            assert!(response.get("x-powered-by").is_none());
+            assert!(request.get("x-secret").is_none());
+            assert_eq!(get(&request, "x-route"), ["1"]);
+            seen.insert(
+                up.version.clone(),
+                (
+                    get(&response, "set-cookie"),
+                    get(&response, "x-v"),
+                    get(&request, "x-to"),
+                ),
+            );
+        }
+        assert_eq!(
+            seen["v1"],
+            (vec!["canary=never".to_owned()], vec!["route".to_owned()], vec![])
+        );
+        assert_eq!(
+            seen["v2"],
+            (
+                vec!["canary=always".to_owned()],
+                vec!["route".to_owned()],
+                vec!["v2".to_owned()]
+            ),
+            "the route's set is applied last"
+        );
+        // Without changes there are no levels to apply.
+        let plain = send(&cluster(&[], &[]), "podinfo.test", "/", &[], &mut Rng::new(1)).unwrap();
+        assert!(plain.request_headers.is_empty() && plain.response_headers.is_empty() && plain.mirrors.is_empty());
+    }
+
+    #[test]
+    fn a_cookie_regex_match_selects_the_sticky_route_in_both_apis() {
+        let d = dr(&[("v1", "v1"), ("v2", "v2")]);
+        let http = json!([
+            {"match": [{"headers": {"cookie": {"regex": STICKY}}}],
+             "route": [{"destination": {"host": "podinfo", "subset": "v2"}}]},
+            {"route": [{"destination": {"host": "podinfo", "subset": "v1"}}]}]);
+        let by_vs = cluster(&[vs(http)], &[d]);
+        let rules = json!([
+            {"matches": [{"headers": [{"type": "RegularExpression", "name": "Cookie", "value": STICKY}]}],
+             "backendRefs": [backend("podinfo-b", 1)]},
+            {"backendRefs": [backend("podinfo-a", 1)]}]);
+        let by_route = routed(&[http_route("podinfo", T0, rules)], &[], &[], &[]);
+        for s in [&by_vs, &by_route] {
+            let version = |cookie: Option<&str>| {
+                let headers: Vec<(&'static str, &str)> = cookie.map(|c| ("cookie", c)).into_iter().collect();
+                send(s, "podinfo.test", "/", &headers, &mut Rng::new(3))
+                    .unwrap()
+                    .version
+            };
+            assert_eq!(version(Some("canary=always")), "v2");
+            assert_eq!(version(Some("session=abc; canary=always")), "v2");
+            assert_eq!(version(Some("a=1;canary=always; b=2")), "v2");
+            assert_eq!(version(Some("canary=never")), "v1");
+            assert_eq!(version(Some("canary=alwaysx")), "v1");
+            assert_eq!(version(Some("xcanary=always")), "v1");
+            assert_eq!(version(None), "v1");
+        }
+    }
+
+    #[test]
+    fn http_route_filters_mirror_and_change_headers_at_rule_and_backend_level() {
+        let filter_headers = |kind: &str, field: &str, ops: Value| json!({"type": kind, field: ops});
+        let rules = json!([{
+            "filters": [
+                {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "podinfo-b", "port": 80}}},
+                {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "podinfo-c", "port": 80},
+                    "fraction": {"numerator": 1, "denominator": 4}}},
+                filter_headers("RequestHeaderModifier", "requestHeaderModifier",
+                    json!({"set": [{"name": "x-rule", "value": "1"}]})),
+                filter_headers("ResponseHeaderModifier", "responseHeaderModifier",
+                    json!({"set": [{"name": "x-v", "value": "rule"}], "remove": ["x-powered-by"]})),
+                {"type": "URLRewrite", "urlRewrite": {"hostname": "ignored"}}],
+            "backendRefs": [{"name": "podinfo-a", "port": 80, "filters": [
+                filter_headers("ResponseHeaderModifier", "responseHeaderModifier",
+                    json!({"add": [{"name": "Set-Cookie", "value": "canary=never"}],
+                           "set": [{"name": "x-v", "value": "backend"}]})),
+                {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "podinfo-b", "port": 80},
+                    "percent": 50}}]}]}]);
+        let s = routed(&[http_route("podinfo", T0, rules)], &[], &[], &[]);
+        let mut rng = Rng::new(12);
+        let (mut rule_copies, mut refused, mut backend_copies) = (0, 0, 0);
+        for _ in 0..2000 {
+            let up = send(&s, "podinfo.test", "/", &[], &mut rng).unwrap();
+            assert_eq!(up.service.1, "podinfo-a");
+            let outcomes = names(&up);
+            // The rule's mirrors first (100 %: podinfo-b; 25 %: podinfo-c, which does not exist), then
+            // the backendRef's (50 %: podinfo-b).
+            assert_eq!(outcomes[0], Ok(("podinfo-b".to_owned(), "v2".to_owned())));
+            rule_copies += 1;
+            for (i, m) in up.mirrors.iter().enumerate().skip(1) {
+                match m {
+                    Err(e) => {
+                        assert!(
+                            e.to_string()
+                                .contains("RequestMirror backendRef Service test/podinfo-c does not exist"),
+                            "{e}"
+                        );
+                        refused += 1;
+                    }
+                    Ok(m) => {
+                        assert_eq!(
+                            (m.service.1.as_str(), m.http_route.as_deref()),
+                            ("podinfo-b", Some("test/podinfo")),
+                            "{i}"
+                        );
+                        backend_copies += 1;
+                    }
+                }
+            }
+            let mut response = HeaderMap::new();
+            response.insert("x-powered-by", "podinfo".parse().unwrap());
+            headers::apply_all(&up.response_headers, &mut response);
+            assert_eq!(response["x-v"], "rule", "the rule's set after the backendRef's");
+            assert_eq!(response["set-cookie"], "canary=never");
+            assert!(response.get("x-powered-by").is_none());
+            let mut request = HeaderMap::new();
+            headers::apply_all(&up.request_headers, &mut request);
+            assert_eq!(request["x-rule"], "1");
+        }
+        assert_eq!(rule_copies, 2000);
+        assert!((400..600).contains(&refused), "25 %: {refused}");
+        assert!((850..1150).contains(&backend_copies), "50 %: {backend_copies}");
     }
 }

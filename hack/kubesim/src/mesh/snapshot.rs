@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::gateway;
+use super::headers::{self, Headers};
 
 /// The cluster's DNS suffix for Services.
 pub const CLUSTER_SUFFIX: &str = "svc.cluster.local";
@@ -245,6 +246,19 @@ pub struct HttpRoute {
     pub route: Vec<WeightedDestination>,
     /// The route's `timeout`.
     pub timeout: Option<Duration>,
+    /// The route's `headers` (applied after those of the chosen destination).
+    pub headers: Headers,
+    /// `mirror` (with `mirrorPercentage`) and every `mirrors` entry, in that order.
+    pub mirrors: Vec<Mirror>,
+}
+
+/// Where copies of a route's requests go, and which share of them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mirror {
+    /// Host (normalised relative to the VirtualService's namespace), subset and port; no weight.
+    pub destination: WeightedDestination,
+    /// The share of requests mirrored, in percent (0–100).
+    pub percent: f64,
 }
 
 /// One `match` entry: all of its conditions must hold.
@@ -327,7 +341,7 @@ impl PartialEq for Pattern {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct WeightedDestination {
     /// Normalised relative to the VirtualService's namespace.
     pub host: String,
@@ -335,6 +349,8 @@ pub struct WeightedDestination {
     pub port: Option<u16>,
     /// `None` when absent.
     pub weight: Option<u32>,
+    /// The destination's `headers` (applied before those of the route).
+    pub headers: Headers,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -585,6 +601,50 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (n.is_finite() && n >= 0.0).then(|| Duration::from_secs_f64(n * scale))
 }
 
+/// An Istio `Destination` (host relative to `namespace`, subset, port), without weight or headers.
+fn destination(d: &Value, namespace: &str) -> WeightedDestination {
+    WeightedDestination {
+        host: normalize_host(str_of(d, "host"), namespace),
+        subset: d["subset"].as_str().filter(|s| !s.is_empty()).map(str::to_owned),
+        port: port_of(&d["port"]["number"]),
+        ..WeightedDestination::default()
+    }
+}
+
+/// An `http` route's mirrors: `mirror`, its share from `mirrorPercentage` (else the deprecated
+/// `mirrorPercent` / `mirror_percent`, else 100 %; an explicit 0 mirrors nothing), then each `mirrors`
+/// entry (its `percentage`, else 100 %). Istio configures both fields when both are set, and so does
+/// kubesim.
+fn mirrors(r: &Value, namespace: &str) -> Vec<Mirror> {
+    let mut out = Vec::new();
+    if r["mirror"].is_object() {
+        let percent = if r["mirrorPercentage"].is_object() {
+            headers::istio_percent(&r["mirrorPercentage"])
+        } else {
+            r["mirrorPercent"]
+                .as_f64()
+                .or_else(|| r["mirror_percent"].as_f64())
+                .map_or(100.0, headers::clamp_percent)
+        };
+        out.push(Mirror {
+            destination: destination(&r["mirror"], namespace),
+            percent,
+        });
+    }
+    for m in r["mirrors"].as_array().into_iter().flatten() {
+        let percent = if m["percentage"].is_object() {
+            headers::istio_percent(&m["percentage"])
+        } else {
+            100.0
+        };
+        out.push(Mirror {
+            destination: destination(&m["destination"], namespace),
+            percent,
+        });
+    }
+    out
+}
+
 /// A VirtualService object.
 pub fn virtual_service(object: &Value) -> VirtualService {
     let namespace = str_of(&object["metadata"], "namespace").to_owned();
@@ -605,16 +665,14 @@ pub fn virtual_service(object: &Value) -> VirtualService {
                 .into_iter()
                 .flatten()
                 .map(|d| WeightedDestination {
-                    host: normalize_host(str_of(&d["destination"], "host"), &namespace),
-                    subset: d["destination"]["subset"]
-                        .as_str()
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned),
-                    port: port_of(&d["destination"]["port"]["number"]),
                     weight: d["weight"].as_u64().map(|w| u32::try_from(w).unwrap_or(u32::MAX)),
+                    headers: Headers::of_istio(&d["headers"]),
+                    ..destination(&d["destination"], &namespace)
                 })
                 .collect(),
             timeout: r["timeout"].as_str().and_then(parse_duration),
+            headers: Headers::of_istio(&r["headers"]),
+            mirrors: mirrors(r, &namespace),
         })
         .collect();
     VirtualService {
