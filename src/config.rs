@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::agent::notify::Severity;
-use crate::release::ProviderKind;
+use crate::release::routing::{RequestMatch, parse_matches};
+use crate::release::{ProviderKind, Strategy};
 
 /// Annotation keys of the release configuration.
 pub mod keys {
@@ -27,9 +28,12 @@ pub mod keys {
     pub const HOSTNAMES: &str = "turnout.dev/hostnames";
     pub const NOTIFY: &str = "turnout.dev/notify";
     pub const NOTIFY_SEVERITY: &str = "turnout.dev/notify-severity";
+    pub const STRATEGY: &str = "turnout.dev/strategy";
+    pub const MATCH: &str = "turnout.dev/match";
+    pub const ITERATIONS: &str = "turnout.dev/iterations";
 
     /// Every key, for documentation and for tests that keep the docs in step with the code.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 20] = [
         STEPS,
         INTERVAL,
         THRESHOLD,
@@ -47,6 +51,9 @@ pub mod keys {
         HOSTNAMES,
         NOTIFY,
         NOTIFY_SEVERITY,
+        STRATEGY,
+        MATCH,
+        ITERATIONS,
     ];
 }
 
@@ -180,6 +187,12 @@ pub struct ReleaseConfig {
     pub notify: Option<String>,
     /// The least severity notified.
     pub notify_severity: Severity,
+    /// How the release moves traffic: weighted steps, or an A/B test.
+    pub strategy: Strategy,
+    /// Requests sent to the candidate from the start (a canary's early users; an A/B test's group).
+    pub matches: Vec<RequestMatch>,
+    /// Analyses an A/B test must pass before promotion.
+    pub iterations: u32,
 }
 
 /// A Gateway named by `turnout.dev/gateway`: `name` or `namespace/name`.
@@ -293,6 +306,9 @@ impl Default for ReleaseConfig {
             hostnames: Vec::new(),
             notify: None,
             notify_severity: Severity::Info,
+            strategy: Strategy::Canary,
+            matches: Vec::new(),
+            iterations: 10,
         }
     }
 }
@@ -382,6 +398,27 @@ pub fn resolve(
             }
         }
     }
+    // An A/B test routes by the matches: without them it would never send a request to the
+    // candidate.
+    if config.strategy == Strategy::AB && config.matches.is_empty() {
+        let (on, value) = [("deployment", deployment), ("namespace", namespace)]
+            .into_iter()
+            .find_map(|(on, a)| a.get(keys::STRATEGY).map(|v| (on, v.clone())))
+            .unwrap_or(("deployment", "ab".into()));
+        problems.push(Problem {
+            on,
+            key: keys::STRATEGY.to_owned(),
+            value,
+            reason: format!(
+                "an A/B test needs {} (the requests that go to the candidate)",
+                keys::MATCH
+            ),
+        });
+        config.strategy = defaults.strategy;
+        if config.strategy == Strategy::AB {
+            config.strategy = Strategy::Canary;
+        }
+    }
     (config, problems)
 }
 
@@ -456,6 +493,24 @@ fn apply(config: &mut ReleaseConfig, key: &str, value: &str) -> Result<(), Strin
         }
         keys::NOTIFY_SEVERITY => {
             config.notify_severity = Severity::parse(value).ok_or("not info or warning")?;
+        }
+        keys::STRATEGY => {
+            config.strategy = match value {
+                "canary" => Strategy::Canary,
+                "ab" => Strategy::AB,
+                "blue-green" => return Err("blue-green is not available in this version of turnout".into()),
+                _ => return Err("not canary or ab".into()),
+            };
+        }
+        // An empty value turns off the level below's matches.
+        keys::MATCH if value.is_empty() => config.matches.clear(),
+        keys::MATCH => config.matches = parse_matches(value)?,
+        keys::ITERATIONS => {
+            config.iterations = value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or("not a whole number from 1 to 1000")?;
         }
         _ => return Err("unknown key".into()),
     }
@@ -551,6 +606,42 @@ mod tests {
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn an_a_b_test_takes_its_matches_and_iterations_and_needs_matches() {
+        let beta = r#"[{"headers":[{"name":"x-user-group","value":"beta"}]}]"#;
+        let ns = ann(&[(keys::MATCH, beta), (keys::ITERATIONS, "5")]);
+        let d = ann(&[(keys::STRATEGY, "ab")]);
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &d);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(config.strategy, Strategy::AB);
+        assert_eq!(config.iterations, 5);
+        assert_eq!(config.matches[0].headers[0].name, "x-user-group");
+        // Without matches an A/B test would send nothing to the candidate: reported, canary used.
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ann(&[]), &d);
+        assert_eq!(config.strategy, Strategy::Canary);
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].reason.contains("needs turnout.dev/match"),
+            "{}",
+            problems[0]
+        );
+        // The Deployment's empty match turns off the namespace's.
+        let d = ann(&[(keys::MATCH, "")]);
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &d);
+        assert!(config.matches.is_empty() && problems.is_empty());
+        for (key, bad) in [
+            (keys::STRATEGY, "linear"),
+            (keys::STRATEGY, "blue-green"),
+            (keys::ITERATIONS, "0"),
+            (keys::MATCH, "x-user-group=beta"),
+        ] {
+            let (config, problems) = resolve(&ReleaseConfig::default(), &ann(&[]), &ann(&[(key, bad)]));
+            assert_eq!(problems.len(), 1, "{key}={bad}");
+            assert_eq!(config.iterations, 10);
+            assert_eq!(config.strategy, Strategy::Canary);
+        }
     }
 
     #[test]

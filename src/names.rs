@@ -32,6 +32,8 @@ pub mod annotations {
     pub const FAILED_CHECKS: &str = "turnout.dev/failed-checks";
     /// Release status: a human-readable message.
     pub const MESSAGE: &str = "turnout.dev/message";
+    /// Release status: analyses passed in an A/B test.
+    pub const ITERATION: &str = "turnout.dev/iteration";
     /// Release status: the revision the phase, weight and failed checks are about.
     pub const RELEASE: &str = "turnout.dev/release";
     /// Release status: `"true"` while the release is paused on request (`turnout pause`).
@@ -44,7 +46,7 @@ pub mod annotations {
 
     /// Annotations only turnout writes. An update that drops or edits them gets them back from the
     /// stored object, so a `kubectl replace` or a GitOps sync cannot lose a release's state.
-    pub const OWNED: [&str; 11] = [
+    pub const OWNED: [&str; 12] = [
         REVISION,
         VERSION_STAMPED,
         STABLE_REVISION,
@@ -52,18 +54,20 @@ pub mod annotations {
         PHASE,
         WEIGHT,
         FAILED_CHECKS,
+        ITERATION,
         MESSAGE,
         RELEASE,
         RELEASE_PAUSED,
         ROUTING,
     ];
     /// The annotations that describe a release in flight or its status; a CREATE starts without them.
-    pub const RELEASE_STATE: [&str; 10] = [
+    pub const RELEASE_STATE: [&str; 11] = [
         STABLE_REVISION,
         STABLE_HASH,
         PHASE,
         WEIGHT,
         FAILED_CHECKS,
+        ITERATION,
         MESSAGE,
         RELEASE,
         RELEASE_PAUSED,

@@ -21,6 +21,7 @@ fn status() -> Action {
         release: 2,
         weight: 0,
         failed_checks: 0,
+        iteration: 0,
         message: "release v2 started".into(),
         unpause: false,
         intent: Intent::Keep,
@@ -148,7 +149,7 @@ async fn writes_planned_from_a_stale_read_conflict_instead_of_overwriting() {
 
     // The VirtualService: created, read, changed by someone else, then replaced from the stale read.
     let to = |subset: &str| {
-        Route::Split(vec![Weighted {
+        Route::weights(vec![Weighted {
             backend: subset.into(),
             weight: 100,
         }])

@@ -400,6 +400,11 @@ impl Load {
 
     /// Load on `host` (a Service as `name.namespace`, or a hostname a Gateway's routes name).
     fn start_for(mesh: SocketAddr, host: String) -> Self {
+        Self::start_with(mesh, host, None)
+    }
+
+    /// Load on `host`, every request with the header `header` if given.
+    fn start_with(mesh: SocketAddr, host: String, header: Option<(&'static str, &'static str)>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(Stats::default()));
         let (stop2, stats2) = (stop.clone(), stats.clone());
@@ -409,10 +414,11 @@ impl Load {
             let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE));
             while !stop2.load(Ordering::Relaxed) {
                 tick.tick().await;
-                let request = http::Request::get(format!("http://{mesh}/"))
-                    .header("host", &host)
-                    .body(Empty::new())
-                    .unwrap();
+                let mut request = http::Request::get(format!("http://{mesh}/")).header("host", &host);
+                if let Some((name, value)) = header {
+                    request = request.header(name, value);
+                }
+                let request = request.body(Empty::new()).unwrap();
                 let (client, stats) = (client.clone(), stats2.clone());
                 tokio::spawn(async move {
                     let answer = tokio::time::timeout(Duration::from_secs(5), async {
@@ -1436,6 +1442,145 @@ async fn releases_steered_by_requests() {
     // The dashboard's queries run beside it (the busiest test, releases_end_to_end, has enough load).
     let (stats, ()) = tokio::join!(requests(&env), dashboard(&env));
     eprintln!("r: {stats:?}");
+}
+
+/// `turnout.dev/match` of the A/B scenarios: the header a user of plain Istio would match by hand.
+const BETA: &str = r#"turnout.dev/match=[{"headers":[{"name":"x-user-group","value":"beta"}]}]"#;
+
+/// An A/B test under load from beta users (the header) and everyone else: during the test each
+/// group reaches only its version (checked by the version in every answer), then all traffic moves
+/// at once. `failing`: the candidate answers 5xx half the time; it is rolled back and no request of
+/// the others fails or reaches it.
+async fn a_b_test(env: &Env, ns: &str, provider: &'static str, failing: bool) -> (Stats, Stats) {
+    let mut annotations = vec![
+        "turnout.dev/strategy=ab",
+        BETA,
+        "turnout.dev/iterations=3",
+        "turnout.dev/interval=3s",
+    ];
+    if provider == "gateway-api" {
+        annotations.push(GATEWAY_API);
+    }
+    let others = env.prepare(ns, true, &annotations).await;
+    let beta = Load::start_with(env.mesh(), format!("podinfo.{ns}"), Some(("x-user-group", "beta")));
+    if failing {
+        env.ok(&["set", "env", "-n", ns, "deployment/podinfo", "KUBESIM_ERROR_RATE=0.5"])
+            .await;
+        env.wait_phase(ns, "Failed", Duration::from_secs(60)).await;
+        let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
+        assert!(message.contains("success rate"), "{ns}: {message}");
+        assert_at_rest(env, ns, "1").await;
+        let (others, beta) = (others.finish().await, beta.finish().await);
+        assert_eq!(others.failed, 0, "{ns}: no request of the others fails: {others:?}");
+        assert_eq!(
+            others.versions.keys().collect::<Vec<_>>(),
+            ["v1"],
+            "{ns}: the others never reach the candidate: {others:?}"
+        );
+        assert!(
+            beta.failed > 0,
+            "{ns}: the beta users met the failing candidate: {beta:?}"
+        );
+        let events = env.events(ns).await.join("\n");
+        assert!(events.contains("A/B test of"), "{ns}: {events}");
+        return (others, beta);
+    }
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    // A window inside the test: from its first passed analysis to its second (the switch to all
+    // traffic comes an interval after the last).
+    let (others_ref, beta_ref) = (&others, &beta);
+    let iteration = |n: u32| async move {
+        eventually(Duration::from_secs(60), &format!("{ns}: A/B iteration {n}"), || async {
+            let at = env.annotation(ns, "turnout.dev/iteration").await?.parse::<u32>().ok()?;
+            (at >= n).then_some(())
+        })
+        .await;
+        (others_ref.stats(), beta_ref.stats())
+    };
+    let (others_before, beta_before) = iteration(1).await;
+    let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
+    assert!(
+        message.starts_with("A/B iteration") && message.ends_with("for x-user-group=beta"),
+        "{ns}: {message}"
+    );
+    // The route a user of plain Istio would write by hand: the header match first, then the rest.
+    if provider == "istio" {
+        let vs = env.get(ns, "virtualservice/podinfo").await;
+        assert_eq!(
+            vs["spec"]["http"][0]["match"][0]["headers"]["x-user-group"]["exact"], "beta",
+            "{vs}"
+        );
+        assert_eq!(vs["spec"]["http"][0]["route"][0]["destination"]["subset"], "v2-canary");
+        assert_eq!(vs["spec"]["http"][1]["route"][0]["destination"]["subset"], "v1");
+    } else {
+        let route = env.get(ns, "httproute/podinfo").await;
+        assert_eq!(
+            route["spec"]["rules"][0]["matches"][0]["headers"][0]["value"], "beta",
+            "{route}"
+        );
+        assert_eq!(route["spec"]["rules"][0]["backendRefs"][0]["name"], "podinfo-v2-canary");
+    }
+    let (others_after, beta_after) = iteration(2).await;
+    let during = |before: &Stats, after: &Stats| -> BTreeMap<String, u64> {
+        after
+            .versions
+            .iter()
+            .map(|(v, n)| (v.clone(), n - before.versions.get(v).copied().unwrap_or(0)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    };
+    let (o, b) = (during(&others_before, &others_after), during(&beta_before, &beta_after));
+    assert_eq!(
+        o.keys().collect::<Vec<_>>(),
+        ["v1"],
+        "{ns}: the others on the stable version: {o:?}"
+    );
+    assert_eq!(
+        b.keys().collect::<Vec<_>>(),
+        ["v2"],
+        "{ns}: beta users on the candidate: {b:?}"
+    );
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
+    assert_at_rest(env, ns, "2").await;
+    let (others, beta) = (others.finish().await, beta.finish().await);
+    for s in [&others, &beta] {
+        assert_eq!(s.failed, 0, "{ns}: {s:?}");
+    }
+    assert!(
+        others.versions.get("v2").is_some_and(|n| *n > 0),
+        "{ns}: then everyone on v2"
+    );
+    let events = env.events(ns).await.join("\n");
+    for expected in [
+        "A/B test of",
+        "A/B iteration 1/3 for x-user-group=beta",
+        "A/B test passed 3",
+    ] {
+        assert!(events.contains(expected), "{ns}: {expected:?} in {events}");
+    }
+    (others, beta)
+}
+
+/// A/B tests on Istio and on Gateway API, a healthy and a failing one on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_b_tests_send_only_the_matching_requests_to_the_candidate() {
+    let env = Env::start(true).await;
+    let (i, g) = tokio::join!(
+        a_b_test(&env, "ab-i", "istio", false),
+        a_b_test(&env, "ab-g", "gateway-api", true)
+    );
+    let (gi, ig) = tokio::join!(
+        a_b_test(&env, "ab-h", "gateway-api", false),
+        a_b_test(&env, "ab-j", "istio", true)
+    );
+    for (name, (others, beta)) in [
+        ("ab-i (istio)", i),
+        ("ab-g (gateway-api, failing)", g),
+        ("ab-h (gateway-api)", gi),
+        ("ab-j (istio, failing)", ig),
+    ] {
+        eprintln!("{name}: others {others:?}; beta {beta:?}");
+    }
 }
 
 /// The release page in a real browser (Debian's chromium driven by Playwright): it shows a release in

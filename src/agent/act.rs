@@ -151,6 +151,8 @@ async fn status(client: &Client, d: &Deployment, p: &StatusPatch) -> kube::Resul
     ann.insert(annotations::RELEASE.into(), json!(p.release.to_string()));
     ann.insert(annotations::WEIGHT.into(), json!(p.weight.to_string()));
     ann.insert(annotations::FAILED_CHECKS.into(), json!(p.failed_checks.to_string()));
+    let iteration = (p.iteration > 0).then(|| p.iteration.to_string());
+    ann.insert(annotations::ITERATION.into(), json!(iteration));
     ann.insert(annotations::MESSAGE.into(), json!(p.message));
     ann.insert(annotations::ROUTING.into(), json!(p.provider.as_str()));
     let paused = p.paused.then_some(values::TRUE);

@@ -144,6 +144,9 @@ impl Args {
             hostnames: Vec::new(),
             notify: None,
             notify_severity: notify::Severity::Info,
+            strategy: release::Strategy::Canary,
+            matches: Vec::new(),
+            iterations: 10,
         }
     }
 }
@@ -171,6 +174,7 @@ struct ReleaseLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
+    strategy: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -253,7 +257,11 @@ impl AgentMetrics {
             "Traffic weight of each release's candidate, in percent",
             m.weight.clone(),
         );
-        registry.register("turnout_releases", "Releases ended, by result", m.releases.clone());
+        registry.register(
+            "turnout_releases",
+            "Releases ended, by result (succeeded, failed, rolled_back) and strategy (canary, ab)",
+            m.releases.clone(),
+        );
         registry.register(
             "turnout_analysis_checks",
             "Analysis checks run, by check and result",
@@ -476,7 +484,7 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
                 }
                 let mut view = snap.deployment.clone();
                 if let Action::Status(p) = action {
-                    observe_status(ctx, &ns_name, &name, p);
+                    observe_status(ctx, &ns_name, &name, p, config.strategy);
                     let before = (view.status.phase, view.status.release);
                     view.status.phase = Some(p.phase);
                     view.status.release = Some(p.release);
@@ -661,7 +669,7 @@ fn notify(ctx: &Context, config: &ReleaseConfig, kind: HookKind, d: &Deployment,
     });
 }
 
-fn observe_status(ctx: &Context, ns: &str, name: &str, p: &release::StatusPatch) {
+fn observe_status(ctx: &Context, ns: &str, name: &str, p: &release::StatusPatch, strategy: release::Strategy) {
     let labels = ReleaseLabels {
         namespace: ns.to_owned(),
         deployment: name.to_owned(),
@@ -682,7 +690,13 @@ fn observe_status(ctx: &Context, ns: &str, name: &str, p: &release::StatusPatch)
             Phase::Failed => "failed",
             _ => "rolled_back",
         };
-        ctx.metrics.releases.get_or_create(&ResultLabels { result }).inc();
+        ctx.metrics
+            .releases
+            .get_or_create(&ResultLabels {
+                result,
+                strategy: strategy.as_str(),
+            })
+            .inc();
         if let Some(at) = started.remove(&key) {
             ctx.metrics.duration.observe(at.elapsed().as_secs_f64());
         }

@@ -240,6 +240,10 @@ pub fn deployment_view(d: &Deployment) -> DeploymentView {
                 .get(annotations::FAILED_CHECKS)
                 .and_then(|w| w.parse().ok())
                 .unwrap_or(0),
+            iteration: ann
+                .get(annotations::ITERATION)
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(0),
             paused: ann.get(annotations::RELEASE_PAUSED).is_some_and(|v| v == values::TRUE),
         },
         rollout_complete,
@@ -392,7 +396,7 @@ mod tests {
     fn the_deployment_view_reads_stamps_status_and_rollout() {
         let d = deployment(
             json!({ "turnout.dev/stable-revision": "1", "turnout.dev/phase": "Progressing", "turnout.dev/release": "3",
-                    "turnout.dev/weight": "25", "turnout.dev/failed-checks": "1",
+                    "turnout.dev/weight": "25", "turnout.dev/failed-checks": "1", "turnout.dev/iteration": "4",
                     "turnout.dev/release-paused": "true", "turnout.dev/request": "promote@3" }),
             json!({ "observedGeneration": 4, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2 }),
         );
@@ -408,6 +412,7 @@ mod tests {
                 release: Some(3),
                 weight: 25,
                 failed_checks: 1,
+                iteration: 4,
                 paused: true,
             }
         );

@@ -250,10 +250,30 @@ impl Page {
             .list(&ListParams::default().fields(&format!("source={}", super::act::MANAGER)))
             .await?
             .items;
+        let namespaces = self.namespaces().await?;
+        let strategy = |d: &Deployment| {
+            let ns = d.namespace().unwrap_or_default();
+            let ns_annotations = namespaces
+                .iter()
+                .find(|n| n.name_any() == ns)
+                .map(|n| n.annotations().clone())
+                .unwrap_or_default();
+            crate::config::resolve(&self.ctx.defaults, &ns_annotations, d.annotations())
+                .0
+                .strategy
+                .as_str()
+        };
         let data = Data {
             generated_at: super::routing::rfc3339(super::now_millis()),
             leading,
-            releases: rows(&deployments, &virtual_services, &http_routes, &events, &self.ctx.board),
+            releases: rows(
+                &deployments,
+                &virtual_services,
+                &http_routes,
+                &events,
+                &self.ctx.board,
+                strategy,
+            ),
         };
         let json = Bytes::from(serde_json::to_vec(&data).unwrap_or_default());
         *self.cached.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), json.clone()));
@@ -281,6 +301,18 @@ impl Page {
             .into_iter()
             .filter(|d| d.annotations().contains_key(annotations::PHASE))
             .collect())
+    }
+
+    /// The namespaces (for their release settings), from the leader's cache, else listed.
+    async fn namespaces(&self) -> Result<Vec<Namespace>, kube::Error> {
+        let caches = self.ctx.caches.read().unwrap_or_else(PoisonError::into_inner).clone();
+        match caches {
+            Some(c) => Ok(c.namespaces.state().iter().map(|n| (**n).clone()).collect()),
+            None => Ok(Api::<Namespace>::all(self.ctx.client.clone())
+                .list(&ListParams::default())
+                .await?
+                .items),
+        }
     }
 
     /// The routes turnout may own, from the caches or listed; none of a kind whose CRD is missing.
@@ -419,6 +451,7 @@ pub fn rows(
     http_routes: &[HttpRoute],
     events: &[Event],
     board: &Board,
+    strategy: impl Fn(&Deployment) -> &'static str,
 ) -> Vec<Row> {
     let mut by_deployment: HashMap<(&str, &str), Vec<&Event>> = HashMap::new();
     for e in events {
@@ -477,7 +510,7 @@ pub fn rows(
             .collect();
         let row = Row {
             in_flight: live,
-            strategy: "canary",
+            strategy: strategy(d),
             started,
             ended: (!live).then(|| last.map(|t| t.to_string())).flatten(),
             checks: entry.as_ref().map(|e| e.checks.clone()).unwrap_or_default(),
@@ -625,11 +658,21 @@ mod tests {
         board.checked("shop", "web", 2, std::slice::from_ref(&check), SystemTime::UNIX_EPOCH);
         // Checks of another release of the same Deployment are not shown.
         board.checked("shop", "api", 7, &[check], SystemTime::UNIX_EPOCH);
-        let rows = rows(&[older, progressing, newer, forgotten], &[], &[], &events, &board);
+        let rows = rows(
+            &[older, progressing, newer, forgotten],
+            &[],
+            &[],
+            &events,
+            &board,
+            |d| {
+                if d.name_any() == "web" { "ab" } else { "canary" }
+            },
+        );
         let names: Vec<&str> = rows.iter().map(|r| r.release.name.as_str()).collect();
         assert_eq!(names, ["web", "api", "cart"]);
         let web = &rows[0];
         assert!(web.in_flight);
+        assert_eq!((web.strategy, rows[1].strategy), ("ab", "canary"));
         assert_eq!(web.started.as_deref(), Some("2026-12-07T10:00:00Z"));
         assert_eq!(web.ended, None);
         assert_eq!(web.release.weights.get("v1"), Some(&75));

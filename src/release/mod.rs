@@ -107,6 +107,27 @@ impl std::fmt::Display for Phase {
     }
 }
 
+/// How a release moves traffic to the candidate (`turnout.dev/strategy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// Weighted steps (the requests that match, if any, on the candidate from the first step).
+    #[default]
+    Canary,
+    /// The requests that match on the candidate, every other one on the stable version, for a number
+    /// of analyses; then all traffic at once.
+    AB,
+}
+
+impl Strategy {
+    /// The value of `turnout.dev/strategy`, and the metrics' label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Canary => "canary",
+            Strategy::AB => "ab",
+        }
+    }
+}
+
 /// Everything the machine looks at.
 #[derive(Clone, Debug)]
 pub struct Observed<'a> {
@@ -225,6 +246,8 @@ pub struct StatusView {
     pub release: Option<u64>,
     pub weight: u8,
     pub failed_checks: u32,
+    /// Analyses passed in an A/B test.
+    pub iteration: u32,
     /// Paused on request (`turnout pause`): the weight stays where it is until resumed.
     pub paused: bool,
 }
@@ -320,6 +343,8 @@ pub struct StatusPatch {
     pub release: u64,
     pub weight: u8,
     pub failed_checks: u32,
+    /// Analyses passed in an A/B test.
+    pub iteration: u32,
     pub message: String,
     /// Set `spec.paused: false` (hand-off).
     pub unpause: bool,

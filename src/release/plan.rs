@@ -10,9 +10,10 @@
 //! - [`to_rest`] removes backends only once no route names them and that change has propagated and
 //!   drained (I2), and routes to the host only when no candidate pod is left for it to select (I3).
 
+use super::routing::{Matched, Split, describe_matches};
 use super::{
     Action, Backend, CandidateView, DeploymentView, Event, HostRouting, Intent, Managed, Millis, Observed, Phase, Plan,
-    Request, Rollout, Route, RoutingAction, Stage, StatusPatch, Verb, Weighted, candidate_replicas,
+    Request, Rollout, Route, RoutingAction, Stage, StatusPatch, Strategy, Verb, Weighted, candidate_replicas,
 };
 use crate::config::HookKind;
 use crate::names::{backends, candidate_name};
@@ -262,12 +263,42 @@ fn promote_requested(o: &Observed<'_>, t: u64) -> bool {
         })
 }
 
-/// The first step: all of it when a promotion was requested.
+/// The first step: all of it when a promotion was requested; none of the weight in an A/B test (only
+/// the requests that match).
 fn first_step(o: &Observed<'_>, t: u64) -> u8 {
     if promote_requested(o, t) {
         return 100;
     }
+    if o.config.strategy == Strategy::AB {
+        return 0;
+    }
     o.config.steps.first().copied().unwrap_or(100)
+}
+
+/// An A/B test's stage is routed: the requests that match go to `canary` on every managed host.
+fn ab_routed(o: &Observed<'_>, canary: &str) -> bool {
+    o.config.strategy == Strategy::AB
+        && o.hosts.iter().any(|h| matches!(h.route, Managed::Ours(_)))
+        && o.hosts.iter().all(|h| match &h.route {
+            Managed::Ours(r) => r.value.matched_backend() == Some(canary),
+            _ => true,
+        })
+}
+
+/// The status of release `t` in its A/B test, after `iteration` passed analyses.
+fn at_iteration(o: &Observed<'_>, t: u64, iteration: u32, event: Option<Event>) -> Plan {
+    let message = format!(
+        "A/B iteration {iteration}/{} for {}",
+        o.config.iterations,
+        describe_matches(&o.config.matches)
+    );
+    Plan {
+        action: Action::Status(StatusPatch {
+            iteration,
+            ..patch(o, t, Phase::Progressing, 0, o.deployment.status.failed_checks, message)
+        }),
+        event,
+    }
 }
 
 /// The `pre-rollout` gate before the first step: the hook must pass; a failure counts as a failed
@@ -427,6 +458,9 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
             // The first step is routed; the status follows.
             return at_weight(o, t, weight);
         }
+        if ab_routed(o, &canary.name) {
+            return at_iteration(o, t, 0, None);
+        }
     }
     if let Some(plan) = ensure_route(o, &[(stable.clone(), 100)]) {
         return plan;
@@ -506,7 +540,8 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
         );
     };
     let weight = current_weight(o, &canary.name);
-    if weight == 0 {
+    let ab = weight == 0 && ab_routed(o, &canary.name);
+    if weight == 0 && !ab {
         if held(o, t) {
             return wait(None, "paused on request before the first step");
         }
@@ -538,7 +573,9 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     if held(o, t) {
         return wait(None, &format!("paused on request at canary weight {weight}"));
     }
-    let due = last_propagation(o) + ms(o.config.interval) * u64::from(d.status.failed_checks + 1);
+    // One analysis an interval: in an A/B test the route stays, so every analysis so far counts.
+    let analyses = d.status.failed_checks + 1 + if ab { d.status.iteration } else { 0 };
+    let due = last_propagation(o) + ms(o.config.interval) * u64::from(analyses);
     if o.now < due {
         return wait(Some(due), &format!("analysing canary weight {weight}"));
     }
@@ -546,7 +583,9 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     let Some(verdict) = &o.verdict else {
         // The gate before 100 %: at the analysis whose pass leads there, or at 100 % when the first
         // step went straight there.
-        let leads_to_all = if weight < 100 {
+        let leads_to_all = if ab {
+            d.status.iteration + 1 >= o.config.iterations
+        } else if weight < 100 {
             next >= 100
         } else {
             first_step(o, t) >= 100
@@ -560,6 +599,47 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
             event: None,
         };
     };
+    if verdict.passed && ab {
+        let passed = d.status.iteration + 1;
+        let about = format!(
+            "{}/{}: A/B iteration {passed}/{} for {}: {}",
+            d.namespace,
+            d.name,
+            o.config.iterations,
+            describe_matches(&o.config.matches),
+            verdict.message
+        );
+        if passed < o.config.iterations {
+            return at_iteration(o, t, passed, Some(info("Iteration", about)));
+        }
+        // The test passed: all traffic to the candidate in one step (the promotion routes it).
+        return Plan {
+            action: Action::Status(StatusPatch {
+                iteration: passed,
+                ..patch(
+                    o,
+                    t,
+                    Phase::Promoting,
+                    100,
+                    d.status.failed_checks,
+                    format!(
+                        "A/B test passed {passed} iterations; all traffic to the candidate, then handing off to {}",
+                        d.name
+                    ),
+                )
+            }),
+            event: Some(info(
+                "Promoting",
+                format!(
+                    "{}/{}: A/B test passed {passed} iterations for {}: switching all traffic to v{t} ({})",
+                    d.namespace,
+                    d.name,
+                    describe_matches(&o.config.matches),
+                    verdict.message
+                ),
+            )),
+        };
+    }
     if verdict.passed {
         if weight >= 100 {
             return status(
@@ -866,12 +946,8 @@ fn remove_strays(o: &Observed<'_>, keep: Option<u64>, failed: Option<u64>) -> Op
     if strays.is_empty() {
         return None;
     }
-    let exposed = |route: &Route| {
-        *route == Route::Host
-            || strays
-                .iter()
-                .any(|c| route.weight_of(&backends::canary(c.revision)) > 0)
-    };
+    let exposed =
+        |route: &Route| *route == Route::Host || strays.iter().any(|c| route.sends_to(&backends::canary(c.revision)));
     let any_exposed = o.hosts.iter().any(|h| match &h.route {
         Managed::Absent => true,
         Managed::Ours(vs) => exposed(&vs.value),
@@ -936,7 +1012,7 @@ fn to_rest(o: &Observed<'_>) -> Option<Plan> {
         let used: Vec<Backend> = defs
             .value
             .iter()
-            .filter(|b| route.value.weight_of(&b.name) > 0)
+            .filter(|b| route.value.sends_to(&b.name))
             .cloned()
             .collect();
         // Write the backends once after the last candidate is gone (pruning what no route uses): the
@@ -1002,20 +1078,35 @@ fn to_rest(o: &Observed<'_>) -> Option<Plan> {
     None
 }
 
-/// Moves the canary to `weight` (the rest on `stable`), with an Event.
+/// Routes `weight` to the canary and the rest to the stable side; below 100, the requests that match
+/// the release's matches (if any) to the canary whatever the weight.
 fn advance(o: &Observed<'_>, stable: &Backend, canary: &Backend, weight: u8) -> Option<Plan> {
     let weight = weight.min(100);
     let mut want = vec![(canary.clone(), weight)];
     if weight < 100 {
         want.insert(0, (stable.clone(), 100 - weight));
     }
-    let mut plan = ensure_route(o, &want)?;
+    let matched = (weight < 100 && !o.config.matches.is_empty()).then_some(canary);
+    let mut plan = ensure_split(o, &want, matched)?;
     if moves_traffic(&plan.action) {
         let d = &o.deployment;
-        plan.event = Some(info(
-            "Advance",
-            format!("Advance {}/{} canary weight {weight}", d.namespace, d.name),
-        ));
+        let message = match (o.config.strategy, matched) {
+            (Strategy::AB, Some(_)) if weight == 0 => format!(
+                "A/B test of {}/{}: requests matching {} to {}, every other one to the stable version",
+                d.namespace,
+                d.name,
+                describe_matches(&o.config.matches),
+                canary.name
+            ),
+            (_, Some(_)) => format!(
+                "Advance {}/{} canary weight {weight}, and requests matching {}",
+                d.namespace,
+                d.name,
+                describe_matches(&o.config.matches)
+            ),
+            (_, None) => format!("Advance {}/{} canary weight {weight}", d.namespace, d.name),
+        };
+        plan.event = Some(info("Advance", message));
     }
     Some(plan)
 }
@@ -1035,19 +1126,33 @@ fn ensure_route_unless_at_rest(o: &Observed<'_>, want: &[(Backend, u8)]) -> Opti
 
 /// Makes every managed host route `want` (I1: backends first, propagated; one change at a time).
 fn ensure_route(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
+    ensure_split(o, want, None)
+}
+
+/// Makes every managed host route `want`, and the requests that match the release's matches to
+/// `matched` (I1 for it too).
+fn ensure_split(o: &Observed<'_>, want: &[(Backend, u8)], matched: Option<&Backend>) -> Option<Plan> {
     debug_assert_eq!(want.iter().map(|(_, w)| u32::from(*w)).sum::<u32>(), 100);
     if !weighted(o) {
         return scale_to(o, want);
     }
-    let route = Route::Split(
-        want.iter()
+    let route = Route::Split(Split {
+        weights: want
+            .iter()
             .filter(|(_, w)| *w > 0)
             .map(|(s, w)| Weighted {
                 backend: s.name.clone(),
                 weight: *w,
             })
             .collect(),
-    );
+        matched: matched.map(|b| Matched {
+            matches: o.config.matches.clone(),
+            backend: b.name.clone(),
+        }),
+    });
+    // The matched backend must be defined as the weighted ones are.
+    let want: Vec<(Backend, u8)> = want.iter().cloned().chain(matched.map(|b| (b.clone(), 1))).collect();
+    let want = want.as_slice();
     let prop = ms(o.config.propagation_delay);
     for (host, h) in o.hosts.iter().enumerate() {
         let (current, routed) = match &h.route {
@@ -1100,6 +1205,15 @@ fn unroutable(o: &Observed<'_>) -> Option<String> {
         && !o.hosts.is_empty()
     {
         return Some(why.clone());
+    }
+    if !o.config.matches.is_empty() && !o.provider.caps().matches && !o.hosts.is_empty() {
+        return Some(format!(
+            "the {} provider cannot send requests by header or query parameter ({} {}): use istio or \
+             gateway-api, or remove turnout.dev/match",
+            o.provider,
+            o.config.strategy.as_str(),
+            describe_matches(&o.config.matches)
+        ));
     }
     o.hosts.iter().find_map(|h: &HostRouting| {
         let ((Managed::Foreign { kind, name }, _) | (_, Managed::Foreign { kind, name })) = (&h.route, &h.backends)
@@ -1385,6 +1499,12 @@ fn patch(o: &Observed<'_>, t: u64, phase: Phase, weight: u8, failed_checks: u32,
         release: t,
         weight,
         failed_checks,
+        // An A/B test's passed analyses count until the release starts (again: a retry).
+        iteration: if d.status.release == Some(t) && phase != Phase::Pending {
+            d.status.iteration
+        } else {
+            0
+        },
         message,
         unpause: false,
         intent: Intent::Keep,

@@ -52,8 +52,14 @@ impl ProviderKind {
     /// What the provider can do.
     pub fn caps(self) -> Caps {
         match self {
-            ProviderKind::Istio | ProviderKind::GatewayApi => Caps { weights: true },
-            ProviderKind::None => Caps { weights: false },
+            ProviderKind::Istio | ProviderKind::GatewayApi => Caps {
+                weights: true,
+                matches: true,
+            },
+            ProviderKind::None => Caps {
+                weights: false,
+                matches: false,
+            },
         }
     }
 
@@ -78,6 +84,8 @@ impl std::fmt::Display for ProviderKind {
 pub struct Caps {
     /// Weighted splits between backends (else the share is set by replica counts).
     pub weights: bool,
+    /// Requests sent to one backend by their headers and query parameters.
+    pub matches: bool,
 }
 
 /// Without a mesh: the candidate's replicas for canary `weight` next to `stable` replicas, so that its
@@ -111,27 +119,165 @@ pub struct Backend {
 pub enum Route {
     /// To the plain Service, every ready pod it selects (the state at rest).
     Host,
-    /// To backends with weights summing to 100.
-    Split(Vec<Weighted>),
+    /// To backends: the requests that match to one of them, the rest by weights summing to 100.
+    Split(Split),
 }
 
 impl Route {
-    /// Weight the route gives to `backend`.
+    /// A split by weights alone.
+    pub fn weights(weights: Vec<Weighted>) -> Route {
+        Route::Split(Split { weights, matched: None })
+    }
+
+    /// Weight the route gives to `backend` (requests that match a condition aside).
     pub fn weight_of(&self, backend: &str) -> u8 {
         match self {
             Route::Host => 0,
-            Route::Split(parts) => parts.iter().filter(|p| p.backend == backend).map(|p| p.weight).sum(),
+            Route::Split(split) => split
+                .weights
+                .iter()
+                .filter(|p| p.backend == backend)
+                .map(|p| p.weight)
+                .sum(),
         }
     }
 
-    /// Backends the route names.
+    /// Backends the route names, by weight or for the requests that match.
     pub fn backends(&self) -> impl Iterator<Item = &str> {
-        let parts: &[Weighted] = match self {
-            Route::Host => &[],
-            Route::Split(parts) => parts,
+        let (parts, matched): (&[Weighted], _) = match self {
+            Route::Host => (&[], None),
+            Route::Split(split) => (&split.weights, split.matched.as_ref()),
         };
-        parts.iter().map(|p| p.backend.as_str())
+        parts
+            .iter()
+            .map(|p| p.backend.as_str())
+            .chain(matched.map(|m| m.backend.as_str()))
     }
+
+    /// Whether the route sends requests to `backend`: by weight, or those that match.
+    pub fn sends_to(&self, backend: &str) -> bool {
+        self.weight_of(backend) > 0 || self.matched_backend() == Some(backend)
+    }
+
+    /// The backend the requests matching a condition go to, if the route has one.
+    pub fn matched_backend(&self) -> Option<&str> {
+        match self {
+            Route::Split(Split { matched: Some(m), .. }) => Some(&m.backend),
+            _ => None,
+        }
+    }
+}
+
+/// A split route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Split {
+    /// Where the requests go that do not match (all of them without `matched`).
+    pub weights: Vec<Weighted>,
+    /// Requests matching a condition go to one backend whatever the weights (an A/B test, a canary's
+    /// early users).
+    pub matched: Option<Matched>,
+}
+
+/// Requests that match go to `backend`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Matched {
+    /// Any one of them (each a set of conditions that must all hold).
+    pub matches: Vec<RequestMatch>,
+    pub backend: String,
+}
+
+/// Conditions on a request that must all hold, in the shape of the Gateway API's `HTTPRouteMatch`
+/// (headers and query parameters; a cookie is a header match on `cookie`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestMatch {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<ValueMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<ValueMatch>,
+}
+
+/// One header or query parameter and the value it must have.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    pub name: String,
+    pub value: String,
+    #[serde(default, rename = "type")]
+    pub kind: MatchKind,
+}
+
+/// How a value is compared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub enum MatchKind {
+    /// The whole value, exactly.
+    #[default]
+    Exact,
+    /// A regular expression that must match the whole value (RE2 syntax, as Envoy reads it).
+    RegularExpression,
+}
+
+/// Parses `turnout.dev/match`: a JSON list of matches in the Gateway API `HTTPRouteMatch` shape, e.g.
+/// `[{"headers":[{"name":"x-user-group","value":"beta"}]}]`.
+///
+/// # Errors
+///
+/// Not such a list, an empty list or match, an empty name, or a regular expression that does not
+/// compile.
+pub fn parse_matches(value: &str) -> Result<Vec<RequestMatch>, String> {
+    let mut matches: Vec<RequestMatch> = serde_json::from_str(value).map_err(|e| {
+        format!(
+            r#"not a JSON list of matches like [{{"headers":[{{"name":"x-user-group","value":"beta"}}]}}] (only headers and queryParams, type Exact or RegularExpression): {e}"#
+        )
+    })?;
+    if matches.is_empty() {
+        return Err("the list of matches is empty".into());
+    }
+    for m in &mut matches {
+        if m.headers.is_empty() && m.query_params.is_empty() {
+            return Err("a match without headers or queryParams would match every request".into());
+        }
+        // Header names are case-insensitive (Istio takes them in lower case); one order for all, so a
+        // route reads back as it was written.
+        for h in &mut m.headers {
+            h.name = h.name.trim().to_ascii_lowercase();
+        }
+        m.headers.sort_by(|a, b| a.name.cmp(&b.name));
+        m.query_params.sort_by(|a, b| a.name.cmp(&b.name));
+        for list in [&m.headers, &m.query_params] {
+            if let Some(twice) = list.windows(2).find(|w| w[0].name == w[1].name) {
+                return Err(format!("{} is named twice in one match", twice[0].name));
+            }
+        }
+        for v in m.headers.iter().chain(&m.query_params) {
+            if v.name.trim().is_empty() {
+                return Err("a header or query parameter without a name".into());
+            }
+            if v.kind == MatchKind::RegularExpression {
+                regex::Regex::new(&v.value).map_err(|e| format!("{:?} is not a regular expression: {e}", v.value))?;
+            }
+        }
+    }
+    Ok(matches)
+}
+
+/// The matches as people read them: `x-user-group=beta`, `cookie~^.*beta.*$`, `?tier=gold`; `or`
+/// between matches, `,` between the conditions of one.
+pub fn describe_matches(matches: &[RequestMatch]) -> String {
+    let one = |m: &RequestMatch| {
+        let op = |v: &ValueMatch| if v.kind == MatchKind::Exact { "=" } else { "~" };
+        m.headers
+            .iter()
+            .map(|v| format!("{}{}{}", v.name, op(v), v.value))
+            .chain(
+                m.query_params
+                    .iter()
+                    .map(|v| format!("?{}{}{}", v.name, op(v), v.value)),
+            )
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    matches.iter().map(one).collect::<Vec<_>>().join(" or ")
 }
 
 /// One destination of a split route.
@@ -223,6 +369,58 @@ pub enum RoutingAction {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matches_parse_in_the_gateway_api_shape_and_bad_ones_say_why() {
+        let m = parse_matches(
+            r#"[{"headers":[{"name":"x-user-group","value":"beta"},{"name":"cookie","value":"^.*canary=1.*$","type":"RegularExpression"}]},
+                {"queryParams":[{"name":"tier","value":"gold"}]}]"#,
+        )
+        .unwrap();
+        assert_eq!(m.len(), 2);
+        // Sorted by name, so that a route reads back as written.
+        assert_eq!(m[0].headers[0].kind, MatchKind::RegularExpression);
+        assert_eq!(m[0].headers[1].kind, MatchKind::Exact);
+        assert_eq!(
+            describe_matches(&m),
+            "cookie~^.*canary=1.*$,x-user-group=beta or ?tier=gold"
+        );
+        for (bad, why) in [
+            ("[]", "empty"),
+            ("[{}]", "every request"),
+            (r#"[{"path":{"value":"/"}}]"#, "only headers and queryParams"),
+            (r#"[{"headers":[{"name":"","value":"x"}]}]"#, "without a name"),
+            (
+                r#"[{"headers":[{"name":"a","value":"(","type":"RegularExpression"}]}]"#,
+                "not a regular expression",
+            ),
+            (
+                r#"[{"headers":[{"name":"a","value":"b","type":"Prefix"}]}]"#,
+                "Exact or RegularExpression",
+            ),
+            ("x-user-group: beta", "not a JSON list"),
+        ] {
+            let e = parse_matches(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_route_names_its_matched_backend_too() {
+        let route = Route::Split(Split {
+            weights: vec![Weighted {
+                backend: "v1".into(),
+                weight: 100,
+            }],
+            matched: Some(Matched {
+                matches: vec![RequestMatch::default()],
+                backend: "v2-canary".into(),
+            }),
+        });
+        assert_eq!(route.backends().collect::<Vec<_>>(), ["v1", "v2-canary"]);
+        assert_eq!(route.weight_of("v2-canary"), 0);
+        assert_eq!(route.matched_backend(), Some("v2-canary"));
+    }
 
     #[test]
     fn a_provider_name_parses_back() {

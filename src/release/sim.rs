@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use proptest::prelude::*;
+use proptest::prelude::{Just, ProptestConfig, TestCaseError, any, prop, prop_oneof, proptest};
+use proptest::strategy::Strategy as Gen;
 
 use super::*;
 use crate::config::{HookKind, ReleaseConfig};
@@ -77,7 +78,18 @@ struct Scenario {
     route_status: bool,
     /// `pre-rollout` and `confirm-promotion` hooks are configured (they pass or fail like checks).
     gates: bool,
+    /// Canary or A/B test (which always has matches).
+    strategy: Strategy,
+    /// The release has matches (`turnout.dev/match`): their requests go to the candidate.
+    matched: bool,
+    /// Analyses of an A/B test.
+    iterations: u32,
     events: Vec<(Millis, UserAction)>,
+}
+
+/// The matches of a scenario that has some.
+fn beta() -> Vec<routing::RequestMatch> {
+    routing::parse_matches(r#"[{"headers":[{"name":"x-user-group","value":"beta"}]}]"#).unwrap()
 }
 
 /// A routing write as one proxy sees it: from `at` on.
@@ -110,12 +122,16 @@ impl Proxy {
     fn selects(&self, at: Millis, hash: &str) -> bool {
         match self.route(at) {
             Route::Host => true,
-            Route::Split(parts) => {
+            Route::Split(split) => {
                 let rules = self.rules(at);
-                parts
+                // A backend with weight, or the one the requests that match go to.
+                split
+                    .weights
                     .iter()
                     .filter(|p| p.weight > 0)
-                    .any(|p| rules.iter().any(|s| s.name == p.backend && s.hash == hash))
+                    .map(|p| p.backend.as_str())
+                    .chain(split.matched.as_ref().map(|m| m.backend.as_str()))
+                    .any(|b| rules.iter().any(|s| s.name == b && s.hash == hash))
             }
         }
     }
@@ -192,6 +208,13 @@ impl World {
             } else {
                 BTreeMap::new()
             },
+            strategy: sc.strategy,
+            matches: if sc.matched || sc.strategy == Strategy::AB {
+                beta()
+            } else {
+                Vec::new()
+            },
+            iterations: sc.iterations,
             ..ReleaseConfig::default()
         };
         let mut rs = ReplicaSets::default();
@@ -480,11 +503,14 @@ impl World {
         match action {
             Action::Routing(RoutingAction::PutBackends { host, backends }) => {
                 assert_eq!(host, 0);
-                if let Some(vs) = &self.vs
-                    && let Route::Split(parts) = &vs.value
-                    && let Some(p) = parts.iter().find(|p| !backends.iter().any(|s| s.name == p.backend))
-                {
-                    self.fail(format!("I2: backend {} removed while the route names it", p.backend));
+                let named = self.vs.as_ref().and_then(|vs| {
+                    vs.value
+                        .backends()
+                        .find(|p| !backends.iter().any(|s| s.name == *p))
+                        .map(str::to_owned)
+                });
+                if let Some(p) = named {
+                    self.fail(format!("I2: backend {p} removed while the route names it"));
                 }
                 let removed: Vec<String> = self.dr.as_ref().map_or(Vec::new(), |dr| {
                     dr.value
@@ -523,8 +549,8 @@ impl World {
             }
             Action::Routing(RoutingAction::PutRoute { host, route }) => {
                 assert_eq!(host, 0);
-                if let Route::Split(parts) = &route {
-                    let sum: u32 = parts.iter().map(|p| u32::from(p.weight)).sum();
+                if let Route::Split(split) = &route {
+                    let sum: u32 = split.weights.iter().map(|p| u32::from(p.weight)).sum();
                     if sum != 100 {
                         self.fail(format!("I4: weights sum to {sum}: {route:?}"));
                     }
@@ -707,6 +733,7 @@ impl World {
                     release: Some(patch.release),
                     weight: patch.weight,
                     failed_checks: patch.failed_checks,
+                    iteration: patch.iteration,
                     paused: patch.paused,
                 };
                 self.deployment_controller();
@@ -770,14 +797,10 @@ impl World {
         let now = self.now;
         let mut broken = None;
         for (i, p) in self.proxies.iter().enumerate() {
-            if let Route::Split(parts) = p.route(now) {
-                let rules = p.rules(now);
-                if let Some(part) = parts.iter().find(|part| !rules.iter().any(|s| s.name == part.backend)) {
-                    broken = Some(format!(
-                        "I1/I2: proxy {i} routes to backend {} it does not know",
-                        part.backend
-                    ));
-                }
+            let route = p.route(now);
+            let rules = p.rules(now);
+            if let Some(part) = route.backends().find(|part| !rules.iter().any(|s| s.name == *part)) {
+                broken = Some(format!("I1/I2: proxy {i} routes to backend {part} it does not know"));
             }
         }
         if let Some(b) = broken {
@@ -849,7 +872,7 @@ impl World {
             let full = c.view.scale.is_some_and(|s| s.weight == 100);
             return (c.view.available && full).then_some(c.view.revision);
         }
-        let all = Route::Split(vec![Weighted {
+        let all = Route::weights(vec![Weighted {
             backend: crate::names::backends::canary(c.view.revision),
             weight: 100,
         }]);
@@ -915,7 +938,7 @@ fn template_hash(revision: u64, edits: u32) -> String {
     format!("t{revision}-e{edits}")
 }
 
-fn scenario() -> impl Strategy<Value = Scenario> {
+fn scenario() -> impl Gen<Value = Scenario> {
     let steps = prop::collection::btree_set(1u8..100, 0..4).prop_map(|s| {
         let mut v: Vec<u8> = s.into_iter().collect();
         v.push(100);
@@ -950,6 +973,11 @@ fn scenario() -> impl Strategy<Value = Scenario> {
             any::<bool>(),
             prop::sample::select(ProviderKind::ALL.to_vec()),
         ),
+        (
+            prop_oneof![3 => Just(Strategy::Canary), 2 => Just(Strategy::AB)],
+            prop_oneof![3 => Just(false), 1 => Just(true)],
+            1u32..=4,
+        ),
     )
         .prop_map(
             |(
@@ -959,6 +987,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 (crash_rate, flake_rate),
                 ready,
                 (events, route_status, gates, provider),
+                (strategy, matched, iterations),
             )| {
                 Scenario {
                     seed,
@@ -974,6 +1003,9 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     provider,
                     route_status,
                     gates,
+                    strategy,
+                    matched,
+                    iterations,
                     events,
                 }
             },
@@ -1010,6 +1042,9 @@ fn single(bad: bool) -> Scenario {
         provider: ProviderKind::Istio,
         route_status: false,
         gates: false,
+        strategy: Strategy::Canary,
+        matched: false,
+        iterations: 3,
         events: vec![(0, UserAction::SetImage { bad })],
     }
 }
@@ -1057,6 +1092,88 @@ fn without_a_mesh_each_step_scales_the_candidate_and_the_stable_side_stays() {
             assert_eq!(sizes, [0, 10, 50, 100], "one size per step");
         }
     }
+}
+
+/// Runs `sc` tick by tick, recording every distinct route turnout wrote.
+fn routes_of(sc: Scenario) -> (World, Vec<Route>) {
+    let mut w = World::new(sc);
+    let mut routes: Vec<Route> = Vec::new();
+    while w.now < 300_000 && !w.quiet() {
+        w.run_to(Some(w.now + TICK)).unwrap();
+        if let Some(vs) = &w.vs
+            && routes.last() != Some(&vs.value)
+        {
+            routes.push(vs.value.clone());
+        }
+    }
+    (w, routes)
+}
+
+#[test]
+fn an_a_b_test_sends_only_the_requests_that_match_then_everything_after_its_iterations() {
+    let mut sc = single(false);
+    sc.strategy = Strategy::AB;
+    sc.iterations = 4;
+    let (w, routes) = routes_of(sc);
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    assert_eq!(w.checks, 4, "one analysis per iteration, none at 100 %");
+    assert_eq!(w.deployment.status.iteration, 4);
+    let ab = routes
+        .iter()
+        .find(|r| r.matched_backend() == Some("v2-canary"))
+        .expect("an A/B route");
+    assert_eq!(
+        ab.weight_of("v1"),
+        100,
+        "every other request on the stable version: {ab:?}"
+    );
+    assert_eq!(ab.weight_of("v2-canary"), 0);
+    // No step in between: from the A/B route straight to all traffic on the candidate.
+    let after = routes
+        .iter()
+        .skip_while(|r| r.matched_backend().is_none())
+        .find(|r| r.matched_backend().is_none())
+        .unwrap();
+    assert_eq!(after.weight_of("v2-canary"), 100, "{routes:?}");
+}
+
+#[test]
+fn a_failing_a_b_test_is_rolled_back_without_weight_on_the_candidate() {
+    let mut sc = single(true);
+    sc.strategy = Strategy::AB;
+    let (w, routes) = routes_of(sc);
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+    assert!(routes.iter().all(|r| r.weight_of("v2-canary") == 0), "{routes:?}");
+    assert!(routes.iter().any(|r| r.matched_backend() == Some("v2-canary")));
+    assert!(w.candidates.is_empty(), "I6: the candidate is gone");
+}
+
+#[test]
+fn a_canary_with_matches_sends_them_to_the_candidate_from_the_first_step() {
+    let mut sc = single(false);
+    sc.matched = true;
+    let (w, routes) = routes_of(sc);
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    let steps: Vec<(u8, bool)> = routes
+        .iter()
+        .filter(|r| r.weight_of("v2-canary") > 0)
+        .map(|r| (r.weight_of("v2-canary"), r.matched_backend() == Some("v2-canary")))
+        .collect();
+    assert_eq!(steps, [(10, true), (50, true), (100, false)]);
+}
+
+#[test]
+fn without_a_mesh_matches_fail_the_release_saying_why() {
+    let mut sc = single(false);
+    sc.provider = ProviderKind::None;
+    sc.strategy = Strategy::AB;
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+    assert_eq!(w.checks, 0);
 }
 
 #[test]

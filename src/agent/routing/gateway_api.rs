@@ -1,5 +1,7 @@
-//! The Gateway API provider: an HTTPRoute per host, named after the Service, whose one rule carries
-//! the weights on `backendRefs`; and per-version Services (the backends: an HTTPRoute has no
+//! The Gateway API provider: an HTTPRoute per host, named after the Service, whose rule `turnout`
+//! carries the weights on `backendRefs` (after a rule `turnout-match` sending the requests that match
+//! to one backend, when a release has matches: it wins by the API's precedence, having more header or
+//! query matches than the catch-all); and per-version Services (the backends: an HTTPRoute has no
 //! subsets), each selecting one ReplicaSet by `pod-template-hash`, named `<service>-<backend>`.
 //!
 //! The route attaches to the Service itself (GAMMA: Istio ambient waypoints, Linkerd, Cilium's mesh)
@@ -24,10 +26,16 @@ use super::{Written, changed_at, is_ours, managed_meta, rfc3339, timestamp};
 use crate::agent::cache::Kind;
 use crate::config::ReleaseConfig;
 use crate::gateway::http_route::{
-    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs, HttpRouteSpec,
+    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs, HttpRouteRulesMatches,
+    HttpRouteRulesMatchesHeaders, HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesQueryParams,
+    HttpRouteRulesMatchesQueryParamsType, HttpRouteSpec,
 };
 use crate::names::{agent, backends};
+use crate::release::routing::{MatchKind, Matched, RequestMatch, Split, ValueMatch};
 use crate::release::{Applied, Backend, HostRouting, Managed, Millis, Route, RoutingAction, Synced, Weighted};
+
+/// The name of the rule that sends the requests that match to one backend.
+const MATCH_RULE: &str = "turnout-match";
 
 /// The API group of the Gateway API.
 pub const GROUP: &str = "gateway.networking.k8s.io";
@@ -161,29 +169,40 @@ fn attaches_like(r: &HttpRoute, parent: &HttpRouteParentRefs, ns: &str, config: 
     theirs.is_empty() || config.hostnames.is_empty() || theirs.iter().any(|h| config.hostnames.contains(h))
 }
 
-/// The route of a managed HTTPRoute: its first rule's `backendRefs`, by backend name.
+/// The route of a managed HTTPRoute: the rule `turnout-match` if there is one, and the weights of
+/// the last rule's `backendRefs`, by backend name.
 fn route_of(r: &HttpRoute, service: &str, own: &[Service]) -> Applied<Route> {
-    let refs: Vec<&HttpRouteRulesBackendRefs> = r
-        .spec
-        .rules
+    let rules = r.spec.rules.as_deref().unwrap_or_default();
+    let matched = rules
         .iter()
-        .flatten()
-        .next()
+        .find(|rule| rule.name.as_deref() == Some(MATCH_RULE))
+        .and_then(|rule| {
+            let to = rule.backend_refs.as_ref()?.first()?;
+            Some(Matched {
+                matches: rule.matches.iter().flatten().map(request_match_of).collect(),
+                backend: backend_name(&to.name, service, own),
+            })
+        });
+    let refs: Vec<&HttpRouteRulesBackendRefs> = rules
+        .iter()
+        .rfind(|rule| rule.name.as_deref() != Some(MATCH_RULE))
         .and_then(|rule| rule.backend_refs.as_ref())
         .map(|refs| refs.iter().collect())
         .unwrap_or_default();
-    let to_host = refs.is_empty() || refs.iter().all(|b| b.name == service);
+    let to_host = (refs.is_empty() || refs.iter().all(|b| b.name == service)) && matched.is_none();
     let value = if to_host {
         Route::Host
     } else {
-        Route::Split(
-            refs.iter()
+        Route::Split(Split {
+            weights: refs
+                .iter()
                 .map(|b| Weighted {
                     backend: backend_name(&b.name, service, own),
                     weight: u8::try_from(b.weight.unwrap_or(1).clamp(0, 100)).unwrap_or(0),
                 })
                 .collect(),
-        )
+            matched,
+        })
     };
     Applied {
         value,
@@ -442,21 +461,102 @@ fn route_spec(service: &str, plain: &Service, config: &ReleaseConfig, route: &Ro
         weight: Some(weight),
         ..HttpRouteRulesBackendRefs::default()
     };
+    let mut rules = Vec::new();
     let refs = match route {
         Route::Host => vec![backend_ref(service.to_owned(), 1)],
-        Route::Split(parts) => parts
-            .iter()
-            .map(|p| backend_ref(backends::service(service, &p.backend), i32::from(p.weight)))
-            .collect(),
+        Route::Split(split) => {
+            if let Some(m) = &split.matched {
+                rules.push(HttpRouteRules {
+                    name: Some(MATCH_RULE.into()),
+                    matches: Some(m.matches.iter().map(route_match).collect()),
+                    backend_refs: Some(vec![backend_ref(backends::service(service, &m.backend), 1)]),
+                    ..HttpRouteRules::default()
+                });
+            }
+            split
+                .weights
+                .iter()
+                .map(|p| backend_ref(backends::service(service, &p.backend), i32::from(p.weight)))
+                .collect()
+        }
     };
+    rules.push(HttpRouteRules {
+        name: Some("turnout".into()),
+        backend_refs: Some(refs),
+        ..HttpRouteRules::default()
+    });
     HttpRouteSpec {
         hostnames: (config.gateway.is_some() && !config.hostnames.is_empty()).then(|| config.hostnames.clone()),
         parent_refs: Some(vec![parent]),
-        rules: Some(vec![HttpRouteRules {
-            name: Some("turnout".into()),
-            backend_refs: Some(refs),
-            ..HttpRouteRules::default()
-        }]),
+        rules: Some(rules),
+    }
+}
+
+/// A match as an `HTTPRouteMatch` (the path left to its default, a prefix of `/`).
+fn route_match(m: &RequestMatch) -> HttpRouteRulesMatches {
+    let regex = |v: &ValueMatch| v.kind == MatchKind::RegularExpression;
+    HttpRouteRulesMatches {
+        headers: (!m.headers.is_empty()).then(|| {
+            m.headers
+                .iter()
+                .map(|v| HttpRouteRulesMatchesHeaders {
+                    name: v.name.clone(),
+                    r#type: Some(if regex(v) {
+                        HttpRouteRulesMatchesHeadersType::RegularExpression
+                    } else {
+                        HttpRouteRulesMatchesHeadersType::Exact
+                    }),
+                    value: v.value.clone(),
+                })
+                .collect()
+        }),
+        query_params: (!m.query_params.is_empty()).then(|| {
+            m.query_params
+                .iter()
+                .map(|v| HttpRouteRulesMatchesQueryParams {
+                    name: v.name.clone(),
+                    r#type: Some(if regex(v) {
+                        HttpRouteRulesMatchesQueryParamsType::RegularExpression
+                    } else {
+                        HttpRouteRulesMatchesQueryParamsType::Exact
+                    }),
+                    value: v.value.clone(),
+                })
+                .collect()
+        }),
+        ..HttpRouteRulesMatches::default()
+    }
+}
+
+/// The match an `HTTPRouteMatch` of turnout's stands for.
+fn request_match_of(m: &HttpRouteRulesMatches) -> RequestMatch {
+    RequestMatch {
+        headers: m
+            .headers
+            .iter()
+            .flatten()
+            .map(|h| ValueMatch {
+                name: h.name.clone(),
+                value: h.value.clone(),
+                kind: match h.r#type {
+                    Some(HttpRouteRulesMatchesHeadersType::RegularExpression) => MatchKind::RegularExpression,
+                    _ => MatchKind::Exact,
+                },
+            })
+            .collect(),
+        query_params: m
+            .query_params
+            .iter()
+            .flatten()
+            .map(|q| ValueMatch {
+                name: q.name.clone(),
+                value: q.value.clone(),
+                kind: match q.r#type {
+                    Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression) => MatchKind::RegularExpression,
+                    _ => MatchKind::Exact,
+                },
+            })
+            .collect(),
     }
 }
 
@@ -508,7 +608,7 @@ mod tests {
     #[test]
     fn weights_go_on_backend_refs_to_per_version_services_and_read_back() {
         let config = ReleaseConfig::default();
-        let split = Route::Split(vec![
+        let split = Route::weights(vec![
             Weighted {
                 backend: "v1".into(),
                 weight: 90,
@@ -542,6 +642,42 @@ mod tests {
         assert_eq!(route_of(&r, "podinfo", &[]).value, split);
         let at_rest = route_at(&Route::Host, &config, 1_000);
         assert_eq!(route_of(&at_rest, "podinfo", &[]).value, Route::Host);
+    }
+
+    #[test]
+    fn requests_that_match_get_a_rule_of_their_own_before_the_weights_and_read_back() {
+        let matches = crate::release::routing::parse_matches(
+            r#"[{"headers":[{"name":"x-user-group","value":"beta"}]},
+                {"headers":[{"name":"cookie","value":"^(.*;)?beta=1(;.*)?$","type":"RegularExpression"}],
+                 "queryParams":[{"name":"tier","value":"gold"}]}]"#,
+        )
+        .unwrap();
+        let route = Route::Split(Split {
+            weights: vec![Weighted {
+                backend: "v1".into(),
+                weight: 100,
+            }],
+            matched: Some(Matched {
+                matches,
+                backend: "v2-canary".into(),
+            }),
+        });
+        let r = route_at(&route, &ReleaseConfig::default(), 1_000);
+        let json = serde_json::to_value(&r.spec).unwrap();
+        let rules = json["rules"].as_array().unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0]["name"], "turnout-match");
+        assert_eq!(
+            rules[0]["matches"][0]["headers"][0],
+            json!({ "name": "x-user-group", "type": "Exact", "value": "beta" })
+        );
+        assert_eq!(rules[0]["matches"][1]["headers"][0]["type"], "RegularExpression");
+        assert_eq!(rules[0]["matches"][1]["queryParams"][0]["name"], "tier");
+        assert_eq!(rules[0]["backendRefs"][0]["name"], "podinfo-v2-canary");
+        assert_eq!(rules[1]["name"], "turnout");
+        assert_eq!(rules[1]["backendRefs"][0]["name"], "podinfo-v1");
+        assert!(rules[1]["matches"].is_null(), "the weights catch every other request");
+        assert_eq!(route_of(&r, "podinfo", &[]).value, route);
     }
 
     #[test]
@@ -677,7 +813,7 @@ mod tests {
         // With our own route in place the conflict fails the release, but our route stays ours so
         // that the release is unwound through it (never leaving its split pointing at deleted Services).
         let ours = Arc::new(route_at(
-            &Route::Split(vec![
+            &Route::weights(vec![
                 Weighted {
                     backend: "v1".into(),
                     weight: 80,

@@ -1,7 +1,8 @@
 //! The Istio provider: a DestinationRule per host whose subsets select ReplicaSets by
-//! `pod-template-hash` (the backends), and a VirtualService per host whose first HTTP route carries
-//! the weights (the route). Propagation is read from istiod's `Reconciled` condition when its status
-//! feature is on.
+//! `pod-template-hash` (the backends), and a VirtualService per host (the route): an HTTP route
+//! `turnout-match` first when requests that match go to one backend (its `match` list is the
+//! release's, as `HTTPMatchRequest`s), then the route `turnout` with the weights. Propagation is read
+//! from istiod's `Reconciled` condition when its status feature is on.
 
 use std::collections::BTreeMap;
 
@@ -13,10 +14,16 @@ use super::{Written, changed_at, managed, managed_meta};
 use crate::agent::cache::Kind;
 use crate::istio::destination_rule::{DestinationRule, DestinationRuleSpec, DestinationRuleSubsets};
 use crate::istio::virtual_service::{
-    VirtualService, VirtualServiceHttp, VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination, VirtualServiceSpec,
+    VirtualService, VirtualServiceHttp, VirtualServiceHttpMatch, VirtualServiceHttpMatchHeaders,
+    VirtualServiceHttpMatchQueryParams, VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination,
+    VirtualServiceSpec,
 };
 use crate::names::agent;
+use crate::release::routing::{MatchKind, Matched, RequestMatch, Split, ValueMatch};
 use crate::release::{Applied, Backend, HostRouting, Millis, Route, RoutingAction, Synced, Weighted};
+
+/// The name of the HTTP route that sends the requests that match to one backend.
+const MATCH_ROUTE: &str = "turnout-match";
 
 /// What is stored for a host, for replace.
 #[derive(Clone, Debug, Default)]
@@ -98,27 +105,43 @@ fn reconciled(
     if reported { Synced::Reported } else { Synced::Unknown }
 }
 
-/// A managed VirtualService: its first HTTP route.
+/// A managed VirtualService: the route `turnout-match` if there is one, then the last HTTP route's
+/// weights.
 fn route_of(vs: &VirtualService) -> Applied<Route> {
-    let route = vs
-        .spec
-        .http
-        .as_ref()
-        .and_then(|h| h.first())
-        .and_then(|r| r.route.as_ref())
+    let http = vs.spec.http.as_deref().unwrap_or_default();
+    let subset_of = |h: &VirtualServiceHttp| {
+        h.route
+            .as_ref()
+            .and_then(|r| r.first())
+            .and_then(|d| d.destination.subset.clone())
+    };
+    let matched = http
+        .iter()
+        .find(|h| h.name.as_deref() == Some(MATCH_ROUTE))
+        .and_then(|h| {
+            Some(Matched {
+                matches: h.r#match.iter().flatten().map(request_match_of).collect(),
+                backend: subset_of(h)?,
+            })
+        });
+    let route = http
+        .iter()
+        .rfind(|h| h.name.as_deref() != Some(MATCH_ROUTE))
+        .and_then(|h| h.route.as_ref())
         .map_or(Route::Host, |dests| {
-            if dests.iter().all(|d| d.destination.subset.is_none()) {
+            if dests.iter().all(|d| d.destination.subset.is_none()) && matched.is_none() {
                 Route::Host
             } else {
-                Route::Split(
-                    dests
+                Route::Split(Split {
+                    weights: dests
                         .iter()
                         .map(|d| Weighted {
                             backend: d.destination.subset.clone().unwrap_or_default(),
                             weight: u8::try_from(d.weight.unwrap_or(0).clamp(0, 100)).unwrap_or(0),
                         })
                         .collect(),
-                )
+                    matched,
+                })
             }
         });
     let status = vs.status.as_ref();
@@ -185,35 +208,91 @@ fn destination_rule_spec(service: &str, ns: &str, backends: &[Backend]) -> Desti
 
 fn virtual_service_spec(service: &str, ns: &str, route: &Route) -> VirtualServiceSpec {
     let host = fqdn(service, ns);
-    let destinations = match route {
-        Route::Host => vec![VirtualServiceHttpRoute {
-            destination: VirtualServiceHttpRouteDestination {
-                host: host.clone(),
-                ..Default::default()
-            },
+    let to = |subset: Option<&str>, weight: Option<u8>| VirtualServiceHttpRoute {
+        destination: VirtualServiceHttpRouteDestination {
+            host: host.clone(),
+            subset: subset.map(str::to_owned),
             ..Default::default()
-        }],
-        Route::Split(parts) => parts
-            .iter()
-            .map(|p| VirtualServiceHttpRoute {
-                destination: VirtualServiceHttpRouteDestination {
-                    host: host.clone(),
-                    subset: Some(p.backend.clone()),
-                    ..Default::default()
-                },
-                weight: Some(i32::from(p.weight)),
-                ..Default::default()
-            })
-            .collect(),
+        },
+        weight: weight.map(i32::from),
+        ..Default::default()
     };
+    let mut http = Vec::new();
+    let destinations = match route {
+        Route::Host => vec![to(None, None)],
+        Route::Split(split) => {
+            if let Some(m) = &split.matched {
+                http.push(VirtualServiceHttp {
+                    name: Some(MATCH_ROUTE.into()),
+                    r#match: Some(m.matches.iter().map(http_match).collect()),
+                    route: Some(vec![to(Some(&m.backend), None)]),
+                    ..Default::default()
+                });
+            }
+            split
+                .weights
+                .iter()
+                .map(|p| to(Some(&p.backend), Some(p.weight)))
+                .collect()
+        }
+    };
+    http.push(VirtualServiceHttp {
+        name: Some("turnout".into()),
+        route: Some(destinations),
+        ..Default::default()
+    });
     VirtualServiceSpec {
         hosts: Some(vec![host]),
-        http: Some(vec![VirtualServiceHttp {
-            name: Some("turnout".into()),
-            route: Some(destinations),
-            ..Default::default()
-        }]),
+        http: Some(http),
         ..VirtualServiceSpec::default()
+    }
+}
+
+/// A match as Istio's `HTTPMatchRequest`: `exact` or `regex` (RE2, the whole value) per header and
+/// query parameter.
+fn http_match(m: &RequestMatch) -> VirtualServiceHttpMatch {
+    let header = |v: &ValueMatch| VirtualServiceHttpMatchHeaders {
+        exact: (v.kind == MatchKind::Exact).then(|| v.value.clone()),
+        regex: (v.kind == MatchKind::RegularExpression).then(|| v.value.clone()),
+        ..Default::default()
+    };
+    let param = |v: &ValueMatch| VirtualServiceHttpMatchQueryParams {
+        exact: (v.kind == MatchKind::Exact).then(|| v.value.clone()),
+        regex: (v.kind == MatchKind::RegularExpression).then(|| v.value.clone()),
+        ..Default::default()
+    };
+    VirtualServiceHttpMatch {
+        headers: (!m.headers.is_empty()).then(|| m.headers.iter().map(|v| (v.name.clone(), header(v))).collect()),
+        query_params: (!m.query_params.is_empty())
+            .then(|| m.query_params.iter().map(|v| (v.name.clone(), param(v))).collect()),
+        ..Default::default()
+    }
+}
+
+/// The match an `HTTPMatchRequest` of turnout's stands for.
+fn request_match_of(m: &VirtualServiceHttpMatch) -> RequestMatch {
+    let value = |name: &String, exact: &Option<String>, regex: &Option<String>| ValueMatch {
+        name: name.clone(),
+        value: exact.clone().or_else(|| regex.clone()).unwrap_or_default(),
+        kind: if exact.is_some() {
+            MatchKind::Exact
+        } else {
+            MatchKind::RegularExpression
+        },
+    };
+    RequestMatch {
+        headers: m
+            .headers
+            .iter()
+            .flatten()
+            .map(|(n, h)| value(n, &h.exact, &h.regex))
+            .collect(),
+        query_params: m
+            .query_params
+            .iter()
+            .flatten()
+            .map(|(n, q)| value(n, &q.exact, &q.regex))
+            .collect(),
     }
 }
 
@@ -290,8 +369,48 @@ mod tests {
     }
 
     #[test]
+    fn requests_that_match_go_first_to_their_backend_and_read_back() {
+        let matches = crate::release::routing::parse_matches(
+            r#"[{"headers":[{"name":"X-User-Group","value":"beta"}]},
+                {"headers":[{"name":"cookie","value":"^(.*;)?beta=1(;.*)?$","type":"RegularExpression"}],
+                 "queryParams":[{"name":"tier","value":"gold"}]}]"#,
+        )
+        .unwrap();
+        let route = Route::Split(Split {
+            weights: vec![
+                Weighted {
+                    backend: "v1".into(),
+                    weight: 90,
+                },
+                Weighted {
+                    backend: "v2-canary".into(),
+                    weight: 10,
+                },
+            ],
+            matched: Some(Matched {
+                matches,
+                backend: "v2-canary".into(),
+            }),
+        });
+        let spec = virtual_service_spec("podinfo", "shop", &route);
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["http"][0]["name"], "turnout-match");
+        assert_eq!(json["http"][0]["match"][0]["headers"]["x-user-group"]["exact"], "beta");
+        assert_eq!(
+            json["http"][0]["match"][1]["headers"]["cookie"]["regex"],
+            "^(.*;)?beta=1(;.*)?$"
+        );
+        assert_eq!(json["http"][0]["match"][1]["queryParams"]["tier"]["exact"], "gold");
+        assert_eq!(json["http"][0]["route"][0]["destination"]["subset"], "v2-canary");
+        assert_eq!(json["http"][1]["name"], "turnout");
+        assert_eq!(json["http"][1]["route"][1]["weight"], 10);
+        let vs = VirtualService::new("podinfo", spec);
+        assert_eq!(route_of(&vs).value, route);
+    }
+
+    #[test]
     fn weights_and_subsets_round_trip_through_the_objects() {
-        let route = Route::Split(vec![
+        let route = Route::weights(vec![
             Weighted {
                 backend: "v1".into(),
                 weight: 75,
