@@ -31,9 +31,10 @@ pub mod keys {
     pub const STRATEGY: &str = "turnout.dev/strategy";
     pub const MATCH: &str = "turnout.dev/match";
     pub const ITERATIONS: &str = "turnout.dev/iterations";
+    pub const MIRROR: &str = "turnout.dev/mirror";
 
     /// Every key, for documentation and for tests that keep the docs in step with the code.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         STEPS,
         INTERVAL,
         THRESHOLD,
@@ -54,6 +55,7 @@ pub mod keys {
         STRATEGY,
         MATCH,
         ITERATIONS,
+        MIRROR,
     ];
 }
 
@@ -191,8 +193,11 @@ pub struct ReleaseConfig {
     pub strategy: Strategy,
     /// Requests sent to the candidate from the start (a canary's early users; an A/B test's group).
     pub matches: Vec<RequestMatch>,
-    /// Analyses an A/B test must pass before promotion.
+    /// Analyses an A/B test must pass before promotion, and analyses while mirroring.
     pub iterations: u32,
+    /// Before the first step, copy this percentage of the requests to the candidate (answers dropped)
+    /// for `iterations` analyses.
+    pub mirror: Option<u8>,
 }
 
 /// A Gateway named by `turnout.dev/gateway`: `name` or `namespace/name`.
@@ -309,6 +314,7 @@ impl Default for ReleaseConfig {
             strategy: Strategy::Canary,
             matches: Vec::new(),
             iterations: 10,
+            mirror: None,
         }
     }
 }
@@ -419,6 +425,17 @@ pub fn resolve(
             config.strategy = Strategy::Canary;
         }
     }
+    // Mirroring comes before the steps of a canary; an A/B test does not mirror in this version.
+    if config.strategy == Strategy::AB
+        && let Some(percent) = config.mirror.take()
+    {
+        problems.push(Problem {
+            on: "deployment",
+            key: keys::MIRROR.to_owned(),
+            value: percent.to_string(),
+            reason: "mirroring goes with the canary strategy; an A/B test runs without it".into(),
+        });
+    }
     (config, problems)
 }
 
@@ -505,6 +522,19 @@ fn apply(config: &mut ReleaseConfig, key: &str, value: &str) -> Result<(), Strin
         // An empty value turns off the level below's matches.
         keys::MATCH if value.is_empty() => config.matches.clear(),
         keys::MATCH => config.matches = parse_matches(value)?,
+        // An empty value turns off the level below's mirroring.
+        keys::MIRROR if value.is_empty() => config.mirror = None,
+        keys::MIRROR => {
+            config.mirror = Some(
+                value
+                    .trim_end_matches('%')
+                    .trim()
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| (1..=100).contains(p))
+                    .ok_or("not a percentage from 1 to 100")?,
+            );
+        }
         keys::ITERATIONS => {
             config.iterations = value
                 .parse::<u32>()
@@ -631,7 +661,19 @@ mod tests {
         let d = ann(&[(keys::MATCH, "")]);
         let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &d);
         assert!(config.matches.is_empty() && problems.is_empty());
+        // Mirroring goes with a canary: an A/B test reports it and runs without it.
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ann(&[]), &ann(&[(keys::MIRROR, "20%")]));
+        assert_eq!((config.mirror, problems.len()), (Some(20), 0));
+        let both = ann(&[(keys::MIRROR, "20"), (keys::STRATEGY, "ab")]);
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &both);
+        assert_eq!((config.mirror, config.strategy), (None, Strategy::AB));
+        assert!(
+            problems[0].reason.contains("mirroring goes with the canary"),
+            "{problems:?}"
+        );
         for (key, bad) in [
+            (keys::MIRROR, "0"),
+            (keys::MIRROR, "150"),
             (keys::STRATEGY, "linear"),
             (keys::STRATEGY, "blue-green"),
             (keys::ITERATIONS, "0"),

@@ -147,6 +147,7 @@ impl Args {
             strategy: release::Strategy::Canary,
             matches: Vec::new(),
             iterations: 10,
+            mirror: None,
         }
     }
 }

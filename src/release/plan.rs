@@ -10,7 +10,7 @@
 //! - [`to_rest`] removes backends only once no route names them and that change has propagated and
 //!   drained (I2), and routes to the host only when no candidate pod is left for it to select (I3).
 
-use super::routing::{Matched, Split, describe_matches};
+use super::routing::{Matched, Mirror, Split, describe_matches};
 use super::{
     Action, Backend, CandidateView, DeploymentView, Event, HostRouting, Intent, Managed, Millis, Observed, Phase, Plan,
     Request, Rollout, Route, RoutingAction, Stage, StatusPatch, Strategy, Verb, Weighted, candidate_replicas,
@@ -275,6 +275,64 @@ fn first_step(o: &Observed<'_>, t: u64) -> u8 {
     o.config.steps.first().copied().unwrap_or(100)
 }
 
+/// The release mirrors before its first step, and has not finished mirroring.
+fn mirror_due(o: &Observed<'_>, t: u64) -> bool {
+    o.config.mirror.is_some()
+        && o.config.strategy == Strategy::Canary
+        && !promote_requested(o, t)
+        && (o.deployment.status.release != Some(t) || o.deployment.status.iteration < o.config.iterations)
+}
+
+/// The mirror stage is routed: copies go to `canary` on every managed host.
+fn mirror_routed(o: &Observed<'_>, canary: &str) -> bool {
+    o.config.mirror.is_some()
+        && o.hosts.iter().any(|h| matches!(h.route, Managed::Ours(_)))
+        && o.hosts.iter().all(|h| match &h.route {
+            Managed::Ours(r) => r.value.mirror_backend() == Some(canary),
+            _ => true,
+        })
+}
+
+/// The first route of release `t`: copies to the candidate while it mirrors first, else the first
+/// step.
+fn first_route(o: &Observed<'_>, t: u64, stable: &Backend, canary: &Backend) -> Option<Plan> {
+    if !mirror_due(o, t) {
+        return advance(o, stable, canary, first_step(o, t));
+    }
+    let mut plan = ensure_split(o, &[(stable.clone(), 100)], None, Some(canary))?;
+    if moves_traffic(&plan.action) {
+        let d = &o.deployment;
+        plan.event = Some(info(
+            "Mirror",
+            format!(
+                "Mirroring {} % of {}/{}'s requests to {}: answers still from the stable version",
+                o.config.mirror.unwrap_or(100),
+                d.namespace,
+                d.name,
+                candidate_name(&d.name, t)
+            ),
+        ));
+    }
+    Some(plan)
+}
+
+/// The status of release `t` while it mirrors, after `iteration` passed analyses.
+fn at_mirror(o: &Observed<'_>, t: u64, iteration: u32, event: Option<Event>) -> Plan {
+    let message = format!(
+        "Mirroring {} % to {} (iteration {iteration}/{})",
+        o.config.mirror.unwrap_or(100),
+        candidate_name(&o.deployment.name, t),
+        o.config.iterations
+    );
+    Plan {
+        action: Action::Status(StatusPatch {
+            iteration,
+            ..patch(o, t, Phase::Progressing, 0, o.deployment.status.failed_checks, message)
+        }),
+        event,
+    }
+}
+
 /// An A/B test's stage is routed: the requests that match go to `canary` on every managed host.
 fn ab_routed(o: &Observed<'_>, canary: &str) -> bool {
     o.config.strategy == Strategy::AB
@@ -461,6 +519,9 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
         if ab_routed(o, &canary.name) {
             return at_iteration(o, t, 0, None);
         }
+        if mirror_routed(o, &canary.name) {
+            return at_mirror(o, t, 0, None);
+        }
     }
     if let Some(plan) = ensure_route(o, &[(stable.clone(), 100)]) {
         return plan;
@@ -516,7 +577,7 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
     if held(o, t) {
         return wait(None, "paused on request before the first step");
     }
-    match advance(o, &stable, &canary, first_step(o, t)) {
+    match first_route(o, t, &stable, &canary) {
         // The canary backend is defined and propagated first; the gate is asked only right before the
         // route changes, in the same pass.
         Some(prepare) if !moves_traffic(&prepare.action) => prepare,
@@ -541,15 +602,20 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     };
     let weight = current_weight(o, &canary.name);
     let ab = weight == 0 && ab_routed(o, &canary.name);
-    if weight == 0 && !ab {
+    let mirroring = weight == 0 && !ab && mirror_routed(o, &canary.name);
+    if weight == 0 && !ab && !mirroring {
         if held(o, t) {
             return wait(None, "paused on request before the first step");
         }
         // The status was written but the route was not (or was undone): take the first step again.
-        return advance(o, &stable, &canary, first_step(o, t)).unwrap_or_else(|| wait(None, "routing the first step"));
+        return first_route(o, t, &stable, &canary).unwrap_or_else(|| wait(None, "routing the first step"));
     }
     if d.status.weight != weight {
         return at_weight(o, t, weight);
+    }
+    if mirroring && !mirror_due(o, t) {
+        // Mirroring passed (or a promotion was asked for): the first live step.
+        return advance(o, &stable, &canary, first_step(o, t)).unwrap_or_else(|| wait(None, "routing the first step"));
     }
     let promote = promote_requested(o, t);
     if promote && weight < 100 {
@@ -574,7 +640,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
         return wait(None, &format!("paused on request at canary weight {weight}"));
     }
     // One analysis an interval: in an A/B test the route stays, so every analysis so far counts.
-    let analyses = d.status.failed_checks + 1 + if ab { d.status.iteration } else { 0 };
+    let analyses = d.status.failed_checks + 1 + if ab || mirroring { d.status.iteration } else { 0 };
     let due = last_propagation(o) + ms(o.config.interval) * u64::from(analyses);
     if o.now < due {
         return wait(Some(due), &format!("analysing canary weight {weight}"));
@@ -583,7 +649,9 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     let Some(verdict) = &o.verdict else {
         // The gate before 100 %: at the analysis whose pass leads there, or at 100 % when the first
         // step went straight there.
-        let leads_to_all = if ab {
+        let leads_to_all = if mirroring {
+            false
+        } else if ab {
             d.status.iteration + 1 >= o.config.iterations
         } else if weight < 100 {
             next >= 100
@@ -599,6 +667,26 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
             event: None,
         };
     };
+    if verdict.passed && mirroring {
+        let passed = d.status.iteration + 1;
+        let about = format!(
+            "{}/{}: mirroring to {}, iteration {passed}/{}: {}",
+            d.namespace,
+            d.name,
+            candidate_name(&d.name, t),
+            o.config.iterations,
+            verdict.message
+        );
+        if passed < o.config.iterations {
+            return at_mirror(o, t, passed, Some(info("Mirror", about)));
+        }
+        // Mirroring passed: the first live step comes next.
+        let mut plan = at_mirror(o, t, passed, Some(info("Mirror", about)));
+        if let Action::Status(p) = &mut plan.action {
+            p.message = format!("mirroring passed {passed} iterations; first step next");
+        }
+        return plan;
+    }
     if verdict.passed && ab {
         let passed = d.status.iteration + 1;
         let about = format!(
@@ -1087,7 +1175,7 @@ fn advance(o: &Observed<'_>, stable: &Backend, canary: &Backend, weight: u8) -> 
         want.insert(0, (stable.clone(), 100 - weight));
     }
     let matched = (weight < 100 && !o.config.matches.is_empty()).then_some(canary);
-    let mut plan = ensure_split(o, &want, matched)?;
+    let mut plan = ensure_split(o, &want, matched, None)?;
     if moves_traffic(&plan.action) {
         let d = &o.deployment;
         let message = match (o.config.strategy, matched) {
@@ -1126,12 +1214,17 @@ fn ensure_route_unless_at_rest(o: &Observed<'_>, want: &[(Backend, u8)]) -> Opti
 
 /// Makes every managed host route `want` (I1: backends first, propagated; one change at a time).
 fn ensure_route(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
-    ensure_split(o, want, None)
+    ensure_split(o, want, None, None)
 }
 
-/// Makes every managed host route `want`, and the requests that match the release's matches to
-/// `matched` (I1 for it too).
-fn ensure_split(o: &Observed<'_>, want: &[(Backend, u8)], matched: Option<&Backend>) -> Option<Plan> {
+/// Makes every managed host route `want`, the requests that match the release's matches to
+/// `matched`, and copies of the release's mirror share to `mirror` (I1 for both too).
+fn ensure_split(
+    o: &Observed<'_>,
+    want: &[(Backend, u8)],
+    matched: Option<&Backend>,
+    mirror: Option<&Backend>,
+) -> Option<Plan> {
     debug_assert_eq!(want.iter().map(|(_, w)| u32::from(*w)).sum::<u32>(), 100);
     if !weighted(o) {
         return scale_to(o, want);
@@ -1149,9 +1242,17 @@ fn ensure_split(o: &Observed<'_>, want: &[(Backend, u8)], matched: Option<&Backe
             matches: o.config.matches.clone(),
             backend: b.name.clone(),
         }),
+        mirror: mirror.map(|b| Mirror {
+            backend: b.name.clone(),
+            percent: o.config.mirror.unwrap_or(100),
+        }),
     });
-    // The matched backend must be defined as the weighted ones are.
-    let want: Vec<(Backend, u8)> = want.iter().cloned().chain(matched.map(|b| (b.clone(), 1))).collect();
+    // The matched and mirror backends must be defined as the weighted ones are.
+    let want: Vec<(Backend, u8)> = want
+        .iter()
+        .cloned()
+        .chain(matched.into_iter().chain(mirror).map(|b| (b.clone(), 1)))
+        .collect();
     let want = want.as_slice();
     let prop = ms(o.config.propagation_delay);
     for (host, h) in o.hosts.iter().enumerate() {
@@ -1205,6 +1306,12 @@ fn unroutable(o: &Observed<'_>) -> Option<String> {
         && !o.hosts.is_empty()
     {
         return Some(why.clone());
+    }
+    if o.config.mirror.is_some() && !o.provider.caps().mirror && !o.hosts.is_empty() {
+        return Some(format!(
+            "the {} provider cannot copy requests (turnout.dev/mirror): use istio or gateway-api, or remove it",
+            o.provider
+        ));
     }
     if !o.config.matches.is_empty() && !o.provider.caps().matches && !o.hosts.is_empty() {
         return Some(format!(

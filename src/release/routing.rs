@@ -55,10 +55,12 @@ impl ProviderKind {
             ProviderKind::Istio | ProviderKind::GatewayApi => Caps {
                 weights: true,
                 matches: true,
+                mirror: true,
             },
             ProviderKind::None => Caps {
                 weights: false,
                 matches: false,
+                mirror: false,
             },
         }
     }
@@ -86,6 +88,8 @@ pub struct Caps {
     pub weights: bool,
     /// Requests sent to one backend by their headers and query parameters.
     pub matches: bool,
+    /// A share of the requests copied to one backend, the answers dropped.
+    pub mirror: bool,
 }
 
 /// Without a mesh: the candidate's replicas for canary `weight` next to `stable` replicas, so that its
@@ -126,7 +130,11 @@ pub enum Route {
 impl Route {
     /// A split by weights alone.
     pub fn weights(weights: Vec<Weighted>) -> Route {
-        Route::Split(Split { weights, matched: None })
+        Route::Split(Split {
+            weights,
+            matched: None,
+            mirror: None,
+        })
     }
 
     /// Weight the route gives to `backend` (requests that match a condition aside).
@@ -142,21 +150,30 @@ impl Route {
         }
     }
 
-    /// Backends the route names, by weight or for the requests that match.
+    /// Backends the route names: by weight, for the requests that match, or as the mirror.
     pub fn backends(&self) -> impl Iterator<Item = &str> {
-        let (parts, matched): (&[Weighted], _) = match self {
-            Route::Host => (&[], None),
-            Route::Split(split) => (&split.weights, split.matched.as_ref()),
+        let (parts, matched, mirror): (&[Weighted], _, _) = match self {
+            Route::Host => (&[], None, None),
+            Route::Split(split) => (&split.weights, split.matched.as_ref(), split.mirror.as_ref()),
         };
         parts
             .iter()
             .map(|p| p.backend.as_str())
             .chain(matched.map(|m| m.backend.as_str()))
+            .chain(mirror.map(|m| m.backend.as_str()))
     }
 
-    /// Whether the route sends requests to `backend`: by weight, or those that match.
+    /// Whether the route sends requests to `backend`: by weight, those that match, or copies.
     pub fn sends_to(&self, backend: &str) -> bool {
-        self.weight_of(backend) > 0 || self.matched_backend() == Some(backend)
+        self.weight_of(backend) > 0 || self.matched_backend() == Some(backend) || self.mirror_backend() == Some(backend)
+    }
+
+    /// The backend that gets copies of the requests, if the route mirrors.
+    pub fn mirror_backend(&self) -> Option<&str> {
+        match self {
+            Route::Split(Split { mirror: Some(m), .. }) => Some(&m.backend),
+            _ => None,
+        }
     }
 
     /// The backend the requests matching a condition go to, if the route has one.
@@ -176,6 +193,15 @@ pub struct Split {
     /// Requests matching a condition go to one backend whatever the weights (an A/B test, a canary's
     /// early users).
     pub matched: Option<Matched>,
+    /// A share of the requests the weights route is copied to one backend, its answers dropped.
+    pub mirror: Option<Mirror>,
+}
+
+/// Copies of `percent` % of the requests go to `backend`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    pub backend: String,
+    pub percent: u8,
 }
 
 /// Requests that match go to `backend`.
@@ -416,8 +442,13 @@ mod tests {
                 matches: vec![RequestMatch::default()],
                 backend: "v2-canary".into(),
             }),
+            mirror: Some(Mirror {
+                backend: "v3-canary".into(),
+                percent: 10,
+            }),
         });
-        assert_eq!(route.backends().collect::<Vec<_>>(), ["v1", "v2-canary"]);
+        assert_eq!(route.backends().collect::<Vec<_>>(), ["v1", "v2-canary", "v3-canary"]);
+        assert!(route.sends_to("v3-canary") && !route.sends_to("v4-canary"));
         assert_eq!(route.weight_of("v2-canary"), 0);
         assert_eq!(route.matched_backend(), Some("v2-canary"));
     }

@@ -82,8 +82,10 @@ struct Scenario {
     strategy: Strategy,
     /// The release has matches (`turnout.dev/match`): their requests go to the candidate.
     matched: bool,
-    /// Analyses of an A/B test.
+    /// Analyses of an A/B test, and of mirroring.
     iterations: u32,
+    /// Copies of this share of the requests to the candidate before the first step.
+    mirror: Option<u8>,
     events: Vec<(Millis, UserAction)>,
 }
 
@@ -131,6 +133,7 @@ impl Proxy {
                     .filter(|p| p.weight > 0)
                     .map(|p| p.backend.as_str())
                     .chain(split.matched.as_ref().map(|m| m.backend.as_str()))
+                    .chain(split.mirror.as_ref().map(|m| m.backend.as_str()))
                     .any(|b| rules.iter().any(|s| s.name == b && s.hash == hash))
             }
         }
@@ -215,6 +218,7 @@ impl World {
                 Vec::new()
             },
             iterations: sc.iterations,
+            mirror: sc.mirror.filter(|_| sc.strategy == Strategy::Canary),
             ..ReleaseConfig::default()
         };
         let mut rs = ReplicaSets::default();
@@ -977,6 +981,7 @@ fn scenario() -> impl Gen<Value = Scenario> {
             prop_oneof![3 => Just(Strategy::Canary), 2 => Just(Strategy::AB)],
             prop_oneof![3 => Just(false), 1 => Just(true)],
             1u32..=4,
+            prop_oneof![3 => Just(None), 1 => (1u8..=100).prop_map(Some)],
         ),
     )
         .prop_map(
@@ -987,7 +992,7 @@ fn scenario() -> impl Gen<Value = Scenario> {
                 (crash_rate, flake_rate),
                 ready,
                 (events, route_status, gates, provider),
-                (strategy, matched, iterations),
+                (strategy, matched, iterations, mirror),
             )| {
                 Scenario {
                     seed,
@@ -1006,6 +1011,7 @@ fn scenario() -> impl Gen<Value = Scenario> {
                     strategy,
                     matched,
                     iterations,
+                    mirror,
                     events,
                 }
             },
@@ -1045,6 +1051,7 @@ fn single(bad: bool) -> Scenario {
         strategy: Strategy::Canary,
         matched: false,
         iterations: 3,
+        mirror: None,
         events: vec![(0, UserAction::SetImage { bad })],
     }
 }
@@ -1163,6 +1170,43 @@ fn a_canary_with_matches_sends_them_to_the_candidate_from_the_first_step() {
         .map(|r| (r.weight_of("v2-canary"), r.matched_backend() == Some("v2-canary")))
         .collect();
     assert_eq!(steps, [(10, true), (50, true), (100, false)]);
+}
+
+#[test]
+fn a_mirrored_canary_copies_requests_for_its_iterations_before_the_first_step() {
+    for bad in [false, true] {
+        let mut sc = single(bad);
+        sc.mirror = Some(20);
+        sc.iterations = 2;
+        let (w, routes) = routes_of(sc);
+        check_end(&w).unwrap();
+        let mirrored: Vec<&Route> = routes
+            .iter()
+            .filter(|r| r.mirror_backend() == Some("v2-canary"))
+            .collect();
+        assert!(!mirrored.is_empty(), "{routes:?}");
+        assert!(
+            mirrored.iter().all(|r| r.weight_of("v1") == 100),
+            "every answer from the stable version while mirroring: {mirrored:?}"
+        );
+        let first_live = routes.iter().position(|r| r.weight_of("v2-canary") > 0);
+        let last_mirror = routes.iter().rposition(|r| r.mirror_backend().is_some()).unwrap();
+        if bad {
+            assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+            assert_eq!(
+                first_live, None,
+                "a failing candidate never got live traffic: {routes:?}"
+            );
+            assert_eq!(w.checks, 2, "threshold failed analyses while mirroring");
+        } else {
+            assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+            assert!(
+                first_live.unwrap() > last_mirror,
+                "mirroring first, then the steps: {routes:?}"
+            );
+            assert_eq!(w.checks, 2 + 3, "the mirror's iterations, then one analysis per step");
+        }
+    }
 }
 
 #[test]

@@ -31,7 +31,7 @@ use crate::gateway::http_route::{
     HttpRouteRulesMatchesQueryParamsType, HttpRouteSpec,
 };
 use crate::names::{agent, backends};
-use crate::release::routing::{MatchKind, Matched, RequestMatch, Split, ValueMatch};
+use crate::release::routing::{MatchKind, Matched, Mirror, RequestMatch, Split, ValueMatch};
 use crate::release::{Applied, Backend, HostRouting, Managed, Millis, Route, RoutingAction, Synced, Weighted};
 
 /// The name of the rule that sends the requests that match to one backend.
@@ -183,13 +183,28 @@ fn route_of(r: &HttpRoute, service: &str, own: &[Service]) -> Applied<Route> {
                 backend: backend_name(&to.name, service, own),
             })
         });
-    let refs: Vec<&HttpRouteRulesBackendRefs> = rules
-        .iter()
-        .rfind(|rule| rule.name.as_deref() != Some(MATCH_RULE))
+    let weighted = rules.iter().rfind(|rule| rule.name.as_deref() != Some(MATCH_RULE));
+    let refs: Vec<&HttpRouteRulesBackendRefs> = weighted
         .and_then(|rule| rule.backend_refs.as_ref())
         .map(|refs| refs.iter().collect())
         .unwrap_or_default();
-    let to_host = (refs.is_empty() || refs.iter().all(|b| b.name == service)) && matched.is_none();
+    let mirror = weighted
+        .and_then(|rule| rule.filters.as_ref())
+        .into_iter()
+        .flatten()
+        .find_map(|f| f.request_mirror.as_ref())
+        .map(|m| Mirror {
+            backend: backend_name(&m.backend_ref.name, service, own),
+            percent: match (m.percent, &m.fraction) {
+                (Some(p), _) => u8::try_from(p.clamp(0, 100)).unwrap_or(100),
+                (None, Some(f)) => {
+                    let share = 100 * i64::from(f.numerator) / i64::from(f.denominator.unwrap_or(100).max(1));
+                    u8::try_from(share.clamp(0, 100)).unwrap_or(100)
+                }
+                (None, None) => 100,
+            },
+        });
+    let to_host = (refs.is_empty() || refs.iter().all(|b| b.name == service)) && matched.is_none() && mirror.is_none();
     let value = if to_host {
         Route::Host
     } else {
@@ -202,6 +217,7 @@ fn route_of(r: &HttpRoute, service: &str, own: &[Service]) -> Applied<Route> {
                 })
                 .collect(),
             matched,
+            mirror,
         })
     };
     Applied {
@@ -480,9 +496,26 @@ fn route_spec(service: &str, plain: &Service, config: &ReleaseConfig, route: &Ro
                 .collect()
         }
     };
+    // Copies of a share of the requests the weights route: a RequestMirror filter on that rule.
+    let filters = match route {
+        Route::Split(Split {
+            mirror: Some(m), ..
+        }) => Some(vec![
+            serde_json::from_value(json!({
+                "type": "RequestMirror",
+                "requestMirror": {
+                    "backendRef": { "group": "", "kind": "Service", "name": backends::service(service, &m.backend), "port": port },
+                    "percent": m.percent,
+                },
+            }))
+            .expect("a RequestMirror filter"),
+        ]),
+        _ => None,
+    };
     rules.push(HttpRouteRules {
         name: Some("turnout".into()),
         backend_refs: Some(refs),
+        filters,
         ..HttpRouteRules::default()
     });
     HttpRouteSpec {
@@ -661,6 +694,7 @@ mod tests {
                 matches,
                 backend: "v2-canary".into(),
             }),
+            mirror: None,
         });
         let r = route_at(&route, &ReleaseConfig::default(), 1_000);
         let json = serde_json::to_value(&r.spec).unwrap();
@@ -677,6 +711,29 @@ mod tests {
         assert_eq!(rules[1]["name"], "turnout");
         assert_eq!(rules[1]["backendRefs"][0]["name"], "podinfo-v1");
         assert!(rules[1]["matches"].is_null(), "the weights catch every other request");
+        assert_eq!(route_of(&r, "podinfo", &[]).value, route);
+    }
+
+    #[test]
+    fn copies_go_to_a_request_mirror_filter_at_its_percentage_and_read_back() {
+        let route = Route::Split(Split {
+            weights: vec![Weighted {
+                backend: "v1".into(),
+                weight: 100,
+            }],
+            matched: None,
+            mirror: Some(Mirror {
+                backend: "v2-canary".into(),
+                percent: 20,
+            }),
+        });
+        let r = route_at(&route, &ReleaseConfig::default(), 1_000);
+        let json = serde_json::to_value(&r.spec).unwrap();
+        let filter = &json["rules"][0]["filters"][0];
+        assert_eq!(filter["type"], "RequestMirror");
+        assert_eq!(filter["requestMirror"]["backendRef"]["name"], "podinfo-v2-canary");
+        assert_eq!(filter["requestMirror"]["backendRef"]["port"], 9898);
+        assert_eq!(filter["requestMirror"]["percent"], 20);
         assert_eq!(route_of(&r, "podinfo", &[]).value, route);
     }
 

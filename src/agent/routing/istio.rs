@@ -15,11 +15,11 @@ use crate::agent::cache::Kind;
 use crate::istio::destination_rule::{DestinationRule, DestinationRuleSpec, DestinationRuleSubsets};
 use crate::istio::virtual_service::{
     VirtualService, VirtualServiceHttp, VirtualServiceHttpMatch, VirtualServiceHttpMatchHeaders,
-    VirtualServiceHttpMatchQueryParams, VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination,
-    VirtualServiceSpec,
+    VirtualServiceHttpMatchQueryParams, VirtualServiceHttpMirror, VirtualServiceHttpMirrorPercentage,
+    VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination, VirtualServiceSpec,
 };
 use crate::names::agent;
-use crate::release::routing::{MatchKind, Matched, RequestMatch, Split, ValueMatch};
+use crate::release::routing::{MatchKind, Matched, Mirror, RequestMatch, Split, ValueMatch};
 use crate::release::{Applied, Backend, HostRouting, Millis, Route, RoutingAction, Synced, Weighted};
 
 /// The name of the HTTP route that sends the requests that match to one backend.
@@ -124,26 +124,30 @@ fn route_of(vs: &VirtualService) -> Applied<Route> {
                 backend: subset_of(h)?,
             })
         });
-    let route = http
-        .iter()
-        .rfind(|h| h.name.as_deref() != Some(MATCH_ROUTE))
-        .and_then(|h| h.route.as_ref())
-        .map_or(Route::Host, |dests| {
-            if dests.iter().all(|d| d.destination.subset.is_none()) && matched.is_none() {
-                Route::Host
-            } else {
-                Route::Split(Split {
-                    weights: dests
-                        .iter()
-                        .map(|d| Weighted {
-                            backend: d.destination.subset.clone().unwrap_or_default(),
-                            weight: u8::try_from(d.weight.unwrap_or(0).clamp(0, 100)).unwrap_or(0),
-                        })
-                        .collect(),
-                    matched,
-                })
-            }
-        });
+    let weighted = http.iter().rfind(|h| h.name.as_deref() != Some(MATCH_ROUTE));
+    let mirror = weighted.and_then(|h| {
+        Some(Mirror {
+            backend: h.mirror.as_ref()?.subset.clone()?,
+            percent: h.mirror_percentage.as_ref().and_then(|p| p.value).map_or(100, percent),
+        })
+    });
+    let route = weighted.and_then(|h| h.route.as_ref()).map_or(Route::Host, |dests| {
+        if dests.iter().all(|d| d.destination.subset.is_none()) && matched.is_none() && mirror.is_none() {
+            Route::Host
+        } else {
+            Route::Split(Split {
+                weights: dests
+                    .iter()
+                    .map(|d| Weighted {
+                        backend: d.destination.subset.clone().unwrap_or_default(),
+                        weight: u8::try_from(d.weight.unwrap_or(0).clamp(0, 100)).unwrap_or(0),
+                    })
+                    .collect(),
+                matched,
+                mirror,
+            })
+        }
+    });
     let status = vs.status.as_ref();
     Applied {
         value: route,
@@ -218,6 +222,10 @@ fn virtual_service_spec(service: &str, ns: &str, route: &Route) -> VirtualServic
         ..Default::default()
     };
     let mut http = Vec::new();
+    let mut weighted = VirtualServiceHttp {
+        name: Some("turnout".into()),
+        ..Default::default()
+    };
     let destinations = match route {
         Route::Host => vec![to(None, None)],
         Route::Split(split) => {
@@ -229,6 +237,16 @@ fn virtual_service_spec(service: &str, ns: &str, route: &Route) -> VirtualServic
                     ..Default::default()
                 });
             }
+            if let Some(m) = &split.mirror {
+                weighted.mirror = Some(VirtualServiceHttpMirror {
+                    host: host.clone(),
+                    subset: Some(m.backend.clone()),
+                    port: None,
+                });
+                weighted.mirror_percentage = Some(VirtualServiceHttpMirrorPercentage {
+                    value: Some(f64::from(m.percent)),
+                });
+            }
             split
                 .weights
                 .iter()
@@ -236,16 +254,21 @@ fn virtual_service_spec(service: &str, ns: &str, route: &Route) -> VirtualServic
                 .collect()
         }
     };
-    http.push(VirtualServiceHttp {
-        name: Some("turnout".into()),
-        route: Some(destinations),
-        ..Default::default()
-    });
+    weighted.route = Some(destinations);
+    http.push(weighted);
     VirtualServiceSpec {
         hosts: Some(vec![host]),
         http: Some(http),
         ..VirtualServiceSpec::default()
     }
+}
+
+/// A percentage Istio holds as a double, as a whole percent.
+fn percent(value: f64) -> u8 {
+    // Clamped to 0..=100 first: the conversion is exact.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let whole = value.clamp(0.0, 100.0).round() as u8;
+    whole
 }
 
 /// A match as Istio's `HTTPMatchRequest`: `exact` or `regex` (RE2, the whole value) per header and
@@ -391,6 +414,7 @@ mod tests {
                 matches,
                 backend: "v2-canary".into(),
             }),
+            mirror: None,
         });
         let spec = virtual_service_spec("podinfo", "shop", &route);
         let json = serde_json::to_value(&spec).unwrap();
@@ -406,6 +430,28 @@ mod tests {
         assert_eq!(json["http"][1]["route"][1]["weight"], 10);
         let vs = VirtualService::new("podinfo", spec);
         assert_eq!(route_of(&vs).value, route);
+    }
+
+    #[test]
+    fn copies_go_to_the_mirror_subset_at_its_percentage_and_read_back() {
+        let route = Route::Split(Split {
+            weights: vec![Weighted {
+                backend: "v1".into(),
+                weight: 100,
+            }],
+            matched: None,
+            mirror: Some(Mirror {
+                backend: "v2-canary".into(),
+                percent: 20,
+            }),
+        });
+        let spec = virtual_service_spec("podinfo", "shop", &route);
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["http"][0]["mirror"]["subset"], "v2-canary");
+        assert_eq!(json["http"][0]["mirror"]["host"], "podinfo.shop.svc.cluster.local");
+        assert_eq!(json["http"][0]["mirrorPercentage"]["value"], 20.0);
+        assert_eq!(json["http"][0]["route"][0]["destination"]["subset"], "v1");
+        assert_eq!(route_of(&VirtualService::new("podinfo", spec)).value, route);
     }
 
     #[test]
