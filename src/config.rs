@@ -32,9 +32,10 @@ pub mod keys {
     pub const MATCH: &str = "turnout.dev/match";
     pub const ITERATIONS: &str = "turnout.dev/iterations";
     pub const MIRROR: &str = "turnout.dev/mirror";
+    pub const SESSION_AFFINITY: &str = "turnout.dev/session-affinity";
 
     /// Every key, for documentation and for tests that keep the docs in step with the code.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         STEPS,
         INTERVAL,
         THRESHOLD,
@@ -56,6 +57,7 @@ pub mod keys {
         MATCH,
         ITERATIONS,
         MIRROR,
+        SESSION_AFFINITY,
     ];
 }
 
@@ -198,6 +200,9 @@ pub struct ReleaseConfig {
     /// Before the first step, copy this percentage of the requests to the candidate (answers dropped)
     /// for `iterations` analyses.
     pub mirror: Option<u8>,
+    /// In a canary, the cookie the candidate's answers set, which keeps whoever carries it on the
+    /// candidate.
+    pub session_affinity: Option<String>,
 }
 
 /// A Gateway named by `turnout.dev/gateway`: `name` or `namespace/name`.
@@ -315,6 +320,7 @@ impl Default for ReleaseConfig {
             matches: Vec::new(),
             iterations: 10,
             mirror: None,
+            session_affinity: None,
         }
     }
 }
@@ -425,6 +431,17 @@ pub fn resolve(
             config.strategy = Strategy::Canary;
         }
     }
+    // Affinity keeps users on a canary's candidate; an A/B test sends its users by their requests.
+    if config.strategy == Strategy::AB
+        && let Some(cookie) = config.session_affinity.take()
+    {
+        problems.push(Problem {
+            on: "deployment",
+            key: keys::SESSION_AFFINITY.to_owned(),
+            value: cookie,
+            reason: "session affinity goes with the canary strategy; an A/B test routes by its matches".into(),
+        });
+    }
     // Mirroring comes before the steps of a canary; an A/B test does not mirror in this version.
     if config.strategy == Strategy::AB
         && let Some(percent) = config.mirror.take()
@@ -522,6 +539,14 @@ fn apply(config: &mut ReleaseConfig, key: &str, value: &str) -> Result<(), Strin
         // An empty value turns off the level below's matches.
         keys::MATCH if value.is_empty() => config.matches.clear(),
         keys::MATCH => config.matches = parse_matches(value)?,
+        // An empty value turns off the level below's affinity.
+        keys::SESSION_AFFINITY if value.is_empty() => config.session_affinity = None,
+        keys::SESSION_AFFINITY => {
+            if !crate::release::routing::is_cookie_name(value) {
+                return Err("not a cookie name (letters, digits and !#$%&'*+-.^_`|~, at most 64)".into());
+            }
+            config.session_affinity = Some(value.to_owned());
+        }
         // An empty value turns off the level below's mirroring.
         keys::MIRROR if value.is_empty() => config.mirror = None,
         keys::MIRROR => {
@@ -671,7 +696,26 @@ mod tests {
             problems[0].reason.contains("mirroring goes with the canary"),
             "{problems:?}"
         );
+        // Session affinity: a cookie's name; with an A/B test reported and left out.
+        let sticky = ann(&[(keys::SESSION_AFFINITY, "turnout-canary")]);
+        let (config, problems) = resolve(&ReleaseConfig::default(), &ann(&[]), &sticky);
+        assert_eq!(
+            (config.session_affinity.as_deref(), problems.len()),
+            (Some("turnout-canary"), 0)
+        );
+        let (config, problems) = resolve(
+            &ReleaseConfig::default(),
+            &ns,
+            &ann(&[(keys::SESSION_AFFINITY, "c"), (keys::STRATEGY, "ab")]),
+        );
+        assert_eq!(config.session_affinity, None);
+        assert!(
+            problems[0].reason.contains("session affinity goes with the canary"),
+            "{problems:?}"
+        );
         for (key, bad) in [
+            (keys::SESSION_AFFINITY, "a cookie"),
+            (keys::SESSION_AFFINITY, "a=b"),
             (keys::MIRROR, "0"),
             (keys::MIRROR, "150"),
             (keys::STRATEGY, "linear"),

@@ -1642,6 +1642,138 @@ async fn mirrored_release(env: &Env, ns: &str, provider: &'static str) -> Stats 
     stats
 }
 
+/// Users who keep the cookies they are given, each sending a request every 250 ms: the versions
+/// that answered each of them, in order, and the requests that failed.
+struct Users {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Vec<String>>>>,
+    failed: Arc<Mutex<u64>>,
+}
+
+impl Users {
+    fn start(mesh: SocketAddr, host: String, count: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(vec![Vec::new(); count]));
+        let failed = Arc::new(Mutex::new(0));
+        for user in 0..count {
+            let (stop, seen, failed, host) = (stop.clone(), seen.clone(), failed.clone(), host.clone());
+            tokio::spawn(async move {
+                let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<Empty<Bytes>>();
+                let mut jar: BTreeMap<String, String> = BTreeMap::new();
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let mut request = http::Request::get(format!("http://{mesh}/")).header("host", &host);
+                    if !jar.is_empty() {
+                        let cookies: Vec<String> = jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        request = request.header("cookie", cookies.join("; "));
+                    }
+                    let answer = tokio::time::timeout(Duration::from_secs(5), async {
+                        let response = client
+                            .request(request.body(Empty::new()).unwrap())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let status = response.status();
+                        let cookies: Vec<String> = response
+                            .headers()
+                            .get_all("set-cookie")
+                            .iter()
+                            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+                            .collect();
+                        let body = response
+                            .into_body()
+                            .collect()
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .to_bytes();
+                        Ok::<_, String>((status, cookies, body))
+                    })
+                    .await;
+                    match answer {
+                        Ok(Ok((status, cookies, body))) if status.is_success() => {
+                            for c in cookies {
+                                if let Some((k, v)) = c.split(';').next().and_then(|p| p.split_once('=')) {
+                                    jar.insert(k.trim().to_owned(), v.trim().to_owned());
+                                }
+                            }
+                            let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                            seen.lock().unwrap()[user].push(v["version"].as_str().unwrap_or("?").to_owned());
+                        }
+                        _ => *failed.lock().unwrap() += 1,
+                    }
+                }
+            });
+        }
+        Self { stop, seen, failed }
+    }
+
+    async fn finish(self) -> (Vec<Vec<String>>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let seen = self.seen.lock().unwrap().clone();
+        let failed = *self.failed.lock().unwrap();
+        (seen, failed)
+    }
+}
+
+/// A sticky canary: users who reached the candidate stay on it through the steps (checked by the
+/// version of every answer each user got), while the weights still move the others.
+async fn sticky_release(env: &Env, ns: &str, provider: &'static str) -> (Vec<Vec<String>>, u64) {
+    let mut annotations = vec![
+        "turnout.dev/session-affinity=turnout-canary",
+        "turnout.dev/steps=20,60,100",
+        "turnout.dev/interval=4s",
+    ];
+    if provider == "gateway-api" {
+        annotations.push(GATEWAY_API);
+    }
+    let load = env.prepare(ns, true, &annotations).await;
+    let users = Users::start(env.mesh(), format!("podinfo.{ns}"), 10);
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
+    assert_at_rest(env, ns, "2").await;
+    let (seen, failed) = users.finish().await;
+    let stats = load.finish().await;
+    assert_eq!((failed, stats.failed), (0, 0), "{ns}: no request fails");
+    for (user, versions) in seen.iter().enumerate() {
+        let first_v2 = versions.iter().position(|v| v == "v2");
+        if let Some(at) = first_v2 {
+            assert!(
+                versions[at..].iter().all(|v| v == "v2"),
+                "{ns}: user {user} went back to v1 after reaching v2: {versions:?}"
+            );
+        }
+    }
+    // The weights still moved users over: some reached v2 while others were still on v1.
+    let switched = seen
+        .iter()
+        .filter(|v| v.first().map(String::as_str) == Some("v1") && v.last().map(String::as_str) == Some("v2"))
+        .count();
+    assert!(switched > 0, "{ns}: users moved to v2: {seen:?}");
+    let events = env.events(ns).await.join("\n");
+    assert!(
+        events.contains("sticky: whoever reaches it keeps cookie turnout-canary"),
+        "{ns}: {events}"
+    );
+    (seen, failed)
+}
+
+/// Sticky canaries on Istio and on Gateway API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_canary_keeps_each_user_on_the_version_they_reached() {
+    let env = Env::start(true).await;
+    let ((i, _), (g, _)) = tokio::join!(
+        sticky_release(&env, "sticky-i", "istio"),
+        sticky_release(&env, "sticky-g", "gateway-api")
+    );
+    let first_v2 = |seen: &[Vec<String>]| -> Vec<Option<usize>> {
+        seen.iter().map(|v| v.iter().position(|x| x == "v2")).collect()
+    };
+    eprintln!("sticky-i (istio): first v2 per user {:?}", first_v2(&i));
+    eprintln!("sticky-g (gateway-api): first v2 per user {:?}", first_v2(&g));
+}
+
 /// Mirroring before any live traffic, on Istio and on Gateway API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirrored_canary_serves_only_the_stable_version_while_copies_fill_the_candidate_s_metrics() {

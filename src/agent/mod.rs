@@ -148,6 +148,7 @@ impl Args {
             matches: Vec::new(),
             iterations: 10,
             mirror: None,
+            session_affinity: None,
         }
     }
 }

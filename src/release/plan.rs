@@ -10,7 +10,7 @@
 //! - [`to_rest`] removes backends only once no route names them and that change has propagated and
 //!   drained (I2), and routes to the host only when no candidate pod is left for it to select (I3).
 
-use super::routing::{Matched, Mirror, Split, describe_matches};
+use super::routing::{Matched, Mirror, Split, Sticky, describe_matches};
 use super::{
     Action, Backend, CandidateView, DeploymentView, Event, HostRouting, Intent, Managed, Millis, Observed, Phase, Plan,
     Request, Rollout, Route, RoutingAction, Stage, StatusPatch, Strategy, Verb, Weighted, candidate_replicas,
@@ -299,7 +299,7 @@ fn first_route(o: &Observed<'_>, t: u64, stable: &Backend, canary: &Backend) -> 
     if !mirror_due(o, t) {
         return advance(o, stable, canary, first_step(o, t));
     }
-    let mut plan = ensure_split(o, &[(stable.clone(), 100)], None, Some(canary))?;
+    let mut plan = ensure_split(o, &[(stable.clone(), 100)], None, Some(canary), None)?;
     if moves_traffic(&plan.action) {
         let d = &o.deployment;
         plan.event = Some(info(
@@ -1175,7 +1175,10 @@ fn advance(o: &Observed<'_>, stable: &Backend, canary: &Backend, weight: u8) -> 
         want.insert(0, (stable.clone(), 100 - weight));
     }
     let matched = (weight < 100 && !o.config.matches.is_empty()).then_some(canary);
-    let mut plan = ensure_split(o, &want, matched, None)?;
+    // Session affinity while the canary shares the traffic: its answers set the cookie, and whoever
+    // carries it stays on it.
+    let sticky = (weight > 0 && weight < 100 && o.config.session_affinity.is_some()).then_some(canary);
+    let mut plan = ensure_split(o, &want, matched, None, sticky)?;
     if moves_traffic(&plan.action) {
         let d = &o.deployment;
         let message = match (o.config.strategy, matched) {
@@ -1193,6 +1196,10 @@ fn advance(o: &Observed<'_>, stable: &Backend, canary: &Backend, weight: u8) -> 
                 describe_matches(&o.config.matches)
             ),
             (_, None) => format!("Advance {}/{} canary weight {weight}", d.namespace, d.name),
+        };
+        let message = match (sticky, &o.config.session_affinity) {
+            (Some(_), Some(cookie)) => format!("{message} (sticky: whoever reaches it keeps cookie {cookie})"),
+            _ => message,
         };
         plan.event = Some(info("Advance", message));
     }
@@ -1214,7 +1221,7 @@ fn ensure_route_unless_at_rest(o: &Observed<'_>, want: &[(Backend, u8)]) -> Opti
 
 /// Makes every managed host route `want` (I1: backends first, propagated; one change at a time).
 fn ensure_route(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
-    ensure_split(o, want, None, None)
+    ensure_split(o, want, None, None, None)
 }
 
 /// Makes every managed host route `want`, the requests that match the release's matches to
@@ -1224,6 +1231,7 @@ fn ensure_split(
     want: &[(Backend, u8)],
     matched: Option<&Backend>,
     mirror: Option<&Backend>,
+    sticky: Option<&Backend>,
 ) -> Option<Plan> {
     debug_assert_eq!(want.iter().map(|(_, w)| u32::from(*w)).sum::<u32>(), 100);
     if !weighted(o) {
@@ -1246,12 +1254,18 @@ fn ensure_split(
             backend: b.name.clone(),
             percent: o.config.mirror.unwrap_or(100),
         }),
+        sticky: sticky
+            .zip(o.config.session_affinity.as_ref())
+            .map(|(b, cookie)| Sticky {
+                cookie: cookie.clone(),
+                backend: b.name.clone(),
+            }),
     });
     // The matched and mirror backends must be defined as the weighted ones are.
     let want: Vec<(Backend, u8)> = want
         .iter()
         .cloned()
-        .chain(matched.into_iter().chain(mirror).map(|b| (b.clone(), 1)))
+        .chain(matched.into_iter().chain(mirror).chain(sticky).map(|b| (b.clone(), 1)))
         .collect();
     let want = want.as_slice();
     let prop = ms(o.config.propagation_delay);
@@ -1310,6 +1324,13 @@ fn unroutable(o: &Observed<'_>) -> Option<String> {
     if o.config.mirror.is_some() && !o.provider.caps().mirror && !o.hosts.is_empty() {
         return Some(format!(
             "the {} provider cannot copy requests (turnout.dev/mirror): use istio or gateway-api, or remove it",
+            o.provider
+        ));
+    }
+    if o.config.session_affinity.is_some() && !o.provider.caps().matches && !o.hosts.is_empty() {
+        return Some(format!(
+            "the {} provider cannot keep a user on one version (turnout.dev/session-affinity): use istio or \
+             gateway-api, or remove it",
             o.provider
         ));
     }

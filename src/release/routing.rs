@@ -134,6 +134,7 @@ impl Route {
             weights,
             matched: None,
             mirror: None,
+            sticky: None,
         })
     }
 
@@ -152,20 +153,30 @@ impl Route {
 
     /// Backends the route names: by weight, for the requests that match, or as the mirror.
     pub fn backends(&self) -> impl Iterator<Item = &str> {
-        let (parts, matched, mirror): (&[Weighted], _, _) = match self {
-            Route::Host => (&[], None, None),
-            Route::Split(split) => (&split.weights, split.matched.as_ref(), split.mirror.as_ref()),
+        let (parts, matched, mirror, sticky): (&[Weighted], _, _, _) = match self {
+            Route::Host => (&[], None, None, None),
+            Route::Split(split) => (
+                &split.weights,
+                split.matched.as_ref(),
+                split.mirror.as_ref(),
+                split.sticky.as_ref(),
+            ),
         };
         parts
             .iter()
             .map(|p| p.backend.as_str())
             .chain(matched.map(|m| m.backend.as_str()))
             .chain(mirror.map(|m| m.backend.as_str()))
+            .chain(sticky.map(|s| s.backend.as_str()))
     }
 
-    /// Whether the route sends requests to `backend`: by weight, those that match, or copies.
+    /// Whether the route sends requests to `backend`: by weight, those that match or carry its
+    /// cookie, or copies.
     pub fn sends_to(&self, backend: &str) -> bool {
-        self.weight_of(backend) > 0 || self.matched_backend() == Some(backend) || self.mirror_backend() == Some(backend)
+        self.weight_of(backend) > 0
+            || self.matched_backend() == Some(backend)
+            || self.mirror_backend() == Some(backend)
+            || matches!(self, Route::Split(Split { sticky: Some(s), .. }) if s.backend == backend)
     }
 
     /// The backend that gets copies of the requests, if the route mirrors.
@@ -195,6 +206,51 @@ pub struct Split {
     pub matched: Option<Matched>,
     /// A share of the requests the weights route is copied to one backend, its answers dropped.
     pub mirror: Option<Mirror>,
+    /// Session affinity: the backend's answers set a cookie, and requests that carry it go to the
+    /// backend whatever the weights.
+    pub sticky: Option<Sticky>,
+}
+
+/// Answers of `backend` set the cookie `cookie=<backend>`; requests carrying it go to `backend`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sticky {
+    pub cookie: String,
+    pub backend: String,
+}
+
+impl Sticky {
+    /// The `Set-Cookie` value of the backend's answers (a session cookie for the whole site).
+    pub fn set_cookie(&self) -> String {
+        format!("{}={}; Path=/", self.cookie, self.backend)
+    }
+
+    /// The `cookie` header of a request that carries it (RE2, matching the whole value).
+    pub fn cookie_regex(&self) -> String {
+        format!(
+            r"^(.*?;\s*)?{}={}(;.*)?$",
+            regex::escape(&self.cookie),
+            regex::escape(&self.backend)
+        )
+    }
+
+    /// The affinity a `Set-Cookie` value of [`Sticky::set_cookie`] stands for.
+    pub fn from_set_cookie(value: &str) -> Option<Sticky> {
+        let pair = value.split(';').next()?;
+        let (cookie, backend) = pair.split_once('=')?;
+        Some(Sticky {
+            cookie: cookie.trim().to_owned(),
+            backend: backend.trim().to_owned(),
+        })
+    }
+}
+
+/// Whether `name` can be a cookie's name (an HTTP token).
+pub fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Copies of `percent` % of the requests go to `backend`.
@@ -446,11 +502,40 @@ mod tests {
                 backend: "v3-canary".into(),
                 percent: 10,
             }),
+            sticky: None,
         });
         assert_eq!(route.backends().collect::<Vec<_>>(), ["v1", "v2-canary", "v3-canary"]);
         assert!(route.sends_to("v3-canary") && !route.sends_to("v4-canary"));
         assert_eq!(route.weight_of("v2-canary"), 0);
         assert_eq!(route.matched_backend(), Some("v2-canary"));
+    }
+
+    #[test]
+    fn a_sticky_backend_sets_its_cookie_and_the_cookie_is_matched_among_others() {
+        let sticky = Sticky {
+            cookie: "canary".into(),
+            backend: "v2-canary".into(),
+        };
+        assert_eq!(sticky.set_cookie(), "canary=v2-canary; Path=/");
+        assert_eq!(Sticky::from_set_cookie(&sticky.set_cookie()), Some(sticky.clone()));
+        let re = regex::Regex::new(&sticky.cookie_regex()).unwrap();
+        for carries in [
+            "canary=v2-canary",
+            "a=1; canary=v2-canary",
+            "canary=v2-canary; b=2",
+            "a=1;canary=v2-canary;b=2",
+        ] {
+            assert!(re.is_match(carries), "{carries}");
+        }
+        for not in [
+            "canary=v2-canaryx",
+            "xcanary=v2-canary",
+            "canary=v3-canary",
+            "canary=v2Xcanary",
+        ] {
+            assert!(!re.is_match(not), "{not}");
+        }
+        assert!(is_cookie_name("turnout-canary") && !is_cookie_name("a b") && !is_cookie_name("a=b"));
     }
 
     #[test]

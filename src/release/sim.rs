@@ -86,6 +86,8 @@ struct Scenario {
     iterations: u32,
     /// Copies of this share of the requests to the candidate before the first step.
     mirror: Option<u8>,
+    /// Session affinity in a canary.
+    sticky: bool,
     events: Vec<(Millis, UserAction)>,
 }
 
@@ -134,6 +136,7 @@ impl Proxy {
                     .map(|p| p.backend.as_str())
                     .chain(split.matched.as_ref().map(|m| m.backend.as_str()))
                     .chain(split.mirror.as_ref().map(|m| m.backend.as_str()))
+                    .chain(split.sticky.as_ref().map(|s| s.backend.as_str()))
                     .any(|b| rules.iter().any(|s| s.name == b && s.hash == hash))
             }
         }
@@ -219,6 +222,7 @@ impl World {
             },
             iterations: sc.iterations,
             mirror: sc.mirror.filter(|_| sc.strategy == Strategy::Canary),
+            session_affinity: (sc.sticky && sc.strategy == Strategy::Canary).then(|| "turnout-canary".to_owned()),
             ..ReleaseConfig::default()
         };
         let mut rs = ReplicaSets::default();
@@ -982,6 +986,7 @@ fn scenario() -> impl Gen<Value = Scenario> {
             prop_oneof![3 => Just(false), 1 => Just(true)],
             1u32..=4,
             prop_oneof![3 => Just(None), 1 => (1u8..=100).prop_map(Some)],
+            prop_oneof![3 => Just(false), 1 => Just(true)],
         ),
     )
         .prop_map(
@@ -992,7 +997,7 @@ fn scenario() -> impl Gen<Value = Scenario> {
                 (crash_rate, flake_rate),
                 ready,
                 (events, route_status, gates, provider),
-                (strategy, matched, iterations, mirror),
+                (strategy, matched, iterations, mirror, sticky),
             )| {
                 Scenario {
                     seed,
@@ -1012,6 +1017,7 @@ fn scenario() -> impl Gen<Value = Scenario> {
                     matched,
                     iterations,
                     mirror,
+                    sticky,
                     events,
                 }
             },
@@ -1052,6 +1058,7 @@ fn single(bad: bool) -> Scenario {
         matched: false,
         iterations: 3,
         mirror: None,
+        sticky: false,
         events: vec![(0, UserAction::SetImage { bad })],
     }
 }
@@ -1207,6 +1214,22 @@ fn a_mirrored_canary_copies_requests_for_its_iterations_before_the_first_step() 
             assert_eq!(w.checks, 2 + 3, "the mirror's iterations, then one analysis per step");
         }
     }
+}
+
+#[test]
+fn a_sticky_canary_keeps_its_users_through_the_steps_and_lets_go_at_all_traffic() {
+    let mut sc = single(false);
+    sc.sticky = true;
+    let (w, routes) = routes_of(sc);
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    let sticky = |r: &Route| matches!(r, Route::Split(routing::Split { sticky: Some(s), .. }) if s.backend == "v2-canary" && s.cookie == "turnout-canary");
+    let steps: Vec<(u8, bool)> = routes
+        .iter()
+        .filter(|r| r.weight_of("v2-canary") > 0)
+        .map(|r| (r.weight_of("v2-canary"), sticky(r)))
+        .collect();
+    assert_eq!(steps, [(10, true), (50, true), (100, false)]);
 }
 
 #[test]

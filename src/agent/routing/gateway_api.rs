@@ -31,11 +31,14 @@ use crate::gateway::http_route::{
     HttpRouteRulesMatchesQueryParamsType, HttpRouteSpec,
 };
 use crate::names::{agent, backends};
-use crate::release::routing::{MatchKind, Matched, Mirror, RequestMatch, Split, ValueMatch};
+use crate::release::routing::{MatchKind, Matched, Mirror, RequestMatch, Split, Sticky, ValueMatch};
 use crate::release::{Applied, Backend, HostRouting, Managed, Millis, Route, RoutingAction, Synced, Weighted};
 
 /// The name of the rule that sends the requests that match to one backend.
 const MATCH_RULE: &str = "turnout-match";
+
+/// The name of the rule that keeps the requests carrying the affinity cookie on its backend.
+const STICKY_RULE: &str = "turnout-sticky";
 
 /// The API group of the Gateway API.
 pub const GROUP: &str = "gateway.networking.k8s.io";
@@ -183,7 +186,25 @@ fn route_of(r: &HttpRoute, service: &str, own: &[Service]) -> Applied<Route> {
                 backend: backend_name(&to.name, service, own),
             })
         });
-    let weighted = rules.iter().rfind(|rule| rule.name.as_deref() != Some(MATCH_RULE));
+    let weighted = rules
+        .iter()
+        .rfind(|rule| !matches!(rule.name.as_deref(), Some(MATCH_RULE | STICKY_RULE)));
+    // The sticky rule's backend, and the cookie its answers set (a filter on its backendRef).
+    let sticky = rules
+        .iter()
+        .find(|rule| rule.name.as_deref() == Some(STICKY_RULE))
+        .and_then(|rule| rule.backend_refs.as_ref()?.first())
+        .and_then(|to| {
+            let weighted_ref = weighted?.backend_refs.as_ref()?.iter().find(|b| b.name == to.name)?;
+            let set = weighted_ref
+                .filters
+                .iter()
+                .flatten()
+                .filter_map(|f| f.response_header_modifier.as_ref())
+                .flat_map(|m| m.add.iter().flatten())
+                .find(|h| h.name.eq_ignore_ascii_case("set-cookie"))?;
+            Sticky::from_set_cookie(&set.value).filter(|s| s.backend == backend_name(&to.name, service, own))
+        });
     let refs: Vec<&HttpRouteRulesBackendRefs> = weighted
         .and_then(|rule| rule.backend_refs.as_ref())
         .map(|refs| refs.iter().collect())
@@ -204,7 +225,10 @@ fn route_of(r: &HttpRoute, service: &str, own: &[Service]) -> Applied<Route> {
                 (None, None) => 100,
             },
         });
-    let to_host = (refs.is_empty() || refs.iter().all(|b| b.name == service)) && matched.is_none() && mirror.is_none();
+    let to_host = (refs.is_empty() || refs.iter().all(|b| b.name == service))
+        && matched.is_none()
+        && mirror.is_none()
+        && sticky.is_none();
     let value = if to_host {
         Route::Host
     } else {
@@ -218,6 +242,7 @@ fn route_of(r: &HttpRoute, service: &str, own: &[Service]) -> Applied<Route> {
                 .collect(),
             matched,
             mirror,
+            sticky,
         })
     };
     Applied {
@@ -489,10 +514,38 @@ fn route_spec(service: &str, plain: &Service, config: &ReleaseConfig, route: &Ro
                     ..HttpRouteRules::default()
                 });
             }
+            if let Some(s) = &split.sticky {
+                rules.push(HttpRouteRules {
+                    name: Some(STICKY_RULE.into()),
+                    matches: Some(vec![HttpRouteRulesMatches {
+                        headers: Some(vec![HttpRouteRulesMatchesHeaders {
+                            name: "cookie".into(),
+                            r#type: Some(HttpRouteRulesMatchesHeadersType::RegularExpression),
+                            value: s.cookie_regex(),
+                        }]),
+                        ..HttpRouteRulesMatches::default()
+                    }]),
+                    backend_refs: Some(vec![backend_ref(backends::service(service, &s.backend), 1)]),
+                    ..HttpRouteRules::default()
+                });
+            }
             split
                 .weights
                 .iter()
-                .map(|p| backend_ref(backends::service(service, &p.backend), i32::from(p.weight)))
+                .map(|p| {
+                    let mut to = backend_ref(backends::service(service, &p.backend), i32::from(p.weight));
+                    // The sticky backend's answers set the cookie.
+                    if let Some(s) = split.sticky.as_ref().filter(|s| s.backend == p.backend) {
+                        to.filters = Some(vec![
+                            serde_json::from_value(json!({
+                                "type": "ResponseHeaderModifier",
+                                "responseHeaderModifier": { "add": [{ "name": "Set-Cookie", "value": s.set_cookie() }] },
+                            }))
+                            .expect("a ResponseHeaderModifier filter"),
+                        ]);
+                    }
+                    to
+                })
                 .collect()
         }
     };
@@ -695,6 +748,7 @@ mod tests {
                 backend: "v2-canary".into(),
             }),
             mirror: None,
+            sticky: None,
         });
         let r = route_at(&route, &ReleaseConfig::default(), 1_000);
         let json = serde_json::to_value(&r.spec).unwrap();
@@ -726,6 +780,7 @@ mod tests {
                 backend: "v2-canary".into(),
                 percent: 20,
             }),
+            sticky: None,
         });
         let r = route_at(&route, &ReleaseConfig::default(), 1_000);
         let json = serde_json::to_value(&r.spec).unwrap();
@@ -734,6 +789,43 @@ mod tests {
         assert_eq!(filter["requestMirror"]["backendRef"]["name"], "podinfo-v2-canary");
         assert_eq!(filter["requestMirror"]["backendRef"]["port"], 9898);
         assert_eq!(filter["requestMirror"]["percent"], 20);
+        assert_eq!(route_of(&r, "podinfo", &[]).value, route);
+    }
+
+    #[test]
+    fn a_sticky_canary_sets_its_cookie_by_a_backend_filter_and_a_rule_keeps_it_and_reads_back() {
+        let route = Route::Split(Split {
+            weights: vec![
+                Weighted {
+                    backend: "v1".into(),
+                    weight: 80,
+                },
+                Weighted {
+                    backend: "v2-canary".into(),
+                    weight: 20,
+                },
+            ],
+            matched: None,
+            mirror: None,
+            sticky: Some(Sticky {
+                cookie: "turnout-canary".into(),
+                backend: "v2-canary".into(),
+            }),
+        });
+        let r = route_at(&route, &ReleaseConfig::default(), 1_000);
+        let json = serde_json::to_value(&r.spec).unwrap();
+        let rules = json["rules"].as_array().unwrap();
+        assert_eq!(rules[0]["name"], "turnout-sticky");
+        assert_eq!(rules[0]["matches"][0]["headers"][0]["name"], "cookie");
+        assert_eq!(rules[0]["matches"][0]["headers"][0]["type"], "RegularExpression");
+        assert_eq!(rules[0]["backendRefs"][0]["name"], "podinfo-v2-canary");
+        let canary = &rules[1]["backendRefs"][1];
+        assert_eq!(canary["filters"][0]["type"], "ResponseHeaderModifier");
+        assert_eq!(
+            canary["filters"][0]["responseHeaderModifier"]["add"][0],
+            json!({ "name": "Set-Cookie", "value": "turnout-canary=v2-canary; Path=/" })
+        );
+        assert!(rules[1]["backendRefs"][0]["filters"].is_null());
         assert_eq!(route_of(&r, "podinfo", &[]).value, route);
     }
 

@@ -16,14 +16,21 @@ use crate::istio::destination_rule::{DestinationRule, DestinationRuleSpec, Desti
 use crate::istio::virtual_service::{
     VirtualService, VirtualServiceHttp, VirtualServiceHttpMatch, VirtualServiceHttpMatchHeaders,
     VirtualServiceHttpMatchQueryParams, VirtualServiceHttpMirror, VirtualServiceHttpMirrorPercentage,
-    VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination, VirtualServiceSpec,
+    VirtualServiceHttpRoute, VirtualServiceHttpRouteDestination, VirtualServiceHttpRouteHeaders,
+    VirtualServiceHttpRouteHeadersResponse, VirtualServiceSpec,
 };
 use crate::names::agent;
-use crate::release::routing::{MatchKind, Matched, Mirror, RequestMatch, Split, ValueMatch};
+use crate::release::routing::{MatchKind, Matched, Mirror, RequestMatch, Split, Sticky, ValueMatch};
 use crate::release::{Applied, Backend, HostRouting, Millis, Route, RoutingAction, Synced, Weighted};
 
 /// The name of the HTTP route that sends the requests that match to one backend.
 const MATCH_ROUTE: &str = "turnout-match";
+
+/// The name of the HTTP route that keeps the requests carrying the affinity cookie on its backend.
+const STICKY_ROUTE: &str = "turnout-sticky";
+
+/// The response header by which a backend's answers set the affinity cookie.
+const SET_COOKIE: &str = "set-cookie";
 
 /// What is stored for a host, for replace.
 #[derive(Clone, Debug, Default)]
@@ -124,7 +131,29 @@ fn route_of(vs: &VirtualService) -> Applied<Route> {
                 backend: subset_of(h)?,
             })
         });
-    let weighted = http.iter().rfind(|h| h.name.as_deref() != Some(MATCH_ROUTE));
+    let ours = |h: &&VirtualServiceHttp| matches!(h.name.as_deref(), Some(MATCH_ROUTE | STICKY_ROUTE));
+    let weighted = http.iter().rfind(|h| !ours(h));
+    // The sticky route's backend, and the cookie its answers set on the weighted route.
+    let sticky = http
+        .iter()
+        .find(|h| h.name.as_deref() == Some(STICKY_ROUTE))
+        .and_then(subset_of)
+        .and_then(|backend| {
+            let dest = weighted?
+                .route
+                .iter()
+                .flatten()
+                .find(|d| d.destination.subset.as_deref() == Some(backend.as_str()))?;
+            let set = dest
+                .headers
+                .as_ref()?
+                .response
+                .as_ref()?
+                .add
+                .as_ref()?
+                .get(SET_COOKIE)?;
+            Sticky::from_set_cookie(set).filter(|s| s.backend == backend)
+        });
     let mirror = weighted.and_then(|h| {
         Some(Mirror {
             backend: h.mirror.as_ref()?.subset.clone()?,
@@ -132,7 +161,11 @@ fn route_of(vs: &VirtualService) -> Applied<Route> {
         })
     });
     let route = weighted.and_then(|h| h.route.as_ref()).map_or(Route::Host, |dests| {
-        if dests.iter().all(|d| d.destination.subset.is_none()) && matched.is_none() && mirror.is_none() {
+        if dests.iter().all(|d| d.destination.subset.is_none())
+            && matched.is_none()
+            && mirror.is_none()
+            && sticky.is_none()
+        {
             Route::Host
         } else {
             Route::Split(Split {
@@ -145,6 +178,7 @@ fn route_of(vs: &VirtualService) -> Applied<Route> {
                     .collect(),
                 matched,
                 mirror,
+                sticky,
             })
         }
     });
@@ -247,10 +281,39 @@ fn virtual_service_spec(service: &str, ns: &str, route: &Route) -> VirtualServic
                     value: Some(f64::from(m.percent)),
                 });
             }
+            if let Some(s) = &split.sticky {
+                http.push(VirtualServiceHttp {
+                    name: Some(STICKY_ROUTE.into()),
+                    r#match: Some(vec![VirtualServiceHttpMatch {
+                        headers: Some(BTreeMap::from([(
+                            "cookie".to_owned(),
+                            VirtualServiceHttpMatchHeaders {
+                                regex: Some(s.cookie_regex()),
+                                ..Default::default()
+                            },
+                        )])),
+                        ..Default::default()
+                    }]),
+                    route: Some(vec![to(Some(&s.backend), None)]),
+                    ..Default::default()
+                });
+            }
             split
                 .weights
                 .iter()
-                .map(|p| to(Some(&p.backend), Some(p.weight)))
+                .map(|p| {
+                    let mut dest = to(Some(&p.backend), Some(p.weight));
+                    if let Some(s) = split.sticky.as_ref().filter(|s| s.backend == p.backend) {
+                        dest.headers = Some(VirtualServiceHttpRouteHeaders {
+                            response: Some(VirtualServiceHttpRouteHeadersResponse {
+                                add: Some(BTreeMap::from([(SET_COOKIE.to_owned(), s.set_cookie())])),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        });
+                    }
+                    dest
+                })
                 .collect()
         }
     };
@@ -415,6 +478,7 @@ mod tests {
                 backend: "v2-canary".into(),
             }),
             mirror: None,
+            sticky: None,
         });
         let spec = virtual_service_spec("podinfo", "shop", &route);
         let json = serde_json::to_value(&spec).unwrap();
@@ -444,6 +508,7 @@ mod tests {
                 backend: "v2-canary".into(),
                 percent: 20,
             }),
+            sticky: None,
         });
         let spec = virtual_service_spec("podinfo", "shop", &route);
         let json = serde_json::to_value(&spec).unwrap();
@@ -451,6 +516,43 @@ mod tests {
         assert_eq!(json["http"][0]["mirror"]["host"], "podinfo.shop.svc.cluster.local");
         assert_eq!(json["http"][0]["mirrorPercentage"]["value"], 20.0);
         assert_eq!(json["http"][0]["route"][0]["destination"]["subset"], "v1");
+        assert_eq!(route_of(&VirtualService::new("podinfo", spec)).value, route);
+    }
+
+    #[test]
+    fn a_sticky_canary_sets_its_cookie_and_keeps_whoever_carries_it_and_reads_back() {
+        let route = Route::Split(Split {
+            weights: vec![
+                Weighted {
+                    backend: "v1".into(),
+                    weight: 80,
+                },
+                Weighted {
+                    backend: "v2-canary".into(),
+                    weight: 20,
+                },
+            ],
+            matched: None,
+            mirror: None,
+            sticky: Some(Sticky {
+                cookie: "turnout-canary".into(),
+                backend: "v2-canary".into(),
+            }),
+        });
+        let spec = virtual_service_spec("podinfo", "shop", &route);
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["http"][0]["name"], "turnout-sticky");
+        assert_eq!(
+            json["http"][0]["match"][0]["headers"]["cookie"]["regex"],
+            r"^(.*?;\s*)?turnout\-canary=v2\-canary(;.*)?$"
+        );
+        assert_eq!(json["http"][0]["route"][0]["destination"]["subset"], "v2-canary");
+        let weighted = &json["http"][1]["route"];
+        assert!(weighted[0]["headers"].is_null(), "the stable version sets no cookie");
+        assert_eq!(
+            weighted[1]["headers"]["response"]["add"]["set-cookie"],
+            "turnout-canary=v2-canary; Path=/"
+        );
         assert_eq!(route_of(&VirtualService::new("podinfo", spec)).value, route);
     }
 
