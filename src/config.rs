@@ -431,15 +431,21 @@ pub fn resolve(
             config.strategy = Strategy::Canary;
         }
     }
-    // Affinity keeps users on a canary's candidate; an A/B test sends its users by their requests.
-    if config.strategy == Strategy::AB
+    // Affinity keeps users on a canary's candidate while it shares the traffic; an A/B test sends its
+    // users by their requests, and blue/green switches everyone at once.
+    if config.strategy != Strategy::Canary
         && let Some(cookie) = config.session_affinity.take()
     {
+        let why = if config.strategy == Strategy::AB {
+            "an A/B test routes by its matches"
+        } else {
+            "blue/green switches every user at once"
+        };
         problems.push(Problem {
             on: "deployment",
             key: keys::SESSION_AFFINITY.to_owned(),
             value: cookie,
-            reason: "session affinity goes with the canary strategy; an A/B test routes by its matches".into(),
+            reason: format!("session affinity goes with the canary strategy; {why}"),
         });
     }
     // Mirroring comes before the steps of a canary; an A/B test does not mirror in this version.
@@ -532,8 +538,8 @@ fn apply(config: &mut ReleaseConfig, key: &str, value: &str) -> Result<(), Strin
             config.strategy = match value {
                 "canary" => Strategy::Canary,
                 "ab" => Strategy::AB,
-                "blue-green" => return Err("blue-green is not available in this version of turnout".into()),
-                _ => return Err("not canary or ab".into()),
+                "blue-green" => Strategy::BlueGreen,
+                _ => return Err("not canary, ab or blue-green".into()),
             };
         }
         // An empty value turns off the level below's matches.
@@ -713,13 +719,29 @@ mod tests {
             problems[0].reason.contains("session affinity goes with the canary"),
             "{problems:?}"
         );
+        // Blue/green: with its matches and mirroring; affinity reported and left out.
+        let (config, problems) = resolve(
+            &ReleaseConfig::default(),
+            &ns,
+            &ann(&[
+                (keys::STRATEGY, "blue-green"),
+                (keys::MIRROR, "20"),
+                (keys::SESSION_AFFINITY, "c"),
+            ]),
+        );
+        assert_eq!(
+            (config.strategy, config.mirror, config.session_affinity.as_deref()),
+            (Strategy::BlueGreen, Some(20), None)
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].reason.contains("blue/green switches"), "{problems:?}");
         for (key, bad) in [
             (keys::SESSION_AFFINITY, "a cookie"),
             (keys::SESSION_AFFINITY, "a=b"),
             (keys::MIRROR, "0"),
             (keys::MIRROR, "150"),
             (keys::STRATEGY, "linear"),
-            (keys::STRATEGY, "blue-green"),
+            (keys::STRATEGY, "blue/green"),
             (keys::ITERATIONS, "0"),
             (keys::MATCH, "x-user-group=beta"),
         ] {

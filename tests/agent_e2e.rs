@@ -488,14 +488,20 @@ async fn rollout_status(env: &Env, ns: &str) -> common::Out {
 /// At rest: only D's pods of `revision`, no candidate, the route on the host, no backends left (no
 /// subsets; no per-version Services).
 async fn assert_at_rest(env: &Env, ns: &str, revision: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    assert_at_rest_within(env, ns, revision, Duration::from_secs(30)).await;
+}
+
+/// As [`assert_at_rest`], for a release whose drain window is longer than usual (the rest comes two
+/// drains after the last route change: the candidate's, then the backends').
+async fn assert_at_rest_within(env: &Env, ns: &str, revision: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
     loop {
         let Err(why) = at_rest(env, ns, revision).await else {
             return;
         };
         assert!(
             std::time::Instant::now() < deadline,
-            "{ns}: not at rest after 30 s: {why}"
+            "{ns}: not at rest after {within:?}: {why}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -1562,6 +1568,144 @@ async fn a_b_test(env: &Env, ns: &str, provider: &'static str, failing: bool) ->
         assert!(events.contains(expected), "{ns}: {expected:?} in {events}");
     }
     (others, beta)
+}
+
+/// Blue/green on readiness alone: the candidate stands at the stable side's full size with no live
+/// request (every answer from v1), then all traffic switches in one route change with no request
+/// failed, and the stable pods stay at full size through the rollback window. A failing candidate
+/// (ready, but answering half its requests with errors) is caught by the analyses after the switch
+/// and rolled back within the window: traffic back on the stable pods, which never left.
+async fn blue_green(env: &Env, ns: &str, provider: &'static str, failing: bool) -> Stats {
+    let mut annotations = vec![
+        "turnout.dev/strategy=blue-green",
+        "turnout.dev/iterations=3",
+        "turnout.dev/interval=3s",
+    ];
+    annotations.push(if failing {
+        "turnout.dev/drain=20s"
+    } else {
+        "turnout.dev/drain=9s"
+    });
+    if provider == "gateway-api" {
+        annotations.push(GATEWAY_API);
+    }
+    let load = env.prepare(ns, true, &annotations).await;
+    if failing {
+        env.ok(&["set", "env", "-n", ns, "deployment/podinfo", "KUBESIM_ERROR_RATE=0.5"])
+            .await;
+    } else {
+        env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    }
+    let iteration = |n: u32| async move {
+        eventually(
+            Duration::from_secs(60),
+            &format!("{ns}: blue/green iteration {n}"),
+            || async {
+                let at = env.annotation(ns, "turnout.dev/iteration").await?.parse::<u32>().ok()?;
+                let message = env.annotation(ns, "turnout.dev/message").await?;
+                (at >= n && message.starts_with("Blue/green iteration")).then_some(message)
+            },
+        )
+        .await
+    };
+    let message = iteration(1).await;
+    assert!(
+        message.contains("podinfo-v2 at full size, on its readiness alone"),
+        "{ns}: {message}"
+    );
+    let before = load.stats();
+    // The candidate at the stable side's full size, before any request reaches it.
+    let candidate = env.get(ns, "deployment/podinfo-v2").await;
+    assert_eq!(candidate["spec"]["replicas"], 2, "{ns}: full size: {candidate}");
+    assert_eq!(candidate["status"]["readyReplicas"], 2, "{ns}: {candidate}");
+    iteration(2).await;
+    let during = load.stats();
+    assert_eq!(during.failed, 0, "{ns}: no request fails on standby: {during:?}");
+    let served: Vec<&String> = during
+        .versions
+        .iter()
+        .filter(|(v, n)| **n > before.versions.get(*v).copied().unwrap_or(0))
+        .map(|(v, _)| v)
+        .collect();
+    assert_eq!(served, ["v1"], "{ns}: every answer from the stable version on standby");
+    // Switched: the stable side keeps its pods for the rollback window.
+    let switched = eventually(Duration::from_secs(30), &format!("{ns}: switched"), || async {
+        let message = env.annotation(ns, "turnout.dev/message").await?;
+        message
+            .starts_with("Switched all traffic (blue/green)")
+            .then_some(message)
+    })
+    .await;
+    assert!(
+        switched.contains("stays at full size for a rollback"),
+        "{ns}: {switched}"
+    );
+    let stable = env.get(ns, "deployment/podinfo").await;
+    assert_eq!(
+        stable["status"]["readyReplicas"], 2,
+        "{ns}: the stable pods stay: {stable}"
+    );
+    if failing {
+        env.wait_phase(ns, "Failed", Duration::from_secs(60)).await;
+        let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
+        assert!(message.contains("success rate"), "{ns}: {message}");
+        assert_at_rest_within(env, ns, "1", Duration::from_secs(75)).await;
+        // Back on the stable pods: no request fails any more.
+        let back = load.stats();
+        eventually(
+            Duration::from_secs(20),
+            &format!("{ns}: load after the rollback"),
+            || async { (load.stats().ok >= back.ok + RATE).then_some(()) },
+        )
+        .await;
+        let after = load.stats();
+        assert_eq!(
+            after.failed, back.failed,
+            "{ns}: failures stop with the rollback: {after:?}"
+        );
+        assert!(after.failed > 0, "{ns}: the fault showed on live traffic: {after:?}");
+    } else {
+        env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
+        assert_at_rest(env, ns, "2").await;
+    }
+    let events = env.events(ns).await.join("\n");
+    for expected in [
+        "Blue/green of",
+        "blue/green iteration 3/3",
+        "Switched all traffic (blue/green)",
+    ] {
+        assert!(events.contains(expected), "{ns}: {expected:?} in {events}");
+    }
+    // One step: no canary weight in between.
+    assert!(!events.contains("canary weight"), "{ns}: {events}");
+    let stats = load.finish().await;
+    if !failing {
+        assert_eq!(stats.failed, 0, "{ns}: {stats:?}");
+        assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{ns}: {stats:?}");
+    }
+    stats
+}
+
+/// Blue/green on Istio and on Gateway API, a healthy and a failing release on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_switches_in_one_step_and_rolls_back_within_its_window() {
+    let env = Env::start(true).await;
+    let (i, g) = tokio::join!(
+        blue_green(&env, "bg-i", "istio", false),
+        blue_green(&env, "bg-g", "gateway-api", true)
+    );
+    let (gi, ig) = tokio::join!(
+        blue_green(&env, "bg-h", "gateway-api", false),
+        blue_green(&env, "bg-j", "istio", true)
+    );
+    for (name, stats) in [
+        ("bg-i (istio)", i),
+        ("bg-g (gateway-api, failing)", g),
+        ("bg-h (gateway-api)", gi),
+        ("bg-j (istio, failing)", ig),
+    ] {
+        eprintln!("{name}: {stats:?}");
+    }
 }
 
 /// A canary that first mirrors half of the requests to the candidate: while it mirrors every answer

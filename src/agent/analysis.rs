@@ -76,20 +76,21 @@ impl Analyser {
         candidate: &CandidateView,
         stage: Stage,
     ) -> Vec<Check> {
-        let (hooks, metrics) = match stage {
-            Stage::PreRollout => (vec![HookKind::PreRollout], false),
-            Stage::Step { confirm } => {
+        let hooks = match stage {
+            Stage::PreRollout => vec![HookKind::PreRollout],
+            Stage::Step { confirm } | Stage::Standby { confirm } => {
                 let mut hooks = vec![HookKind::Rollout];
                 if confirm {
                     hooks.push(HookKind::ConfirmPromotion);
                 }
-                (hooks, true)
+                hooks
             }
         };
-        let mut checks = if metrics {
-            self.analyse(config, &d.namespace, &d.name, candidate).await
-        } else {
-            Vec::new()
+        let mut checks = match stage {
+            Stage::Step { .. } => self.analyse(config, &d.namespace, &d.name, candidate).await,
+            // No live request reaches a standby candidate: its readiness is what there is to check.
+            Stage::Standby { .. } => vec![readiness(candidate)],
+            Stage::PreRollout => Vec::new(),
         };
         for kind in hooks {
             let payload = Payload::about(kind, d, None);

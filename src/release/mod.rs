@@ -116,6 +116,10 @@ pub enum Strategy {
     /// The requests that match on the candidate, every other one on the stable version, for a number
     /// of analyses; then all traffic at once.
     AB,
+    /// The candidate at the stable side's full size, analysed for a number of iterations on the
+    /// requests that match, copies, or its readiness alone; then all traffic switched in one step, the
+    /// stable pods kept for a rollback window before the hand-off.
+    BlueGreen,
 }
 
 impl Strategy {
@@ -124,6 +128,7 @@ impl Strategy {
         match self {
             Strategy::Canary => "canary",
             Strategy::AB => "ab",
+            Strategy::BlueGreen => "blue-green",
         }
     }
 }
@@ -334,6 +339,9 @@ pub enum Stage {
     /// At a step: readiness, metrics, custom checks and the `rollout` hook, and the
     /// `confirm-promotion` hook when passing leads to 100 %.
     Step { confirm: bool },
+    /// A blue/green candidate at full size that no live request reaches: its readiness and the
+    /// `rollout` hook (no metrics to measure), and the `confirm-promotion` hook before the switch.
+    Standby { confirm: bool },
 }
 
 /// A write to the user Deployment.

@@ -269,10 +269,164 @@ fn first_step(o: &Observed<'_>, t: u64) -> u8 {
     if promote_requested(o, t) {
         return 100;
     }
-    if o.config.strategy == Strategy::AB {
+    if o.config.strategy != Strategy::Canary {
         return 0;
     }
     o.config.steps.first().copied().unwrap_or(100)
+}
+
+/// A blue/green release of `t` before its switch (a promotion asked for switches at once).
+fn standing_by(o: &Observed<'_>, t: u64) -> bool {
+    o.config.strategy == Strategy::BlueGreen && !promote_requested(o, t)
+}
+
+/// The route of a blue/green candidate on standby: every answer from the stable version; the requests
+/// that match, if any, to the candidate, and copies of the mirror share, if any. `None` once routed.
+fn standby_route(o: &Observed<'_>, stable: &Backend, canary: &Backend) -> Option<Plan> {
+    let matched = (!o.config.matches.is_empty()).then_some(canary);
+    let mirror = o.config.mirror.is_some().then_some(canary);
+    let Some(mut plan) = ensure_split(o, &[(stable.clone(), 100)], matched, mirror, None) else {
+        // On readiness alone the route stays as it is: the candidate's backend is defined instead
+        // (the switch is then one route change), and its propagation starts the standby.
+        return if standby_measured(o) {
+            None
+        } else {
+            define_backend(o, canary)
+        };
+    };
+    if moves_traffic(&plan.action) {
+        let d = &o.deployment;
+        plan.event = Some(info(
+            "BlueGreen",
+            format!(
+                "Blue/green of {}/{}: {} at full size, {}; every answer from the stable version",
+                d.namespace,
+                d.name,
+                canary.name,
+                standby_basis(o)
+            ),
+        ));
+    }
+    Some(plan)
+}
+
+/// Makes every managed host define backend `b` (no route names it yet), and waits for that to
+/// propagate.
+fn define_backend(o: &Observed<'_>, b: &Backend) -> Option<Plan> {
+    if !weighted(o) {
+        return None;
+    }
+    let prop = ms(o.config.propagation_delay);
+    for (host, h) in o.hosts.iter().enumerate() {
+        let Managed::Ours(defs) = &h.backends else { continue };
+        if !defs.value.iter().any(|d| d.name == b.name) {
+            let mut backends = defs.value.clone();
+            backends.push(b.clone());
+            return Some(Plan {
+                action: Action::Routing(RoutingAction::PutBackends { host, backends }),
+                event: None,
+            });
+        }
+        let at = defs.propagated(prop);
+        if at > o.now {
+            return Some(wait(Some(at), "waiting for the candidate's backend to propagate"));
+        }
+    }
+    None
+}
+
+/// When the last backend definition propagated (on any managed host).
+fn backends_propagated(o: &Observed<'_>) -> Millis {
+    let prop = ms(o.config.propagation_delay);
+    o.hosts
+        .iter()
+        .filter_map(|h| match &h.backends {
+            Managed::Ours(defs) => Some(defs.propagated(prop)),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// What a blue/green candidate on standby is analysed on.
+fn standby_basis(o: &Observed<'_>) -> String {
+    let mut on = Vec::new();
+    if !o.config.matches.is_empty() {
+        on.push(format!("requests matching {}", describe_matches(&o.config.matches)));
+    }
+    if let Some(percent) = o.config.mirror {
+        on.push(format!("copies of {percent} % of the requests"));
+    }
+    if on.is_empty() {
+        "on its readiness alone (no live request reaches it)".into()
+    } else {
+        format!("on {}", on.join(" and "))
+    }
+}
+
+/// A blue/green candidate on standby gets traffic to measure (matched requests or copies).
+fn standby_measured(o: &Observed<'_>) -> bool {
+    !o.config.matches.is_empty() || o.config.mirror.is_some()
+}
+
+/// The standby route of a blue/green release with matches or copies is on every managed host (a
+/// standby on readiness alone routes nothing new: only its status tells it apart).
+fn standby_routed(o: &Observed<'_>, canary: &str) -> bool {
+    o.config.strategy == Strategy::BlueGreen
+        && standby_measured(o)
+        && o.hosts.iter().any(|h| matches!(h.route, Managed::Ours(_)))
+        && o.hosts.iter().all(|h| match &h.route {
+            Managed::Ours(r) => {
+                (o.config.matches.is_empty() || r.value.matched_backend() == Some(canary))
+                    && (o.config.mirror.is_none() || r.value.mirror_backend() == Some(canary))
+                    && r.value.weight_of(canary) == 0
+            }
+            _ => true,
+        })
+}
+
+/// The status of blue/green release `t` on standby, after `iteration` passed analyses.
+fn at_standby(o: &Observed<'_>, t: u64, iteration: u32, event: Option<Event>) -> Plan {
+    let message = format!(
+        "Blue/green iteration {iteration}/{}: {} at full size, {}",
+        o.config.iterations,
+        candidate_name(&o.deployment.name, t),
+        standby_basis(o)
+    );
+    Plan {
+        action: Action::Status(StatusPatch {
+            iteration,
+            ..patch(o, t, Phase::Progressing, 0, o.deployment.status.failed_checks, message)
+        }),
+        event,
+    }
+}
+
+/// Blue/green release `t` passed its iterations: all traffic to the candidate in one route change.
+fn switch(o: &Observed<'_>, t: u64, canary: &Backend) -> Option<Plan> {
+    let mut plan = ensure_split(o, &[(canary.clone(), 100)], None, None, None)?;
+    if moves_traffic(&plan.action) {
+        let d = &o.deployment;
+        plan.event = Some(info(
+            "Switched",
+            format!(
+                "Switched all traffic (blue/green) of {}/{} to v{t} after {} iterations; v{} stays at full size \
+                 for a rollback for {}",
+                d.namespace,
+                d.name,
+                d.status.iteration,
+                stable_revision(o),
+                humantime::format_duration(o.config.drain)
+            ),
+        ));
+    }
+    Some(plan)
+}
+
+/// Blue/green, all traffic on the candidate: until when the stable pods wait for a rollback (the
+/// drain window after the switch propagated), while the analyses go on.
+fn rollback_window(o: &Observed<'_>) -> Millis {
+    last_route_change(o) + ms(o.config.propagation_delay) + ms(o.config.drain)
 }
 
 /// The release mirrors before its first step, and has not finished mirroring.
@@ -296,6 +450,9 @@ fn mirror_routed(o: &Observed<'_>, canary: &str) -> bool {
 /// The first route of release `t`: copies to the candidate while it mirrors first, else the first
 /// step.
 fn first_route(o: &Observed<'_>, t: u64, stable: &Backend, canary: &Backend) -> Option<Plan> {
+    if standing_by(o, t) {
+        return standby_route(o, stable, canary);
+    }
     if !mirror_due(o, t) {
         return advance(o, stable, canary, first_step(o, t));
     }
@@ -519,7 +676,10 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
         if ab_routed(o, &canary.name) {
             return at_iteration(o, t, 0, None);
         }
-        if mirror_routed(o, &canary.name) {
+        if standby_routed(o, &canary.name) {
+            return at_standby(o, t, 0, None);
+        }
+        if o.config.strategy == Strategy::Canary && mirror_routed(o, &canary.name) {
             return at_mirror(o, t, 0, None);
         }
     }
@@ -581,9 +741,21 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
         // The canary backend is defined and propagated first; the gate is asked only right before the
         // route changes, in the same pass.
         Some(prepare) if !moves_traffic(&prepare.action) => prepare,
-        step => pre_rollout(o, t)
-            .or(step)
-            .unwrap_or_else(|| wait(None, "routing the first step")),
+        step => pre_rollout(o, t).or(step).unwrap_or_else(|| {
+            if standing_by(o, t) {
+                // On readiness alone: nothing to route, the status tells the standby apart.
+                let d = &o.deployment;
+                let about = format!(
+                    "Blue/green of {}/{}: {} at full size, {}; every answer from the stable version",
+                    d.namespace,
+                    d.name,
+                    candidate_name(&d.name, t),
+                    standby_basis(o)
+                );
+                return at_standby(o, t, 0, Some(info("BlueGreen", about)));
+            }
+            wait(None, "routing the first step")
+        }),
     }
 }
 
@@ -602,8 +774,15 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     };
     let weight = current_weight(o, &canary.name);
     let ab = weight == 0 && ab_routed(o, &canary.name);
-    let mirroring = weight == 0 && !ab && mirror_routed(o, &canary.name);
-    if weight == 0 && !ab && !mirroring {
+    // A blue/green candidate on standby whose route is in place (put back first if it was undone).
+    let standby = weight == 0 && standing_by(o, t);
+    if standby && let Some(plan) = standby_route(o, &stable, &canary) {
+        return plan;
+    }
+    let mirroring = weight == 0 && o.config.strategy == Strategy::Canary && !ab && mirror_routed(o, &canary.name);
+    // Blue/green after the switch: the stable pods wait for a rollback while the analyses go on.
+    let switched = weight >= 100 && o.config.strategy == Strategy::BlueGreen && !promote_requested(o, t);
+    if weight == 0 && !ab && !mirroring && !standby {
         if held(o, t) {
             return wait(None, "paused on request before the first step");
         }
@@ -639,9 +818,21 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     if held(o, t) {
         return wait(None, &format!("paused on request at canary weight {weight}"));
     }
-    // One analysis an interval: in an A/B test the route stays, so every analysis so far counts.
-    let analyses = d.status.failed_checks + 1 + if ab || mirroring { d.status.iteration } else { 0 };
-    let due = last_propagation(o) + ms(o.config.interval) * u64::from(analyses);
+    if standby && d.status.iteration >= o.config.iterations {
+        return switch(o, t, &canary).unwrap_or_else(|| wait(None, "switching all traffic"));
+    }
+    // One analysis an interval: in an A/B test (and the stages like it) the route stays, so every
+    // analysis so far counts.
+    let staged = ab || mirroring || standby || switched;
+    let analyses = d.status.failed_checks + 1 + if staged { d.status.iteration } else { 0 };
+    // A standby on readiness alone changed no route: it began when the candidate's backend was
+    // defined.
+    let since = if standby && !standby_measured(o) {
+        last_propagation(o).max(backends_propagated(o))
+    } else {
+        last_propagation(o)
+    };
+    let due = since + ms(o.config.interval) * u64::from(analyses);
     if o.now < due {
         return wait(Some(due), &format!("analysing canary weight {weight}"));
     }
@@ -649,9 +840,9 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     let Some(verdict) = &o.verdict else {
         // The gate before 100 %: at the analysis whose pass leads there, or at 100 % when the first
         // step went straight there.
-        let leads_to_all = if mirroring {
+        let leads_to_all = if mirroring || switched {
             false
-        } else if ab {
+        } else if ab || standby {
             d.status.iteration + 1 >= o.config.iterations
         } else if weight < 100 {
             next >= 100
@@ -662,7 +853,11 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
         return Plan {
             action: Action::Analyse {
                 revision: t,
-                stage: Stage::Step { confirm },
+                stage: if standby && !standby_measured(o) {
+                    Stage::Standby { confirm }
+                } else {
+                    Stage::Step { confirm }
+                },
             },
             event: None,
         };
@@ -686,6 +881,48 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
             p.message = format!("mirroring passed {passed} iterations; first step next");
         }
         return plan;
+    }
+    if verdict.passed && standby {
+        let passed = d.status.iteration + 1;
+        let about = format!(
+            "{}/{}: blue/green iteration {passed}/{} of {}: {}",
+            d.namespace,
+            d.name,
+            o.config.iterations,
+            candidate_name(&d.name, t),
+            verdict.message
+        );
+        let mut plan = at_standby(o, t, passed, Some(info("Iteration", about)));
+        if passed >= o.config.iterations
+            && let Action::Status(p) = &mut plan.action
+        {
+            // The switch is the next pass's (it may need the candidate's backend defined first).
+            p.message = format!("blue/green passed {passed} iterations; switching all traffic to v{t}");
+        }
+        return plan;
+    }
+    if verdict.passed && switched && o.now < rollback_window(o) {
+        let passed = d.status.iteration + 1;
+        let until = rollback_window(o).saturating_sub(o.now);
+        return Plan {
+            action: Action::Status(StatusPatch {
+                iteration: passed,
+                ..patch(
+                    o,
+                    t,
+                    Phase::Progressing,
+                    100,
+                    d.status.failed_checks,
+                    format!(
+                        "Switched all traffic (blue/green) to v{t}; v{} stays at full size for a rollback for \
+                         another {} (analyses passed in the window: {passed})",
+                        stable_revision(o),
+                        humantime::format_duration(std::time::Duration::from_secs(until.div_ceil(1000)))
+                    ),
+                )
+            }),
+            event: None,
+        };
     }
     if verdict.passed && ab {
         let passed = d.status.iteration + 1;
@@ -1321,6 +1558,13 @@ fn unroutable(o: &Observed<'_>) -> Option<String> {
     {
         return Some(why.clone());
     }
+    if o.config.strategy == Strategy::BlueGreen && !o.provider.caps().weights && !o.hosts.is_empty() {
+        return Some(format!(
+            "the {} provider cannot keep a full-size candidate out of the Service's traffic (blue-green): every \
+             ready pod the Service selects gets requests; use istio or gateway-api, or turnout.dev/strategy: canary",
+            o.provider
+        ));
+    }
     if o.config.mirror.is_some() && !o.provider.caps().mirror && !o.hosts.is_empty() {
         return Some(format!(
             "the {} provider cannot copy requests (turnout.dev/mirror): use istio or gateway-api, or remove it",
@@ -1645,6 +1889,20 @@ fn patch(o: &Observed<'_>, t: u64, phase: Phase, weight: u8, failed_checks: u32,
 
 /// The status of release `t` at canary `weight`.
 fn at_weight(o: &Observed<'_>, t: u64, weight: u8) -> Plan {
+    if o.config.strategy == Strategy::BlueGreen && weight >= 100 && !promote_requested(o, t) {
+        // Switched: the iterations from here count the analyses of the rollback window.
+        let message = format!(
+            "Switched all traffic (blue/green) to v{t}; v{} stays at full size for a rollback",
+            stable_revision(o)
+        );
+        return Plan {
+            action: Action::Status(StatusPatch {
+                iteration: 0,
+                ..patch(o, t, Phase::Progressing, weight, 0, message)
+            }),
+            event: None,
+        };
+    }
     status(
         o,
         t,

@@ -221,7 +221,7 @@ impl World {
                 Vec::new()
             },
             iterations: sc.iterations,
-            mirror: sc.mirror.filter(|_| sc.strategy == Strategy::Canary),
+            mirror: sc.mirror.filter(|_| sc.strategy != Strategy::AB),
             session_affinity: (sc.sticky && sc.strategy == Strategy::Canary).then(|| "turnout-canary".to_owned()),
             ..ReleaseConfig::default()
         };
@@ -751,12 +751,13 @@ impl World {
         }
     }
 
-    fn verdict(&mut self, revision: u64) -> Verdict {
+    /// A bad image fails every check but readiness: a blue/green standby on readiness alone passes it.
+    fn verdict(&mut self, revision: u64, stage: Stage) -> Verdict {
         self.checks += 1;
         if self.deployment.status.paused {
             self.analysed_while_paused += 1;
         }
-        let bad = self.bad.get(&revision).copied().unwrap_or(false);
+        let bad = self.bad.get(&revision).copied().unwrap_or(false) && !matches!(stage, Stage::Standby { .. });
         let passed = !bad && !self.rng.chance(self.sc.flake_rate);
         Verdict {
             passed,
@@ -779,7 +780,7 @@ impl World {
                     if stage == Stage::PreRollout && self.deployment.status.weight > 0 {
                         self.fail("pre-rollout hook called after the first step".into());
                     }
-                    let verdict = self.verdict(revision);
+                    let verdict = self.verdict(revision, stage);
                     let plan = plan_with(self, verdict);
                     match plan.action {
                         Action::Wait { .. } => return,
@@ -982,7 +983,11 @@ fn scenario() -> impl Gen<Value = Scenario> {
             prop::sample::select(ProviderKind::ALL.to_vec()),
         ),
         (
-            prop_oneof![3 => Just(Strategy::Canary), 2 => Just(Strategy::AB)],
+            prop_oneof![
+                3 => Just(Strategy::Canary),
+                2 => Just(Strategy::AB),
+                2 => Just(Strategy::BlueGreen)
+            ],
             prop_oneof![3 => Just(false), 1 => Just(true)],
             1u32..=4,
             prop_oneof![3 => Just(None), 1 => (1u8..=100).prop_map(Some)],
@@ -1230,6 +1235,95 @@ fn a_sticky_canary_keeps_its_users_through_the_steps_and_lets_go_at_all_traffic(
         .map(|r| (r.weight_of("v2-canary"), sticky(r)))
         .collect();
     assert_eq!(steps, [(10, true), (50, true), (100, false)]);
+}
+
+#[test]
+fn blue_green_switches_all_traffic_in_one_step_after_its_iterations_on_readiness() {
+    let mut sc = single(false);
+    sc.strategy = Strategy::BlueGreen;
+    sc.iterations = 3;
+    sc.drain_ms = 4_000;
+    let mut w = World::new(sc);
+    let mut routes: Vec<Route> = Vec::new();
+    let mut full_size_before_switch = false;
+    while w.now < 300_000 && !w.quiet() {
+        w.run_to(Some(w.now + TICK)).unwrap();
+        if let Some(vs) = &w.vs
+            && routes.last() != Some(&vs.value)
+        {
+            routes.push(vs.value.clone());
+        }
+        if routes.iter().all(|r| r.weight_of("v2-canary") == 0)
+            && w.candidates.first().is_some_and(|c| c.view.available)
+        {
+            full_size_before_switch = true;
+        }
+    }
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    assert!(full_size_before_switch, "the candidate stood ready before any traffic");
+    let weights: Vec<u8> = routes.iter().map(|r| r.weight_of("v2-canary")).collect();
+    assert!(weights.iter().all(|w| *w == 0 || *w == 100), "one step: {weights:?}");
+    assert!(weights.contains(&100), "{weights:?}");
+    assert!(
+        w.stages[..3].iter().all(|s| *s == Stage::Standby { confirm: false }),
+        "readiness only while no request reaches it: {:?}",
+        w.stages
+    );
+    // The standby's iterations, then the analyses of the rollback window (4 s at one a second).
+    assert!(w.checks >= 3 + 3, "{} analyses", w.checks);
+}
+
+#[test]
+fn blue_green_rolls_back_within_its_window_when_live_traffic_shows_the_fault() {
+    // Readiness passes a bad image; the analyses after the switch catch it while the stable pods wait.
+    let mut sc = single(true);
+    sc.strategy = Strategy::BlueGreen;
+    sc.iterations = 2;
+    sc.drain_ms = 6_000;
+    let (w, routes) = routes_of(sc);
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+    let weights: Vec<u8> = routes.iter().map(|r| r.weight_of("v2-canary")).collect();
+    let switched = weights.iter().position(|w| *w == 100).expect("switched");
+    assert!(
+        routes[switched + 1..].iter().any(|r| r.weight_of("v1") == 100),
+        "all traffic back on the stable version: {routes:?}"
+    );
+    assert_eq!(
+        w.deployment.template_revision, 2,
+        "the template stays for the user to fix"
+    );
+    assert!(w.candidates.is_empty(), "I6: the candidate is gone");
+}
+
+#[test]
+fn blue_green_with_matches_measures_them_and_a_failing_candidate_never_gets_the_rest() {
+    let mut sc = single(true);
+    sc.strategy = Strategy::BlueGreen;
+    sc.matched = true;
+    let (w, routes) = routes_of(sc);
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+    assert!(routes.iter().any(|r| r.matched_backend() == Some("v2-canary")));
+    assert!(routes.iter().all(|r| r.weight_of("v2-canary") == 0), "{routes:?}");
+    assert!(
+        w.stages.iter().all(|s| matches!(s, Stage::Step { .. })),
+        "{:?}",
+        w.stages
+    );
+}
+
+#[test]
+fn without_a_mesh_blue_green_fails_the_release_saying_why() {
+    let mut sc = single(false);
+    sc.provider = ProviderKind::None;
+    sc.strategy = Strategy::BlueGreen;
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+    assert!(w.candidates.is_empty());
+    assert_eq!(w.checks, 0);
 }
 
 #[test]

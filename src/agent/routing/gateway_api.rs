@@ -793,6 +793,40 @@ mod tests {
     }
 
     #[test]
+    fn a_blue_green_standby_sends_its_matches_and_copies_of_the_rest_and_reads_back() {
+        let matches =
+            crate::release::routing::parse_matches(r#"[{"headers":[{"name":"x-user-group","value":"beta"}]}]"#)
+                .unwrap();
+        let route = Route::Split(Split {
+            weights: vec![Weighted {
+                backend: "v1".into(),
+                weight: 100,
+            }],
+            matched: Some(Matched {
+                matches,
+                backend: "v2-canary".into(),
+            }),
+            mirror: Some(Mirror {
+                backend: "v2-canary".into(),
+                percent: 50,
+            }),
+            sticky: None,
+        });
+        let r = route_at(&route, &ReleaseConfig::default(), 1_000);
+        let json = serde_json::to_value(&r.spec).unwrap();
+        let rules = json["rules"].as_array().unwrap();
+        let matched = rules
+            .iter()
+            .find(|r| r["name"] == "turnout-match")
+            .expect("a match rule");
+        assert_eq!(matched["backendRefs"][0]["name"], "podinfo-v2-canary");
+        let rest = rules.iter().find(|r| r["name"] != "turnout-match").unwrap();
+        assert_eq!(rest["filters"][0]["requestMirror"]["percent"], 50);
+        assert_eq!(rest["backendRefs"][0]["name"], "podinfo-v1");
+        assert_eq!(route_of(&r, "podinfo", &[]).value, route);
+    }
+
+    #[test]
     fn a_sticky_canary_sets_its_cookie_by_a_backend_filter_and_a_rule_keeps_it_and_reads_back() {
         let route = Route::Split(Split {
             weights: vec![

@@ -520,6 +520,36 @@ mod tests {
     }
 
     #[test]
+    fn a_blue_green_standby_sends_its_matches_and_copies_of_the_rest_and_reads_back() {
+        let matches =
+            crate::release::routing::parse_matches(r#"[{"headers":[{"name":"x-user-group","value":"beta"}]}]"#)
+                .unwrap();
+        let route = Route::Split(Split {
+            weights: vec![Weighted {
+                backend: "v1".into(),
+                weight: 100,
+            }],
+            matched: Some(Matched {
+                matches,
+                backend: "v2-canary".into(),
+            }),
+            mirror: Some(Mirror {
+                backend: "v2-canary".into(),
+                percent: 50,
+            }),
+            sticky: None,
+        });
+        let spec = virtual_service_spec("podinfo", "shop", &route);
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["http"][0]["name"], "turnout-match");
+        assert_eq!(json["http"][0]["route"][0]["destination"]["subset"], "v2-canary");
+        assert_eq!(json["http"][1]["mirror"]["subset"], "v2-canary");
+        assert_eq!(json["http"][1]["mirrorPercentage"]["value"], 50.0);
+        assert_eq!(json["http"][1]["route"][0]["destination"]["subset"], "v1");
+        assert_eq!(route_of(&VirtualService::new("podinfo", spec)).value, route);
+    }
+
+    #[test]
     fn a_sticky_canary_sets_its_cookie_and_keeps_whoever_carries_it_and_reads_back() {
         let route = Route::Split(Split {
             weights: vec![
