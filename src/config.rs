@@ -431,32 +431,16 @@ pub fn resolve(
             config.strategy = Strategy::Canary;
         }
     }
-    // Affinity keeps users on a canary's candidate while it shares the traffic; an A/B test sends its
-    // users by their requests, and blue/green switches everyone at once.
-    if config.strategy != Strategy::Canary
+    // Affinity keeps users on a candidate that shares the traffic (a canary's steps, an A/B test's
+    // users); blue/green switches everyone at once.
+    if config.strategy == Strategy::BlueGreen
         && let Some(cookie) = config.session_affinity.take()
     {
-        let why = if config.strategy == Strategy::AB {
-            "an A/B test routes by its matches"
-        } else {
-            "blue/green switches every user at once"
-        };
         problems.push(Problem {
             on: "deployment",
             key: keys::SESSION_AFFINITY.to_owned(),
             value: cookie,
-            reason: format!("session affinity goes with the canary strategy; {why}"),
-        });
-    }
-    // Mirroring comes before the steps of a canary; an A/B test does not mirror in this version.
-    if config.strategy == Strategy::AB
-        && let Some(percent) = config.mirror.take()
-    {
-        problems.push(Problem {
-            on: "deployment",
-            key: keys::MIRROR.to_owned(),
-            value: percent.to_string(),
-            reason: "mirroring goes with the canary strategy; an A/B test runs without it".into(),
+            reason: "session affinity goes with a canary or an A/B test; blue/green switches every user at once".into(),
         });
     }
     (config, problems)
@@ -692,17 +676,14 @@ mod tests {
         let d = ann(&[(keys::MATCH, "")]);
         let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &d);
         assert!(config.matches.is_empty() && problems.is_empty());
-        // Mirroring goes with a canary: an A/B test reports it and runs without it.
+        // Mirroring, alone or with an A/B test (copies of the other requests).
         let (config, problems) = resolve(&ReleaseConfig::default(), &ann(&[]), &ann(&[(keys::MIRROR, "20%")]));
         assert_eq!((config.mirror, problems.len()), (Some(20), 0));
         let both = ann(&[(keys::MIRROR, "20"), (keys::STRATEGY, "ab")]);
         let (config, problems) = resolve(&ReleaseConfig::default(), &ns, &both);
-        assert_eq!((config.mirror, config.strategy), (None, Strategy::AB));
-        assert!(
-            problems[0].reason.contains("mirroring goes with the canary"),
-            "{problems:?}"
-        );
-        // Session affinity: a cookie's name; with an A/B test reported and left out.
+        assert_eq!((config.mirror, config.strategy), (Some(20), Strategy::AB));
+        assert!(problems.is_empty(), "{problems:?}");
+        // Session affinity: a cookie's name, with a canary or an A/B test.
         let sticky = ann(&[(keys::SESSION_AFFINITY, "turnout-canary")]);
         let (config, problems) = resolve(&ReleaseConfig::default(), &ann(&[]), &sticky);
         assert_eq!(
@@ -714,11 +695,8 @@ mod tests {
             &ns,
             &ann(&[(keys::SESSION_AFFINITY, "c"), (keys::STRATEGY, "ab")]),
         );
-        assert_eq!(config.session_affinity, None);
-        assert!(
-            problems[0].reason.contains("session affinity goes with the canary"),
-            "{problems:?}"
-        );
+        assert_eq!(config.session_affinity.as_deref(), Some("c"));
+        assert!(problems.is_empty(), "{problems:?}");
         // Blue/green: with its matches and mirroring; affinity reported and left out.
         let (config, problems) = resolve(
             &ReleaseConfig::default(),

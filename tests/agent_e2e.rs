@@ -1929,6 +1929,131 @@ async fn a_mirrored_canary_serves_only_the_stable_version_while_copies_fill_the_
     eprintln!("mirror-i (istio): {i:?}\nmirror-g (gateway-api): {g:?}");
 }
 
+/// One request through the mesh to `host` at `path` with `cookie`: the version that answered and the
+/// cookie its answer set, if any.
+async fn visit(mesh: SocketAddr, host: &str, path: &str, cookie: Option<&str>) -> Option<(String, Option<String>)> {
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let mut request = http::Request::get(format!("http://{mesh}{path}")).header("host", host);
+    if let Some(c) = cookie {
+        request = request.header("cookie", c);
+    }
+    let response = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(request.body(Empty::new()).unwrap()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let set = response
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned);
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    let v: Value = serde_json::from_slice(&body).ok()?;
+    Some((v["version"].as_str()?.to_owned(), set))
+}
+
+/// An A/B test mixed with affinity and mirroring: a user who came once with `?beta=1` is given the
+/// cookie and stays on the candidate without the parameter; every other request is answered by the
+/// stable version while copies of half of them reach the candidate (its request count outgrows what
+/// the beta user sent).
+async fn mixed_a_b_test(env: &Env, ns: &str, provider: &'static str) -> u64 {
+    let mut annotations = vec![
+        "turnout.dev/strategy=ab",
+        r#"turnout.dev/match=[{"queryParams":[{"name":"beta","value":"1"}]}]"#,
+        "turnout.dev/session-affinity=turnout-ab",
+        "turnout.dev/mirror=50",
+        "turnout.dev/iterations=3",
+        "turnout.dev/interval=3s",
+    ];
+    if provider == "gateway-api" {
+        annotations.push(GATEWAY_API);
+    }
+    let load = env.prepare(ns, true, &annotations).await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    eventually(Duration::from_secs(60), &format!("{ns}: A/B iteration 1"), || async {
+        let at = env.annotation(ns, "turnout.dev/iteration").await?.parse::<u32>().ok()?;
+        (at >= 1).then_some(())
+    })
+    .await;
+    let host = format!("podinfo.{ns}");
+    let before = load.stats();
+    let (version, cookie) = visit(env.mesh(), &host, "/?beta=1", None)
+        .await
+        .expect("the beta visit answers");
+    assert_eq!(version, "v2", "{ns}: ?beta=1 goes to the candidate");
+    let cookie = cookie.expect("the candidate's answer sets the cookie");
+    assert_eq!(cookie, "turnout-ab=v2-canary", "{ns}");
+    let mut sent: u32 = 1;
+    for _ in 0..20 {
+        let (version, _) = visit(env.mesh(), &host, "/", Some(&cookie)).await.expect("answers");
+        assert_eq!(version, "v2", "{ns}: the cookie keeps the user on the candidate");
+        sent += 1;
+    }
+    let (version, _) = visit(env.mesh(), &host, "/", None).await.expect("answers");
+    assert_eq!(
+        version, "v1",
+        "{ns}: without the cookie or the parameter: the stable version"
+    );
+    let during = load.stats();
+    let others: Vec<&String> = during
+        .versions
+        .iter()
+        .filter(|(v, n)| **n > before.versions.get(*v).copied().unwrap_or(0))
+        .map(|(v, _)| v)
+        .collect();
+    assert_eq!(others, ["v1"], "{ns}: the others on the stable version");
+    // The copies: the candidate counted more requests than the beta user sent.
+    let query = format!(
+        r#"sum(istio_requests_total{{reporter="destination",destination_workload_namespace="{ns}",destination_workload="podinfo-v2"}})"#
+    );
+    let url = format!(
+        "{}/api/v1/query?query={}",
+        env.prometheus_url,
+        turnout::agent::analysis::encode(&query)
+    );
+    eventually(
+        Duration::from_secs(30),
+        &format!("{ns}: copies reach the candidate"),
+        || async {
+            let (_, body) = http_get(&url).await?;
+            let answer: Value = serde_json::from_str(&body).ok()?;
+            let value: f64 = answer["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+            (value > f64::from(sent) + 20.0).then_some(())
+        },
+    )
+    .await;
+    env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
+    assert_at_rest(env, ns, "2").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{ns}: {stats:?}");
+    let events = env.events(ns).await.join("\n");
+    for expected in [
+        "and copies of 50 % of them",
+        "sticky: whoever reaches it keeps cookie turnout-ab",
+    ] {
+        assert!(events.contains(expected), "{ns}: {expected:?} in {events}");
+    }
+    u64::from(sent)
+}
+
+/// A/B tests mixed with affinity and mirroring, on Istio and on Gateway API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_a_b_test_keeps_its_users_by_cookie_and_mirrors_the_others() {
+    let env = Env::start(true).await;
+    let (i, g) = tokio::join!(
+        mixed_a_b_test(&env, "abm-i", "istio"),
+        mixed_a_b_test(&env, "abm-g", "gateway-api")
+    );
+    eprintln!("abm-i (istio): {i} beta requests; abm-g (gateway-api): {g}");
+}
+
 /// A/B tests on Istio and on Gateway API, a healthy and a failing one on each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_b_tests_send_only_the_matching_requests_to_the_candidate() {

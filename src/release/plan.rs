@@ -1412,19 +1412,27 @@ fn advance(o: &Observed<'_>, stable: &Backend, canary: &Backend, weight: u8) -> 
         want.insert(0, (stable.clone(), 100 - weight));
     }
     let matched = (weight < 100 && !o.config.matches.is_empty()).then_some(canary);
-    // Session affinity while the canary shares the traffic: its answers set the cookie, and whoever
-    // carries it stays on it.
-    let sticky = (weight > 0 && weight < 100 && o.config.session_affinity.is_some()).then_some(canary);
-    let mut plan = ensure_split(o, &want, matched, None, sticky)?;
+    let ab = o.config.strategy == Strategy::AB && weight == 0;
+    // Session affinity while the candidate shares the traffic (a canary's steps, an A/B test's
+    // users): its answers set the cookie, and whoever carries it stays on it.
+    let shares = (weight > 0 && weight < 100) || (ab && matched.is_some());
+    let sticky = (shares && o.config.session_affinity.is_some()).then_some(canary);
+    // An A/B test with mirroring: copies of a share of the other requests too.
+    let mirror = (ab && o.config.mirror.is_some()).then_some(canary);
+    let mut plan = ensure_split(o, &want, matched, mirror, sticky)?;
     if moves_traffic(&plan.action) {
         let d = &o.deployment;
         let message = match (o.config.strategy, matched) {
             (Strategy::AB, Some(_)) if weight == 0 => format!(
-                "A/B test of {}/{}: requests matching {} to {}, every other one to the stable version",
+                "A/B test of {}/{}: requests matching {} to {}, every other one to the stable version{}",
                 d.namespace,
                 d.name,
                 describe_matches(&o.config.matches),
-                canary.name
+                canary.name,
+                o.config
+                    .mirror
+                    .map(|p| format!(" (and copies of {p} % of them to the candidate)"))
+                    .unwrap_or_default()
             ),
             (_, Some(_)) => format!(
                 "Advance {}/{} canary weight {weight}, and requests matching {}",

@@ -221,8 +221,8 @@ impl World {
                 Vec::new()
             },
             iterations: sc.iterations,
-            mirror: sc.mirror.filter(|_| sc.strategy != Strategy::AB),
-            session_affinity: (sc.sticky && sc.strategy == Strategy::Canary).then(|| "turnout-canary".to_owned()),
+            mirror: sc.mirror,
+            session_affinity: (sc.sticky && sc.strategy != Strategy::BlueGreen).then(|| "turnout-canary".to_owned()),
             ..ReleaseConfig::default()
         };
         let mut rs = ReplicaSets::default();
@@ -1155,6 +1155,29 @@ fn an_a_b_test_sends_only_the_requests_that_match_then_everything_after_its_iter
         .find(|r| r.matched_backend().is_none())
         .unwrap();
     assert_eq!(after.weight_of("v2-canary"), 100, "{routes:?}");
+}
+
+#[test]
+fn an_a_b_test_mixes_with_mirroring_and_affinity() {
+    let mut sc = single(false);
+    sc.strategy = Strategy::AB;
+    sc.mirror = Some(30);
+    sc.sticky = true;
+    let (w, routes) = routes_of(sc);
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    let ab = routes
+        .iter()
+        .find(|r| r.matched_backend() == Some("v2-canary"))
+        .expect("an A/B route");
+    let Route::Split(split) = ab else { unreachable!() };
+    assert_eq!(
+        split.mirror.as_ref().map(|m| (m.backend.as_str(), m.percent)),
+        Some(("v2-canary", 30))
+    );
+    assert_eq!(split.sticky.as_ref().map(|s| s.backend.as_str()), Some("v2-canary"));
+    assert_eq!(ab.weight_of("v1"), 100, "{ab:?}");
+    assert_eq!(w.checks, 3, "the test's iterations: no separate mirror stage");
 }
 
 #[test]

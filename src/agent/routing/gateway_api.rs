@@ -189,17 +189,19 @@ fn route_of(r: &HttpRoute, service: &str, own: &[Service]) -> Applied<Route> {
     let weighted = rules
         .iter()
         .rfind(|rule| !matches!(rule.name.as_deref(), Some(MATCH_RULE | STICKY_RULE)));
-    // The sticky rule's backend, and the cookie its answers set (a filter on its backendRef).
+    // The sticky rule's backend, and the cookie its answers set (a filter on its backendRef in the
+    // weighted rule or, in an A/B test, in the rule of the requests that match).
     let sticky = rules
         .iter()
         .find(|rule| rule.name.as_deref() == Some(STICKY_RULE))
         .and_then(|rule| rule.backend_refs.as_ref()?.first())
         .and_then(|to| {
-            let weighted_ref = weighted?.backend_refs.as_ref()?.iter().find(|b| b.name == to.name)?;
-            let set = weighted_ref
-                .filters
-                .iter()
-                .flatten()
+            let set = weighted
+                .into_iter()
+                .chain(rules.iter().find(|rule| rule.name.as_deref() == Some(MATCH_RULE)))
+                .flat_map(|rule| rule.backend_refs.iter().flatten())
+                .filter(|b| b.name == to.name)
+                .flat_map(|b| b.filters.iter().flatten())
                 .filter_map(|f| f.response_header_modifier.as_ref())
                 .flat_map(|m| m.add.iter().flatten())
                 .find(|h| h.name.eq_ignore_ascii_case("set-cookie"))?;
@@ -506,11 +508,25 @@ fn route_spec(service: &str, plain: &Service, config: &ReleaseConfig, route: &Ro
     let refs = match route {
         Route::Host => vec![backend_ref(service.to_owned(), 1)],
         Route::Split(split) => {
+            // The sticky backend's answers set the cookie, wherever they come from.
+            let set_cookie = |to: &mut HttpRouteRulesBackendRefs, backend: &str| {
+                if let Some(s) = split.sticky.as_ref().filter(|s| s.backend == backend) {
+                    to.filters = Some(vec![
+                        serde_json::from_value(json!({
+                            "type": "ResponseHeaderModifier",
+                            "responseHeaderModifier": { "add": [{ "name": "Set-Cookie", "value": s.set_cookie() }] },
+                        }))
+                        .expect("a ResponseHeaderModifier filter"),
+                    ]);
+                }
+            };
             if let Some(m) = &split.matched {
+                let mut to = backend_ref(backends::service(service, &m.backend), 1);
+                set_cookie(&mut to, &m.backend);
                 rules.push(HttpRouteRules {
                     name: Some(MATCH_RULE.into()),
                     matches: Some(m.matches.iter().map(route_match).collect()),
-                    backend_refs: Some(vec![backend_ref(backends::service(service, &m.backend), 1)]),
+                    backend_refs: Some(vec![to]),
                     ..HttpRouteRules::default()
                 });
             }
@@ -534,16 +550,7 @@ fn route_spec(service: &str, plain: &Service, config: &ReleaseConfig, route: &Ro
                 .iter()
                 .map(|p| {
                     let mut to = backend_ref(backends::service(service, &p.backend), i32::from(p.weight));
-                    // The sticky backend's answers set the cookie.
-                    if let Some(s) = split.sticky.as_ref().filter(|s| s.backend == p.backend) {
-                        to.filters = Some(vec![
-                            serde_json::from_value(json!({
-                                "type": "ResponseHeaderModifier",
-                                "responseHeaderModifier": { "add": [{ "name": "Set-Cookie", "value": s.set_cookie() }] },
-                            }))
-                            .expect("a ResponseHeaderModifier filter"),
-                        ]);
-                    }
+                    set_cookie(&mut to, &p.backend);
                     to
                 })
                 .collect()
@@ -789,6 +796,42 @@ mod tests {
         assert_eq!(filter["requestMirror"]["backendRef"]["name"], "podinfo-v2-canary");
         assert_eq!(filter["requestMirror"]["backendRef"]["port"], 9898);
         assert_eq!(filter["requestMirror"]["percent"], 20);
+        assert_eq!(route_of(&r, "podinfo", &[]).value, route);
+    }
+
+    #[test]
+    fn an_a_b_test_with_affinity_sets_the_cookie_on_the_matched_rule_and_reads_back() {
+        let matches =
+            crate::release::routing::parse_matches(r#"[{"queryParams":[{"name":"beta","value":"1"}]}]"#).unwrap();
+        let route = Route::Split(Split {
+            weights: vec![Weighted {
+                backend: "v1".into(),
+                weight: 100,
+            }],
+            matched: Some(Matched {
+                matches,
+                backend: "v2-canary".into(),
+            }),
+            mirror: None,
+            sticky: Some(Sticky {
+                cookie: "turnout-canary".into(),
+                backend: "v2-canary".into(),
+            }),
+        });
+        let r = route_at(&route, &ReleaseConfig::default(), 1_000);
+        let json = serde_json::to_value(&r.spec).unwrap();
+        let rules = json["rules"].as_array().unwrap();
+        let matched = rules
+            .iter()
+            .find(|r| r["name"] == "turnout-match")
+            .expect("a match rule");
+        let filter = &matched["backendRefs"][0]["filters"][0];
+        assert_eq!(filter["type"], "ResponseHeaderModifier");
+        assert_eq!(
+            filter["responseHeaderModifier"]["add"][0]["value"],
+            "turnout-canary=v2-canary; Path=/"
+        );
+        assert!(rules.iter().any(|r| r["name"] == "turnout-sticky"));
         assert_eq!(route_of(&r, "podinfo", &[]).value, route);
     }
 

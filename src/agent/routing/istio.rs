@@ -133,17 +133,21 @@ fn route_of(vs: &VirtualService) -> Applied<Route> {
         });
     let ours = |h: &&VirtualServiceHttp| matches!(h.name.as_deref(), Some(MATCH_ROUTE | STICKY_ROUTE));
     let weighted = http.iter().rfind(|h| !ours(h));
-    // The sticky route's backend, and the cookie its answers set on the weighted route.
+    // The sticky route's backend, and the cookie its answers set on the weighted route (or, in an A/B
+    // test, on the route of the requests that match).
     let sticky = http
         .iter()
         .find(|h| h.name.as_deref() == Some(STICKY_ROUTE))
         .and_then(subset_of)
         .and_then(|backend| {
-            let dest = weighted?
-                .route
-                .iter()
-                .flatten()
-                .find(|d| d.destination.subset.as_deref() == Some(backend.as_str()))?;
+            let dest = weighted
+                .into_iter()
+                .chain(http.iter().find(|h| h.name.as_deref() == Some(MATCH_ROUTE)))
+                .flat_map(|h| h.route.iter().flatten())
+                .find(|d| {
+                    d.destination.subset.as_deref() == Some(backend.as_str())
+                        && d.headers.as_ref().is_some_and(|h| h.response.is_some())
+                })?;
             let set = dest
                 .headers
                 .as_ref()?
@@ -263,11 +267,25 @@ fn virtual_service_spec(service: &str, ns: &str, route: &Route) -> VirtualServic
     let destinations = match route {
         Route::Host => vec![to(None, None)],
         Route::Split(split) => {
+            // The sticky backend's answers set the cookie, wherever they come from.
+            let set_cookie = |dest: &mut VirtualServiceHttpRoute, backend: &str| {
+                if let Some(s) = split.sticky.as_ref().filter(|s| s.backend == backend) {
+                    dest.headers = Some(VirtualServiceHttpRouteHeaders {
+                        response: Some(VirtualServiceHttpRouteHeadersResponse {
+                            add: Some(BTreeMap::from([(SET_COOKIE.to_owned(), s.set_cookie())])),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    });
+                }
+            };
             if let Some(m) = &split.matched {
+                let mut dest = to(Some(&m.backend), None);
+                set_cookie(&mut dest, &m.backend);
                 http.push(VirtualServiceHttp {
                     name: Some(MATCH_ROUTE.into()),
                     r#match: Some(m.matches.iter().map(http_match).collect()),
-                    route: Some(vec![to(Some(&m.backend), None)]),
+                    route: Some(vec![dest]),
                     ..Default::default()
                 });
             }
@@ -303,15 +321,7 @@ fn virtual_service_spec(service: &str, ns: &str, route: &Route) -> VirtualServic
                 .iter()
                 .map(|p| {
                     let mut dest = to(Some(&p.backend), Some(p.weight));
-                    if let Some(s) = split.sticky.as_ref().filter(|s| s.backend == p.backend) {
-                        dest.headers = Some(VirtualServiceHttpRouteHeaders {
-                            response: Some(VirtualServiceHttpRouteHeadersResponse {
-                                add: Some(BTreeMap::from([(SET_COOKIE.to_owned(), s.set_cookie())])),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        });
-                    }
+                    set_cookie(&mut dest, &p.backend);
                     dest
                 })
                 .collect()
@@ -516,6 +526,36 @@ mod tests {
         assert_eq!(json["http"][0]["mirror"]["host"], "podinfo.shop.svc.cluster.local");
         assert_eq!(json["http"][0]["mirrorPercentage"]["value"], 20.0);
         assert_eq!(json["http"][0]["route"][0]["destination"]["subset"], "v1");
+        assert_eq!(route_of(&VirtualService::new("podinfo", spec)).value, route);
+    }
+
+    #[test]
+    fn an_a_b_test_with_affinity_sets_the_cookie_on_the_matched_route_and_reads_back() {
+        let matches =
+            crate::release::routing::parse_matches(r#"[{"queryParams":[{"name":"beta","value":"1"}]}]"#).unwrap();
+        let route = Route::Split(Split {
+            weights: vec![Weighted {
+                backend: "v1".into(),
+                weight: 100,
+            }],
+            matched: Some(Matched {
+                matches,
+                backend: "v2-canary".into(),
+            }),
+            mirror: None,
+            sticky: Some(Sticky {
+                cookie: "turnout-canary".into(),
+                backend: "v2-canary".into(),
+            }),
+        });
+        let spec = virtual_service_spec("podinfo", "shop", &route);
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["http"][0]["name"], "turnout-match");
+        assert_eq!(
+            json["http"][0]["route"][0]["headers"]["response"]["add"]["set-cookie"],
+            "turnout-canary=v2-canary; Path=/"
+        );
+        assert_eq!(json["http"][1]["name"], "turnout-sticky");
         assert_eq!(route_of(&VirtualService::new("podinfo", spec)).value, route);
     }
 
