@@ -519,12 +519,7 @@ fn apply(config: &mut ReleaseConfig, key: &str, value: &str) -> Result<(), Strin
             config.notify_severity = Severity::parse(value).ok_or("not info or warning")?;
         }
         keys::STRATEGY => {
-            config.strategy = match value {
-                "canary" => Strategy::Canary,
-                "ab" => Strategy::AB,
-                "blue-green" => Strategy::BlueGreen,
-                _ => return Err("not canary, ab or blue-green".into()),
-            };
+            config.strategy = Strategy::parse(value).ok_or("not canary, ab or blue-green")?;
         }
         // An empty value turns off the level below's matches.
         keys::MATCH if value.is_empty() => config.matches.clear(),

@@ -40,13 +40,15 @@ pub mod annotations {
     pub const RELEASE_PAUSED: &str = "turnout.dev/release-paused";
     /// Release status: the routing provider the release moves traffic with (`istio`, `gateway-api`).
     pub const ROUTING: &str = "turnout.dev/routing";
+    /// Release status: the strategy of the release (`canary`, `ab`, `blue-green`), kept until it ends.
+    pub const RELEASE_STRATEGY: &str = "turnout.dev/release-strategy";
     /// A person's request for the release in flight, `<verb>@<release>` (`abort@3`), written by
     /// `turnout promote|abort|retry|pause|resume` and removed by the agent once acted on or refused.
     pub const REQUEST: &str = "turnout.dev/request";
 
     /// Annotations only turnout writes. An update that drops or edits them gets them back from the
     /// stored object, so a `kubectl replace` or a GitOps sync cannot lose a release's state.
-    pub const OWNED: [&str; 12] = [
+    pub const OWNED: [&str; 13] = [
         REVISION,
         VERSION_STAMPED,
         STABLE_REVISION,
@@ -59,9 +61,10 @@ pub mod annotations {
         RELEASE,
         RELEASE_PAUSED,
         ROUTING,
+        RELEASE_STRATEGY,
     ];
     /// The annotations that describe a release in flight or its status; a CREATE starts without them.
-    pub const RELEASE_STATE: [&str; 11] = [
+    pub const RELEASE_STATE: [&str; 12] = [
         STABLE_REVISION,
         STABLE_HASH,
         PHASE,
@@ -72,6 +75,7 @@ pub mod annotations {
         RELEASE,
         RELEASE_PAUSED,
         ROUTING,
+        RELEASE_STRATEGY,
         REQUEST,
     ];
 }

@@ -1,5 +1,5 @@
-//! `turnout status`: the releases of Deployments as a table or JSON — phase, revision, weights per
-//! subset, failed checks, message, and for one Deployment its latest Events.
+//! `turnout status`: the releases of Deployments as a table or JSON — phase, revision, routing,
+//! strategy, weights per subset, failed checks, message, and for one Deployment its latest Events.
 //!
 //! Exit codes: 0 shown; 1 the cluster could not be read; 2 bad usage; 3 the Deployment does not exist.
 
@@ -60,6 +60,9 @@ pub struct Release {
     /// The routing provider of the release (`turnout.dev/routing`), once it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routing: Option<String>,
+    /// The strategy of the release (`turnout.dev/release-strategy`), once it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
     /// Weight per backend of the managed route (VirtualService or HTTPRoute); `host` when it routes to
     /// every pod.
     pub weights: BTreeMap<String, u8>,
@@ -268,6 +271,7 @@ pub fn release(d: &Deployment, routes: &[VirtualService], http_routes: &[HttpRou
         revision: view.status.release.or(template_revision),
         stable: view.stable_revision,
         routing,
+        strategy: ann.get(annotations::RELEASE_STRATEGY).cloned(),
         weights,
         failed_checks: view.status.failed_checks,
         message: ann.get(annotations::MESSAGE).cloned().unwrap_or_default(),
@@ -317,7 +321,7 @@ pub fn table(releases: &[Release]) -> String {
     if releases.is_empty() {
         return "no Deployments managed by turnout here\n".into();
     }
-    let rows: Vec<[String; 8]> = releases
+    let rows: Vec<[String; 9]> = releases
         .iter()
         .map(|r| {
             let weights = if r.weights.is_empty() {
@@ -342,6 +346,7 @@ pub fn table(releases: &[Release]) -> String {
                 r.revision.map_or("-".into(), |v| format!("v{v}")),
                 r.stable.map_or("-".into(), |v| format!("v{v}")),
                 r.routing.clone().unwrap_or_else(|| "-".into()),
+                r.strategy.clone().unwrap_or_else(|| "-".into()),
                 weights,
                 r.failed_checks.to_string(),
                 r.message.clone(),
@@ -354,6 +359,7 @@ pub fn table(releases: &[Release]) -> String {
         "RELEASE",
         "STABLE",
         "ROUTING",
+        "STRATEGY",
         "WEIGHTS",
         "FAILED",
         "MESSAGE",
@@ -402,6 +408,7 @@ mod tests {
             revision: Some(2),
             stable: Some(1),
             routing: Some("istio".into()),
+            strategy: Some("canary".into()),
             weights: weights.iter().map(|(s, w)| ((*s).to_owned(), *w)).collect(),
             failed_checks: 1,
             message: "Halt advancement: success rate 53.4% < 99%".into(),
@@ -418,11 +425,11 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "DEPLOYMENT    PHASE        RELEASE  STABLE  ROUTING  WEIGHTS             FAILED  MESSAGE"
+            "DEPLOYMENT    PHASE        RELEASE  STABLE  ROUTING  STRATEGY  WEIGHTS             FAILED  MESSAGE"
         );
         assert_eq!(
             lines[1],
-            "shop/podinfo  Progressing  v2       v1      istio    v1=80,v2-canary=20  1       Halt advancement: success rate 53.4% < 99%"
+            "shop/podinfo  Progressing  v2       v1      istio    canary    v1=80,v2-canary=20  1       Halt advancement: success rate 53.4% < 99%"
         );
         assert_eq!(lines[3], "Events:");
         assert!(lines[4].contains("canary weight 20"));

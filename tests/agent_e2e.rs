@@ -1614,6 +1614,22 @@ async fn blue_green(env: &Env, ns: &str, provider: &'static str, failing: bool) 
         "{ns}: {message}"
     );
     let before = load.stats();
+    assert_eq!(
+        env.annotation(ns, "turnout.dev/release-strategy").await.as_deref(),
+        Some("blue-green")
+    );
+    if !failing {
+        // Changed under the release: the release keeps its strategy (the next one takes the new one).
+        env.ok(&[
+            "annotate",
+            "--overwrite",
+            "-n",
+            ns,
+            "deployment/podinfo",
+            "turnout.dev/strategy=canary",
+        ])
+        .await;
+    }
     // The candidate at the stable side's full size, before any request reaches it.
     let candidate = env.get(ns, "deployment/podinfo-v2").await;
     assert_eq!(candidate["spec"]["replicas"], 2, "{ns}: full size: {candidate}");

@@ -75,6 +75,7 @@ spec:
             "turnout.dev/release=2",
             "turnout.dev/stable-revision=1",
             "turnout.dev/routing=gateway-api",
+            "turnout.dev/release-strategy=blue-green",
         ])
         .await;
     cluster
@@ -147,10 +148,12 @@ source: {{component: turnout}}
     );
     assert_eq!(all[1]["weights"]["v2-canary"], 20);
     assert_eq!(all[0]["routing"], "gateway-api");
+    assert_eq!(all[0]["strategy"], "blue-green");
+    assert!(all[1].get("strategy").is_none(), "no strategy recorded: {}", all[1]);
     assert_eq!(all[0]["weights"], serde_json::json!({"v1": 75, "v2-canary": 25}));
     let blog = status(&cluster, &["-n", "blog"]).await;
     let text = String::from_utf8(blog.stdout).unwrap();
-    assert!(text.contains("gateway-api  v1=75,v2-canary=25"), "{text}");
+    assert!(text.contains("gateway-api  blue-green  v1=75,v2-canary=25"), "{text}");
     assert_eq!(all[1]["failed_checks"], 1);
 
     let missing = status(&cluster, &["nope", "-n", "shop"]).await;

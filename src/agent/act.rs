@@ -155,6 +155,7 @@ async fn status(client: &Client, d: &Deployment, p: &StatusPatch) -> kube::Resul
     ann.insert(annotations::ITERATION.into(), json!(iteration));
     ann.insert(annotations::MESSAGE.into(), json!(p.message));
     ann.insert(annotations::ROUTING.into(), json!(p.provider.as_str()));
+    ann.insert(annotations::RELEASE_STRATEGY.into(), json!(p.strategy.as_str()));
     let paused = p.paused.then_some(values::TRUE);
     ann.insert(annotations::RELEASE_PAUSED.into(), json!(paused));
     if p.clear_request {

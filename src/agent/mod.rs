@@ -364,6 +364,31 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Requeue, Err
     result
 }
 
+/// A release in flight keeps the strategy it started with (recorded in `turnout.dev/release-strategy`):
+/// an annotation changed under it applies to the next release. An A/B test whose matches were
+/// removed cannot go on as one and takes the strategy now configured.
+fn pin_strategy(config: &mut config::ReleaseConfig, d: &Deployment) {
+    let ann = d.annotations();
+    // The recorded release is the template's (a new template starts with the strategy configured).
+    let in_flight = ann.contains_key(annotations::STABLE_REVISION)
+        && ann
+            .get(annotations::RELEASE)
+            .and_then(|r| r.parse::<u64>().ok())
+            .is_some_and(|r| Some(r) == observe::template_revision_of(d));
+    if !in_flight {
+        return;
+    }
+    let Some(pinned) = ann
+        .get(annotations::RELEASE_STRATEGY)
+        .and_then(|s| release::Strategy::parse(s))
+    else {
+        return;
+    };
+    if pinned != release::Strategy::AB || !config.matches.is_empty() {
+        config.strategy = pinned;
+    }
+}
+
 async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, Error> {
     if cached.labels().contains_key(agent_names::RELEASE_OF) {
         return Ok(Requeue::await_change());
@@ -400,7 +425,8 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
         ctx.forget(&ns_name, &d.name_any());
         return Ok(Requeue::await_change());
     }
-    let (config, problems) = config::resolve(&ctx.defaults, ns.annotations(), d.annotations());
+    let (mut config, problems) = config::resolve(&ctx.defaults, ns.annotations(), d.annotations());
+    pin_strategy(&mut config, d);
     // A release in flight keeps the provider it started with.
     let pinned = d
         .annotations()
@@ -1022,4 +1048,42 @@ pub async fn run_both(cmd: RunCommand) -> anyhow::Result<()> {
     });
     agent.await;
     server.wait().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(release: &str, recorded: &str) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "podinfo", "namespace": "shop", "annotations": {
+                "turnout.dev/stable-revision": "1", "turnout.dev/release": release,
+                "turnout.dev/release-strategy": recorded } },
+            "spec": { "selector": {}, "template": { "metadata": { "labels": { "turnout.dev/revision": "2" } } } }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_release_in_flight_keeps_its_strategy_and_the_next_one_takes_the_configured_one() {
+        let canary = config::ReleaseConfig::default();
+        let mut config = canary.clone();
+        pin_strategy(&mut config, &deployment("2", "blue-green"));
+        assert_eq!(config.strategy, release::Strategy::BlueGreen, "in flight: kept");
+        let mut config = canary.clone();
+        pin_strategy(&mut config, &deployment("1", "blue-green"));
+        assert_eq!(
+            config.strategy,
+            release::Strategy::Canary,
+            "a new template: as configured"
+        );
+        // An A/B test whose matches were removed cannot go on as one.
+        let mut config = canary.clone();
+        pin_strategy(&mut config, &deployment("2", "ab"));
+        assert_eq!(config.strategy, release::Strategy::Canary);
+        let mut config = canary;
+        config.matches = crate::release::routing::parse_matches(r#"[{"headers":[{"name":"x","value":"1"}]}]"#).unwrap();
+        pin_strategy(&mut config, &deployment("2", "ab"));
+        assert_eq!(config.strategy, release::Strategy::AB);
+    }
 }

@@ -258,9 +258,15 @@ impl Page {
                 .find(|n| n.name_any() == ns)
                 .map(|n| n.annotations().clone())
                 .unwrap_or_default();
-            crate::config::resolve(&self.ctx.defaults, &ns_annotations, d.annotations())
-                .0
-                .strategy
+            // The strategy the release recorded, else the one configured.
+            d.annotations()
+                .get(crate::names::annotations::RELEASE_STRATEGY)
+                .and_then(|s| crate::release::Strategy::parse(s))
+                .unwrap_or_else(|| {
+                    crate::config::resolve(&self.ctx.defaults, &ns_annotations, d.annotations())
+                        .0
+                        .strategy
+                })
                 .as_str()
         };
         let data = Data {

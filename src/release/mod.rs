@@ -131,6 +131,12 @@ impl Strategy {
             Strategy::BlueGreen => "blue-green",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Strategy> {
+        [Strategy::Canary, Strategy::AB, Strategy::BlueGreen]
+            .into_iter()
+            .find(|k| k.as_str() == s.trim())
+    }
 }
 
 /// Everything the machine looks at.
@@ -366,6 +372,8 @@ pub struct StatusPatch {
     pub clear_request: bool,
     /// The routing provider the release uses (shown by `turnout status`).
     pub provider: ProviderKind,
+    /// The strategy the release runs (shown by `turnout status`; kept while the release is in flight).
+    pub strategy: Strategy,
 }
 
 /// A change to the Deployment's `Progressing` status condition, which `kubectl rollout status` reads.

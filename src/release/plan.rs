@@ -1892,6 +1892,7 @@ fn patch(o: &Observed<'_>, t: u64, phase: Phase, weight: u8, failed_checks: u32,
         paused: d.status.paused && d.status.release == Some(t) && phase.before_hand_off(),
         clear_request: false,
         provider: o.provider,
+        strategy: o.config.strategy,
     }
 }
 
