@@ -9,7 +9,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use turnout::agent::{act, observe};
 use turnout::config::ReleaseConfig;
-use turnout::release::{Action, Intent, Phase, ProviderKind, Rollout, Route, RoutingAction, StatusPatch, Weighted};
+use turnout::release::{Action, Intent, Phase, ProviderKind, Rollout, Route, RoutingAction, StatusPatch, Strategy, Weighted};
 
 fn config() -> ReleaseConfig {
     ReleaseConfig::default()
@@ -29,6 +29,7 @@ fn status() -> Action {
         paused: false,
         clear_request: false,
         provider: ProviderKind::Istio,
+        strategy: Strategy::Canary,
     })
 }
 
