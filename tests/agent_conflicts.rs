@@ -9,7 +9,9 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use turnout::agent::{act, observe};
 use turnout::config::ReleaseConfig;
-use turnout::release::{Action, Intent, Phase, ProviderKind, Rollout, Route, RoutingAction, StatusPatch, Strategy, Weighted};
+use turnout::release::{
+    Action, Intent, Phase, ProviderKind, Rollout, Route, RoutingAction, StatusPatch, Strategy, Weighted,
+};
 
 fn config() -> ReleaseConfig {
     ReleaseConfig::default()

@@ -897,22 +897,22 @@ async fn controller(
         .watches_stream(streams.replica_sets, |rs| owner_of(&rs))
         .watches_stream(streams.pods, |pod| owner_of(&pod))
         // A namespace changed (its opt-in label, its settings): its releases in flight look again.
-        .watches_stream(streams.namespaces, move |ns| {
-            let name = ns.name_any();
-            in_flight
-                .state_filter(|d| {
-                    d.namespace().as_deref() == Some(name.as_str())
-                        && d.annotations().contains_key(annotations::STABLE_REVISION)
-                })
-                .into_iter()
-                .map(|d| ObjectRef::from_obj(&*d))
-                .collect::<Vec<_>>()
+        .watches_stream(streams.namespaces, {
+            let in_flight = in_flight.clone();
+            move |ns| releases_in(&in_flight, &ns.name_any())
         })
         // A routing object changed (the implementation's status, someone else's edit): the
-        // Deployments that own it look again.
-        .watches_stream(streams.virtual_services, |vs| owners_of(&vs))
-        .watches_stream(streams.destination_rules, |dr| owners_of(&dr))
-        .watches_stream(streams.http_routes, |r| owners_of(&r))
+        // Deployments that own it look again; one nobody of turnout's owns (a competing route
+        // appearing) may take a host from a release in flight: those of its namespace look again.
+        .watches_stream(streams.virtual_services, {
+            let in_flight = in_flight.clone();
+            move |vs| owners_or_releases_in(&vs, &in_flight)
+        })
+        .watches_stream(streams.destination_rules, {
+            let in_flight = in_flight.clone();
+            move |dr| owners_or_releases_in(&dr, &in_flight)
+        })
+        .watches_stream(streams.http_routes, move |r| owners_or_releases_in(&r, &in_flight))
         // A per-version Service's endpoints became ready: the Deployment owning the Service.
         .watches_stream(streams.slices, move |slice| {
             let ns = slice.namespace()?;
@@ -941,6 +941,30 @@ async fn controller(
         })
         .await;
     synced.abort();
+}
+
+/// The Deployments of namespace `ns` with a release in flight.
+fn releases_in(in_flight: &kube::runtime::reflector::Store<Deployment>, ns: &str) -> Vec<ObjectRef<Deployment>> {
+    in_flight
+        .state_filter(|d| {
+            d.namespace().as_deref() == Some(ns) && d.annotations().contains_key(annotations::STABLE_REVISION)
+        })
+        .into_iter()
+        .map(|d| ObjectRef::from_obj(&*d))
+        .collect()
+}
+
+/// The Deployments that own a routing object; for one no Deployment owns, the releases in flight of
+/// its namespace.
+fn owners_or_releases_in<K: kube::Resource>(
+    obj: &K,
+    in_flight: &kube::runtime::reflector::Store<Deployment>,
+) -> Vec<ObjectRef<Deployment>> {
+    let owners = owners_of(obj);
+    match obj.meta().namespace.as_deref() {
+        Some(ns) if owners.is_empty() => releases_in(in_flight, ns),
+        _ => owners,
+    }
 }
 
 /// Every Deployment that owns an object.

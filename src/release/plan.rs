@@ -11,6 +11,7 @@
 //!   drained (I2), and routes to the host only when no candidate pod is left for it to select (I3).
 
 use super::routing::{Matched, Mirror, Split, Sticky, describe_matches};
+use super::routing::{ProviderKind, Synced};
 use super::{
     Action, Backend, CandidateView, DeploymentView, Event, HostRouting, Intent, Managed, Millis, Observed, Phase, Plan,
     Request, Rollout, Route, RoutingAction, Stage, StatusPatch, Strategy, Verb, Weighted, candidate_replicas,
@@ -690,6 +691,9 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
         return wait(Some(until), "waiting for the route to the stable backend to propagate");
     }
     let Some(candidate) = candidate_of(o, t) else {
+        if let Some(plan) = unaccepted(o, t) {
+            return plan;
+        }
         return Plan {
             // Without a mesh its pods get traffic as soon as they are ready: it starts empty, and the
             // first step (after the pre-rollout gate) scales it.
@@ -1556,6 +1560,45 @@ fn ensure_split(
         });
     }
     None
+}
+
+/// With Gateway API, the route to the stable backend must be accepted by an implementation before
+/// any candidate pod exists: the candidate's pods carry the labels the Service selects, so without an
+/// implementation serving the route (Gateway API CRDs installed for a gateway that ignores routes
+/// attached to Services, say) they would take their share of the Service's traffic at once, at full
+/// size. Conformant implementations report `Accepted` in the route's status; one that has not within
+/// a bound fails the release, saying why.
+fn unaccepted(o: &Observed<'_>, t: u64) -> Option<Plan> {
+    if o.provider != ProviderKind::GatewayApi {
+        return None;
+    }
+    let (service, changed_at) = o.hosts.iter().find_map(|h| match &h.route {
+        Managed::Ours(r) if r.synced != Synced::Reported => Some((&h.service, r.changed_at)),
+        _ => None,
+    })?;
+    let bound = (ms(o.config.propagation_delay) * 6).max(30_000);
+    let d = &o.deployment;
+    if o.now < changed_at + bound {
+        return Some(wait(
+            Some(changed_at + bound),
+            &format!(
+                "waiting for a Gateway API implementation to accept HTTPRoute {}/{service}",
+                d.namespace
+            ),
+        ));
+    }
+    Some(fail(
+        o,
+        t,
+        d.status.failed_checks,
+        format!(
+            "no Gateway API implementation accepted HTTPRoute {}/{service} within {}s: without one the \
+             candidate's pods would take traffic straight from Service {service}. Install a mesh or gateway \
+             that implements HTTPRoute for this parent, or set turnout.dev/provider",
+            d.namespace,
+            bound / 1000
+        ),
+    ))
 }
 
 /// Why this release cannot route: a routing object that is not turnout's, or the provider not

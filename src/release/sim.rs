@@ -1261,6 +1261,31 @@ fn a_sticky_canary_keeps_its_users_through_the_steps_and_lets_go_at_all_traffic(
 }
 
 #[test]
+fn with_gateway_api_no_candidate_pod_exists_before_an_implementation_accepts_the_route() {
+    for reported in [true, false] {
+        let mut sc = single(false);
+        sc.provider = ProviderKind::GatewayApi;
+        sc.route_status = reported;
+        let mut w = World::new(sc);
+        let mut created = false;
+        while w.now < 300_000 && !w.quiet() {
+            w.run_to(Some(w.now + TICK)).unwrap();
+            created |= !w.candidates.is_empty();
+        }
+        check_end(&w).unwrap();
+        if reported {
+            assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+        } else {
+            // Nothing serves the route: the release fails before any candidate pod could take traffic
+            // straight from the Service.
+            assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
+            assert!(!created, "no candidate was created");
+            assert_eq!(w.checks, 0);
+        }
+    }
+}
+
+#[test]
 fn blue_green_switches_all_traffic_in_one_step_after_its_iterations_on_readiness() {
     let mut sc = single(false);
     sc.strategy = Strategy::BlueGreen;
