@@ -1106,6 +1106,39 @@ async fn gateway_api_releases_end_to_end() {
     }
 }
 
+/// Gateway API chosen, but nothing serves routes attached to the Service (the test bed's mesh told
+/// so by a label on the Service, as a cluster whose only Gateway API implementation is a north-south
+/// gateway): the route is never accepted, so the release fails before any candidate exists — its pods
+/// would have taken traffic straight from the Service — and no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_without_an_implementation_for_the_service_creates_no_candidate() {
+    let env = Env::start(true).await;
+    let ns = "gw-u";
+    let load = env.prepare(ns, true, &[GATEWAY_API]).await;
+    env.ok(&["label", "-n", ns, "service/podinfo", "kubesim.turnout.dev/gamma=off"])
+        .await;
+    env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
+    env.wait_phase(ns, "Failed", Duration::from_secs(60)).await;
+    let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
+    assert!(
+        message.contains(&format!(
+            "no Gateway API implementation accepted HTTPRoute {ns}/podinfo"
+        )),
+        "{ns}: {message}"
+    );
+    let events = env.events(ns).await.join("\n");
+    assert!(
+        !events.contains("creating candidate"),
+        "{ns}: no candidate was ever created: {events}"
+    );
+    let status = rollout_status(&env, ns).await;
+    assert!(!status.ok, "{ns}: kubectl rollout status reports the failure");
+    assert_at_rest(&env, ns, "1").await;
+    let stats = load.finish().await;
+    assert_eq!(stats.failed, 0, "{ns}: {stats:?}");
+    assert_eq!(stats.versions.keys().collect::<Vec<_>>(), ["v1"], "{ns}: {stats:?}");
+}
+
 /// A hook receiver: records every call and answers each kind with the status set for it (200 unless
 /// told otherwise).
 #[derive(Clone, Default)]

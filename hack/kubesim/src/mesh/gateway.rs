@@ -504,6 +504,8 @@ pub fn parent_statuses(route: &Route, snapshot: &Snapshot) -> Vec<ParentStatus> 
         .parents
         .iter()
         .filter(|p| !matches!(p.kind, RefKind::Other(_)))
+        // A Service nothing serves routes for gets no status from anyone.
+        .filter(|p| p.kind != RefKind::Service || !snapshot.service(&p.id).is_some_and(|s| s.unserved))
         .map(|p| {
             let (ns, name) = &p.id;
             let accepted = match p.kind {

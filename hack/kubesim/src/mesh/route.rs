@@ -248,8 +248,13 @@ fn by_http_route(
     let routes = snapshot.http_routes.iter().enumerate();
     let (candidates, target): (Vec<(usize, &gateway::Route)>, String) = match service {
         Some(id) => {
+            let service = snapshot.service(id)?;
+            // Nothing serves routes attached to it: the plain Service answers.
+            if service.unserved {
+                return None;
+            }
             // No such port: the plain Service answers that.
-            let service_port = service_port(snapshot.service(id)?, port)?.port;
+            let service_port = service_port(service, port)?.port;
             let attached = routes
                 .filter(|(_, r)| r.attaches_to_service(id, service_port))
                 .collect();
@@ -979,6 +984,22 @@ mod tests {
             counts["b-1"] > 1300 && counts["b-1"] < 1700,
             "weight 1 each: {counts:?}"
         );
+    }
+
+    #[test]
+    fn routes_on_a_service_nothing_serves_are_ignored_and_get_no_status() {
+        let route = http_route("podinfo", T0, split(100, 0));
+        let mut snapshot = routed(std::slice::from_ref(&route), &[], &[], &[]);
+        let id = ("test".to_owned(), "podinfo".to_owned());
+        let mut unserved = snapshot.service(&id).unwrap().clone();
+        unserved.unserved = true;
+        snapshot.set_service(&id, Some(unserved));
+        // Straight to the plain Service's ready endpoints, the candidate's among them.
+        assert_eq!(
+            spread(&snapshot, "podinfo.test", 300).keys().collect::<Vec<_>>(),
+            ["a-1", "a-2", "b-1"]
+        );
+        assert!(gateway::parent_statuses(&gateway::route(&route), &snapshot).is_empty());
     }
 
     #[test]

@@ -170,7 +170,14 @@ impl Snapshot {
 pub struct Service {
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    /// Labelled [`UNSERVED`]: no implementation serves HTTPRoutes attached to this Service (a cluster
+    /// whose Gateway API implementation is a north-south gateway only): they are neither applied nor
+    /// given a status, and requests to it go straight to its endpoints.
+    pub unserved: bool,
 }
+
+/// The Service label (value `off`) that takes a Service out of the mesh's Gateway API (GAMMA) support.
+pub const UNSERVED: &str = "kubesim.turnout.dev/gamma";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServicePort {
@@ -433,6 +440,7 @@ pub fn service(object: &Value) -> Service {
     Service {
         ports,
         endpoints: Vec::new(),
+        unserved: object["metadata"]["labels"][UNSERVED].as_str() == Some("off"),
     }
 }
 
