@@ -1,5 +1,5 @@
-//! The README documents what the code has: every release annotation, every flag of `turnout run`, and
-//! every metric. A new one without documentation fails here.
+//! The README documents what the code has: every release annotation, every flag of `turnout run`,
+//! every metric and every Event reason. A new one without documentation fails here.
 
 use std::collections::BTreeSet;
 
@@ -106,4 +106,56 @@ fn every_metric_is_documented() {
             .any(|form| readme.contains(form.as_str()));
         assert!(documented, "README's metrics section lacks {name}");
     }
+}
+
+#[test]
+fn every_event_reason_is_documented_and_written_from_its_constant() {
+    let readme = readme();
+    for reason in turnout::release::reasons::ALL {
+        assert!(
+            readme.contains(&format!("| `{reason}` |")),
+            "README's Events table lacks {reason}"
+        );
+    }
+    // A reason written as a literal would escape the list (and the notifications that match on it).
+    // Where a reason is written: `reason: "…"`, `info("…"` or `warning("…"`, across lines too.
+    let literals = |code: &str| -> Vec<String> {
+        let mut found = Vec::new();
+        for prefix in ["reason:", "info(", "warning("] {
+            for (at, _) in code.match_indices(prefix) {
+                let rest = code[at + prefix.len()..].trim_start();
+                if let Some(quoted) = rest.strip_prefix('"')
+                    && quoted.starts_with(|c: char| c.is_ascii_uppercase())
+                {
+                    let line = code[..at].lines().count();
+                    found.push(format!(
+                        "line {line}: {prefix} {}",
+                        quoted.split('"').next().unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        found
+    };
+    let mut found = Vec::new();
+    let mut dirs = vec![std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src"))];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") || path.ends_with("release/sim.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Tests may build Events from literals.
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or_default();
+            for at in literals(code) {
+                found.push(format!("{}: {at}", path.display()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "Event reasons written as literals: {found:#?}");
 }

@@ -532,7 +532,7 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
                             tracing::warn!(namespace = %ns_name, deployment = %name, %problem, "configuration");
                             let event = release::Event {
                                 warning: true,
-                                reason: "InvalidConfiguration",
+                                reason: release::reasons::INVALID_CONFIGURATION,
                                 message: problem.to_string(),
                             };
                             record(ctx, d, &config, &view, &event).await;
@@ -571,7 +571,7 @@ async fn report_unheld(ctx: &Context, d: &Deployment, config: &ReleaseConfig) {
     tracing::warn!(namespace = ?d.namespace(), deployment = %d.name_any(), "{message}");
     let event = release::Event {
         warning: true,
-        reason: "UnheldRollout",
+        reason: release::reasons::UNHELD_ROLLOUT,
         message,
     };
     record(ctx, d, config, &observe::deployment_view(d), &event).await;
@@ -608,7 +608,7 @@ fn chat(ctx: &Context, config: &ReleaseConfig, d: &Deployment, secret: String, n
         let ns = d.namespace().unwrap_or_default();
         let failed = |why: String| release::Event {
             warning: true,
-            reason: "NotificationFailed",
+            reason: release::reasons::NOTIFICATION_FAILED,
             message: format!("{ns}/{}: {why}", d.name_any()),
         };
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
@@ -687,7 +687,7 @@ fn notify(ctx: &Context, config: &ReleaseConfig, kind: HookKind, d: &Deployment,
         if kind != HookKind::Event {
             let event = release::Event {
                 warning: true,
-                reason: "HookFailed",
+                reason: release::reasons::HOOK_FAILED,
                 message: format!("{}/{}: {why}", payload.namespace, payload.name),
             };
             if let Err(e) = act::record(&client, &d, &event).await {

@@ -12,7 +12,7 @@
 
 use serde_json::{Value, json};
 
-use crate::release::{DeploymentView, Event};
+use crate::release::{DeploymentView, Event, reasons};
 
 /// A chat service, by its key in the Secret.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -76,11 +76,11 @@ impl Kind {
     /// The notice an Event stands for, by its reason; most Events are not notified.
     pub fn of(event: &Event) -> Option<Kind> {
         Some(match event.reason {
-            "Started" | "Superseded" => Kind::Started,
-            "Halt" => Kind::Halted,
-            "Promoted" => Kind::Promoted,
-            "RollingBack" => Kind::RolledBack,
-            "UnheldRollout" => Kind::Unheld,
+            reasons::STARTED | reasons::SUPERSEDED => Kind::Started,
+            reasons::HALT => Kind::Halted,
+            reasons::PROMOTED => Kind::Promoted,
+            reasons::ROLLING_BACK => Kind::RolledBack,
+            reasons::UNHELD_ROLLOUT => Kind::Unheld,
             _ => return None,
         })
     }

@@ -34,7 +34,7 @@ use super::analysis::{Check, Series};
 use crate::gateway::http_route::HttpRoute;
 use crate::istio::virtual_service::VirtualService;
 use crate::names::annotations;
-use crate::release::Phase;
+use crate::release::{Phase, reasons};
 
 /// The page itself.
 const HTML: &str = include_str!("page.html");
@@ -497,7 +497,7 @@ pub fn rows(
         let started = own
             .iter()
             .rev()
-            .find(|e| matches!(e.reason.as_deref(), Some("Started" | "Superseded")))
+            .find(|e| matches!(e.reason.as_deref(), Some(reasons::STARTED | reasons::SUPERSEDED)))
             .and_then(|e| event_time(e))
             .map(|t| t.to_string());
         let last = own.last().and_then(|e| event_time(e));

@@ -16,6 +16,7 @@
 //! per call means a crash between two writes loses nothing.
 
 mod plan;
+pub mod reasons;
 pub mod routing;
 #[cfg(test)]
 mod sim;

@@ -10,6 +10,7 @@
 //! - [`to_rest`] removes backends only once no route names them and that change has propagated and
 //!   drained (I2), and routes to the host only when no candidate pod is left for it to select (I3).
 
+use super::reasons;
 use super::routing::{Matched, Mirror, Split, Sticky, describe_matches};
 use super::routing::{ProviderKind, Synced};
 use super::{
@@ -93,7 +94,7 @@ fn opted_out(o: &Observed<'_>) -> Plan {
                 message.clone(),
             )
         }),
-        event: Some(warning("HandedBack", message)),
+        event: Some(warning(reasons::HANDED_BACK, message)),
     }
 }
 
@@ -213,9 +214,9 @@ fn requested(o: &Observed<'_>) -> Option<Plan> {
         }
         Verb::Pause | Verb::Resume => {
             let (paused, reason, done) = if verb == Verb::Pause {
-                (true, "Paused", "paused")
+                (true, reasons::PAUSED, "paused")
             } else {
-                (false, "Resumed", "resumed")
+                (false, reasons::RESUMED, "resumed")
             };
             let message = format!("{done} on request at canary weight {weight}");
             let patch = StatusPatch {
@@ -230,7 +231,7 @@ fn requested(o: &Observed<'_>) -> Option<Plan> {
                 paused: false,
                 ..patch(o, t, phase, weight, failed, message.clone())
             };
-            Some(acted(promoted, "Promoting", message))
+            Some(acted(promoted, reasons::PROMOTING, message))
         }
         // Progressing moves all traffic to the candidate, then records Promoting.
         Verb::Promote => None,
@@ -241,7 +242,7 @@ fn requested(o: &Observed<'_>) -> Option<Plan> {
             }
             let message = format!("release v{t} retried on request");
             let retried = patch(o, t, Phase::Pending, 0, 0, message.clone());
-            Some(acted(retried, "Retrying", message))
+            Some(acted(retried, reasons::RETRYING, message))
         }
     }
 }
@@ -251,7 +252,10 @@ fn refuse(o: &Observed<'_>, why: String) -> Plan {
     let d = &o.deployment;
     Plan {
         action: Action::ClearRequest,
-        event: Some(warning("RequestRefused", format!("{}/{}: {why}", d.namespace, d.name))),
+        event: Some(warning(
+            reasons::REQUEST_REFUSED,
+            format!("{}/{}: {why}", d.namespace, d.name),
+        )),
     }
 }
 
@@ -298,7 +302,7 @@ fn standby_route(o: &Observed<'_>, stable: &Backend, canary: &Backend) -> Option
     if moves_traffic(&plan.action) {
         let d = &o.deployment;
         plan.event = Some(info(
-            "BlueGreen",
+            reasons::BLUE_GREEN,
             format!(
                 "Blue/green of {}/{}: {} at full size, {}; every answer from the stable version",
                 d.namespace,
@@ -409,7 +413,7 @@ fn switch(o: &Observed<'_>, t: u64, canary: &Backend) -> Option<Plan> {
     if moves_traffic(&plan.action) {
         let d = &o.deployment;
         plan.event = Some(info(
-            "Switched",
+            reasons::SWITCHED,
             format!(
                 "Switched all traffic (blue/green) of {}/{} to v{t} after {} iterations; v{} stays at full size \
                  for a rollback for {}",
@@ -461,7 +465,7 @@ fn first_route(o: &Observed<'_>, t: u64, stable: &Backend, canary: &Backend) -> 
     if moves_traffic(&plan.action) {
         let d = &o.deployment;
         plan.event = Some(info(
-            "Mirror",
+            reasons::MIRROR,
             format!(
                 "Mirroring {} % of {}/{}'s requests to {}: answers still from the stable version",
                 o.config.mirror.unwrap_or(100),
@@ -553,7 +557,7 @@ fn pre_rollout(o: &Observed<'_>, t: u64) -> Option<Plan> {
     let message = format!("Halt before the first step: {}", verdict.message);
     Some(Plan {
         action: Action::Status(patch(o, t, Phase::Pending, 0, failed, message.clone())),
-        event: Some(warning("Halt", format!("{}/{}: {message}", d.namespace, d.name))),
+        event: Some(warning(reasons::HALT, format!("{}/{}: {message}", d.namespace, d.name))),
     })
 }
 
@@ -587,7 +591,7 @@ fn route_at_rest(o: &Observed<'_>) -> Option<Plan> {
             route: Route::Host,
         }),
         event: Some(info(
-            "Routing",
+            reasons::ROUTING,
             format!(
                 "{}/{}: {} is routed through {} at rest",
                 d.namespace, d.name, h.service, o.provider
@@ -619,7 +623,7 @@ fn reverted(o: &Observed<'_>, stable: u64) -> Plan {
                 message.clone(),
             )
         }),
-        event: Some(info("RolledBack", format!("{}: {message}", d.name))),
+        event: Some(info(reasons::ROLLED_BACK, format!("{}: {message}", d.name))),
     }
 }
 
@@ -637,7 +641,11 @@ fn start(o: &Observed<'_>, t: u64) -> Plan {
     Plan {
         action: Action::Status(patch(o, t, Phase::Pending, 0, 0, message.clone())),
         event: Some(info(
-            if superseded.is_some() { "Superseded" } else { "Started" },
+            if superseded.is_some() {
+                reasons::SUPERSEDED
+            } else {
+                reasons::STARTED
+            },
             format!("{}/{}: {message} (routing: {})", d.namespace, d.name, o.provider),
         )),
     }
@@ -663,7 +671,7 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
             format!("{why}: rolling out v{t} natively"),
             true,
             Some(info(
-                "HandingOff",
+                reasons::HANDING_OFF,
                 format!("{}/{}: {why}; rolling out v{t} natively", d.namespace, d.name),
             )),
         );
@@ -702,7 +710,7 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
                 replicas: (!weighted(o)).then_some(0),
             },
             event: Some(info(
-                "Candidate",
+                reasons::CANDIDATE,
                 format!(
                     "{}/{}: creating candidate {}",
                     d.namespace,
@@ -756,7 +764,7 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
                     candidate_name(&d.name, t),
                     standby_basis(o)
                 );
-                return at_standby(o, t, 0, Some(info("BlueGreen", about)));
+                return at_standby(o, t, 0, Some(info(reasons::BLUE_GREEN, about)));
             }
             wait(None, "routing the first step")
         }),
@@ -816,7 +824,10 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
                 clear_request: true,
                 ..patch(o, t, Phase::Promoting, 100, 0, message.clone())
             }),
-            event: Some(info("Promoting", format!("{}/{}: {message}", d.namespace, d.name))),
+            event: Some(info(
+                reasons::PROMOTING,
+                format!("{}/{}: {message}", d.namespace, d.name),
+            )),
         };
     }
     if held(o, t) {
@@ -877,10 +888,10 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
             verdict.message
         );
         if passed < o.config.iterations {
-            return at_mirror(o, t, passed, Some(info("Mirror", about)));
+            return at_mirror(o, t, passed, Some(info(reasons::MIRROR, about)));
         }
         // Mirroring passed: the first live step comes next.
-        let mut plan = at_mirror(o, t, passed, Some(info("Mirror", about)));
+        let mut plan = at_mirror(o, t, passed, Some(info(reasons::MIRROR, about)));
         if let Action::Status(p) = &mut plan.action {
             p.message = format!("mirroring passed {passed} iterations; first step next");
         }
@@ -896,7 +907,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
             candidate_name(&d.name, t),
             verdict.message
         );
-        let mut plan = at_standby(o, t, passed, Some(info("Iteration", about)));
+        let mut plan = at_standby(o, t, passed, Some(info(reasons::ITERATION, about)));
         if passed >= o.config.iterations
             && let Action::Status(p) = &mut plan.action
         {
@@ -939,7 +950,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
             verdict.message
         );
         if passed < o.config.iterations {
-            return at_iteration(o, t, passed, Some(info("Iteration", about)));
+            return at_iteration(o, t, passed, Some(info(reasons::ITERATION, about)));
         }
         // The test passed: all traffic to the candidate in one step (the promotion routes it).
         return Plan {
@@ -958,7 +969,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
                 )
             }),
             event: Some(info(
-                "Promoting",
+                reasons::PROMOTING,
                 format!(
                     "{}/{}: A/B test passed {passed} iterations for {}: switching all traffic to v{t} ({})",
                     d.namespace,
@@ -982,7 +993,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
                 ),
                 false,
                 Some(info(
-                    "Promoting",
+                    reasons::PROMOTING,
                     format!("{}/{}: {}", d.namespace, d.name, verdict.message),
                 )),
             );
@@ -996,7 +1007,7 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     let message = format!("Halt advancement: {}", verdict.message);
     Plan {
         action: Action::Status(patch(o, t, Phase::Progressing, weight, failed, message.clone())),
-        event: Some(warning("Halt", format!("{}/{}: {message}", d.namespace, d.name))),
+        event: Some(warning(reasons::HALT, format!("{}/{}: {message}", d.namespace, d.name))),
     }
 }
 
@@ -1030,7 +1041,7 @@ fn promoting(o: &Observed<'_>, t: u64) -> Plan {
         format!("{} is rolling out v{t} while the candidate carries the traffic", d.name),
         true,
         Some(info(
-            "HandingOff",
+            reasons::HANDING_OFF,
             format!("{}/{}: handing off to {}", d.namespace, d.name, d.name),
         )),
     )
@@ -1108,7 +1119,7 @@ fn succeeded(o: &Observed<'_>, t: u64) -> Plan {
             )
         }),
         event: Some(info(
-            "Promoted",
+            reasons::PROMOTED,
             format!("{}/{}: Promotion completed", d.namespace, d.name),
         )),
     }
@@ -1207,7 +1218,7 @@ fn bypassed(o: &Observed<'_>, t: u64) -> Option<Plan> {
             } else {
                 "every pod"
             };
-            plan.event = Some(warning("Bypassed", format!("{why}: all traffic to {to}")));
+            plan.event = Some(warning(reasons::BYPASSED, format!("{why}: all traffic to {to}")));
         }
         return Some(plan);
     }
@@ -1218,7 +1229,7 @@ fn bypassed(o: &Observed<'_>, t: u64) -> Option<Plan> {
         current_weight(o, &backends::canary(t)),
         format!("{why}; {} is rolling out v{t}", d.name),
         false,
-        Some(warning("Bypassed", format!("{why}; handing off"))),
+        Some(warning(reasons::BYPASSED, format!("{why}; handing off"))),
     ))
 }
 
@@ -1253,7 +1264,7 @@ fn fail(o: &Observed<'_>, t: u64, failed_checks: u32, why: String) -> Plan {
             )
         }),
         event: Some(warning(
-            "RollingBack",
+            reasons::ROLLING_BACK,
             format!(
                 "{ns}/{name}: Rolling back: {why}; {name} stays paused on v{t}: `turnout undo {name} -n {ns}` sets it back to stable",
                 ns = d.namespace,
@@ -1301,7 +1312,7 @@ fn remove_strays(o: &Observed<'_>, keep: Option<u64>, failed: Option<u64>) -> Op
         return Some(Plan {
             action: Action::DeleteCandidate { name: c.name.clone() },
             event: Some(info(
-                "Candidate",
+                reasons::CANDIDATE,
                 format!("{}/{}: deleting candidate {}", d.namespace, d.name, c.name),
             )),
         });
@@ -1374,7 +1385,7 @@ fn to_rest(o: &Observed<'_>) -> Option<Plan> {
                 route: Route::Host,
             }),
             event: Some(info(
-                "Routing",
+                reasons::ROUTING,
                 format!(
                     "{}/{}: {} routes to every pod again",
                     o.deployment.namespace, o.deployment.name, h.service
@@ -1450,7 +1461,7 @@ fn advance(o: &Observed<'_>, stable: &Backend, canary: &Backend, weight: u8) -> 
             (Some(_), Some(cookie)) => format!("{message} (sticky: whoever reaches it keeps cookie {cookie})"),
             _ => message,
         };
-        plan.event = Some(info("Advance", message));
+        plan.event = Some(info(reasons::ADVANCE, message));
     }
     Some(plan)
 }
