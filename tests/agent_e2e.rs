@@ -2338,7 +2338,7 @@ async fn no_mesh_release(env: &Env, ns: &str, graceful: bool) -> Stats {
         &format!("{ns}: turnout status shows the step"),
         || async {
             let out = env.turnout(&["status", "podinfo", "-n", ns]).await;
-            (out.stdout.contains("none     v0=80,v1-canary=20")).then_some(())
+            (out.stdout.contains("none     canary    v0=80,v1-canary=20")).then_some(())
         },
     )
     .await;
