@@ -14,8 +14,9 @@ use super::reasons;
 use super::routing::{Matched, Mirror, Split, Sticky, describe_matches};
 use super::routing::{ProviderKind, Synced};
 use super::{
-    Action, Backend, CandidateView, DeploymentView, Event, HostRouting, Intent, Managed, Millis, Observed, Phase, Plan,
-    Request, Rollout, Route, RoutingAction, Stage, StatusPatch, Strategy, Verb, Weighted, candidate_replicas,
+    Action, Applied, Backend, CandidateView, DeploymentView, Event, HostRouting, Intent, Managed, Millis, Observed,
+    Phase, Plan, Request, Rollout, Route, RoutingAction, Stage, StatusPatch, Strategy, Verb, Weighted,
+    candidate_replicas,
 };
 use crate::config::HookKind;
 use crate::names::{backends, candidate_name};
@@ -287,7 +288,7 @@ fn standing_by(o: &Observed<'_>, t: u64) -> bool {
 
 /// The route of a blue/green candidate on standby: every answer from the stable version; the requests
 /// that match, if any, to the candidate, and copies of the mirror share, if any. `None` once routed.
-fn standby_route(o: &Observed<'_>, stable: &Backend, canary: &Backend) -> Option<Plan> {
+fn standby_route(o: &Observed<'_>, t: u64, stable: &Backend, canary: &Backend) -> Option<Plan> {
     let matched = (!o.config.matches.is_empty()).then_some(canary);
     let mirror = o.config.mirror.is_some().then_some(canary);
     let Some(mut plan) = ensure_split(o, &[(stable.clone(), 100)], matched, mirror, None) else {
@@ -300,19 +301,24 @@ fn standby_route(o: &Observed<'_>, stable: &Backend, canary: &Backend) -> Option
         };
     };
     if moves_traffic(&plan.action) {
-        let d = &o.deployment;
-        plan.event = Some(info(
-            reasons::BLUE_GREEN,
-            format!(
-                "Blue/green of {}/{}: {} at full size, {}; every answer from the stable version",
-                d.namespace,
-                d.name,
-                canary.name,
-                standby_basis(o)
-            ),
-        ));
+        plan.event = Some(standby_event(o, t));
     }
     Some(plan)
+}
+
+/// The Event of a blue/green standby's start.
+fn standby_event(o: &Observed<'_>, t: u64) -> Event {
+    let d = &o.deployment;
+    info(
+        reasons::BLUE_GREEN,
+        format!(
+            "Blue/green of {}/{}: {} at full size, {}; every answer from the stable version",
+            d.namespace,
+            d.name,
+            candidate_name(&d.name, t),
+            standby_basis(o)
+        ),
+    )
 }
 
 /// Makes every managed host define backend `b` (no route names it yet), and waits for that to
@@ -321,23 +327,39 @@ fn define_backend(o: &Observed<'_>, b: &Backend) -> Option<Plan> {
     if !weighted(o) {
         return None;
     }
-    let prop = ms(o.config.propagation_delay);
-    for (host, h) in o.hosts.iter().enumerate() {
-        let Managed::Ours(defs) = &h.backends else { continue };
-        if !defs.value.iter().any(|d| d.name == b.name) {
-            let mut backends = defs.value.clone();
-            backends.push(b.clone());
-            return Some(Plan {
-                action: Action::Routing(RoutingAction::PutBackends { host, backends }),
-                event: None,
-            });
-        }
-        let at = defs.propagated(prop);
-        if at > o.now {
-            return Some(wait(Some(at), "waiting for the candidate's backend to propagate"));
-        }
+    o.hosts
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| matches!(h.backends, Managed::Ours(_)))
+        .find_map(|(host, h)| define_on(o, host, &h.backends, std::slice::from_ref(b)))
+}
+
+/// Makes host `host`, whose backends are `backends`, define every one of `want`, and waits for that
+/// to propagate (I1: before a route names them). `None` once they are all usable.
+fn define_on(
+    o: &Observed<'_>,
+    host: usize,
+    backends: &Managed<Applied<Vec<Backend>>>,
+    want: &[Backend],
+) -> Option<Plan> {
+    let (defined, defined_at) = match backends {
+        Managed::Ours(defs) => (defs.value.as_slice(), defs.propagated(ms(o.config.propagation_delay))),
+        Managed::Absent | Managed::Foreign { .. } => (&[][..], 0),
+    };
+    let missing: Vec<Backend> = want
+        .iter()
+        .filter(|s| !defined.iter().any(|d| d.name == s.name))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        let mut backends = defined.to_vec();
+        backends.extend(missing);
+        return Some(Plan {
+            action: Action::Routing(RoutingAction::PutBackends { host, backends }),
+            event: None,
+        });
     }
-    None
+    (defined_at > o.now).then(|| wait(Some(defined_at), "waiting for the new backend to propagate"))
 }
 
 /// When the last backend definition propagated (on any managed host).
@@ -379,13 +401,18 @@ fn standby_measured(o: &Observed<'_>) -> bool {
 fn standby_routed(o: &Observed<'_>, canary: &str) -> bool {
     o.config.strategy == Strategy::BlueGreen
         && standby_measured(o)
-        && o.hosts.iter().any(|h| matches!(h.route, Managed::Ours(_)))
+        && routed_everywhere(o, |r| {
+            (o.config.matches.is_empty() || r.matched_backend() == Some(canary))
+                && (o.config.mirror.is_none() || r.mirror_backend() == Some(canary))
+                && r.weight_of(canary) == 0
+        })
+}
+
+/// Some host's route is turnout's, and every route of turnout's is `routed`.
+fn routed_everywhere(o: &Observed<'_>, routed: impl Fn(&Route) -> bool) -> bool {
+    o.hosts.iter().any(|h| matches!(h.route, Managed::Ours(_)))
         && o.hosts.iter().all(|h| match &h.route {
-            Managed::Ours(r) => {
-                (o.config.matches.is_empty() || r.value.matched_backend() == Some(canary))
-                    && (o.config.mirror.is_none() || r.value.mirror_backend() == Some(canary))
-                    && r.value.weight_of(canary) == 0
-            }
+            Managed::Ours(r) => routed(&r.value),
             _ => true,
         })
 }
@@ -428,6 +455,12 @@ fn switch(o: &Observed<'_>, t: u64, canary: &Backend) -> Option<Plan> {
     Some(plan)
 }
 
+/// Blue/green after the switch (not on a promotion asked for): the stable pods wait for a rollback
+/// while the analyses go on.
+fn switched(o: &Observed<'_>, t: u64, weight: u8) -> bool {
+    weight >= 100 && o.config.strategy == Strategy::BlueGreen && !promote_requested(o, t)
+}
+
 /// Blue/green, all traffic on the candidate: until when the stable pods wait for a rollback (the
 /// drain window after the switch propagated), while the analyses go on.
 fn rollback_window(o: &Observed<'_>) -> Millis {
@@ -444,19 +477,14 @@ fn mirror_due(o: &Observed<'_>, t: u64) -> bool {
 
 /// The mirror stage is routed: copies go to `canary` on every managed host.
 fn mirror_routed(o: &Observed<'_>, canary: &str) -> bool {
-    o.config.mirror.is_some()
-        && o.hosts.iter().any(|h| matches!(h.route, Managed::Ours(_)))
-        && o.hosts.iter().all(|h| match &h.route {
-            Managed::Ours(r) => r.value.mirror_backend() == Some(canary),
-            _ => true,
-        })
+    o.config.mirror.is_some() && routed_everywhere(o, |r| r.mirror_backend() == Some(canary))
 }
 
 /// The first route of release `t`: copies to the candidate while it mirrors first, else the first
 /// step.
 fn first_route(o: &Observed<'_>, t: u64, stable: &Backend, canary: &Backend) -> Option<Plan> {
     if standing_by(o, t) {
-        return standby_route(o, stable, canary);
+        return standby_route(o, t, stable, canary);
     }
     if !mirror_due(o, t) {
         return advance(o, stable, canary, first_step(o, t));
@@ -497,12 +525,7 @@ fn at_mirror(o: &Observed<'_>, t: u64, iteration: u32, event: Option<Event>) -> 
 
 /// An A/B test's stage is routed: the requests that match go to `canary` on every managed host.
 fn ab_routed(o: &Observed<'_>, canary: &str) -> bool {
-    o.config.strategy == Strategy::AB
-        && o.hosts.iter().any(|h| matches!(h.route, Managed::Ours(_)))
-        && o.hosts.iter().all(|h| match &h.route {
-            Managed::Ours(r) => r.value.matched_backend() == Some(canary),
-            _ => true,
-        })
+    o.config.strategy == Strategy::AB && routed_everywhere(o, |r| r.matched_backend() == Some(canary))
 }
 
 /// The status of release `t` in its A/B test, after `iteration` passed analyses.
@@ -756,15 +779,7 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
         step => pre_rollout(o, t).or(step).unwrap_or_else(|| {
             if standing_by(o, t) {
                 // On readiness alone: nothing to route, the status tells the standby apart.
-                let d = &o.deployment;
-                let about = format!(
-                    "Blue/green of {}/{}: {} at full size, {}; every answer from the stable version",
-                    d.namespace,
-                    d.name,
-                    candidate_name(&d.name, t),
-                    standby_basis(o)
-                );
-                return at_standby(o, t, 0, Some(info(reasons::BLUE_GREEN, about)));
+                return at_standby(o, t, 0, Some(standby_event(o, t)));
             }
             wait(None, "routing the first step")
         }),
@@ -788,12 +803,11 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
     let ab = weight == 0 && ab_routed(o, &canary.name);
     // A blue/green candidate on standby whose route is in place (put back first if it was undone).
     let standby = weight == 0 && standing_by(o, t);
-    if standby && let Some(plan) = standby_route(o, &stable, &canary) {
+    if standby && let Some(plan) = standby_route(o, t, &stable, &canary) {
         return plan;
     }
     let mirroring = weight == 0 && o.config.strategy == Strategy::Canary && !ab && mirror_routed(o, &canary.name);
-    // Blue/green after the switch: the stable pods wait for a rollback while the analyses go on.
-    let switched = weight >= 100 && o.config.strategy == Strategy::BlueGreen && !promote_requested(o, t);
+    let switched = switched(o, t, weight);
     if weight == 0 && !ab && !mirroring && !standby {
         if held(o, t) {
             return wait(None, "paused on request before the first step");
@@ -916,9 +930,10 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
         }
         return plan;
     }
-    if verdict.passed && switched && o.now < rollback_window(o) {
+    let window = rollback_window(o);
+    if verdict.passed && switched && o.now < window {
         let passed = d.status.iteration + 1;
-        let until = rollback_window(o).saturating_sub(o.now);
+        let until = window - o.now;
         return Plan {
             action: Action::Status(StatusPatch {
                 iteration: passed,
@@ -1541,26 +1556,12 @@ fn ensure_split(
         if routed > o.now {
             return Some(wait(Some(routed), "waiting for the previous route change to propagate"));
         }
-        let (defined, defined_at) = match &h.backends {
-            Managed::Ours(defs) => (defs.value.as_slice(), defs.propagated(prop)),
-            Managed::Absent => (&[][..], 0),
-            Managed::Foreign { .. } => continue,
-        };
-        let missing: Vec<Backend> = want
-            .iter()
-            .filter(|(s, w)| *w > 0 && !defined.iter().any(|d| d.name == s.name))
-            .map(|(s, _)| s.clone())
-            .collect();
-        if !missing.is_empty() {
-            let mut backends = defined.to_vec();
-            backends.extend(missing);
-            return Some(Plan {
-                action: Action::Routing(RoutingAction::PutBackends { host, backends }),
-                event: None,
-            });
+        if matches!(h.backends, Managed::Foreign { .. }) {
+            continue;
         }
-        if defined_at > o.now {
-            return Some(wait(Some(defined_at), "waiting for the new backend to propagate"));
+        let named: Vec<Backend> = want.iter().filter(|(_, w)| *w > 0).map(|(s, _)| s.clone()).collect();
+        if let Some(plan) = define_on(o, host, &h.backends, &named) {
+            return Some(plan);
         }
         return Some(Plan {
             action: Action::Routing(RoutingAction::PutRoute {
@@ -1952,8 +1953,8 @@ fn patch(o: &Observed<'_>, t: u64, phase: Phase, weight: u8, failed_checks: u32,
 
 /// The status of release `t` at canary `weight`.
 fn at_weight(o: &Observed<'_>, t: u64, weight: u8) -> Plan {
-    if o.config.strategy == Strategy::BlueGreen && weight >= 100 && !promote_requested(o, t) {
-        // Switched: the iterations from here count the analyses of the rollback window.
+    if switched(o, t, weight) {
+        // The iterations from here count the analyses of the rollback window.
         let message = format!(
             "Switched all traffic (blue/green) to v{t}; v{} stays at full size for a rollback",
             stable_revision(o)
