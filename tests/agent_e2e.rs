@@ -387,6 +387,32 @@ struct Stats {
     samples: Vec<String>,
 }
 
+impl Stats {
+    /// The versions that answered since `before`, with how many answers each.
+    fn served_since(&self, before: &Stats) -> BTreeMap<String, u64> {
+        self.versions
+            .iter()
+            .map(|(v, n)| (v.clone(), n - before.versions.get(v).copied().unwrap_or(0)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+/// The requests the candidate `podinfo-v2` of `ns` has counted at its destination, from Prometheus.
+async fn candidate_requests(env: &Env, ns: &str) -> Option<f64> {
+    let query = format!(
+        r#"sum(istio_requests_total{{reporter="destination",destination_workload_namespace="{ns}",destination_workload="podinfo-v2"}})"#
+    );
+    let url = format!(
+        "{}/api/v1/query?query={}",
+        env.prometheus_url,
+        turnout::agent::analysis::encode(&query)
+    );
+    let (_, body) = http_get(&url).await?;
+    let answer: Value = serde_json::from_str(&body).ok()?;
+    answer["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
 /// Constant load through the mesh: `RATE` requests per second, each on its own, counted.
 struct Load {
     stop: Arc<AtomicBool>,
@@ -1563,15 +1589,10 @@ async fn a_b_test(env: &Env, ns: &str, provider: &'static str, failing: bool) ->
         assert_eq!(route["spec"]["rules"][0]["backendRefs"][0]["name"], "podinfo-v2-canary");
     }
     let (others_after, beta_after) = iteration(2).await;
-    let during = |before: &Stats, after: &Stats| -> BTreeMap<String, u64> {
-        after
-            .versions
-            .iter()
-            .map(|(v, n)| (v.clone(), n - before.versions.get(v).copied().unwrap_or(0)))
-            .filter(|(_, n)| *n > 0)
-            .collect()
-    };
-    let (o, b) = (during(&others_before, &others_after), during(&beta_before, &beta_after));
+    let (o, b) = (
+        others_after.served_since(&others_before),
+        beta_after.served_since(&beta_before),
+    );
     assert_eq!(
         o.keys().collect::<Vec<_>>(),
         ["v1"],
@@ -1670,13 +1691,12 @@ async fn blue_green(env: &Env, ns: &str, provider: &'static str, failing: bool) 
     iteration(2).await;
     let during = load.stats();
     assert_eq!(during.failed, 0, "{ns}: no request fails on standby: {during:?}");
-    let served: Vec<&String> = during
-        .versions
-        .iter()
-        .filter(|(v, n)| **n > before.versions.get(*v).copied().unwrap_or(0))
-        .map(|(v, _)| v)
-        .collect();
-    assert_eq!(served, ["v1"], "{ns}: every answer from the stable version on standby");
+    let served = during.served_since(&before);
+    assert_eq!(
+        served.keys().collect::<Vec<_>>(),
+        ["v1"],
+        "{ns}: every answer from the stable version on standby: {served:?}"
+    );
     // Switched: the stable side keeps its pods for the rollback window.
     let switched = eventually(Duration::from_secs(30), &format!("{ns}: switched"), || async {
         let message = env.annotation(ns, "turnout.dev/message").await?;
@@ -1788,33 +1808,14 @@ async fn mirrored_release(env: &Env, ns: &str, provider: &'static str) -> Stats 
     let message = env.annotation(ns, "turnout.dev/message").await.unwrap_or_default();
     assert!(message.starts_with("Mirroring 50 % to podinfo-v2"), "{ns}: {message}");
     // The candidate serves copies only: counted at the destination, by the copies alone.
-    let query = format!(
-        r#"sum(istio_requests_total{{reporter="destination",destination_workload_namespace="{ns}",destination_workload="podinfo-v2"}})"#
-    );
-    let url = format!(
-        "{}/api/v1/query?query={}",
-        env.prometheus_url,
-        turnout::agent::analysis::encode(&query)
-    );
     eventually(
         Duration::from_secs(30),
         &format!("{ns}: the candidate's metrics fill"),
-        || async {
-            let (_, body) = http_get(&url).await?;
-            let answer: Value = serde_json::from_str(&body).ok()?;
-            let value: f64 = answer["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
-            (value > 0.0).then_some(())
-        },
+        || async { (candidate_requests(env, ns).await? > 0.0).then_some(()) },
     )
     .await;
     iteration(2).await;
-    let during = load.stats();
-    let served: BTreeMap<String, u64> = during
-        .versions
-        .iter()
-        .map(|(v, n)| (v.clone(), n - before.versions.get(v).copied().unwrap_or(0)))
-        .filter(|(_, n)| *n > 0)
-        .collect();
+    let served = load.stats().served_since(&before);
     assert_eq!(
         served.keys().collect::<Vec<_>>(),
         ["v1"],
@@ -2050,32 +2051,17 @@ async fn mixed_a_b_test(env: &Env, ns: &str, provider: &'static str) -> u64 {
         version, "v1",
         "{ns}: without the cookie or the parameter: the stable version"
     );
-    let during = load.stats();
-    let others: Vec<&String> = during
-        .versions
-        .iter()
-        .filter(|(v, n)| **n > before.versions.get(*v).copied().unwrap_or(0))
-        .map(|(v, _)| v)
-        .collect();
-    assert_eq!(others, ["v1"], "{ns}: the others on the stable version");
+    let others = load.stats().served_since(&before);
+    assert_eq!(
+        others.keys().collect::<Vec<_>>(),
+        ["v1"],
+        "{ns}: the others on the stable version: {others:?}"
+    );
     // The copies: the candidate counted more requests than the beta user sent.
-    let query = format!(
-        r#"sum(istio_requests_total{{reporter="destination",destination_workload_namespace="{ns}",destination_workload="podinfo-v2"}})"#
-    );
-    let url = format!(
-        "{}/api/v1/query?query={}",
-        env.prometheus_url,
-        turnout::agent::analysis::encode(&query)
-    );
     eventually(
         Duration::from_secs(30),
         &format!("{ns}: copies reach the candidate"),
-        || async {
-            let (_, body) = http_get(&url).await?;
-            let answer: Value = serde_json::from_str(&body).ok()?;
-            let value: f64 = answer["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
-            (value > f64::from(sent) + 20.0).then_some(())
-        },
+        || async { (candidate_requests(env, ns).await? > f64::from(sent) + 20.0).then_some(()) },
     )
     .await;
     env.wait_phase(ns, "Succeeded", Duration::from_secs(60)).await;
