@@ -113,6 +113,9 @@ pub mod agent {
     /// Annotation on a candidate Deployment: the hash of the user Deployment's pod template it was made
     /// from (stamps removed), to notice a template changed without turnout's hold during the release.
     pub const TEMPLATE_HASH: &str = "turnout.dev/template-hash";
+    /// Annotation on a held candidate Deployment (blue/green without a mesh): the labels the Service
+    /// selects that its pod template lacks, as a JSON object; its pods carry them only while it serves.
+    pub const WITHHELD_LABELS: &str = "turnout.dev/withheld-labels";
     /// The label every ReplicaSet's pods carry, which Istio subsets select on.
     pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 }

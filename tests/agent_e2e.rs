@@ -383,6 +383,9 @@ impl Env {
 struct Stats {
     ok: u64,
     failed: u64,
+    /// Failed requests no pod answered (refused, reset, timed out: sent to a pod that was going),
+    /// unlike a pod's own error answers (500).
+    lost: u64,
     versions: BTreeMap<String, u64>,
     samples: Vec<String>,
 }
@@ -476,6 +479,10 @@ impl Load {
                         }
                         other => {
                             s.failed += 1;
+                            if !matches!(&other, Ok(Ok((status, ..))) if *status == http::StatusCode::INTERNAL_SERVER_ERROR)
+                            {
+                                s.lost += 1;
+                            }
                             if s.samples.len() < 5 {
                                 s.samples.push(match other {
                                     Ok(Ok((status, flags, _))) => format!("{status} {flags}"),
@@ -1643,7 +1650,14 @@ async fn blue_green(env: &Env, ns: &str, provider: &'static str, failing: bool) 
     if provider == "gateway-api" {
         annotations.push(GATEWAY_API);
     }
-    let load = env.prepare(ns, true, &annotations).await;
+    let mesh = provider != "none";
+    if !mesh {
+        annotations.push("turnout.dev/provider=none");
+    }
+    // Without a mesh the hand-off replaces the stable pods while the Service still selects them: they
+    // drain as a preStop sleep makes them. A rollback takes the candidate's pods out of the Service
+    // before they stop, so the failing release runs with pods that exit at once.
+    let load = env.prepare_as(ns, true, &annotations, !mesh && !failing).await;
     if failing {
         env.ok(&["set", "env", "-n", ns, "deployment/podinfo", "KUBESIM_ERROR_RATE=0.5"])
             .await;
@@ -1688,6 +1702,23 @@ async fn blue_green(env: &Env, ns: &str, provider: &'static str, failing: bool) 
     let candidate = env.get(ns, "deployment/podinfo-v2").await;
     assert_eq!(candidate["spec"]["replicas"], 2, "{ns}: full size: {candidate}");
     assert_eq!(candidate["status"]["readyReplicas"], 2, "{ns}: {candidate}");
+    if !mesh {
+        // Out of the Service: its pods lack the label the Service selects, which is recorded.
+        let withheld = &candidate["metadata"]["annotations"]["turnout.dev/withheld-labels"];
+        assert_eq!(withheld, r#"{"app":"podinfo"}"#, "{ns}: {candidate}");
+        let pods = env.get(ns, "pods").await;
+        let held: Vec<&Value> = pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["metadata"]["labels"]["turnout.dev/track"] == "candidate")
+            .collect();
+        assert_eq!(held.len(), 2, "{ns}: {pods}");
+        assert!(
+            held.iter().all(|p| p["metadata"]["labels"]["app"].is_null()),
+            "{ns}: {held:?}"
+        );
+    }
     iteration(2).await;
     let during = load.stats();
     assert_eq!(during.failed, 0, "{ns}: no request fails on standby: {during:?}");
@@ -1700,11 +1731,32 @@ async fn blue_green(env: &Env, ns: &str, provider: &'static str, failing: bool) 
     // Switched: the stable side keeps its pods for the rollback window.
     let switched = eventually(Duration::from_secs(30), &format!("{ns}: switched"), || async {
         let message = env.annotation(ns, "turnout.dev/message").await?;
-        message
-            .starts_with("Switched all traffic (blue/green)")
-            .then_some(message)
+        message.starts_with(switched_prefix(mesh)).then_some(message)
     })
     .await;
+    if !mesh {
+        assert!(
+            switched.contains("all of podinfo-v2's pods joined the Service beside v1's"),
+            "{ns}: {switched}"
+        );
+        // Every pod of the candidate is in the Service, and its answers come.
+        let pods = env.get(ns, "pods").await;
+        let joined = pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["metadata"]["labels"]["turnout.dev/track"] == "candidate")
+            .filter(|p| p["metadata"]["labels"]["app"] == "podinfo")
+            .count();
+        assert_eq!(joined, 2, "{ns}: {pods}");
+        let at_switch = load.stats();
+        eventually(
+            Duration::from_secs(20),
+            &format!("{ns}: the candidate answers"),
+            || async { load.stats().served_since(&at_switch).contains_key("v2").then_some(()) },
+        )
+        .await;
+    }
     assert!(
         switched.contains("stays at full size for a rollback"),
         "{ns}: {switched}"
@@ -1733,16 +1785,15 @@ async fn blue_green(env: &Env, ns: &str, provider: &'static str, failing: bool) 
             "{ns}: failures stop with the rollback: {after:?}"
         );
         assert!(after.failed > 0, "{ns}: the fault showed on live traffic: {after:?}");
+        // The candidate's own errors, not requests sent to pods that were going (its pods left the
+        // Service before they stopped, with a mesh or without).
+        assert_eq!(after.lost, 0, "{ns}: {after:?}");
     } else {
         env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
         assert_at_rest(env, ns, "2").await;
     }
     let events = env.events(ns).await.join("\n");
-    for expected in [
-        "Blue/green of",
-        "blue/green iteration 3/3",
-        "Switched all traffic (blue/green)",
-    ] {
+    for expected in ["Blue/green of", "blue/green iteration 3/3", switched_prefix(mesh)] {
         assert!(events.contains(expected), "{ns}: {expected:?} in {events}");
     }
     // One step: no canary weight in between.
@@ -1755,23 +1806,37 @@ async fn blue_green(env: &Env, ns: &str, provider: &'static str, failing: bool) 
     stats
 }
 
-/// Blue/green on Istio and on Gateway API, a healthy and a failing release on each.
+/// How the switch's status and Event begin: all traffic with a router; without a mesh the candidate's
+/// pods join the stable ones in the Service.
+fn switched_prefix(mesh: bool) -> &'static str {
+    if mesh {
+        "Switched all traffic (blue/green)"
+    } else {
+        "Switched (blue/green)"
+    }
+}
+
+/// Blue/green on Istio, on Gateway API and without a mesh, a healthy and a failing release on each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blue_green_switches_in_one_step_and_rolls_back_within_its_window() {
     let env = Env::start(true).await;
-    let (i, g) = tokio::join!(
+    let (i, g, n) = tokio::join!(
         blue_green(&env, "bg-i", "istio", false),
-        blue_green(&env, "bg-g", "gateway-api", true)
+        blue_green(&env, "bg-g", "gateway-api", true),
+        blue_green(&env, "bg-n", "none", false)
     );
-    let (gi, ig) = tokio::join!(
+    let (gi, ig, nf) = tokio::join!(
         blue_green(&env, "bg-h", "gateway-api", false),
-        blue_green(&env, "bg-j", "istio", true)
+        blue_green(&env, "bg-j", "istio", true),
+        blue_green(&env, "bg-m", "none", true)
     );
     for (name, stats) in [
         ("bg-i (istio)", i),
         ("bg-g (gateway-api, failing)", g),
+        ("bg-n (none)", n),
         ("bg-h (gateway-api)", gi),
         ("bg-j (istio, failing)", ig),
+        ("bg-m (none, failing)", nf),
     ] {
         eprintln!("{name}: {stats:?}");
     }

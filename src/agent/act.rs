@@ -4,11 +4,12 @@
 //! status caused is retried, since nothing the plan read has changed.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, ObjectReference, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference, Time};
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
@@ -37,9 +38,24 @@ pub async fn apply(
         Action::Routing(routing) => {
             super::routing::apply(client, d, config, &snap.hosts, &snap.stored, routing, now).await
         }
-        Action::CreateCandidate { revision, replicas } => {
+        Action::CreateCandidate {
+            revision,
+            replicas,
+            held,
+        } => {
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
             let mut c = candidate(d, *revision);
+            if *held {
+                let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+                let services: Vec<Arc<Service>> = services
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect();
+                hold(&mut c, d, *revision, &services);
+            }
             if let Some(replicas) = replicas {
                 // Without a mesh: sized by the steps, starting empty.
                 c.spec.replicas = Some(*replicas);
@@ -53,6 +69,8 @@ pub async fn apply(
         Action::ScaleCandidate { name, replicas, weight } => {
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
             let before = api.get_opt(name).await?;
+            // The weight is recorded first: a held candidate's pods follow it (again on the next pass
+            // if this one is cut short).
             let body = json!({
                 "metadata": { "annotations": {
                     annotations::WEIGHT: weight.to_string(),
@@ -60,13 +78,34 @@ pub async fn apply(
                 } },
                 "spec": { "replicas": replicas },
             });
-            api.patch(name, &PatchParams::default(), &Patch::Merge(&body)).await?;
-            Ok(vec![Written::of(
+            let after = api.patch(name, &PatchParams::default(), &Patch::Merge(&body)).await?;
+            let mut written = vec![Written::of(
                 Kind::Candidate,
                 &ns,
                 name,
                 before.as_ref().map(|b| &b.metadata),
-            )])
+            )];
+            written.extend(place_pods(client, &after, *weight > 0).await?);
+            Ok(written)
+        }
+        Action::PlaceCandidatePods { name, serving } => {
+            let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+            let Some(mut c) = api.get_opt(name).await? else {
+                return Ok(Vec::new());
+            };
+            let mut written = Vec::new();
+            if !*serving {
+                // Pods that leave the Service now: the drain before the candidate's deletion counts
+                // from here.
+                let body = json!({
+                    "metadata": { "annotations": { agent::CHANGED_AT: super::routing::rfc3339(now) } },
+                });
+                let before = c.metadata.clone();
+                c = api.patch(name, &PatchParams::default(), &Patch::Merge(&body)).await?;
+                written.push(Written::of(Kind::Candidate, &ns, name, Some(&before)));
+            }
+            written.extend(place_pods(client, &c, *serving).await?);
+            Ok(written)
         }
         Action::DeleteCandidate { name } => {
             let api: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -111,6 +150,91 @@ fn owner(d: &Deployment, controller: bool) -> OwnerReference {
         controller: Some(controller),
         block_owner_deletion: Some(true),
     }
+}
+
+/// Makes candidate `c` of release `revision` of `d` *held*: its pods lack, for each Service in
+/// `services` that selects D's pods, one label that Service selects (recorded in
+/// `turnout.dev/withheld-labels`), so no request reaches them until [`place_pods`] puts it on. Its
+/// selector is then its own labels alone (D's selector may name a withheld label).
+pub fn hold(c: &mut Deployment, d: &Deployment, revision: u64, services: &[Arc<Service>]) {
+    let mut withheld: BTreeMap<String, String> = BTreeMap::new();
+    for name in super::observe::selecting(d, services) {
+        let Some(selector) = services
+            .iter()
+            .find(|s| s.name_any() == name)
+            .and_then(|s| s.spec.as_ref())
+            .and_then(|s| s.selector.as_ref())
+        else {
+            continue;
+        };
+        if selector.keys().any(|k| withheld.contains_key(k)) {
+            continue;
+        }
+        // The first label it selects that turnout does not need itself.
+        if let Some((k, v)) = selector.iter().find(|(k, _)| !k.starts_with("turnout.dev/")) {
+            withheld.insert(k.clone(), v.clone());
+        }
+    }
+    let spec = &mut c.spec;
+    let labels = spec
+        .template
+        .metadata
+        .get_or_insert_with(ObjectMeta::default)
+        .labels
+        .get_or_insert_with(BTreeMap::new);
+    for k in withheld.keys() {
+        labels.remove(k);
+    }
+    labels.insert(labels::REVISION.into(), revision.to_string());
+    spec.selector.match_labels = Some(BTreeMap::from([
+        (agent::TRACK.to_owned(), agent::CANDIDATE.to_owned()),
+        (agent::RELEASE_OF.to_owned(), d.name_any()),
+        (labels::REVISION.to_owned(), revision.to_string()),
+    ]));
+    c.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(
+        agent::WITHHELD_LABELS.into(),
+        serde_json::to_string(&withheld).unwrap_or_default(),
+    );
+}
+
+/// Puts the withheld labels on every pod of held candidate `c` (`serving`: they join the Service) or
+/// takes them off (they leave it, and keep running); nothing for a candidate that is not held. Says
+/// which pods it wrote.
+async fn place_pods(client: &Client, c: &Deployment, serving: bool) -> kube::Result<Vec<Written>> {
+    let Some(withheld) = super::observe::withheld_labels(c) else {
+        return Ok(Vec::new());
+    };
+    let ns = c.namespace().unwrap_or_default();
+    let selector = c
+        .spec
+        .selector
+        .match_labels
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+        .unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut written = Vec::new();
+    for pod in pods.list(&ListParams::default().labels(&selector)).await?.items {
+        if pod.metadata.deletion_timestamp.is_some() || super::observe::placed(pod.labels(), &withheld) == Some(serving)
+        {
+            continue;
+        }
+        let labels: serde_json::Map<String, serde_json::Value> = withheld
+            .iter()
+            .map(|(k, v)| (k.clone(), if serving { json!(v) } else { serde_json::Value::Null }))
+            .collect();
+        let body = json!({ "metadata": { "labels": labels } });
+        match pods
+            .patch(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(_) => written.push(Written::of(Kind::Pod, &ns, &pod.name_any(), Some(&pod.metadata))),
+            // Gone meanwhile: nothing to place.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
 }
 
 /// The candidate `D-v<N>`: D's template and strategy, its own selector, D as owner.
@@ -324,6 +448,63 @@ mod tests {
         assert_eq!(
             c.spec.template.spec.as_ref().unwrap().containers[0].image.as_deref(),
             Some("podinfo:6.1.0")
+        );
+    }
+
+    fn service(name: &str, selector: serde_json::Value) -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": { "name": name, "namespace": "shop" },
+                "spec": { "selector": selector },
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_held_candidate_s_pods_lack_a_label_of_each_service_that_selects_the_deployment() {
+        let d = podinfo();
+        let services = [
+            service("podinfo", json!({ "app": "podinfo" })),
+            // Selects the same pods by another label: that one is withheld too.
+            service("podinfo-canary", json!({ "version": "v2" })),
+            // Covered by the first one's withheld label.
+            service("podinfo-all", json!({ "app": "podinfo", "version": "v2" })),
+            service("other", json!({ "app": "other" })),
+        ];
+        let mut c = candidate(&d, 2);
+        hold(&mut c, &d, 2, &services);
+        let withheld = super::super::observe::withheld_labels(&c).expect("held");
+        assert_eq!(
+            withheld,
+            BTreeMap::from([("app".into(), "podinfo".into()), ("version".into(), "v2".into())])
+        );
+        let pod_labels = c.spec.template.metadata.as_ref().unwrap().labels.clone().unwrap();
+        for svc in &services {
+            let selector = svc.spec.as_ref().unwrap().selector.as_ref().unwrap();
+            assert!(
+                !selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+                "{} does not select the held pods: {pod_labels:?}",
+                svc.name_any()
+            );
+        }
+        let selector = c.spec.selector.match_labels.clone().unwrap();
+        assert!(
+            selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+            "{selector:?}"
+        );
+        assert_eq!(selector.get(labels::REVISION).map(String::as_str), Some("2"));
+        // Once the withheld labels are put back, every Service selects the pods again.
+        let mut serving = pod_labels.clone();
+        serving.extend(withheld.clone());
+        assert_eq!(super::super::observe::placed(&serving, &withheld), Some(true));
+        assert_eq!(super::super::observe::placed(&pod_labels, &withheld), Some(false));
+        let mut half = pod_labels;
+        half.insert("app".into(), "podinfo".into());
+        assert_eq!(
+            super::super::observe::placed(&half, &withheld),
+            None,
+            "neither in nor out"
         );
     }
 }

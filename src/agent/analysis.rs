@@ -471,6 +471,8 @@ mod tests {
             deleting: false,
             template_hash: None,
             scale: None,
+            held: false,
+            misplaced: 0,
         }
     }
 

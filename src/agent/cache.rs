@@ -99,6 +99,7 @@ pub enum Kind {
     DestinationRule,
     HttpRoute,
     Service,
+    Pod,
 }
 
 /// One cache and its stream: every object of `api` matching `config`, trimmed by `trim` (fields no pass
@@ -240,7 +241,9 @@ impl Caches {
         Reads {
             replica_sets: self.replica_sets.state_filter(|rs| {
                 let labels = rs.labels();
-                in_ns(&rs.metadata) && selector.iter().all(|(k, v)| labels.get(*k) == Some(*v))
+                // A held candidate's ReplicaSet lacks a label of the Deployment's selector.
+                in_ns(&rs.metadata)
+                    && (selector.iter().all(|(k, v)| labels.get(*k) == Some(*v)) || release_of(&rs.metadata))
             }),
             candidates: self
                 .candidates
@@ -289,6 +292,7 @@ impl Caches {
             Kind::DestinationRule => version_in(&self.destination_rules, ns, name),
             Kind::HttpRoute => version_in(&self.http_routes, ns, name),
             Kind::Service => version_in(&self.services, ns, name),
+            Kind::Pod => version_in(&self.pods, ns, name),
         };
         match meta {
             None => written.deleted,

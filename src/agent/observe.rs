@@ -79,6 +79,14 @@ impl Reads {
                 .items,
         );
         let selector = format!("{}={}", agent::RELEASE_OF, d.name_any());
+        let mut replica_sets = replica_sets;
+        let rs_api: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
+        // A held candidate's ReplicaSet lacks a label of the Deployment's selector.
+        for rs in rs_api.list(&ListParams::default().labels(&selector)).await?.items {
+            if !replica_sets.iter().any(|r| r.uid() == rs.uid()) {
+                replica_sets.push(Arc::new(rs));
+            }
+        }
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
         let candidates = arcs(deployments.list(&ListParams::default().labels(&selector)).await?.items);
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -321,6 +329,8 @@ fn candidates(
             created_at: c.metadata.creation_timestamp.as_ref().map_or(0, |t| millis(&t.0)),
             deleting: c.metadata.deletion_timestamp.is_some(),
             template_hash: c.annotations().get(agent::TEMPLATE_HASH).cloned(),
+            held: withheld_labels(c).is_some(),
+            misplaced: 0,
             scale: c
                 .annotations()
                 .get(annotations::WEIGHT)
@@ -356,14 +366,45 @@ fn candidates(
                     deleting: true,
                     template_hash: None,
                     scale: None,
+                    held: false,
+                    misplaced: 0,
                 });
                 out.last_mut().expect("just pushed")
             }
         };
         entry.pods += 1;
         entry.restarts += u32::try_from(restarts).unwrap_or(0);
+        let withheld = deployments
+            .iter()
+            .find(|c| revision_of(c.labels()) == Some(revision))
+            .and_then(|c| withheld_labels(c));
+        if let (Some(withheld), None) = (withheld, &pod.metadata.deletion_timestamp) {
+            let serving = entry.scale.is_some_and(|s| s.weight > 0);
+            if placed(pod.labels(), &withheld) != Some(serving) {
+                entry.misplaced += 1;
+            }
+        }
     }
     out
+}
+
+/// The labels a held candidate's pods carry only while it serves (`turnout.dev/withheld-labels`).
+pub fn withheld_labels(c: &Deployment) -> Option<BTreeMap<String, String>> {
+    let withheld: BTreeMap<String, String> = serde_json::from_str(c.annotations().get(agent::WITHHELD_LABELS)?).ok()?;
+    (!withheld.is_empty()).then_some(withheld)
+}
+
+/// Whether a pod with `labels` is in the Service (every withheld label) or out of it (none of them);
+/// `None` in between.
+pub fn placed(labels: &BTreeMap<String, String>, withheld: &BTreeMap<String, String>) -> Option<bool> {
+    let carried = withheld.iter().filter(|(k, v)| labels.get(*k) == Some(*v)).count();
+    if carried == withheld.len() {
+        Some(true)
+    } else if withheld.keys().all(|k| !labels.contains_key(k)) {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// A Kubernetes timestamp in milliseconds since the epoch.
@@ -480,5 +521,35 @@ mod tests {
             ("podinfo-v2", 1, true),
             "an orphan's pods still count"
         );
+    }
+
+    #[test]
+    fn a_held_candidate_counts_the_pods_not_where_its_weight_says() {
+        let held = |weight: &str| -> Arc<Deployment> {
+            Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": { "name": "podinfo-v3", "uid": "c3", "generation": 1,
+                                  "labels": { "turnout.dev/revision": "3", "turnout.dev/release-of": "podinfo" },
+                                  "annotations": { "turnout.dev/weight": weight,
+                                                   "turnout.dev/withheld-labels": r#"{"app":"podinfo"}"# } },
+                    "spec": { "replicas": 2, "selector": {}, "template": {} },
+                }))
+                .unwrap(),
+            )
+        };
+        let mut serving = pod("3", 0);
+        serving.labels_mut().insert("app".into(), "podinfo".into());
+        let mut going = serving.clone();
+        going.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        // One pod out of the Service (replaced from the template), one in it, one terminating.
+        let pods = arcs(vec![pod("3", 0), serving, going]);
+        let standby = candidates("podinfo", &[held("0")], &[], &pods);
+        assert_eq!((standby[0].held, standby[0].misplaced), (true, 1), "{standby:?}");
+        let switched = candidates("podinfo", &[held("100")], &[], &pods);
+        assert_eq!((switched[0].held, switched[0].misplaced), (true, 1), "{switched:?}");
+        let plain = candidates("podinfo", &[Arc::new(Deployment::default())], &[], &pods);
+        assert!(plain.iter().all(|c| !c.held && c.misplaced == 0), "{plain:?}");
     }
 }

@@ -292,6 +292,13 @@ pub struct CandidateView {
     /// Without a mesh: the canary weight its replica count stands for (`turnout.dev/weight` on the
     /// candidate), and when it was last scaled.
     pub scale: Option<Scale>,
+    /// Without a mesh, a blue/green candidate made out of the Service: its pods lack a label the
+    /// Service selects (`turnout.dev/withheld-labels`) until its weight is above 0, and lose it again
+    /// when the weight goes back to 0.
+    pub held: bool,
+    /// Pods of a held candidate not placed as its weight says (in the Service at weight 0, or out of
+    /// it above): a pod the ReplicaSet replaced, or a write cut short.
+    pub misplaced: u32,
 }
 
 /// A candidate's size without a mesh.
@@ -322,10 +329,20 @@ pub enum Action {
     /// A routing write, carried out by the provider.
     Routing(RoutingAction),
     /// Create the candidate Deployment of the template's revision, with `replicas` (`None`: the
-    /// Deployment's; without a mesh it starts empty and each step scales it).
-    CreateCandidate { revision: u64, replicas: Option<i32> },
-    /// Without a mesh: scale a candidate to `replicas`, its share of the pods for canary `weight`.
+    /// Deployment's; without a mesh it starts empty and each step scales it). `held`: without a mesh,
+    /// a blue/green candidate made at full size out of the Service (its pods lack a label the Service
+    /// selects).
+    CreateCandidate {
+        revision: u64,
+        replicas: Option<i32>,
+        held: bool,
+    },
+    /// Without a mesh: scale a candidate to `replicas`, its share of the pods for canary `weight`; a
+    /// held candidate keeps its size, and its pods join the Service above weight 0 and leave it at 0.
     ScaleCandidate { name: String, replicas: i32, weight: u8 },
+    /// Without a mesh: put the pods of held candidate `name` in the Service (`serving`) or out of it,
+    /// as its weight says, changing nothing else.
+    PlaceCandidatePods { name: String, serving: bool },
     /// Delete a candidate Deployment (its pods go with it).
     DeleteCandidate { name: String },
     /// Write the release status (and possibly unpause, clear the intent, mark the rollout failed).

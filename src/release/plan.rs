@@ -23,10 +23,27 @@ use crate::names::{backends, candidate_name};
 
 /// The next action for the Deployment described by `o`.
 pub fn plan(o: &Observed<'_>) -> Plan {
+    if let Some(plan) = misplaced(o) {
+        return plan;
+    }
     if o.opted_out && !past_hand_off(&o.deployment) && !on_candidate_baseline(o) {
         return opted_out(o);
     }
     managed(o)
+}
+
+/// Without a mesh, the pods of a held candidate are placed as its recorded weight says, whatever the
+/// phase: in the Service above 0, out of it at 0 (a pod its ReplicaSet replaced has the template's
+/// labels, which the Service does not select; a write may have been cut short).
+fn misplaced(o: &Observed<'_>) -> Option<Plan> {
+    let c = o.candidates.iter().find(|c| c.held && !c.deleting && c.misplaced > 0)?;
+    Some(Plan {
+        action: Action::PlaceCandidatePods {
+            name: c.name.clone(),
+            serving: scaled_weight(c) > 0,
+        },
+        event: None,
+    })
 }
 
 /// The way back is a previous candidate, not the stable ReplicaSet (a release superseded during its
@@ -442,17 +459,44 @@ fn switch(o: &Observed<'_>, t: u64, canary: &Backend) -> Option<Plan> {
         plan.event = Some(info(
             reasons::SWITCHED,
             format!(
-                "Switched all traffic (blue/green) of {}/{} to v{t} after {} iterations; v{} stays at full size \
-                 for a rollback for {}",
+                "{} {}/{} to v{t} after {} iterations{}; v{} stays at full size for a rollback for {}",
+                if weighted(o) {
+                    "Switched all traffic (blue/green) of"
+                } else {
+                    "Switched (blue/green)"
+                },
                 d.namespace,
                 d.name,
                 d.status.iteration,
+                beside_stable(o, t).map(|b| format!(": {b}")).unwrap_or_default(),
                 stable_revision(o),
                 humantime::format_duration(o.config.drain)
             ),
         ));
     }
     Some(plan)
+}
+
+/// What the switch of blue/green release `t` did. With a router every request goes to the candidate;
+/// without a mesh the Service still selects the stable pods, so its pods joined them, all at once,
+/// each version getting its share of the pods until the hand-off replaces the stable ones.
+fn switched_to(o: &Observed<'_>, t: u64) -> String {
+    match beside_stable(o, t) {
+        None => format!("Switched all traffic (blue/green) to v{t}"),
+        Some(beside) => format!("Switched (blue/green) to v{t}: {beside}"),
+    }
+}
+
+/// Without a mesh, where a switched blue/green candidate's pods are.
+fn beside_stable(o: &Observed<'_>, t: u64) -> Option<String> {
+    (!weighted(o)).then(|| {
+        let stable = stable_revision(o);
+        format!(
+            "all of {}'s pods joined the Service beside v{stable}'s (without a mesh each version serves its \
+             share of the pods until the hand-off replaces v{stable}'s)",
+            candidate_name(&o.deployment.name, t),
+        )
+    })
 }
 
 /// Blue/green after the switch (not on a promotion asked for): the stable pods wait for a rollback
@@ -725,12 +769,16 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
         if let Some(plan) = unaccepted(o, t) {
             return plan;
         }
+        // Without a mesh its pods get traffic as soon as they are ready: it starts empty, and the first
+        // step (after the pre-rollout gate) scales it. A blue/green candidate is made at full size out
+        // of the Service instead, and the switch puts its pods in.
+        let held = !weighted(o) && o.config.strategy == Strategy::BlueGreen;
+        let replicas = if held { candidate_replicas(d.replicas, 100) } else { 0 };
         return Plan {
-            // Without a mesh its pods get traffic as soon as they are ready: it starts empty, and the
-            // first step (after the pre-rollout gate) scales it.
             action: Action::CreateCandidate {
                 revision: t,
-                replicas: (!weighted(o)).then_some(0),
+                replicas: (!weighted(o)).then_some(replicas),
+                held,
             },
             event: Some(info(
                 reasons::CANDIDATE,
@@ -944,8 +992,9 @@ fn progressing(o: &Observed<'_>, t: u64) -> Plan {
                     100,
                     d.status.failed_checks,
                     format!(
-                        "Switched all traffic (blue/green) to v{t}; v{} stays at full size for a rollback for \
-                         another {} (analyses passed in the window: {passed})",
+                        "{}; v{} stays at full size for a rollback for another {} (analyses passed in the window: \
+                         {passed})",
+                        switched_to(o, t),
                         stable_revision(o),
                         humantime::format_duration(std::time::Duration::from_secs(until.div_ceil(1000)))
                     ),
@@ -1621,13 +1670,6 @@ fn unroutable(o: &Observed<'_>) -> Option<String> {
     {
         return Some(why.clone());
     }
-    if o.config.strategy == Strategy::BlueGreen && !o.provider.caps().weights && !o.hosts.is_empty() {
-        return Some(format!(
-            "the {} provider cannot keep a full-size candidate out of the Service's traffic (blue-green): every \
-             ready pod the Service selects gets requests; use istio or gateway-api, or turnout.dev/strategy: canary",
-            o.provider
-        ));
-    }
     if o.config.mirror.is_some() && !o.provider.caps().mirror && !o.hosts.is_empty() {
         return Some(format!(
             "the {} provider cannot copy requests (turnout.dev/mirror): use istio or gateway-api, or remove it",
@@ -1820,9 +1862,10 @@ fn scaled_weight(c: &CandidateView) -> u8 {
 /// Without a mesh, the route is the candidates' sizes: each named in `want` gets its weight's share of
 /// the pods, one change at a time; a step up waits for the previous one's pods and endpoints, a step
 /// down (an abort) does not. A candidate not named is left as it is: its pods serve as long as they
-/// exist, so taking traffic off it means deleting it ([`remove_strays`]). A candidate on the stable
-/// side of a step (the first of two: a previous candidate as the baseline) keeps its full size, as the
-/// stable ReplicaSet does (I5).
+/// exist, so taking traffic off it means deleting it ([`remove_strays`]) — except a held one (a
+/// blue/green candidate), whose pods leave the Service first (weight 0) and keep running through the
+/// drain. A candidate on the stable side of a step (the first of two: a previous candidate as the
+/// baseline) keeps its full size, as the stable ReplicaSet does (I5); a held candidate always has it.
 fn scale_to(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
     let stable = o.deployment.replicas;
     let in_route: Vec<u64> = o
@@ -1831,33 +1874,43 @@ fn scale_to(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
         .filter(|c| want.iter().any(|(b, _)| b.name == backends::canary(c.revision)))
         .map(|c| c.revision)
         .collect();
-    for c in o.candidates.iter().filter(|c| !c.deleting) {
-        let name = backends::canary(c.revision);
-        let position = want.iter().position(|(b, _)| b.name == name);
-        let target = match position {
-            None => continue,
-            Some(0) if want.len() == 2 => 100,
-            Some(i) => want[i].1,
-        };
-        let current = scaled_weight(c);
-        if current == target {
-            continue;
-        }
-        if target > current
-            && let Some(until) = step_settles(o, &in_route)
-        {
-            return Some(wait(Some(until), "waiting for the previous step's pods to be ready"));
-        }
-        return Some(Plan {
-            action: Action::ScaleCandidate {
-                name: c.name.clone(),
-                replicas: candidate_replicas(stable, target),
-                weight: target,
-            },
-            event: None,
-        });
+    let changes: Vec<(&CandidateView, u8)> = o
+        .candidates
+        .iter()
+        .filter(|c| !c.deleting)
+        .filter_map(|c| {
+            let name = backends::canary(c.revision);
+            let target = match want.iter().position(|(b, _)| b.name == name) {
+                None if c.held => 0,
+                None => return None,
+                Some(0) if want.len() == 2 => 100,
+                Some(i) => want[i].1,
+            };
+            (scaled_weight(c) != target).then_some((c, target))
+        })
+        .collect();
+    // Pods join before others leave: a held candidate left out of `want` leaves the Service only once
+    // the candidates that take its requests serve, and that has propagated.
+    let (c, target) = changes
+        .iter()
+        .find(|(c, target)| *target > scaled_weight(c))
+        .or_else(|| changes.iter().find(|(c, _)| c.held))
+        .or_else(|| changes.first())?;
+    let (c, target) = (*c, *target);
+    let current = scaled_weight(c);
+    if (target > current || c.held)
+        && let Some(until) = step_settles(o, &in_route)
+    {
+        return Some(wait(Some(until), "waiting for the previous step's pods to be ready"));
     }
-    None
+    Some(Plan {
+        action: Action::ScaleCandidate {
+            name: c.name.clone(),
+            replicas: candidate_replicas(stable, if c.held { 100 } else { target }),
+            weight: target,
+        },
+        event: None,
+    })
 }
 
 /// When the last step has taken effect: its route change propagated, and without a mesh the pods of
@@ -1956,7 +2009,8 @@ fn at_weight(o: &Observed<'_>, t: u64, weight: u8) -> Plan {
     if switched(o, t, weight) {
         // The iterations from here count the analyses of the rollback window.
         let message = format!(
-            "Switched all traffic (blue/green) to v{t}; v{} stays at full size for a rollback",
+            "{}; v{} stays at full size for a rollback",
+            switched_to(o, t),
             stable_revision(o)
         );
         return Plan {

@@ -147,6 +147,10 @@ struct Candidate {
     view: CandidateView,
     available_at: Option<Millis>,
     gone_at: Option<Millis>,
+    /// A held candidate's pods are in the Service (without a mesh), and since when they are out of
+    /// it once they have served (`None`: never served, or serving now).
+    serving: bool,
+    out_since: Option<Millis>,
 }
 
 /// The user Deployment's ReplicaSets, by revision.
@@ -408,7 +412,22 @@ impl World {
         if self.sc.provider == ProviderKind::None {
             // Without a mesh the Service selects every ready pod: a terminating pod leaves the
             // endpoints only as it terminates, so I3 cannot hold (the README says so); the model checks
-            // the rest.
+            // the rest. A held candidate (blue/green) is the exception: its pods leave the Service
+            // before they stop, and must have been out of it for the propagation delay and the drain.
+            let held = self
+                .candidates
+                .iter()
+                .find(|c| c.view.held && candidate_hash(c.view.revision) == hash);
+            if let Some(c) = held {
+                let drained = self.sc.propagation_ms + self.sc.drain_ms;
+                if c.serving || c.out_since.is_some_and(|at| at + drained > self.now) {
+                    self.fail(format!(
+                        "I3: held {what} terminated while in the Service or within {drained} ms of leaving it \
+                         (serving: {}, out since {:?})",
+                        c.serving, c.out_since
+                    ));
+                }
+            }
             return;
         }
         let from = self.now.saturating_sub(self.sc.drain_ms);
@@ -580,8 +599,19 @@ impl World {
                     synced: Synced::Unknown,
                 });
             }
-            Action::CreateCandidate { revision, replicas } => {
-                if replicas.is_some() != (self.sc.provider == ProviderKind::None) {
+            Action::CreateCandidate {
+                revision,
+                replicas,
+                held,
+            } => {
+                let no_mesh = self.sc.provider == ProviderKind::None;
+                if held != (no_mesh && self.config.strategy == Strategy::BlueGreen) {
+                    self.fail(format!("candidate held: {held}, with provider {}", self.sc.provider));
+                }
+                if held && replicas != Some(candidate_replicas(self.deployment.replicas, 100)) {
+                    self.fail(format!("held candidate sized {replicas:?}, not at full size"));
+                }
+                if replicas.is_some() != no_mesh {
                     self.fail(format!(
                         "candidate sized {replicas:?} with provider {}",
                         self.sc.provider
@@ -622,17 +652,38 @@ impl World {
                         deleting: false,
                         template_hash: Some(self.deployment.template_hash.clone()),
                         scale,
+                        held,
+                        misplaced: 0,
                     },
                     available_at,
                     gone_at: None,
+                    serving: false,
+                    out_since: None,
                 });
             }
             Action::ScaleCandidate { name, replicas, weight } => {
                 if self.sc.provider != ProviderKind::None {
                     self.fail(format!("{name} scaled with provider {}", self.sc.provider));
                 }
-                if replicas != candidate_replicas(self.deployment.replicas, weight) || replicas > REPLICAS {
+                let held = self.candidates.iter().any(|c| c.view.name == name && c.view.held);
+                let full = if held { 100 } else { weight };
+                if replicas != candidate_replicas(self.deployment.replicas, full) || replicas > REPLICAS {
                     self.fail(format!("{name} scaled to {replicas} for weight {weight}"));
+                }
+                let d = &self.deployment;
+                let promoted = d.request
+                    == Some(Request::Valid {
+                        verb: Verb::Promote,
+                        release: d.template_revision,
+                    });
+                let standing_by =
+                    d.status.phase == Some(Phase::Progressing) && d.status.iteration < self.config.iterations;
+                let current = self
+                    .candidates
+                    .iter()
+                    .any(|c| c.view.name == name && c.view.revision == d.template_revision);
+                if held && weight > 0 && current && standing_by && !promoted && !self.bypass_seen {
+                    self.fail(format!("held {name} put in the Service before its iterations passed"));
                 }
                 if weight != 0 && weight != 100 && !self.config.steps.contains(&weight) {
                     self.fail(format!("{name} scaled for weight {weight}, not a step"));
@@ -646,14 +697,42 @@ impl World {
                 if self.candidates[i].view.deleting {
                     self.fail(format!("scaled {name} while it is being deleted"));
                 }
+                let cut_short = self.rng.chance(self.sc.crash_rate);
+                let now = self.now;
                 let c = &mut self.candidates[i];
                 let before = c.view.scale.map_or(100, |s| s.weight);
                 c.view.scale = Some(Scale { weight, at: self.now });
+                if c.view.held {
+                    // The weight is recorded, then the pods are placed: a crash may come in between.
+                    if cut_short {
+                        c.view.misplaced = REPLICAS as u32;
+                    } else {
+                        Self::place(c, weight > 0, now);
+                    }
+                    return;
+                }
                 if weight > before {
                     // New pods: available once they are ready (never, for a candidate that fails to start).
                     c.view.available = false;
                     c.available_at = delay;
                 }
+            }
+            Action::PlaceCandidatePods { name, serving } => {
+                let now = self.now;
+                let Some(i) = self.candidates.iter().position(|c| c.view.name == name) else {
+                    self.fail(format!("placed the pods of {name}, which does not exist"));
+                    return;
+                };
+                let view = &self.candidates[i].view;
+                if !view.held || view.scale.is_none_or(|s| (s.weight > 0) != serving) {
+                    self.fail(format!("placed the pods of {name} against its weight: {view:?}"));
+                }
+                let c = &mut self.candidates[i];
+                if !serving && let Some(scale) = c.view.scale.as_mut() {
+                    // Pods that leave the Service: the drain before their deletion counts from here.
+                    scale.at = now;
+                }
+                Self::place(c, serving, now);
             }
             Action::DeleteCandidate { name } => {
                 let Some(i) = self.candidates.iter().position(|c| c.view.name == name) else {
@@ -748,6 +827,15 @@ impl World {
             }
             Action::ClearRequest => self.deployment.request = None,
             Action::Analyse { .. } | Action::Wait { .. } => unreachable!("not a write"),
+        }
+    }
+
+    /// The pods of held candidate `c` join the Service (`serving`) or leave it.
+    fn place(c: &mut Candidate, serving: bool, now: Millis) {
+        c.view.misplaced = 0;
+        if serving != c.serving {
+            c.serving = serving;
+            c.out_since = (!serving).then_some(now);
         }
     }
 
@@ -1362,16 +1450,97 @@ fn blue_green_with_matches_measures_them_and_a_failing_candidate_never_gets_the_
     );
 }
 
+/// Without a mesh: the candidate at full size out of the Service for its iterations (readiness
+/// alone), then all its pods put in the Service in one write; the stable pods stay through the
+/// rollback window, and the hand-off follows.
 #[test]
-fn without_a_mesh_blue_green_fails_the_release_saying_why() {
+fn without_a_mesh_blue_green_holds_the_candidate_out_of_the_service_until_the_switch() {
     let mut sc = single(false);
+    sc.provider = ProviderKind::None;
+    sc.strategy = Strategy::BlueGreen;
+    let mut w = World::new(sc);
+    let mut scales = Vec::new();
+    let mut standby_seen = false;
+    while w.now < 600_000 {
+        w.run_to(Some(w.now + TICK)).unwrap();
+        if let Some(c) = w.candidates.first() {
+            assert!(c.view.held, "{:?}", c.view);
+            let weight = c.view.scale.map(|s| s.weight);
+            if scales.last() != Some(&weight) {
+                scales.push(weight);
+            }
+            if weight == Some(0) && c.view.available {
+                assert!(!c.serving, "no request reaches the candidate on standby");
+                standby_seen = true;
+            }
+            assert_eq!(c.serving, weight > Some(0), "its pods are where its weight says");
+        }
+        if w.quiet() {
+            break;
+        }
+    }
+    check_end(&w).unwrap();
+    assert!(standby_seen);
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    assert_eq!(
+        scales,
+        vec![Some(0), Some(100), Some(0)],
+        "standby, one switch, out before deletion"
+    );
+    assert!(
+        w.stages.iter().filter(|s| matches!(s, Stage::Standby { .. })).count() >= 3,
+        "{:?}",
+        w.stages
+    );
+}
+
+/// Without a mesh, a fault live traffic shows after the switch: the candidate's pods leave the
+/// Service, and only after the drain are they deleted (the model checks it: I3 for held candidates).
+#[test]
+fn without_a_mesh_a_blue_green_rollback_takes_the_candidate_out_of_the_service_before_it_stops() {
+    let mut sc = single(true);
     sc.provider = ProviderKind::None;
     sc.strategy = Strategy::BlueGreen;
     let w = World::new(sc).run().unwrap();
     check_end(&w).unwrap();
     assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
-    assert!(w.candidates.is_empty());
-    assert_eq!(w.checks, 0);
+    assert!(w.candidates.is_empty(), "I6");
+    assert!(
+        w.stages.iter().any(|s| matches!(s, Stage::Step { .. })),
+        "analysed on live traffic"
+    );
+}
+
+/// A write cut short between the weight and the pods: the next pass places the pods.
+#[test]
+fn without_a_mesh_misplaced_pods_of_a_held_candidate_are_placed_again() {
+    let mut sc = single(false);
+    sc.provider = ProviderKind::None;
+    sc.strategy = Strategy::BlueGreen;
+    let mut w = World::new(sc);
+    let mut placed = Vec::new();
+    while w.now < 600_000 && !w.quiet() {
+        w.run_to(Some(w.now + TICK)).unwrap();
+        let Some(c) = w
+            .candidates
+            .first_mut()
+            .filter(|c| c.view.available && !c.view.deleting)
+        else {
+            continue;
+        };
+        c.view.misplaced = 1;
+        let serving = c.view.scale.is_some_and(|s| s.weight > 0);
+        let name = c.view.name.clone();
+        assert_eq!(
+            plan(&w.observe(None)).action,
+            Action::PlaceCandidatePods { name, serving }
+        );
+        w.candidates[0].view.misplaced = 0;
+        if placed.last() != Some(&serving) {
+            placed.push(serving);
+        }
+    }
+    assert_eq!(placed, vec![false, true, false], "on standby, switched, withdrawn");
 }
 
 #[test]
