@@ -473,6 +473,7 @@ mod tests {
             scale: None,
             held: false,
             misplaced: 0,
+            ready_at: 0,
         }
     }
 

@@ -331,6 +331,7 @@ fn candidates(
             template_hash: c.annotations().get(agent::TEMPLATE_HASH).cloned(),
             held: withheld_labels(c).is_some(),
             misplaced: 0,
+            ready_at: 0,
             scale: c
                 .annotations()
                 .get(annotations::WEIGHT)
@@ -368,12 +369,18 @@ fn candidates(
                     scale: None,
                     held: false,
                     misplaced: 0,
+                    ready_at: 0,
                 });
                 out.last_mut().expect("just pushed")
             }
         };
         entry.pods += 1;
         entry.restarts += u32::try_from(restarts).unwrap_or(0);
+        if pod.metadata.deletion_timestamp.is_none()
+            && let Some(at) = ready_since(pod)
+        {
+            entry.ready_at = entry.ready_at.max(at);
+        }
         let withheld = deployments
             .iter()
             .find(|c| revision_of(c.labels()) == Some(revision))
@@ -386,6 +393,18 @@ fn candidates(
         }
     }
     out
+}
+
+/// When `pod` became ready, if it is.
+fn ready_since(pod: &Pod) -> Option<Millis> {
+    let ready = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == "True")?;
+    ready.last_transition_time.as_ref().map(|t| millis(&t.0))
 }
 
 /// The labels a held candidate's pods carry only while it serves (`turnout.dev/withheld-labels`).
@@ -515,12 +534,35 @@ mod tests {
             ("podinfo-v3", Some("abc"), true)
         );
         assert_eq!((v3.pods, v3.restarts, v3.deleting), (2, 1, false));
+        assert_eq!(v3.ready_at, 0, "no pod reports Ready");
         let v2 = &found[1];
         assert_eq!(
             (v2.name.as_str(), v2.pods, v2.deleting),
             ("podinfo-v2", 1, true),
             "an orphan's pods still count"
         );
+    }
+
+    #[test]
+    fn a_candidate_became_ready_when_its_last_pod_did() {
+        let ready = |name: &str, at: &str, status: &str| -> Pod {
+            let mut p = pod("3", 0);
+            p.metadata.name = Some(name.into());
+            p.status = serde_json::from_value(json!({
+                "conditions": [{ "type": "Ready", "status": status, "lastTransitionTime": at }]
+            }))
+            .unwrap();
+            p
+        };
+        let pods = arcs(vec![
+            ready("a", "2026-12-07T10:00:00Z", "True"),
+            ready("b", "2026-12-07T10:00:05Z", "True"),
+            // Not ready (any more): its transition is not a pod becoming ready.
+            ready("c", "2026-12-07T10:00:09Z", "False"),
+        ]);
+        let found = candidates("podinfo", &[], &[], &pods);
+        let b = k8s_openapi::jiff::Timestamp::from_second(1_796_637_605).unwrap();
+        assert_eq!(found[0].ready_at, millis(&b));
     }
 
     #[test]

@@ -296,6 +296,9 @@ pub struct CandidateView {
     /// Service selects (`turnout.dev/withheld-labels`) until its weight is above 0, and lose it again
     /// when the weight goes back to 0.
     pub held: bool,
+    /// When the last of its pods became ready (0: none is): without a mesh its endpoints spread from
+    /// then.
+    pub ready_at: Millis,
     /// Pods of a held candidate not placed as its weight says (in the Service at weight 0, or out of
     /// it above): a pod the ReplicaSet replaced, or a write cut short.
     pub misplaced: u32,

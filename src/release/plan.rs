@@ -1795,10 +1795,12 @@ fn current_weight(o: &Observed<'_>, canary: &str) -> u8 {
 
 fn last_route_change(o: &Observed<'_>) -> Millis {
     if !weighted(o) {
+        // A candidate's size changes who gets traffic as its pods become ready: their endpoints
+        // spread from then.
         return o
             .candidates
             .iter()
-            .filter_map(|c| c.scale.map(|s| s.at))
+            .filter_map(|c| c.scale.map(|s| s.at.max(c.ready_at)))
             .max()
             .unwrap_or(0);
     }

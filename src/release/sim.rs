@@ -494,8 +494,11 @@ impl World {
             if c.view.hash.is_none() {
                 c.view.hash = Some(candidate_hash(c.view.revision));
             }
-            if c.available_at.is_some_and(|at| now >= at) && !c.view.deleting {
+            if let Some(at) = c.available_at.filter(|at| now >= *at && !c.view.deleting)
+                && !c.view.available
+            {
                 c.view.available = true;
+                c.view.ready_at = at;
             }
         }
         self.candidates.retain(|c| c.gone_at.is_none_or(|at| now < at));
@@ -654,6 +657,7 @@ impl World {
                         scale,
                         held,
                         misplaced: 0,
+                        ready_at: 0,
                     },
                     available_at,
                     gone_at: None,
@@ -846,6 +850,23 @@ impl World {
             self.analysed_while_paused += 1;
         }
         let bad = self.bad.get(&revision).copied().unwrap_or(false) && !matches!(stage, Stage::Standby { .. });
+        // Without a mesh the candidate's share is measured only once its pods' endpoints have spread.
+        let serving = self
+            .candidates
+            .iter()
+            .find(|c| c.view.revision == revision && !c.view.deleting && c.view.scale.is_some_and(|s| s.weight > 0));
+        if self.sc.provider == ProviderKind::None
+            && matches!(stage, Stage::Step { .. })
+            && let Some(c) = serving
+            && c.view.ready_at + self.sc.propagation_ms > self.now
+        {
+            self.fail(format!(
+                "analysed {} {} ms after its pods were ready (propagation: {} ms)",
+                c.view.name,
+                self.now - c.view.ready_at,
+                self.sc.propagation_ms
+            ));
+        }
         let passed = !bad && !self.rng.chance(self.sc.flake_rate);
         Verdict {
             passed,
