@@ -12,6 +12,9 @@
 //! latency percentiles. Run with `cargo bench --bench admission` (options after `--`, see `--help`).
 //! Results are printed, never asserted.
 
+// A test stops at the first thing that is not as it expects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -16,6 +16,9 @@
 //!    updates of the pod template reach both. The agent's reconcile passes: count and mean time.
 //! 3. The agent's resident memory idle and with N Deployments in opted-in namespaces.
 
+// A test stops at the first thing that is not as it expects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "../tests/common/mod.rs"]
 mod common;
 

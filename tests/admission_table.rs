@@ -3,6 +3,9 @@
 //! apiserver sends it, runs the same review code the server runs, applies the returned JSON patch to
 //! the request object and asserts the exact object that results.
 
+// A test stops at the first thing that is not as it expects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use base64::Engine as _;
 use serde_json::{Value, json};
 use turnout::admission::template::{Stamps, strip};

@@ -1,6 +1,9 @@
 //! Every write of the agent is conditional on what it read: a change made by someone else in between
 //! makes the write fail with 409 (and the agent plans again from a fresh read) instead of overwriting it.
 
+// A test stops at the first thing that is not as it expects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::Cluster;

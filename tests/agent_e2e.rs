@@ -6,6 +6,9 @@
 //!
 //! The scenarios run side by side, one namespace each, on one cluster.
 
+// A test stops at the first thing that is not as it expects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeMap;

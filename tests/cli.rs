@@ -1,5 +1,8 @@
 //! The `turnout` binary as a user runs it: `mutate`, `certs`, `--help`, exit codes.
 
+// A test stops at the first thing that is not as it expects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;

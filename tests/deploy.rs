@@ -2,6 +2,9 @@
 //! the webhook registration of DESIGN §4, a hardened Deployment whose flags exist in the binary, and
 //! RBAC without wildcards.
 
+// A test stops at the first thing that is not as it expects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 use serde_json::Value;

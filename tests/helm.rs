@@ -10,6 +10,9 @@
 //!   enforces), a release from `kubectl set image` to `Succeeded`, then `helm uninstall`, after which
 //!   nothing the chart made is left but the Namespace, which it keeps (`helm.sh/resource-policy`).
 
+// A test stops at the first thing that is not as it expects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -2,6 +2,9 @@
 //! the real API server calling turnout's webhook server through deploy/'s MutatingWebhookConfiguration, and Deployment updates
 //! made with kubectl in an opted-in namespace and in one that is not.
 
+// A test stops at the first thing that is not as it expects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -2,6 +2,9 @@
 //! keep-alive and h2 by ALPN, certificate rotation, request limits, the admin port, graceful stop and
 //! start-up errors. Every test starts its own server on random ports.
 
+// A test stops at the first thing that is not as it expects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;

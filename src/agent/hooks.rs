@@ -82,6 +82,10 @@ pub struct Caller {
 impl Default for Caller {
     fn default() -> Self {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        #[allow(
+            clippy::expect_used,
+            reason = "ring supports every default protocol version: this cannot fail"
+        )]
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions");

@@ -353,8 +353,8 @@ fn candidates(
             .and_then(|s| s.container_statuses.as_ref())
             .map(|cs| cs.iter().map(|c| c.restart_count).sum())
             .unwrap_or(0);
-        let entry = match out.iter_mut().position(|c| c.revision == revision) {
-            Some(i) => &mut out[i],
+        let i = match out.iter().position(|c| c.revision == revision) {
+            Some(i) => i,
             None => {
                 out.push(CandidateView {
                     name: crate::names::candidate_name(name, revision),
@@ -371,9 +371,10 @@ fn candidates(
                     misplaced: 0,
                     ready_at: 0,
                 });
-                out.last_mut().expect("just pushed")
+                out.len() - 1
             }
         };
+        let entry = &mut out[i];
         entry.pods += 1;
         entry.restarts += u32::try_from(restarts).unwrap_or(0);
         if pod.metadata.deletion_timestamp.is_none()

@@ -154,6 +154,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
 
 /// Children get SIGKILL when the thread that started them ends (the process, for the threads that
 /// start control planes here), so nothing outlives a test binary.
+#[allow(unsafe_code)]
 fn die_with_parent(command: &mut Command) {
     use std::os::unix::process::CommandExt as _;
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.

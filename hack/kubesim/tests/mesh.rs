@@ -3,6 +3,9 @@
 //! HTTPRoute after their propagation delay, HTTPRoute status, stale endpoints failing with 503, Istio
 //! metrics, and what release strategies use: mirrors, header changes and cookie matches.
 
+// A test stops at the first thing that is not as it expects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::Duration;

@@ -26,7 +26,10 @@ use super::{Written, changed_at, is_ours, managed_meta, rfc3339, timestamp};
 use crate::agent::cache::Kind;
 use crate::config::ReleaseConfig;
 use crate::gateway::http_route::{
-    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs, HttpRouteRulesMatches,
+    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs, HttpRouteRulesBackendRefsFilters,
+    HttpRouteRulesBackendRefsFiltersResponseHeaderModifier, HttpRouteRulesBackendRefsFiltersResponseHeaderModifierAdd,
+    HttpRouteRulesBackendRefsFiltersType, HttpRouteRulesFilters, HttpRouteRulesFiltersRequestMirror,
+    HttpRouteRulesFiltersRequestMirrorBackendRef, HttpRouteRulesFiltersType, HttpRouteRulesMatches,
     HttpRouteRulesMatchesHeaders, HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesQueryParams,
     HttpRouteRulesMatchesQueryParamsType, HttpRouteSpec,
 };
@@ -511,13 +514,23 @@ fn route_spec(service: &str, plain: &Service, config: &ReleaseConfig, route: &Ro
             // The sticky backend's answers set the cookie, wherever they come from.
             let set_cookie = |to: &mut HttpRouteRulesBackendRefs, backend: &str| {
                 if let Some(s) = split.sticky.as_ref().filter(|s| s.backend == backend) {
-                    to.filters = Some(vec![
-                        serde_json::from_value(json!({
-                            "type": "ResponseHeaderModifier",
-                            "responseHeaderModifier": { "add": [{ "name": "Set-Cookie", "value": s.set_cookie() }] },
-                        }))
-                        .expect("a ResponseHeaderModifier filter"),
-                    ]);
+                    to.filters = Some(vec![HttpRouteRulesBackendRefsFilters {
+                        cors: None,
+                        extension_ref: None,
+                        request_header_modifier: None,
+                        request_mirror: None,
+                        request_redirect: None,
+                        response_header_modifier: Some(HttpRouteRulesBackendRefsFiltersResponseHeaderModifier {
+                            add: Some(vec![HttpRouteRulesBackendRefsFiltersResponseHeaderModifierAdd {
+                                name: "Set-Cookie".into(),
+                                value: s.set_cookie(),
+                            }]),
+                            remove: None,
+                            set: None,
+                        }),
+                        r#type: HttpRouteRulesBackendRefsFiltersType::ResponseHeaderModifier,
+                        url_rewrite: None,
+                    }]);
                 }
             };
             if let Some(m) = &split.matched {
@@ -558,18 +571,26 @@ fn route_spec(service: &str, plain: &Service, config: &ReleaseConfig, route: &Ro
     };
     // Copies of a share of the requests the weights route: a RequestMirror filter on that rule.
     let filters = match route {
-        Route::Split(Split {
-            mirror: Some(m), ..
-        }) => Some(vec![
-            serde_json::from_value(json!({
-                "type": "RequestMirror",
-                "requestMirror": {
-                    "backendRef": { "group": "", "kind": "Service", "name": backends::service(service, &m.backend), "port": port },
-                    "percent": m.percent,
+        Route::Split(Split { mirror: Some(m), .. }) => Some(vec![HttpRouteRulesFilters {
+            cors: None,
+            extension_ref: None,
+            request_header_modifier: None,
+            request_mirror: Some(HttpRouteRulesFiltersRequestMirror {
+                backend_ref: HttpRouteRulesFiltersRequestMirrorBackendRef {
+                    group: Some(String::new()),
+                    kind: Some("Service".into()),
+                    name: backends::service(service, &m.backend),
+                    namespace: None,
+                    port,
                 },
-            }))
-            .expect("a RequestMirror filter"),
-        ]),
+                fraction: None,
+                percent: Some(i32::from(m.percent)),
+            }),
+            request_redirect: None,
+            response_header_modifier: None,
+            r#type: HttpRouteRulesFiltersType::RequestMirror,
+            url_rewrite: None,
+        }]),
         _ => None,
     };
     rules.push(HttpRouteRules {
