@@ -358,7 +358,9 @@ fn status_only_change(read: &Deployment, fresh: &Deployment) -> bool {
         && read.metadata.deletion_timestamp == fresh.metadata.deletion_timestamp
 }
 
-/// Records `event` on `d` (core/v1, which `kubectl describe` shows).
+/// Records `event` on `d` (core/v1, which `kubectl describe` shows). Not kube's `events::Recorder`: it
+/// folds events with the same type, reason and action into one series whatever their message (its key
+/// leaves the note out), so `Advance … weight 20` then `… weight 50` would show only the first.
 pub async fn record(client: &Client, d: &Deployment, event: &Event) -> kube::Result<()> {
     let ns = d.namespace().unwrap_or_default();
     let api: Api<CoreEvent> = Api::namespaced(client.clone(), &ns);
