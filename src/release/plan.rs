@@ -129,7 +129,20 @@ fn managed(o: &Observed<'_>) -> Plan {
             (true, Some(Phase::Finalising)) => requested(o).unwrap_or_else(|| finalising(o, t)),
             (true, Some(Phase::Succeeded)) => requested(o).unwrap_or_else(|| succeeded(o, t)),
             // A request waits for the revert to be recorded, and is then refused.
-            _ => reverted(o, stable),
+            (false, _)
+            | (
+                true,
+                None
+                | Some(
+                    Phase::Pending
+                    | Phase::Progressing
+                    | Phase::Promoting
+                    | Phase::HandingOff
+                    | Phase::Failed
+                    | Phase::RolledBack
+                    | Phase::HandedBack,
+                ),
+            ) => reverted(o, stable),
         };
     }
     let status = &d.status;
@@ -177,13 +190,18 @@ pub fn admissible(d: &DeploymentView, verb: Verb) -> Result<u64, String> {
         Verb::Pause if early => format!("release v{t} of {name} is already paused"),
         Verb::Resume if early => format!("release v{t} of {name} is not paused"),
         Verb::Retry if !phase.is_final() => format!("release v{t} of {name} has not failed: it is {phase}"),
-        _ if phase.is_final() => format!("release v{t} of {name} has ended: {phase}"),
+        Verb::Abort | Verb::Promote | Verb::Pause | Verb::Resume | Verb::Retry if phase.is_final() => {
+            format!("release v{t} of {name} has ended: {phase}")
+        }
         Verb::Abort => format!(
             "release v{t} of {name} is past the point of no return: {} is rolling it out ({phase}); set the \
              template back to roll back",
             d.name
         ),
-        _ => format!("release v{t} of {name} is already promoted: {phase}"),
+        // Past hand-off and not ended (a retry is refused above either way).
+        Verb::Promote | Verb::Pause | Verb::Resume | Verb::Retry => {
+            format!("release v{t} of {name} is already promoted: {phase}")
+        }
     })
 }
 
