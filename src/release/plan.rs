@@ -1294,7 +1294,8 @@ fn bypassed(o: &Observed<'_>, t: u64) -> Option<Plan> {
         None => route_to_host(o),
     };
     if let Some(mut plan) = moved {
-        if matches!(plan.action, Action::Routing(RoutingAction::PutRoute { .. })) {
+        // A route write, or without a mesh the candidate's size (or its pods put in the Service).
+        if moves_traffic(&plan.action) {
             let to = if candidate.is_some() {
                 "the candidate"
             } else {

@@ -192,6 +192,8 @@ struct World {
     analysed_while_paused: u32,
     /// What each analysis covered.
     stages: Vec<Stage>,
+    /// The reasons of the Events recorded, in order.
+    reasons: Vec<&'static str>,
 }
 
 fn rs_hash(revision: u64) -> String {
@@ -272,6 +274,7 @@ impl World {
             edits: 0,
             analysed_while_paused: 0,
             stages: Vec::new(),
+            reasons: Vec::new(),
         }
     }
 
@@ -882,7 +885,7 @@ impl World {
     fn agent(&mut self) {
         for _ in 0..20 {
             let plan = plan(&self.observe(None));
-            let action = match plan.action {
+            let (action, event) = match plan.action {
                 Action::Wait { .. } => return,
                 Action::Analyse { revision, stage } => {
                     self.stages.push(stage);
@@ -897,15 +900,16 @@ impl World {
                             self.fail("asked for analysis twice".into());
                             return;
                         }
-                        action => action,
+                        action => (action, plan.event),
                     }
                 }
-                action => action,
+                action => (action, plan.event),
             };
             if self.rng.chance(self.sc.crash_rate) {
                 return;
             }
             self.apply(action);
+            self.reasons.extend(event.map(|e| e.reason));
         }
         self.fail("no wait after 20 actions in one pass".into());
     }
@@ -1680,6 +1684,21 @@ fn a_deployment_resumed_behind_turnout_s_back_gets_all_traffic_moved_to_the_cand
     check_end(&w).unwrap();
     assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
     assert_eq!(w.checks, 0, "no analysis: the Deployment was already rolling out");
+    assert!(w.reasons.contains(&reasons::BYPASSED), "{:?}", w.reasons);
+}
+
+#[test]
+fn without_a_mesh_a_deployment_resumed_behind_turnout_s_back_is_reported_as_its_candidate_takes_over() {
+    let mut sc = single(false);
+    sc.provider = ProviderKind::None;
+    sc.interval_ms = 60_000;
+    sc.events.push((5_000, UserAction::Bypass));
+    let w = World::new(sc).run().unwrap();
+    check_end(&w).unwrap();
+    assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
+    let bypassed = w.reasons.iter().filter(|r| **r == reasons::BYPASSED).count();
+    // When the candidate is scaled to all of the traffic, and when the hand-off is recorded.
+    assert_eq!(bypassed, 2, "{:?}", w.reasons);
 }
 
 #[test]
