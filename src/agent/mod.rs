@@ -192,6 +192,12 @@ struct NotificationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    step: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabels {
     source: &'static str,
 }
@@ -218,6 +224,7 @@ pub struct AgentMetrics {
     hooks: Family<HookLabels, Counter>,
     notifications: Family<NotificationLabels, Counter>,
     reads: Family<SourceLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
 }
 
 impl AgentMetrics {
@@ -247,6 +254,7 @@ impl AgentMetrics {
             hooks: Family::default(),
             notifications: Family::default(),
             reads: Family::default(),
+            errors: Family::default(),
         };
         registry.register(
             "turnout_release_phase",
@@ -261,7 +269,7 @@ impl AgentMetrics {
         );
         registry.register(
             "turnout_releases",
-            "Releases ended, by result (succeeded, failed, rolled_back) and strategy (canary, ab)",
+            "Releases ended, by result (succeeded, failed, rolled_back) and strategy (canary, ab, blue-green)",
             m.releases.clone(),
         );
         registry.register(
@@ -298,6 +306,13 @@ impl AgentMetrics {
             "turnout_agent_reads",
             "Reconcile passes by where they read the cluster: cache (the agent's watch caches) or api (LIST and GET, until the caches have listed once)",
             m.reads.clone(),
+        );
+        registry.register(
+            "turnout_reconcile_errors",
+            "Reconcile passes that failed and were retried, by step (read, routing, create-candidate, \
+             scale-candidate, place-pods, delete-candidate, status, clear-request) and reason (conflict, \
+             forbidden, not-found, invalid, throttled, server, other, unavailable)",
+            m.errors.clone(),
         );
         registry.register(
             "turnout_agent_leader",
@@ -344,11 +359,92 @@ impl Context {
     }
 }
 
-/// Errors of one pass; the pass is retried.
+/// Errors of one pass, by what failed; the pass is retried.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Kube(#[from] kube::Error),
+    /// Reading the Deployment, its namespace or what a snapshot is made of.
+    #[error("reading the cluster: {0}")]
+    Read(#[source] kube::Error),
+    /// Carrying out the planned action.
+    #[error("{}: {source}", step.as_str())]
+    Write {
+        step: Step,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// The write a pass failed at: a bounded label of `turnout_reconcile_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Routing,
+    CreateCandidate,
+    ScaleCandidate,
+    PlacePods,
+    DeleteCandidate,
+    Status,
+    ClearRequest,
+}
+
+impl Step {
+    /// The step of `action`; `None` for what writes nothing.
+    fn of(action: &release::Action) -> Option<Self> {
+        use release::Action as A;
+        Some(match action {
+            A::Routing(_) => Self::Routing,
+            A::CreateCandidate { .. } => Self::CreateCandidate,
+            A::ScaleCandidate { .. } => Self::ScaleCandidate,
+            A::PlaceCandidatePods { .. } => Self::PlacePods,
+            A::DeleteCandidate { .. } => Self::DeleteCandidate,
+            A::Status(_) => Self::Status,
+            A::ClearRequest => Self::ClearRequest,
+            A::Analyse { .. } | A::Wait { .. } => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Routing => "routing",
+            Self::CreateCandidate => "create-candidate",
+            Self::ScaleCandidate => "scale-candidate",
+            Self::PlacePods => "place-pods",
+            Self::DeleteCandidate => "delete-candidate",
+            Self::Status => "status",
+            Self::ClearRequest => "clear-request",
+        }
+    }
+}
+
+impl Error {
+    /// Where the pass failed: `read` or the write's step.
+    fn step(&self) -> &'static str {
+        match self {
+            Self::Read(_) => "read",
+            Self::Write { step, .. } => step.as_str(),
+        }
+    }
+
+    fn source(&self) -> &kube::Error {
+        match self {
+            Self::Read(e) | Self::Write { source: e, .. } => e,
+        }
+    }
+
+    /// Why, as a bounded label: the API server's answer, or `unavailable` when it gave none.
+    fn reason(&self) -> &'static str {
+        match self.source() {
+            kube::Error::Api(s) => match s.code {
+                409 => "conflict",
+                403 | 401 => "forbidden",
+                404 => "not-found",
+                400 | 422 => "invalid",
+                429 => "throttled",
+                500.. => "server",
+                _ => "other",
+            },
+            _ => "unavailable",
+        }
+    }
 }
 
 fn now_millis() -> Millis {
@@ -395,7 +491,7 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
     }
     // Plan from a fresh read: the cache may not have seen the previous pass's write yet.
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
-    let Some(fresh) = api.get_opt(&cached.name_any()).await? else {
+    let Some(fresh) = api.get_opt(&cached.name_any()).await.map_err(Error::Read)? else {
         ctx.forget(&cached.namespace().unwrap_or_default(), &cached.name_any());
         return Ok(Requeue::await_change());
     };
@@ -413,7 +509,11 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
         .clone();
     let ns = match caches.as_ref().and_then(|c| c.namespace(&ns_name)) {
         Some(ns) => ns,
-        None => match Api::<Namespace>::all(ctx.client.clone()).get_opt(&ns_name).await? {
+        None => match Api::<Namespace>::all(ctx.client.clone())
+            .get_opt(&ns_name)
+            .await
+            .map_err(Error::Read)?
+        {
             Some(ns) => Arc::new(ns),
             None => return Ok(Requeue::await_change()),
         },
@@ -443,7 +543,9 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
     let caches = caches.filter(|c| c.synced(provider, has_crds));
     let snap = match &caches {
         Some(c) => c.snapshot(d, &config, provider, has_crds),
-        None => observe::snapshot(&ctx.client, d, &config, provider, has_crds).await?,
+        None => observe::snapshot(&ctx.client, d, &config, provider, has_crds)
+            .await
+            .map_err(Error::Read)?,
     };
     let source = if caches.is_some() { "cache" } else { "api" };
     ctx.metrics.reads.get_or_create(&SourceLabels { source }).inc();
@@ -501,7 +603,12 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
             }
             action => {
                 tracing::info!(namespace = %ns_name, deployment = %name, ?action, "release step");
-                let written = act::apply(&ctx.client, d, &config, &snap, action, now).await?;
+                let written = act::apply(&ctx.client, d, &config, &snap, action, now)
+                    .await
+                    .map_err(|source| Error::Write {
+                        step: Step::of(action).unwrap_or(Step::Status),
+                        source,
+                    })?;
                 // The next pass plans from the caches: they must show these writes first.
                 if let Some(c) = &caches {
                     for w in &written {
@@ -731,15 +838,14 @@ fn observe_status(ctx: &Context, ns: &str, name: &str, p: &release::StatusPatch,
     }
 }
 
-fn error_policy(d: Arc<Deployment>, error: &Error, _ctx: Arc<Context>) -> Requeue {
-    let Error::Kube(e) = error;
-    if let kube::Error::Api(s) = e
-        && s.code == 409
-    {
-        tracing::debug!(deployment = %d.name_any(), "conflict; planning again from a fresh read");
+fn error_policy(d: Arc<Deployment>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    let (step, reason) = (error.step(), error.reason());
+    ctx.metrics.errors.get_or_create(&ErrorLabels { step, reason }).inc();
+    if reason == "conflict" {
+        tracing::debug!(deployment = %d.name_any(), step, "conflict; planning again from a fresh read");
         return Requeue::requeue(Duration::from_millis(50));
     }
-    tracing::warn!(namespace = ?d.namespace(), deployment = %d.name_any(), error = %e, "reconcile failed; retrying");
+    tracing::warn!(namespace = ?d.namespace(), deployment = %d.name_any(), step, reason, error = %error, "reconcile failed; retrying");
     Requeue::requeue(Duration::from_secs(2))
 }
 
@@ -1086,6 +1192,37 @@ mod tests {
             "spec": { "selector": {}, "template": { "metadata": { "labels": { "turnout.dev/revision": "2" } } } }
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_failed_pass_is_labelled_by_its_step_and_the_api_server_s_answer() {
+        let api = |code: u16| {
+            kube::Error::Api(Box::new(
+                serde_json::from_value(serde_json::json!({ "code": code, "status": "Failure" })).unwrap(),
+            ))
+        };
+        let place = release::Action::PlaceCandidatePods {
+            name: "podinfo-v2".into(),
+            serving: true,
+        };
+        let forbidden = Error::Write {
+            step: Step::of(&place).unwrap(),
+            source: api(403),
+        };
+        assert_eq!((forbidden.step(), forbidden.reason()), ("place-pods", "forbidden"));
+        assert!(forbidden.to_string().starts_with("place-pods: "), "{forbidden}");
+        let read = Error::Read(api(409));
+        assert_eq!((read.step(), read.reason()), ("read", "conflict"));
+        assert_eq!(Error::Read(api(503)).reason(), "server");
+        assert_eq!(
+            Error::Read(kube::Error::LinesCodecMaxLineLengthExceeded).reason(),
+            "unavailable"
+        );
+        let wait = release::Action::Wait {
+            until: None,
+            reason: String::new(),
+        };
+        assert_eq!(Step::of(&wait), None, "a wait writes nothing");
     }
 
     #[test]
