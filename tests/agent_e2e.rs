@@ -2474,25 +2474,36 @@ async fn without_a_mesh_releases_move_traffic_by_replica_counts() {
 async fn a_release_survives_the_agent_being_killed_at_every_phase() {
     let mut env = Env::start(true).await;
     // The Istio release's phases time the kills; the Gateway API and no-mesh releases beside it are
-    // hit wherever they are then.
-    let (ns, gw, nm) = ("restarts", "restarts-gw", "restarts-nm");
-    let (load, gw_load, nm_load) = tokio::join!(
+    // hit wherever they are then (a blue/green one without a mesh among them: its candidate's pods out
+    // of the Service on standby, in it after the switch).
+    let (ns, gw, nm, bg) = ("restarts", "restarts-gw", "restarts-nm", "restarts-bg");
+    let (load, gw_load, nm_load, bg_load) = tokio::join!(
         env.prepare(ns, true, &[]),
         env.prepare(gw, true, &[GATEWAY_API]),
         env.prepare_as(nm, true, &["turnout.dev/provider=none"], true),
+        env.prepare_as(
+            bg,
+            true,
+            &[
+                "turnout.dev/provider=none",
+                "turnout.dev/strategy=blue-green",
+                "turnout.dev/iterations=2"
+            ],
+            true
+        ),
     );
-    for ns in [ns, gw, nm] {
+    for ns in [ns, gw, nm, bg] {
         env.ok(&["set", "image", "-n", ns, "deployment/podinfo", V2]).await;
     }
     for phase in ["Pending", "Progressing", "HandingOff", "Finalising"] {
         env.wait_phase(ns, phase, Duration::from_secs(90)).await;
         env.restart().await;
     }
-    for ns in [ns, gw, nm] {
+    for ns in [ns, gw, nm, bg] {
         env.wait_phase(ns, "Succeeded", Duration::from_secs(90)).await;
         assert_at_rest(&env, ns, "2").await;
     }
-    for (ns, load) in [(ns, load), (gw, gw_load), (nm, nm_load)] {
+    for (ns, load) in [(ns, load), (gw, gw_load), (nm, nm_load), (bg, bg_load)] {
         let stats = load.finish().await;
         assert_eq!(stats.failed, 0, "{ns}: {stats:?}");
         assert!(stats.versions.get("v2").is_some_and(|n| *n > 0), "{ns}: {stats:?}");
