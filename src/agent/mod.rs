@@ -620,18 +620,11 @@ async fn reconcile_inner(cached: &Deployment, ctx: &Context) -> Result<Requeue, 
                 let mut view = snap.deployment.clone();
                 if let Action::Status(p) = action {
                     observe_status(ctx, &ns_name, &name, p, config.strategy);
-                    let before = (view.status.phase, view.status.release);
+                    let ended = p.notifies(&view.status);
                     view.status.phase = Some(p.phase);
                     view.status.release = Some(p.release);
                     view.status.weight = p.weight;
-                    let ended = match p.phase {
-                        Phase::Succeeded => Some(HookKind::PostRollout),
-                        Phase::Failed => Some(HookKind::Rollback),
-                        _ => None,
-                    };
-                    if let Some(kind) = ended
-                        && before != (Some(p.phase), Some(p.release))
-                    {
+                    if let Some(kind) = ended {
                         notify(ctx, &config, kind, d, Payload::about(kind, &view, None));
                     }
                     if p.phase == Phase::Pending {

@@ -27,7 +27,7 @@ pub use routing::{
     candidate_replicas,
 };
 
-use crate::config::ReleaseConfig;
+use crate::config::{HookKind, ReleaseConfig};
 
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
@@ -395,6 +395,26 @@ pub struct StatusPatch {
     pub provider: ProviderKind,
     /// The strategy the release runs (shown by `turnout status`; kept while the release is in flight).
     pub strategy: Strategy,
+}
+
+impl StatusPatch {
+    /// The notification hook this write sends, decided here for the agent and the model alike:
+    /// `post-rollout` when it records release success, `rollback` when it records a failure — on the
+    /// write that records it (the status was something else `before`), never on a repeat.
+    pub fn notifies(&self, before: &StatusView) -> Option<HookKind> {
+        let kind = match self.phase {
+            Phase::Succeeded => HookKind::PostRollout,
+            Phase::Failed => HookKind::Rollback,
+            Phase::Pending
+            | Phase::Progressing
+            | Phase::Promoting
+            | Phase::HandingOff
+            | Phase::Finalising
+            | Phase::RolledBack
+            | Phase::HandedBack => return None,
+        };
+        (before.phase != Some(self.phase) || before.release != Some(self.release)).then_some(kind)
+    }
 }
 
 /// A change to the Deployment's `Progressing` status condition, which `kubectl rollout status` reads.

@@ -194,6 +194,8 @@ struct World {
     stages: Vec<Stage>,
     /// The reasons of the Events recorded, in order.
     reasons: Vec<&'static str>,
+    /// The notification hooks sent (release, hook), in order.
+    notified: Vec<(u64, HookKind)>,
 }
 
 fn rs_hash(revision: u64) -> String {
@@ -275,6 +277,7 @@ impl World {
             analysed_while_paused: 0,
             stages: Vec::new(),
             reasons: Vec::new(),
+            notified: Vec::new(),
         }
     }
 
@@ -755,6 +758,9 @@ impl World {
                 c.gone_at = Some(gone);
             }
             Action::Status(patch) => {
+                if let Some(kind) = patch.notifies(&self.deployment.status) {
+                    self.notified.push((patch.release, kind));
+                }
                 let handed_back = patch.unpause && patch.phase == Phase::HandedBack;
                 if handed_back && !self.opted_out {
                     self.fail("handed back while opted in".into());
@@ -1021,6 +1027,20 @@ fn check_end(w: &World) -> Result<(), String> {
         ));
     }
     let d = &w.deployment;
+    // The release that ended was notified with its result, after everything else about it (a retried
+    // one may have been notified of a failure before).
+    let last = d
+        .status
+        .release
+        .and_then(|r| w.notified.iter().rev().find(|(n, _)| *n == r));
+    let expected = match d.status.phase {
+        Some(Phase::Succeeded) => Some(HookKind::PostRollout),
+        Some(Phase::Failed) => Some(HookKind::Rollback),
+        _ => None,
+    };
+    if expected.is_some() && last.map(|(_, k)| *k) != expected {
+        return Err(format!("ended {:?}, last notified {last:?}", d.status.phase));
+    }
     let serving: Vec<u64> = w.rs.ready.iter().filter(|(_, r)| **r > 0).map(|(v, _)| *v).collect();
     let expected = match d.status.phase {
         Some(Phase::Succeeded | Phase::RolledBack) => d.template_revision,
