@@ -93,10 +93,10 @@ pub async fn apply(
             let Some(mut c) = api.get_opt(name).await? else {
                 return Ok(Vec::new());
             };
+            // Pods join or leave the Service now: the propagation (and the drain before the candidate's
+            // deletion) counts from here.
             let mut written = Vec::new();
-            if !*serving {
-                // Pods that leave the Service now: the drain before the candidate's deletion counts
-                // from here.
+            {
                 let body = json!({
                     "metadata": { "annotations": { agent::CHANGED_AT: super::routing::rfc3339(now) } },
                 });

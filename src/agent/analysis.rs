@@ -472,6 +472,7 @@ mod tests {
             template_hash: None,
             scale: None,
             held: false,
+            replicas: 2,
             misplaced: 0,
             ready_at: 0,
         }

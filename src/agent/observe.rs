@@ -330,6 +330,7 @@ fn candidates(
             deleting: c.metadata.deletion_timestamp.is_some(),
             template_hash: c.annotations().get(agent::TEMPLATE_HASH).cloned(),
             held: withheld_labels(c).is_some(),
+            replicas,
             misplaced: 0,
             ready_at: 0,
             scale: c
@@ -368,6 +369,7 @@ fn candidates(
                     template_hash: None,
                     scale: None,
                     held: false,
+                    replicas: 0,
                     misplaced: 0,
                     ready_at: 0,
                 });

@@ -292,10 +292,12 @@ pub struct CandidateView {
     /// Without a mesh: the canary weight its replica count stands for (`turnout.dev/weight` on the
     /// candidate), and when it was last scaled.
     pub scale: Option<Scale>,
-    /// Without a mesh, a blue/green candidate made out of the Service: its pods lack a label the
-    /// Service selects (`turnout.dev/withheld-labels`) until its weight is above 0, and lose it again
-    /// when the weight goes back to 0.
+    /// Without a mesh, a candidate made out of the Service: its pods lack a label the Service selects
+    /// (`turnout.dev/withheld-labels`) until its weight is above 0, and lose it again when the weight
+    /// goes back to 0, before they stop.
     pub held: bool,
+    /// Its replica count (`spec.replicas`).
+    pub replicas: i32,
     /// When the last of its pods became ready (0: none is): without a mesh its endpoints spread from
     /// then.
     pub ready_at: Millis,
@@ -332,16 +334,16 @@ pub enum Action {
     /// A routing write, carried out by the provider.
     Routing(RoutingAction),
     /// Create the candidate Deployment of the template's revision, with `replicas` (`None`: the
-    /// Deployment's; without a mesh it starts empty and each step scales it). `held`: without a mesh,
-    /// a blue/green candidate made at full size out of the Service (its pods lack a label the Service
-    /// selects).
+    /// Deployment's; without a mesh it starts empty and each step scales it, or at full size for
+    /// blue/green). `held`: without a mesh, made out of the Service (its pods lack a label the Service
+    /// selects until the weight puts it on).
     CreateCandidate {
         revision: u64,
         replicas: Option<i32>,
         held: bool,
     },
-    /// Without a mesh: scale a candidate to `replicas`, its share of the pods for canary `weight`; a
-    /// held candidate keeps its size, and its pods join the Service above weight 0 and leave it at 0.
+    /// Without a mesh: scale a candidate to `replicas`, its share of the pods for canary `weight`; the
+    /// pods of a held one join the Service above weight 0 and leave it at 0 (keeping its size).
     ScaleCandidate { name: String, replicas: i32, weight: u8 },
     /// Without a mesh: put the pods of held candidate `name` in the Service (`serving`) or out of it,
     /// as its weight says, changing nothing else.

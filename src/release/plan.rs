@@ -787,11 +787,16 @@ fn pending(o: &Observed<'_>, t: u64) -> Plan {
         if let Some(plan) = unaccepted(o, t) {
             return plan;
         }
-        // Without a mesh its pods get traffic as soon as they are ready: it starts empty, and the first
-        // step (after the pre-rollout gate) scales it. A blue/green candidate is made at full size out
-        // of the Service instead, and the switch puts its pods in.
-        let held = !weighted(o) && o.config.strategy == Strategy::BlueGreen;
-        let replicas = if held { candidate_replicas(d.replicas, 100) } else { 0 };
+        // Without a mesh it is made out of the Service (held): its pods get the label the Service
+        // selects as its weight says, and lose it before they stop. A canary starts empty, and the
+        // first step (after the pre-rollout gate) scales it; a blue/green candidate is made at full
+        // size, and the switch puts its pods in.
+        let held = !weighted(o);
+        let replicas = if o.config.strategy == Strategy::BlueGreen {
+            candidate_replicas(d.replicas, 100)
+        } else {
+            0
+        };
         return Plan {
             action: Action::CreateCandidate {
                 revision: t,
@@ -1882,11 +1887,11 @@ fn scaled_weight(c: &CandidateView) -> u8 {
 
 /// Without a mesh, the route is the candidates' sizes: each named in `want` gets its weight's share of
 /// the pods, one change at a time; a step up waits for the previous one's pods and endpoints, a step
-/// down (an abort) does not. A candidate not named is left as it is: its pods serve as long as they
-/// exist, so taking traffic off it means deleting it ([`remove_strays`]) — except a held one (a
-/// blue/green candidate), whose pods leave the Service first (weight 0) and keep running through the
-/// drain. A candidate on the stable side of a step (the first of two: a previous candidate as the
-/// baseline) keeps its full size, as the stable ReplicaSet does (I5); a held candidate always has it.
+/// down (an abort) does not. A held candidate (every one turnout makes without a mesh) not named
+/// leaves the Service first (weight 0, its size kept: its pods keep running through the drain before
+/// [`remove_strays`] deletes it); one made before candidates were held is left as it is, its pods
+/// serving until deleted. A candidate on the stable side of a step (the first of two: a previous
+/// candidate as the baseline) keeps its full size, as the stable ReplicaSet does (I5).
 fn scale_to(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
     let stable = o.deployment.replicas;
     let in_route: Vec<u64> = o
@@ -1927,7 +1932,11 @@ fn scale_to(o: &Observed<'_>, want: &[(Backend, u8)]) -> Option<Plan> {
     Some(Plan {
         action: Action::ScaleCandidate {
             name: c.name.clone(),
-            replicas: candidate_replicas(stable, if c.held { 100 } else { target }),
+            replicas: if target == 0 && c.held {
+                c.replicas
+            } else {
+                candidate_replicas(stable, target)
+            },
             weight: target,
         },
         event: None,

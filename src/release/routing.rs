@@ -11,9 +11,9 @@
 //! Without a mesh (`none`) the Service spreads requests over its ready pods, so there is no route to
 //! write: a step scales the candidate to about its weight's share of the pods, the stable side kept
 //! at its size (I5), and the plan's route writes become candidate scalings (`Action::ScaleCandidate`).
-//! A blue/green candidate is *held* instead: made at full size with a label the Service selects
-//! withheld from its pods, so no request reaches it on standby; the switch puts the label on its pods
-//! (all of them join the Service in one write), and a rollback takes it off again before they stop.
+//! Every candidate is *held*: made with a label the Service selects withheld from its pods, which
+//! turnout puts on as the weight says (all of a blue/green candidate's pods at the switch: none on
+//! standby) and takes off again before they stop, so they drain out of the endpoints first.
 //!
 //! The invariants (DESIGN §5) are kept by the plan once for every provider: a backend is defined and
 //! propagated before a route names it (I1), a route names only defined backends with weights summing

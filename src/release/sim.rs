@@ -418,8 +418,9 @@ impl World {
         if self.sc.provider == ProviderKind::None {
             // Without a mesh the Service selects every ready pod: a terminating pod leaves the
             // endpoints only as it terminates, so I3 cannot hold (the README says so); the model checks
-            // the rest. A held candidate (blue/green) is the exception: its pods leave the Service
-            // before they stop, and must have been out of it for the propagation delay and the drain.
+            // the rest. A held candidate (every one turnout makes without a mesh) is the exception: its
+            // pods leave the Service before they stop, and must have been out of it for the
+            // propagation delay and the drain.
             let held = self
                 .candidates
                 .iter()
@@ -614,11 +615,15 @@ impl World {
                 held,
             } => {
                 let no_mesh = self.sc.provider == ProviderKind::None;
-                if held != (no_mesh && self.config.strategy == Strategy::BlueGreen) {
+                if held != no_mesh {
                     self.fail(format!("candidate held: {held}, with provider {}", self.sc.provider));
                 }
-                if held && replicas != Some(candidate_replicas(self.deployment.replicas, 100)) {
-                    self.fail(format!("held candidate sized {replicas:?}, not at full size"));
+                let blue_green = self.config.strategy == Strategy::BlueGreen;
+                if no_mesh && blue_green && replicas != Some(candidate_replicas(self.deployment.replicas, 100)) {
+                    self.fail(format!("blue/green candidate sized {replicas:?}, not at full size"));
+                }
+                if no_mesh && !blue_green && replicas != Some(0) {
+                    self.fail(format!("canary candidate sized {replicas:?}, not empty"));
                 }
                 if replicas.is_some() != no_mesh {
                     self.fail(format!(
@@ -662,6 +667,7 @@ impl World {
                         template_hash: Some(self.deployment.template_hash.clone()),
                         scale,
                         held,
+                        replicas: replicas.unwrap_or(REPLICAS),
                         misplaced: 0,
                         ready_at: 0,
                     },
@@ -675,9 +681,23 @@ impl World {
                 if self.sc.provider != ProviderKind::None {
                     self.fail(format!("{name} scaled with provider {}", self.sc.provider));
                 }
+                let Some(now_sized) = self
+                    .candidates
+                    .iter()
+                    .find(|c| c.view.name == name)
+                    .map(|c| c.view.replicas)
+                else {
+                    self.fail(format!("scaled {name}, which does not exist"));
+                    return;
+                };
                 let held = self.candidates.iter().any(|c| c.view.name == name && c.view.held);
-                let full = if held { 100 } else { weight };
-                if replicas != candidate_replicas(self.deployment.replicas, full) || replicas > REPLICAS {
+                // Held pods leave the Service with their candidate's size kept: they stop only once drained.
+                let expected = if held && weight == 0 {
+                    now_sized
+                } else {
+                    candidate_replicas(self.deployment.replicas, weight)
+                };
+                if replicas != expected || replicas > REPLICAS {
                     self.fail(format!("{name} scaled to {replicas} for weight {weight}"));
                 }
                 let d = &self.deployment;
@@ -692,7 +712,8 @@ impl World {
                     .candidates
                     .iter()
                     .any(|c| c.view.name == name && c.view.revision == d.template_revision);
-                if held && weight > 0 && current && standing_by && !promoted && !self.bypass_seen {
+                let blue_green = self.config.strategy == Strategy::BlueGreen;
+                if held && blue_green && weight > 0 && current && standing_by && !promoted && !self.bypass_seen {
                     self.fail(format!("held {name} put in the Service before its iterations passed"));
                 }
                 if weight != 0 && weight != 100 && !self.config.steps.contains(&weight) {
@@ -711,17 +732,23 @@ impl World {
                 let now = self.now;
                 let c = &mut self.candidates[i];
                 let before = c.view.scale.map_or(100, |s| s.weight);
+                let grown = replicas > c.view.replicas;
                 c.view.scale = Some(Scale { weight, at: self.now });
+                let added = u32::try_from(replicas - c.view.replicas).unwrap_or(0);
+                c.view.replicas = replicas;
                 if c.view.held {
                     // The weight is recorded, then the pods are placed: a crash may come in between.
                     if cut_short {
-                        c.view.misplaced = REPLICAS as u32;
+                        c.view.misplaced = u32::try_from(replicas).unwrap_or(0);
                     } else {
                         Self::place(c, weight > 0, now);
+                        // Pods the ReplicaSet adds start from the template, out of the Service.
+                        if weight > 0 {
+                            c.view.misplaced = added;
+                        }
                     }
-                    return;
                 }
-                if weight > before {
+                if (c.view.held && grown) || (!c.view.held && weight > before) {
                     // New pods: available once they are ready (never, for a candidate that fails to start).
                     c.view.available = false;
                     c.available_at = delay;
@@ -738,8 +765,9 @@ impl World {
                     self.fail(format!("placed the pods of {name} against its weight: {view:?}"));
                 }
                 let c = &mut self.candidates[i];
-                if !serving && let Some(scale) = c.view.scale.as_mut() {
-                    // Pods that leave the Service: the drain before their deletion counts from here.
+                if let Some(scale) = c.view.scale.as_mut() {
+                    // Pods join or leave the Service: the propagation (and the drain before their
+                    // deletion) counts from here.
                     scale.at = now;
                 }
                 Self::place(c, serving, now);
@@ -1237,11 +1265,19 @@ fn without_a_mesh_each_step_scales_the_candidate_and_the_stable_side_stays() {
         check_end(&w).unwrap();
         if bad {
             assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
-            assert_eq!(sizes, [0, 10], "rolled back at the first step, then deleted");
+            assert_eq!(
+                sizes,
+                [0, 10, 0],
+                "rolled back at the first step: out of the Service, then deleted"
+            );
             assert!(w.candidates.is_empty(), "I6: the candidate is gone");
         } else {
             assert_eq!(w.deployment.status.phase, Some(Phase::Succeeded));
-            assert_eq!(sizes, [0, 10, 50, 100], "one size per step");
+            assert_eq!(
+                sizes,
+                [0, 10, 50, 100, 0],
+                "one size per step, out of the Service before deletion"
+            );
         }
     }
 }
