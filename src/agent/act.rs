@@ -95,15 +95,12 @@ pub async fn apply(
             };
             // Pods join or leave the Service now: the propagation (and the drain before the candidate's
             // deletion) counts from here.
-            let mut written = Vec::new();
-            {
-                let body = json!({
-                    "metadata": { "annotations": { agent::CHANGED_AT: super::routing::rfc3339(now) } },
-                });
-                let before = c.metadata.clone();
-                c = api.patch(name, &PatchParams::default(), &Patch::Merge(&body)).await?;
-                written.push(Written::of(Kind::Candidate, &ns, name, Some(&before)));
-            }
+            let body = json!({
+                "metadata": { "annotations": { agent::CHANGED_AT: super::routing::rfc3339(now) } },
+            });
+            let before = c.metadata.clone();
+            c = api.patch(name, &PatchParams::default(), &Patch::Merge(&body)).await?;
+            let mut written = vec![Written::of(Kind::Candidate, &ns, name, Some(&before))];
             written.extend(place_pods(client, &c, *serving).await?);
             Ok(written)
         }
@@ -205,15 +202,9 @@ async fn place_pods(client: &Client, c: &Deployment, serving: bool) -> kube::Res
         return Ok(Vec::new());
     };
     let ns = c.namespace().unwrap_or_default();
-    let selector = c
-        .spec
-        .selector
-        .match_labels
-        .as_ref()
-        .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
-        .unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let mut written = Vec::new();
+    let selector = super::observe::selector(c);
     for pod in pods.list(&ListParams::default().labels(&selector)).await?.items {
         if pod.metadata.deletion_timestamp.is_some() || super::observe::placed(pod.labels(), &withheld) == Some(serving)
         {

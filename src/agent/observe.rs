@@ -302,10 +302,15 @@ fn candidates(
 ) -> Vec<CandidateView> {
     let revision_of = |l: &BTreeMap<String, String>| l.get(labels::REVISION).and_then(|v| v.parse::<u64>().ok());
     let mut out: Vec<CandidateView> = Vec::new();
+    // The withheld labels of each held candidate, by revision (read once, not per pod).
+    let mut withheld: BTreeMap<u64, BTreeMap<String, String>> = BTreeMap::new();
     for c in deployments {
         let Some(revision) = revision_of(c.labels()) else {
             continue;
         };
+        if let Some(labels) = withheld_labels(c) {
+            withheld.insert(revision, labels);
+        }
         let uid = c.uid().unwrap_or_default();
         let replicas = c.spec.replicas.unwrap_or(1);
         let status = c.status.as_ref();
@@ -329,7 +334,7 @@ fn candidates(
             created_at: c.metadata.creation_timestamp.as_ref().map_or(0, |t| millis(&t.0)),
             deleting: c.metadata.deletion_timestamp.is_some(),
             template_hash: c.annotations().get(agent::TEMPLATE_HASH).cloned(),
-            held: withheld_labels(c).is_some(),
+            held: withheld.contains_key(&revision),
             replicas,
             misplaced: 0,
             ready_at: 0,
@@ -384,13 +389,9 @@ fn candidates(
         {
             entry.ready_at = entry.ready_at.max(at);
         }
-        let withheld = deployments
-            .iter()
-            .find(|c| revision_of(c.labels()) == Some(revision))
-            .and_then(|c| withheld_labels(c));
-        if let (Some(withheld), None) = (withheld, &pod.metadata.deletion_timestamp) {
+        if let (Some(withheld), None) = (withheld.get(&revision), &pod.metadata.deletion_timestamp) {
             let serving = entry.scale.is_some_and(|s| s.weight > 0);
-            if placed(pod.labels(), &withheld) != Some(serving) {
+            if placed(pod.labels(), withheld) != Some(serving) {
                 entry.misplaced += 1;
             }
         }

@@ -681,19 +681,15 @@ impl World {
                 if self.sc.provider != ProviderKind::None {
                     self.fail(format!("{name} scaled with provider {}", self.sc.provider));
                 }
-                let Some(now_sized) = self
-                    .candidates
-                    .iter()
-                    .find(|c| c.view.name == name)
-                    .map(|c| c.view.replicas)
-                else {
+                let Some(i) = self.candidates.iter().position(|c| c.view.name == name) else {
                     self.fail(format!("scaled {name}, which does not exist"));
                     return;
                 };
-                let held = self.candidates.iter().any(|c| c.view.name == name && c.view.held);
+                let view = &self.candidates[i].view;
+                let (held, current) = (view.held, view.revision == self.deployment.template_revision);
                 // Held pods leave the Service with their candidate's size kept: they stop only once drained.
                 let expected = if held && weight == 0 {
-                    now_sized
+                    view.replicas
                 } else {
                     candidate_replicas(self.deployment.replicas, weight)
                 };
@@ -708,10 +704,6 @@ impl World {
                     });
                 let standing_by =
                     d.status.phase == Some(Phase::Progressing) && d.status.iteration < self.config.iterations;
-                let current = self
-                    .candidates
-                    .iter()
-                    .any(|c| c.view.name == name && c.view.revision == d.template_revision);
                 let blue_green = self.config.strategy == Strategy::BlueGreen;
                 if held && blue_green && weight > 0 && current && standing_by && !promoted && !self.bypass_seen {
                     self.fail(format!("held {name} put in the Service before its iterations passed"));
@@ -719,10 +711,6 @@ impl World {
                 if weight != 0 && weight != 100 && !self.config.steps.contains(&weight) {
                     self.fail(format!("{name} scaled for weight {weight}, not a step"));
                 }
-                let Some(i) = self.candidates.iter().position(|c| c.view.name == name) else {
-                    self.fail(format!("scaled {name}, which does not exist"));
-                    return;
-                };
                 let ready_ms = self.sc.candidate_ready_ms;
                 let delay = ready_ms.map(|max| self.now + TICK + self.rng.delay(max));
                 if self.candidates[i].view.deleting {
@@ -1531,14 +1519,20 @@ fn blue_green_with_matches_measures_them_and_a_failing_candidate_never_gets_the_
     );
 }
 
+/// The single release of [`single`], blue/green without a mesh.
+fn blue_green_without_a_mesh(bad: bool) -> Scenario {
+    let mut sc = single(bad);
+    sc.provider = ProviderKind::None;
+    sc.strategy = Strategy::BlueGreen;
+    sc
+}
+
 /// Without a mesh: the candidate at full size out of the Service for its iterations (readiness
 /// alone), then all its pods put in the Service in one write; the stable pods stay through the
 /// rollback window, and the hand-off follows.
 #[test]
 fn without_a_mesh_blue_green_holds_the_candidate_out_of_the_service_until_the_switch() {
-    let mut sc = single(false);
-    sc.provider = ProviderKind::None;
-    sc.strategy = Strategy::BlueGreen;
+    let sc = blue_green_without_a_mesh(false);
     let mut w = World::new(sc);
     let mut scales = Vec::new();
     let mut standby_seen = false;
@@ -1579,9 +1573,7 @@ fn without_a_mesh_blue_green_holds_the_candidate_out_of_the_service_until_the_sw
 /// Service, and only after the drain are they deleted (the model checks it: I3 for held candidates).
 #[test]
 fn without_a_mesh_a_blue_green_rollback_takes_the_candidate_out_of_the_service_before_it_stops() {
-    let mut sc = single(true);
-    sc.provider = ProviderKind::None;
-    sc.strategy = Strategy::BlueGreen;
+    let sc = blue_green_without_a_mesh(true);
     let w = World::new(sc).run().unwrap();
     check_end(&w).unwrap();
     assert_eq!(w.deployment.status.phase, Some(Phase::Failed));
@@ -1595,9 +1587,7 @@ fn without_a_mesh_a_blue_green_rollback_takes_the_candidate_out_of_the_service_b
 /// A write cut short between the weight and the pods: the next pass places the pods.
 #[test]
 fn without_a_mesh_misplaced_pods_of_a_held_candidate_are_placed_again() {
-    let mut sc = single(false);
-    sc.provider = ProviderKind::None;
-    sc.strategy = Strategy::BlueGreen;
+    let sc = blue_green_without_a_mesh(false);
     let mut w = World::new(sc);
     let mut placed = Vec::new();
     while w.now < 600_000 && !w.quiet() {
